@@ -1,0 +1,508 @@
+"""``ParquetDataModule``: Parquet files to whole multi-task batches, with no per-row Python.
+
+Each split is read column by column with pyarrow, checked, and kept in memory
+as one tensor per column. A batch is built by indexing every column tensor
+with a slice of a row permutation (``index_select``), so a batch costs one
+gather per column whatever its size. Batches are
+``{"features": {name: Tensor}, "labels": {task: Tensor}, "row_id": Tensor}``.
+
+Order and sharding (``ParquetBatches``):
+
+* train: every epoch a new permutation of all rows, seeded by ``seed + epoch``
+  (the same on every rank), so resuming at epoch ``e`` reproduces epoch ``e``'s
+  order; val/test/predict keep file order.
+* under DDP (``torch.distributed`` initialised) rank ``r`` of ``W`` takes the
+  ``r``-th contiguous block of the (permuted) row order. Evaluation and
+  prediction splits are cut into blocks whose sizes differ by at most one row:
+  every row exactly once. For training every rank must run the same number of
+  steps, so when ``N`` is not a multiple of ``W`` the order is padded with its
+  first ``W*ceil(N/W) - N`` rows (fewer than ``W`` rows seen twice in that
+  epoch, different ones every epoch, as ``DistributedSampler`` does).
+* with ``num_workers > 0`` each worker yields every ``num_workers``-th batch
+  of its rank's block, so the batches are the same as with no workers.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import lightning as L
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mtl_lightning.features import DenseFeature, Feature, SequenceFeature, SparseFeature, feature_from_config
+from mtl_lightning.tasks import Task, check_tasks
+
+# Each worker yields exactly its share of len() batches (see ParquetBatches.__iter__),
+# so Lightning's generic warning about IterableDataset lengths does not apply.
+warnings.filterwarnings("ignore", message=r".*IterableDataset.*has .__len__. defined.*")
+
+PathSpec = str | Path | Sequence[str | Path]
+SPLITS = ("train", "val", "test", "predict")
+
+
+# --------------------------------------------------------------------------- paths
+def resolve_paths(spec: PathSpec) -> list[Path]:
+    """Files from a file, a folder (every ``*.parquet`` below it, sorted), a glob, or a list of those."""
+    items = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    files: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+            if not found:
+                raise ValueError(f"{path}: folder holds no .parquet file")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            matches = sorted(Path(p) for p in globlib.glob(str(item), recursive=True) if Path(p).is_file())
+            if not matches:
+                raise ValueError(f"{item}: no such file, folder or matching glob")
+            files.extend(matches)
+    return files
+
+
+# ------------------------------------------------------------------ column checks
+def _column(table: pa.Table, name: str, path: Path, what: str) -> pa.ChunkedArray:
+    if name not in table.column_names:
+        raise ValueError(f"{path}: missing {what} column {name!r} (columns: {table.column_names})")
+    return table.column(name)
+
+
+def _list_values(column: pa.ChunkedArray) -> pa.Array:
+    return pa.concat_arrays([chunk.flatten() for chunk in column.chunks]) if column.num_chunks else pa.array([], pa.int64())
+
+
+def _check_ids(values: pa.Array | pa.ChunkedArray, vocab_size: int, path: Path, name: str) -> None:
+    if len(values) == 0:
+        return
+    bounds = pc.min_max(values)
+    low, high = bounds["min"].as_py(), bounds["max"].as_py()
+    if low is not None and low < 0:
+        raise ValueError(f"{path}: column {name!r} has a negative id ({low}); ids must be in [0, {vocab_size})")
+    if high is not None and high >= vocab_size:
+        raise ValueError(f"{path}: column {name!r} has id {high} >= vocab_size {vocab_size}; ids must be in [0, {vocab_size})")
+
+
+def _sparse_array(column: pa.ChunkedArray, feature: SparseFeature, path: Path) -> np.ndarray:
+    if not pa.types.is_integer(column.type):
+        raise ValueError(
+            f"{path}: column {feature.name!r} is a SparseFeature but has type {column.type}; "
+            "it must hold integer ids (encode raw categories first)"
+        )
+    if column.null_count:
+        raise ValueError(f"{path}: column {feature.name!r} has {column.null_count} null ids")
+    _check_ids(column, feature.vocab_size, path, feature.name)
+    return column.to_numpy().astype(np.int64, copy=False)
+
+
+def _dense_array(column: pa.ChunkedArray, feature: DenseFeature, path: Path) -> np.ndarray:
+    ctype = column.type
+    if feature.dim == 1:
+        if not (pa.types.is_floating(ctype) or pa.types.is_integer(ctype)):
+            raise ValueError(f"{path}: column {feature.name!r} is a DenseFeature but has type {ctype}; it must be numeric")
+        if column.null_count:
+            raise ValueError(f"{path}: column {feature.name!r} has {column.null_count} null values")
+        values = column.to_numpy().astype(np.float32, copy=False)
+    else:
+        if not (pa.types.is_list(ctype) or pa.types.is_fixed_size_list(ctype) or pa.types.is_large_list(ctype)):
+            raise ValueError(f"{path}: column {feature.name!r} is a DenseFeature of dim {feature.dim} but has type {ctype}; "
+                             f"it must be a list of {feature.dim} numbers")
+        flat = _list_values(column)
+        if len(flat) != len(column) * feature.dim or column.null_count:
+            raise ValueError(f"{path}: column {feature.name!r}: every row must hold exactly {feature.dim} values")
+        values = flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(column), feature.dim)
+    if not np.isfinite(values).all():
+        bad = int((~np.isfinite(values)).reshape(len(values), -1).any(axis=1).sum())
+        raise ValueError(f"{path}: column {feature.name!r} has NaN or infinite values in {bad} rows")
+    return values
+
+
+def _sequence_array(column: pa.ChunkedArray, feature: SequenceFeature, path: Path) -> np.ndarray:
+    ctype = column.type
+    if not (pa.types.is_list(ctype) or pa.types.is_large_list(ctype) or pa.types.is_fixed_size_list(ctype)) or not (
+        pa.types.is_integer(ctype.value_type)
+    ):
+        raise ValueError(f"{path}: column {feature.name!r} is a SequenceFeature but has type {ctype}; it must be list<int>")
+    column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if column.null_count:
+        raise ValueError(f"{path}: column {feature.name!r} has {column.null_count} null lists (use an empty list)")
+    values = column.flatten()
+    if values.null_count:
+        raise ValueError(f"{path}: column {feature.name!r} has null ids inside lists")
+    _check_ids(values, feature.vocab_size, path, feature.name)
+    return pad_lists(column, feature.max_len)
+
+
+def pad_lists(column: pa.Array, max_len: int) -> np.ndarray:
+    """Ragged ``list<int>`` -> ``(N, max_len)`` int64, right-padded with 0; longer lists keep their first ``max_len`` ids."""
+    n = len(column)
+    if pa.types.is_fixed_size_list(column.type):
+        width = column.type.list_size
+        offsets = np.arange(n + 1, dtype=np.int64) * width
+    else:
+        offsets = column.offsets.to_numpy().astype(np.int64)
+        offsets = offsets - offsets[0]
+    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    lengths = np.diff(offsets)
+    out = np.zeros((n, max_len), dtype=np.int64)
+    rows = np.repeat(np.arange(n), lengths)
+    position = np.arange(len(flat)) - np.repeat(offsets[:-1], lengths)
+    keep = position < max_len
+    out[rows[keep], position[keep]] = flat[keep]
+    return out
+
+
+def _label_array(column: pa.ChunkedArray, task: Task, path: Path) -> np.ndarray:
+    if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type) or pa.types.is_boolean(column.type)):
+        raise ValueError(f"{path}: label column {task.label!r} of task {task.name!r} has type {column.type}; it must be numeric")
+    # a null label is a missing label: it becomes NaN and is left out of the task's loss
+    values = column.cast(pa.float32()).fill_null(float("nan"))
+    return values.to_numpy().astype(np.float32, copy=False)
+
+
+# ------------------------------------------------------------------ inference
+def infer_features(
+    files: Sequence[Path], exclude: set[str], embedding_dim: int = 16, stat_files: Sequence[Path] | None = None
+) -> list[Feature]:
+    """Feature specs from the schema of ``files[0]`` and a min/max pass over ``stat_files``.
+
+    Integer columns become ``SparseFeature`` (vocab = max id + 1), float columns
+    ``DenseFeature``, list<int> columns ``SequenceFeature`` (vocab = max id + 1,
+    max_len = longest list), fixed-size float lists ``DenseFeature(dim=size)``.
+    Columns in ``exclude`` (labels, row id) are skipped; any other type is an error.
+    """
+    schema = pq.read_schema(files[0])
+    features: list[Feature] = []
+    stat_files = list(stat_files or files)
+    for field in schema:
+        name, ftype = field.name, field.type
+        if name in exclude:
+            continue
+        is_list = pa.types.is_list(ftype) or pa.types.is_large_list(ftype) or pa.types.is_fixed_size_list(ftype)
+        if pa.types.is_integer(ftype) or (is_list and pa.types.is_integer(ftype.value_type)):
+            high, longest = 0, 0
+            for path in stat_files:
+                column = pq.read_table(path, columns=[name]).column(name)
+                values = _list_values(column) if is_list else column
+                if len(values):
+                    high = max(high, pc.max(values).as_py() or 0)
+                if is_list:
+                    longest = max(longest, pc.max(pc.list_value_length(column)).as_py() or 0)
+            if is_list:
+                features.append(SequenceFeature(name, vocab_size=max(high + 1, 2), max_len=max(longest, 1),
+                                                embedding_dim=embedding_dim))
+            else:
+                features.append(SparseFeature(name, vocab_size=high + 1, embedding_dim=embedding_dim))
+        elif pa.types.is_floating(ftype):
+            features.append(DenseFeature(name))
+        elif pa.types.is_fixed_size_list(ftype) and pa.types.is_floating(ftype.value_type):
+            features.append(DenseFeature(name, dim=ftype.list_size))
+        else:
+            raise ValueError(
+                f"{files[0]}: cannot infer a feature spec for column {name!r} of type {ftype}; "
+                "pass features=... or encode it as integers"
+            )
+    return features
+
+
+# --------------------------------------------------------------------- reading
+class ColumnStore:
+    """One split in memory: a tensor per feature, per task label, and the row ids."""
+
+    def __init__(self, features: dict[str, Tensor], labels: dict[str, Tensor], row_id: Tensor) -> None:
+        self.features = features
+        self.labels = labels
+        self.row_id = row_id
+        self.num_rows = len(row_id)
+
+    def batch(self, index: Tensor | slice) -> dict[str, Any]:
+        if isinstance(index, slice):
+            pick: Callable[[Tensor], Tensor] = lambda t: t[index]
+        else:
+            pick = lambda t: t.index_select(0, index)
+        return {
+            "features": {k: pick(v) for k, v in self.features.items()},
+            "labels": {k: pick(v) for k, v in self.labels.items()},
+            "row_id": pick(self.row_id),
+        }
+
+
+def read_split(
+    files: Sequence[Path],
+    features: Sequence[Feature],
+    tasks: Sequence[Task],
+    row_id: str | None = None,
+    labels_required: bool = True,
+) -> ColumnStore:
+    """Read and check every file of a split; see the module docstring for the checks."""
+    columns: dict[str, list[np.ndarray]] = {f.name: [] for f in features}
+    labels: dict[str, list[np.ndarray]] = {t.name: [] for t in tasks}
+    ids: list[np.ndarray] = []
+    offset = 0
+    schema_names = None
+    for path in files:
+        schema_names = pq.read_schema(path).names
+        wanted = [f.name for f in features] + [t.label for t in tasks] + ([row_id] if row_id else [])
+        present = [c for c in dict.fromkeys(wanted) if c in schema_names]
+        table = pq.read_table(path, columns=present)
+        if table.num_rows == 0:
+            raise ValueError(f"{path}: file is empty (0 rows)")
+        for f in features:
+            column = _column(table, f.name, path, "feature")
+            if isinstance(f, SparseFeature):
+                columns[f.name].append(_sparse_array(column, f, path))
+            elif isinstance(f, DenseFeature):
+                columns[f.name].append(_dense_array(column, f, path))
+            else:
+                columns[f.name].append(_sequence_array(column, f, path))
+        for t in tasks:
+            if t.label in table.column_names:
+                labels[t.name].append(_label_array(table.column(t.label), t, path))
+            elif labels_required:
+                _column(table, t.label, path, "label")
+        if row_id:
+            column = _column(table, row_id, path, "row id")
+            if not pa.types.is_integer(column.type):
+                raise ValueError(f"{path}: row id column {row_id!r} has type {column.type}; it must be integer")
+            ids.append(column.to_numpy().astype(np.int64, copy=False))
+        else:
+            ids.append(np.arange(offset, offset + table.num_rows, dtype=np.int64))
+        offset += table.num_rows
+
+    def joined(parts: list[np.ndarray]) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(np.concatenate(parts)))
+
+    return ColumnStore(
+        {name: joined(parts) for name, parts in columns.items()},
+        {name: joined(parts) for name, parts in labels.items() if len(parts) == len(files)},
+        joined(ids),
+    )
+
+
+# -------------------------------------------------------------------- batching
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class ParquetBatches(IterableDataset):
+    """Yields whole batches of one split for one rank (and worker); see the module docstring."""
+
+    def __init__(
+        self,
+        store: ColumnStore,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        pad_to_equal: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.store = store
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.pad_to_equal = pad_to_equal
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _rank_world(self) -> tuple[int, int]:
+        rank, world = _distributed()
+        return (self.rank if self.rank is not None else rank, self.world_size if self.world_size is not None else world)
+
+    def shard_bounds(self) -> tuple[int, int, int]:
+        """``(start, stop, padded_total)`` of this rank's block in the (possibly padded) row order."""
+        rank, world = self._rank_world()
+        n = self.store.num_rows
+        if self.pad_to_equal:
+            per = math.ceil(n / world)
+            return rank * per, (rank + 1) * per, per * world
+        return rank * n // world, (rank + 1) * n // world, n
+
+    def _num_batches(self) -> int:
+        start, stop, _ = self.shard_bounds()
+        size = stop - start
+        return size // self.batch_size if self.drop_last else math.ceil(size / self.batch_size)
+
+    def __len__(self) -> int:
+        return self._num_batches()
+
+    def order(self) -> Tensor | None:
+        """This epoch's row order (``None`` means file order, served as zero-copy slices)."""
+        start, stop, total = self.shard_bounds()
+        n = self.store.num_rows
+        if not self.shuffle and total == n:
+            return None
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=generator)
+        else:
+            order = torch.arange(n)
+        if total > n:
+            order = torch.cat([order, order[: total - n]])
+        return order
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        start, stop, _ = self.shard_bounds()
+        order = self.order()
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for i in range(worker, self._num_batches(), workers):
+            lo = start + i * self.batch_size
+            hi = min(lo + self.batch_size, stop)
+            yield self.store.batch(slice(lo, hi) if order is None else order[lo:hi])
+
+
+class EpochDataLoader(DataLoader):
+    """A ``DataLoader`` that tells its ``ParquetBatches`` the current epoch before each pass."""
+
+    def __init__(self, dataset: ParquetBatches, epoch_fn: Callable[[], int] | None = None, **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self.epoch_fn = epoch_fn
+        self._passes = 0
+
+    def __iter__(self):  # type: ignore[override]
+        self.dataset.set_epoch(self.epoch_fn() if self.epoch_fn is not None else self._passes)
+        self._passes += 1
+        return super().__iter__()
+
+
+# ----------------------------------------------------------------- data module
+class ParquetDataModule(L.LightningDataModule):
+    """Parquet splits to multi-task batches.
+
+    Args:
+        train, val, test, predict: a file, a folder, a glob, or a list of them.
+        tasks: the tasks; each task's label is read from column ``Task.label``
+            (labels are optional in the predict split).
+        features: feature specs; ``None`` infers them (``infer_features``) from
+            the train split's schema and a statistics pass over every split.
+        batch_size: rows per batch.
+        shuffle: reshuffle the train split every epoch.
+        num_workers: DataLoader worker processes.
+        seed: base seed of the train order (epoch ``e`` uses ``seed + e``).
+        row_id: an integer column carried through as ``batch["row_id"]``; by
+            default the row's position in its split.
+        embedding_dim: embedding size of inferred sparse and sequence features.
+        exclude: columns that are neither features nor labels of these tasks
+            (other labels, keys, truth columns); only used when inferring features.
+        drop_last: drop the last incomplete train batch.
+        pin_memory: pin batches in page-locked memory (for GPU training).
+    """
+
+    def __init__(
+        self,
+        train: PathSpec | None = None,
+        val: PathSpec | None = None,
+        test: PathSpec | None = None,
+        predict: PathSpec | None = None,
+        tasks: Sequence[Task | dict] = (),
+        features: Sequence[Feature | dict] | None = None,
+        batch_size: int = 1024,
+        shuffle: bool = True,
+        num_workers: int = 0,
+        seed: int = 0,
+        row_id: str | None = None,
+        embedding_dim: int = 16,
+        exclude: Sequence[str] = (),
+        drop_last: bool = False,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.paths = {"train": train, "val": val, "test": test, "predict": predict}
+        if all(v is None for v in self.paths.values()):
+            raise ValueError("ParquetDataModule needs at least one of train, val, test, predict")
+        self.tasks = check_tasks(tasks)
+        self.features: list[Feature] | None = (
+            [feature_from_config(f) for f in features] if features is not None else None
+        )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.num_workers = num_workers
+        self.seed = seed
+        self.row_id = row_id
+        self.embedding_dim = embedding_dim
+        self.exclude = set(exclude)
+        self.drop_last = drop_last
+        self.pin_memory = pin_memory
+        self.stores: dict[str, ColumnStore] = {}
+
+    def files(self, split: str) -> list[Path]:
+        spec = self.paths[split]
+        return [] if spec is None else resolve_paths(spec)
+
+    def infer(self) -> list[Feature]:
+        """Feature specs inferred from the data (the statistics pass covers every given split)."""
+        all_files = [p for s in SPLITS for p in self.files(s)]
+        first = next(p for s in SPLITS for p in self.files(s))
+        exclude = {t.label for t in self.tasks} | ({self.row_id} if self.row_id else set()) | self.exclude
+        return infer_features([first], exclude, self.embedding_dim, stat_files=all_files)
+
+    def prepare_features(self) -> list[Feature]:
+        if self.features is None:
+            self.features = self.infer()
+        return self.features
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_features()
+        wanted = {
+            "fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",), None: SPLITS
+        }[stage]
+        for split in wanted:
+            if self.paths[split] is not None and split not in self.stores:
+                self.stores[split] = read_split(
+                    self.files(split), self.features, self.tasks, self.row_id, labels_required=split != "predict"
+                )
+
+    def dataset(self, split: str, rank: int | None = None, world_size: int | None = None) -> ParquetBatches:
+        """The batch stream of a split (``rank``/``world_size`` default to the DDP process group)."""
+        if split not in self.stores:
+            if self.paths.get(split) is None:
+                raise ValueError(f"no {split} data was given to ParquetDataModule")
+            self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[split])
+        train = split == "train"
+        return ParquetBatches(
+            self.stores[split], self.batch_size, shuffle=train and self.shuffle, seed=self.seed,
+            drop_last=train and self.drop_last, pad_to_equal=train, rank=rank, world_size=world_size,
+        )
+
+    def _loader(self, split: str) -> DataLoader:
+        epoch_fn = (lambda: self.trainer.current_epoch) if self.trainer is not None else None
+        return EpochDataLoader(
+            self.dataset(split), epoch_fn=epoch_fn, num_workers=self.num_workers, pin_memory=self.pin_memory,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")

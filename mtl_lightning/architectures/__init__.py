@@ -1,0 +1,8 @@
+"""Architectures: one file per paper, each registered by name (see ``mtl_lightning.registry``)."""
+
+from .base import MultiTaskArchitecture
+from .mmoe import MMoE
+from .ple import PLE
+from .shared_bottom import SharedBottom
+
+__all__ = ["MultiTaskArchitecture", "SharedBottom", "MMoE", "PLE"]

@@ -1,0 +1,94 @@
+"""The contract every architecture fulfils.
+
+An architecture is a plain ``nn.Module``: ``forward(features) -> {task: logits}``
+with one ``(B,)`` tensor per task (binary tasks give logits, regression tasks
+values). It declares which parameters all tasks share (``shared_parameters``)
+and which layer is the last shared one (``last_shared_parameters``, GradNorm's
+``W``), and may add its own training signal through ``auxiliary_loss``.
+"""
+
+from __future__ import annotations
+
+from abc import ABCMeta, abstractmethod
+from typing import Iterable, Mapping, Sequence
+
+from torch import Tensor, nn
+
+from ..config import Configurable
+from ..features import Feature, feature_from_config
+from ..layers import MLP
+from ..tasks import Task, check_tasks
+
+
+class MultiTaskArchitecture(Configurable, nn.Module, metaclass=ABCMeta):
+    """Base class: keeps ``features`` and ``tasks`` and defines the hooks the training module uses."""
+
+    def __init__(self, features: Sequence[Feature | dict], tasks: Sequence[Task | dict]) -> None:
+        nn.Module.__init__(self)
+        self.features = tuple(feature_from_config(f) for f in features)
+        if not self.features:
+            raise ValueError(f"{type(self).__name__} needs at least one feature")
+        self.tasks = check_tasks(tasks)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @abstractmethod
+    def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Per-task logits (binary) or values (regression), each ``(B,)``."""
+
+    @abstractmethod
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters that receive gradient from every task (what PCGrad-style strategies act on)."""
+
+    @abstractmethod
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        """The last layer shared by all tasks (GradNorm's ``W``); never the embedding tables."""
+
+    def auxiliary_loss(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> Tensor | None:
+        """An architecture's own training signal (calibrator, penalty), added to the total loss.
+
+        ``outputs`` is what ``forward`` returned for the batch and ``labels`` the
+        batch's labels. ``None`` (the default) means no auxiliary loss.
+        """
+        return None
+
+    def task_specific_parameters(self) -> list[nn.Parameter]:
+        """Every trainable parameter that is not in ``shared_parameters()``."""
+        shared = {id(p) for p in self.shared_parameters()}
+        return [p for p in self.parameters() if id(p) not in shared]
+
+    def _towers(
+        self,
+        input_dim: int,
+        tower_hidden: Sequence[int],
+        activation: str = "relu",
+        dropout: float = 0.0,
+        names: Iterable[str] | None = None,
+    ) -> nn.ModuleDict:
+        """One ``MLP(input_dim, tower_hidden, output_dim=1)`` per task (or per given name)."""
+        return nn.ModuleDict(
+            {
+                name: MLP(input_dim, tower_hidden, output_dim=1, activation=activation, dropout=dropout)
+                for name in (names if names is not None else self.task_names)
+            }
+        )
+
+
+def squeeze_logit(x: Tensor) -> Tensor:
+    """``(B, 1) -> (B,)``."""
+    return x.squeeze(-1)
+
+
+def parameters_of(*modules: nn.Module | Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    """Flatten modules and parameter lists into one list without duplicates."""
+    seen: dict[int, nn.Parameter] = {}
+    for m in modules:
+        params = m.parameters() if isinstance(m, nn.Module) else m
+        for p in params:
+            seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+__all__ = ["MultiTaskArchitecture", "squeeze_logit", "parameters_of"]

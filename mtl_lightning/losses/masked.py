@@ -1,0 +1,48 @@
+"""Per-task losses with ignore-label masking, as pure functions.
+
+A row takes part in a task's loss only when its label is neither
+``ignore_label`` nor NaN. The loss is the mean over those rows; when a batch
+has none, the loss is an exact ``0`` that still depends on the prediction (so
+the autograd graph, and DDP's gradient buckets, see the parameters).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LOSS_KINDS = ("binary", "regression")
+
+
+def valid_mask(labels: Tensor, ignore_label: float | None = -1) -> Tensor:
+    """``True`` where a label counts: not NaN and not ``ignore_label``."""
+    mask = ~torch.isnan(labels)
+    if ignore_label is not None:
+        mask &= labels != ignore_label
+    return mask
+
+
+def elementwise_loss(prediction: Tensor, target: Tensor, kind: str) -> Tensor:
+    """Per-row loss: BCE on logits for ``binary``, squared error for ``regression``."""
+    if kind == "binary":
+        return F.binary_cross_entropy_with_logits(prediction, target, reduction="none")
+    if kind == "regression":
+        return (prediction - target) ** 2
+    raise ValueError(f"unknown task kind {kind!r}; choose from {LOSS_KINDS}")
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` over ``mask``; an exact 0 (with graph) when the mask is empty."""
+    weights = mask.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def masked_loss(prediction: Tensor, labels: Tensor, kind: str, ignore_label: float | None = -1) -> Tensor:
+    """Mean loss of one task over its valid rows (see module docstring)."""
+    prediction = prediction.float()
+    labels = labels.to(prediction.dtype)
+    mask = valid_mask(labels, ignore_label)
+    # Replace ignored labels before the loss: NaN * 0 would still be NaN.
+    safe = torch.where(mask, labels, torch.zeros_like(labels))
+    return masked_mean(elementwise_loss(prediction, safe, kind), mask)

@@ -1,0 +1,193 @@
+"""``MultiTaskLightningModule``: the one LightningModule, owning everything about training.
+
+The architecture is a plain ``nn.Module`` handed in as ``model``; this module
+adds per-task losses with ignore-label masking, loss weighting, the
+architecture's auxiliary loss, metrics, logging, prediction and the optimizer.
+
+Losses. For task ``k`` with kind ``binary`` the loss is BCE on the logits,
+for ``regression`` the squared error; it is averaged over the rows whose label
+is neither ``ignore_label`` nor NaN. A task with no valid row in a batch adds an
+exact zero that keeps the graph. The training loss is
+``weighting([L_1 .. L_T]) + model.auxiliary_loss(outputs, labels)``.
+
+Logged (to whatever logger the Trainer has): ``train/<task>/loss``,
+``train/<task>/weight``, ``train/loss``, ``train/aux_loss`` (when the
+architecture has one); ``val/<task>/auc``, ``val/<task>/logloss`` (binary),
+``val/<task>/mse``, ``val/<task>/mae`` (regression) and ``val/loss``
+(the static-weighted sum of per-task log-loss/MSE over the whole epoch);
+the same under ``test/``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from .architectures.base import MultiTaskArchitecture
+from .config import build
+from .losses import masked_loss, valid_mask
+from .metrics import flatten_metrics, task_metrics
+from .tasks import Task, check_tasks
+from .weighting import WeightingStrategy, create_weighting
+
+Batch = Mapping[str, Any]
+
+
+def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    classes = {n.lower(): getattr(torch.optim, n) for n in dir(torch.optim)
+               if isinstance(getattr(torch.optim, n), type) and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)}
+    if name.lower() not in classes:
+        raise ValueError(f"unknown optimizer {name!r}; any torch.optim class works, e.g. adam, adamw, sgd, adagrad")
+    return classes[name.lower()]
+
+
+class MultiTaskLightningModule(L.LightningModule):
+    """Trains any ``MultiTaskArchitecture``.
+
+    Args:
+        model: the architecture (or its ``config()`` dict, as stored in checkpoints).
+        tasks: the tasks to train; defaults to ``model.tasks``. Every task must be
+            an output of the model; labels in the batch are keyed by task name.
+        lr, weight_decay: optimizer settings.
+        optimizer: a ``torch.optim`` class name (case-insensitive), default ``adam``.
+        optimizer_kwargs: extra keyword arguments for the optimizer.
+        lr_scheduler: a ``torch.optim.lr_scheduler`` class name, or ``None``.
+        lr_scheduler_kwargs: its keyword arguments; ``lr_scheduler_interval`` is
+            ``"epoch"`` or ``"step"``.
+        ignore_label: label value left out of losses and metrics (NaN always is).
+        weighting: a strategy name (``"static"``), config dict or object.
+    """
+
+    def __init__(
+        self,
+        model: MultiTaskArchitecture | dict[str, Any],
+        tasks: Sequence[Task | dict[str, Any]] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        optimizer: str = "adam",
+        optimizer_kwargs: dict[str, Any] | None = None,
+        lr_scheduler: str | None = None,
+        lr_scheduler_kwargs: dict[str, Any] | None = None,
+        lr_scheduler_interval: str = "epoch",
+        ignore_label: float | None = -1,
+        weighting: str | dict[str, Any] | WeightingStrategy = "static",
+    ) -> None:
+        super().__init__()
+        if isinstance(model, dict):
+            model = build(model)
+        if not isinstance(model, MultiTaskArchitecture):
+            raise TypeError(f"model must be a MultiTaskArchitecture, got {type(model).__name__}")
+        self.model = model
+        self.tasks = check_tasks(tasks if tasks is not None else model.tasks)
+        missing = [t.name for t in self.tasks if t.name not in model.task_names]
+        if missing:
+            raise ValueError(f"tasks {missing} are not outputs of {type(model).__name__} (outputs: {model.task_names})")
+        _optimizer_class(optimizer)
+        if lr_scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"lr_scheduler_interval must be 'epoch' or 'step', got {lr_scheduler_interval!r}")
+        self.weighting = create_weighting(weighting)
+        self.weighting.setup(self.tasks, self.model)
+
+        self.save_hyperparameters(ignore=["model", "weighting", "tasks"])
+        # Plain-data versions, so checkpoints load with weights_only=True and
+        # load_from_checkpoint(path) rebuilds everything without extra arguments.
+        try:
+            self.hparams["model"] = model.config()
+        except TypeError:
+            pass  # an argument that is not plain data: load_from_checkpoint then needs model=...
+        self.hparams["tasks"] = [t.to_config() for t in self.tasks] if tasks is not None else None
+        self.hparams["weighting"] = weighting if isinstance(weighting, str) else self.weighting.config()
+
+        self.val_metrics = task_metrics(self.tasks)
+        self.test_metrics = task_metrics(self.tasks)
+
+    # ------------------------------------------------------------------ losses
+    def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return self.model(features)
+
+    def _labels(self, labels: Mapping[str, Tensor], task: Task) -> Tensor:
+        try:
+            return labels[task.name]
+        except KeyError:
+            raise ValueError(f"the batch has no label for task {task.name!r}; it has {sorted(labels)}") from None
+
+    def compute_losses(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Unweighted masked loss per task (see the module docstring)."""
+        return {
+            t.name: masked_loss(outputs[t.name], self._labels(labels, t), t.kind, self.hparams.ignore_label)
+            for t in self.tasks
+        }
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        outputs = self.model(batch["features"])
+        losses = self.compute_losses(outputs, batch["labels"])
+        total = self.weighting(torch.stack([losses[t.name] for t in self.tasks]))
+        batch_size = len(next(iter(outputs.values())))
+        logged = {f"train/{name}/loss": loss.detach() for name, loss in losses.items()}
+        logged.update({f"train/{t.name}/weight": w for t, w in zip(self.tasks, self.weighting.last_weights.detach())})
+        aux = self.model.auxiliary_loss(outputs, batch["labels"])
+        if aux is not None:
+            total = total + aux
+            logged["train/aux_loss"] = aux.detach()
+        logged["train/loss"] = total.detach()
+        self.log_dict(logged, on_step=True, on_epoch=False, batch_size=batch_size)
+        return total
+
+    # -------------------------------------------------------------- evaluation
+    def _update_metrics(self, metrics: nn.Module, batch: Batch) -> None:
+        outputs = self.model(batch["features"])
+        for t in self.tasks:
+            labels = self._labels(batch["labels"], t)
+            mask = valid_mask(labels, self.hparams.ignore_label)
+            metrics.task_metrics[t.name].update(outputs[t.name][mask].float(), labels[mask].float())
+
+    def _log_metrics(self, stage: str, metrics: nn.Module) -> None:
+        computed = metrics.compute()
+        logged = flatten_metrics(stage, computed)
+        total = sum(
+            t.weight * computed[t.name]["logloss" if t.kind == "binary" else "mse"] for t in self.tasks
+        )
+        logged[f"{stage}/loss"] = torch.as_tensor(total)
+        self.log_dict(logged, sync_dist=False)
+        metrics.reset()
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._update_metrics(self.val_metrics, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._update_metrics(self.test_metrics, batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test", self.test_metrics)
+
+    def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Per-task probabilities (binary) or values (regression), plus ``row_id`` when the batch has one."""
+        outputs = self.model(batch["features"])
+        predictions = {
+            t.name: torch.sigmoid(outputs[t.name].float()) if t.kind == "binary" else outputs[t.name].float()
+            for t in self.tasks
+        }
+        if "row_id" in batch:
+            predictions["row_id"] = batch["row_id"]
+        return predictions
+
+    # --------------------------------------------------------------- optimizer
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        optimizer = _optimizer_class(hp.optimizer)(
+            self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, **(hp.optimizer_kwargs or {})
+        )
+        if hp.lr_scheduler is None:
+            return optimizer
+        scheduler_cls = getattr(torch.optim.lr_scheduler, hp.lr_scheduler, None)
+        if scheduler_cls is None:
+            raise ValueError(f"unknown lr_scheduler {hp.lr_scheduler!r}; use a torch.optim.lr_scheduler class name")
+        scheduler = scheduler_cls(optimizer, **(hp.lr_scheduler_kwargs or {}))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": hp.lr_scheduler_interval}}

@@ -1,0 +1,24 @@
+"""Static weighting: the total loss is ``sum_k Task.weight_k * L_k`` (the default strategy)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..tasks import Task
+from .base import WeightingStrategy
+
+
+class Static(WeightingStrategy):
+    """Fixed per-task weights taken from ``Task.weight``."""
+
+    def setup(self, tasks: Sequence[Task], model: nn.Module) -> None:
+        super().setup(tasks, model)
+        self.register_buffer("weights", torch.tensor([float(t.weight) for t in tasks]), persistent=False)
+
+    def forward(self, losses: Tensor) -> Tensor:
+        weights = self.weights.to(losses.dtype)
+        self.last_weights = weights
+        return (weights * losses).sum()

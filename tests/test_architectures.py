@@ -1,0 +1,152 @@
+"""One test over every registered architecture, plus per-architecture properties."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtl_lightning import DenseFeature, SequenceFeature, SparseFeature, Task, registry
+from mtl_lightning.architectures import MMoE, PLE, MultiTaskArchitecture, SharedBottom
+
+FEATURES = [
+    SparseFeature("user", 50, 8),
+    SparseFeature("item", 40, 8),
+    DenseFeature("price"),
+    DenseFeature("vector", dim=3),
+    SequenceFeature("history", 40, max_len=5, embedding_dim=8, shared_with="item"),
+]
+TASKS = [Task("click"), Task("conversion"), Task("dwell", kind="regression")]
+SMALL = {
+    "shared_bottom": dict(bottom_hidden=(16,), tower_hidden=(8,)),
+    "mmoe": dict(num_experts=3, expert_hidden=(16,), tower_hidden=(8,)),
+    "ple": dict(num_levels=2, expert_hidden=(16,), tower_hidden=(8,)),
+}
+
+
+def feature_batch(batch_size: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    history = torch.randint(0, 40, (batch_size, 5), generator=g)
+    history[0] = 0  # an all-padding row
+    return {
+        "user": torch.randint(0, 50, (batch_size,), generator=g),
+        "item": torch.randint(0, 40, (batch_size,), generator=g),
+        "price": torch.randn(batch_size, generator=g),
+        "vector": torch.randn(batch_size, 3, generator=g),
+        "history": history,
+    }
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_every_architecture_forward_and_backward(name):
+    torch.manual_seed(0)
+    model = registry.create(name, features=FEATURES, tasks=TASKS, **SMALL.get(name, {}))
+    assert isinstance(model, MultiTaskArchitecture)
+    x = feature_batch(64)
+    outputs = model(x)
+    assert set(outputs) >= {t.name for t in model.tasks}
+    for task in model.tasks:
+        assert outputs[task.name].shape == (64,), task.name
+        assert torch.isfinite(outputs[task.name]).all(), task.name
+    total = sum(out.sum() for out in outputs.values())
+    aux = model.auxiliary_loss(outputs, {})
+    if aux is not None:
+        total = total + aux
+    total.backward()
+    for pname, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            assert parameter.grad is not None, f"{name}: no gradient reaches {pname}"
+            assert torch.isfinite(parameter.grad).all(), f"{name}: non-finite gradient in {pname}"
+            assert parameter.grad.abs().sum() > 0, f"{name}: zero gradient in {pname}"
+    # declared parameter groups are real parameters of the model; GradNorm's W is shared, never an embedding
+    own = {id(p) for p in model.parameters()}
+    shared = {id(p) for p in model.shared_parameters()}
+    last = model.last_shared_parameters()
+    assert shared <= own and len(shared) > 0
+    assert last and {id(p) for p in last} <= shared
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    assert not ({id(p) for p in last} & embeddings)
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_every_architecture_rebuilds_from_its_config(name):
+    torch.manual_seed(0)
+    model = registry.create(name, features=FEATURES, tasks=TASKS, **SMALL.get(name, {}))
+    from mtl_lightning.config import build
+
+    clone = build(model.config())
+    clone.load_state_dict(model.state_dict())
+    model.eval(), clone.eval()
+    x = feature_batch(8)
+    for task, out in model(x).items():
+        torch.testing.assert_close(clone(x)[task], out)
+
+
+def test_registry_names_and_unknown_name():
+    assert {"shared_bottom", "mmoe", "ple"} <= set(registry.names())
+    with pytest.raises(ValueError, match="registered names: .*mmoe"):
+        registry.create("mmoee", features=FEATURES, tasks=TASKS)
+    assert registry.get("mmoe") is MMoE and registry.get("ple") is PLE and registry.get("shared_bottom") is SharedBottom
+
+
+def test_mmoe_gates_mix_experts_as_in_the_paper():
+    torch.manual_seed(0)
+    model = MMoE(FEATURES, TASKS[:2], num_experts=3, expert_hidden=(6,), tower_hidden=())
+    x = feature_batch(4)
+    emb = model.embedding(x)
+    experts = model.experts(emb)  # (B, E, H)
+    assert experts.shape == (4, 3, 6)
+    for e in range(3):  # expert e is relu(x W_e + b_e)
+        manual = torch.relu(emb @ model.experts.weights[0][e] + model.experts.biases[0][e])
+        torch.testing.assert_close(experts[:, e], manual)
+    gate = torch.softmax(model.gates["click"].linear(emb), dim=-1)
+    mixed = (gate.unsqueeze(-1) * experts).sum(1)
+    torch.testing.assert_close(model(x)["click"], model.towers["click"](mixed).squeeze(-1))
+
+
+def test_ple_levels_and_gates():
+    model = PLE(FEATURES, TASKS[:2], num_levels=3, num_specific_experts=2, num_shared_experts=1,
+                expert_hidden=(8,), tower_hidden=())
+    assert [level.shared_gate is not None for level in model.levels] == [True, True, False]
+    # a task gate mixes its own experts and the shared ones; the shared gate mixes all of them
+    assert model.levels[0].task_gates["click"].linear.out_features == 3
+    assert model.levels[0].shared_gate.linear.out_features == 2 * 2 + 1
+    # the last level's task experts are private: not among the shared parameters
+    shared = {id(p) for p in model.shared_parameters()}
+    assert all(id(p) not in shared for p in model.levels[-1].specific.parameters())
+    assert all(id(p) in shared for p in model.levels[0].specific.parameters())
+
+
+def test_sequence_pooling_ignores_padding():
+    from mtl_lightning.layers import FeatureEmbedding
+
+    for pooling in ("mean", "sum", "max"):
+        seq = SequenceFeature("s", 10, max_len=4, embedding_dim=3, pooling=pooling)
+        layer = FeatureEmbedding([seq])
+        ids = torch.tensor([[2, 5, 0, 0], [0, 0, 0, 0]])
+        out = layer({"s": ids})
+        table = layer.tables["s"].weight
+        expected = {"mean": (table[2] + table[5]) / 2, "sum": table[2] + table[5],
+                    "max": torch.maximum(table[2], table[5])}[pooling]
+        torch.testing.assert_close(out[0], expected)
+        torch.testing.assert_close(out[1], torch.zeros(3))
+
+
+def test_field_view_and_bad_specs():
+    from mtl_lightning.layers import FeatureEmbedding
+
+    layer = FeatureEmbedding(FEATURES, field_view=True)
+    x = feature_batch(5)
+    assert layer(x, view="field").shape == (5, len(FEATURES), 8)
+    assert layer(x).shape == (5, layer.output_dim) and layer.output_dim == 8 + 8 + 1 + 3 + 8
+    with pytest.raises(ValueError, match="no feature 'price'"):
+        layer({k: v for k, v in x.items() if k != "price"})
+    with pytest.raises(ValueError, match="one embedding_dim"):
+        FeatureEmbedding([SparseFeature("a", 5, 4), SparseFeature("b", 5, 8)], field_view=True)
+    with pytest.raises(ValueError, match="shared_with='nope'"):
+        FeatureEmbedding([SequenceFeature("s", 5, 3, shared_with="nope")])
+    with pytest.raises(ValueError, match="pooling"):
+        SequenceFeature("s", 5, 3, pooling="median")
+    with pytest.raises(ValueError, match="kind"):
+        Task("t", kind="multiclass")
+    with pytest.raises(ValueError, match="unique"):
+        SharedBottom(FEATURES, [Task("a"), Task("a")])
