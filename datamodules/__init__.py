@@ -1,5 +1,10 @@
 """Lightning data modules for mtl-lightning."""
 
+from .encoders import DenseNormalizer, HashingEncoder, VocabularyEncoder
 from .parquet import ParquetBatches, ParquetDataModule, infer_features, read_split, resolve_paths
+from .streaming import ParquetStream
 
-__all__ = ["ParquetDataModule", "ParquetBatches", "infer_features", "read_split", "resolve_paths"]
+__all__ = [
+    "ParquetDataModule", "ParquetBatches", "ParquetStream", "VocabularyEncoder", "HashingEncoder", "DenseNormalizer",
+    "infer_features", "read_split", "resolve_paths",
+]

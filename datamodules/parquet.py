@@ -24,6 +24,7 @@ Order and sharding (``ParquetBatches``):
 
 from __future__ import annotations
 
+import dataclasses
 import glob as globlib
 import math
 import warnings
@@ -39,8 +40,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mtl_lightning.features import DenseFeature, Feature, SequenceFeature, SparseFeature, feature_from_config
+from mtl_lightning.features import (
+    DenseFeature, Feature, SequenceFeature, SparseFeature, feature_from_config, feature_to_config,
+)
 from mtl_lightning.tasks import Task, check_tasks
+
+from .encoders import (
+    CategoricalEncoder, DenseNormalizer, encode_table, encoder_from_state, fit_preprocessing, make_encoder,
+)
 
 # Each worker yields exactly its share of len() batches (see ParquetBatches.__iter__),
 # so Lightning's generic warning about IterableDataset lengths does not apply.
@@ -171,6 +178,18 @@ def _label_array(column: pa.ChunkedArray, task: Task, path: Path) -> np.ndarray:
     return values.to_numpy().astype(np.float32, copy=False)
 
 
+def key_array(column: pa.ChunkedArray, name: str, path: Path) -> np.ndarray:
+    """A key column carried to prediction files: integers stay int64, floats become float64."""
+    if pa.types.is_integer(column.type):
+        return column.to_numpy().astype(np.int64, copy=False)
+    if pa.types.is_floating(column.type):
+        return column.to_numpy().astype(np.float64, copy=False)
+    raise ValueError(
+        f"{path}: key column {name!r} has type {column.type}; keys must be numeric "
+        "(join string keys afterwards on row_id, the row's position in the split)"
+    )
+
+
 # ------------------------------------------------------------------ inference
 def infer_features(
     files: Sequence[Path], exclude: set[str], embedding_dim: int = 16, stat_files: Sequence[Path] | None = None
@@ -211,7 +230,7 @@ def infer_features(
         else:
             raise ValueError(
                 f"{files[0]}: cannot infer a feature spec for column {name!r} of type {ftype}; "
-                "pass features=... or encode it as integers"
+                "pass features=..., list it in categorical=... (raw categories) or exclude=..."
             )
     return features
 
@@ -220,10 +239,14 @@ def infer_features(
 class ColumnStore:
     """One split in memory: a tensor per feature, per task label, and the row ids."""
 
-    def __init__(self, features: dict[str, Tensor], labels: dict[str, Tensor], row_id: Tensor) -> None:
+    def __init__(
+        self, features: dict[str, Tensor], labels: dict[str, Tensor], row_id: Tensor,
+        keys: dict[str, Tensor] | None = None,
+    ) -> None:
         self.features = features
         self.labels = labels
         self.row_id = row_id
+        self.keys = keys or {}
         self.num_rows = len(row_id)
 
     def batch(self, index: Tensor | slice) -> dict[str, Any]:
@@ -231,11 +254,14 @@ class ColumnStore:
             pick: Callable[[Tensor], Tensor] = lambda t: t[index]
         else:
             pick = lambda t: t.index_select(0, index)
-        return {
+        batch = {
             "features": {k: pick(v) for k, v in self.features.items()},
             "labels": {k: pick(v) for k, v in self.labels.items()},
             "row_id": pick(self.row_id),
         }
+        if self.keys:
+            batch["keys"] = {k: pick(v) for k, v in self.keys.items()}
+        return batch
 
 
 def read_split(
@@ -244,18 +270,28 @@ def read_split(
     tasks: Sequence[Task],
     row_id: str | None = None,
     labels_required: bool = True,
+    transform: Callable[[pa.Table, Path], pa.Table] | None = None,
+    keys: Sequence[str] = (),
 ) -> ColumnStore:
-    """Read and check every file of a split; see the module docstring for the checks."""
+    """Read and check every file of a split; see the module docstring for the checks.
+
+    ``transform(table, path)`` rewrites each file's table before the checks (the
+    data module encodes raw categorical columns with it); ``keys`` are numeric
+    columns carried through as ``batch["keys"]`` (for prediction files).
+    """
     columns: dict[str, list[np.ndarray]] = {f.name: [] for f in features}
+    key_parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     labels: dict[str, list[np.ndarray]] = {t.name: [] for t in tasks}
     ids: list[np.ndarray] = []
     offset = 0
     schema_names = None
     for path in files:
         schema_names = pq.read_schema(path).names
-        wanted = [f.name for f in features] + [t.label for t in tasks] + ([row_id] if row_id else [])
+        wanted = [f.name for f in features] + [t.label for t in tasks] + ([row_id] if row_id else []) + list(keys)
         present = [c for c in dict.fromkeys(wanted) if c in schema_names]
         table = pq.read_table(path, columns=present)
+        if transform is not None:
+            table = transform(table, path)
         if table.num_rows == 0:
             raise ValueError(f"{path}: file is empty (0 rows)")
         for f in features:
@@ -278,6 +314,8 @@ def read_split(
             ids.append(column.to_numpy().astype(np.int64, copy=False))
         else:
             ids.append(np.arange(offset, offset + table.num_rows, dtype=np.int64))
+        for k in keys:
+            key_parts[k].append(key_array(_column(table, k, path, "key"), k, path))
         offset += table.num_rows
 
     def joined(parts: list[np.ndarray]) -> Tensor:
@@ -287,6 +325,7 @@ def read_split(
         {name: joined(parts) for name, parts in columns.items()},
         {name: joined(parts) for name, parts in labels.items() if len(parts) == len(files)},
         joined(ids),
+        {name: joined(parts) for name, parts in key_parts.items()},
     )
 
 
@@ -409,6 +448,28 @@ class ParquetDataModule(L.LightningDataModule):
             (other labels, keys, truth columns); only used when inferring features.
         drop_last: drop the last incomplete train batch.
         pin_memory: pin batches in page-locked memory (for GPU training).
+        streaming: read every split incrementally (row group by row group)
+            through a shuffle buffer instead of loading it; see
+            ``datamodules.streaming`` for the order, sharding and memory bound.
+        shuffle_buffer: rows held by each worker's shuffle buffer (streaming).
+        read_rows: rows read from Parquet at a time (streaming and fitting).
+        categorical: raw categorical columns (strings or integers) to encode,
+            as a list of column names (vocabulary, ``min_freq=1``) or a mapping
+            ``{column: {"min_freq": 2, "max_size": None}}`` (vocabulary with an
+            out-of-vocabulary id 0) or ``{column: {"num_buckets": 1000}}``
+            (hashing); ``"embedding_dim"`` may be added to either. Fitted on the
+            train split; each column becomes a ``SparseFeature`` whose
+            ``vocab_size`` is the encoder's number of ids (a ``SparseFeature``
+            given in ``features`` for the column keeps its other fields).
+        normalize: ``True`` standardises every dense feature, a list of names
+            only those, with mean and standard deviation from the train split.
+        keys: numeric columns carried as ``batch["keys"]`` (written next to the
+            predictions by ``ParquetPredictionWriter``).
+
+    The fitted encoders and statistics (and the resolved feature specs) are the
+    data module's ``state_dict``, saved in every Lightning checkpoint and restored
+    with ``ckpt_path=`` (they then replace the data module's own), so
+    validation, test and prediction use the mapping the model was trained with.
     """
 
     def __init__(
@@ -428,6 +489,12 @@ class ParquetDataModule(L.LightningDataModule):
         exclude: Sequence[str] = (),
         drop_last: bool = False,
         pin_memory: bool = False,
+        streaming: bool = False,
+        shuffle_buffer: int = 65_536,
+        read_rows: int = 16_384,
+        categorical: Mapping[str, Mapping[str, Any] | None] | Sequence[str] | None = None,
+        normalize: bool | Sequence[str] = False,
+        keys: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.paths = {"train": train, "val": val, "test": test, "predict": predict}
@@ -449,6 +516,24 @@ class ParquetDataModule(L.LightningDataModule):
         self.drop_last = drop_last
         self.pin_memory = pin_memory
         self.stores: dict[str, ColumnStore] = {}
+        self.streaming = streaming
+        if shuffle_buffer < 1 or read_rows < 1:
+            raise ValueError(f"shuffle_buffer and read_rows must be >= 1, got {shuffle_buffer} and {read_rows}")
+        self.shuffle_buffer = shuffle_buffer
+        self.read_rows = read_rows
+        if categorical is None:
+            categorical = {}
+        elif isinstance(categorical, str) or not isinstance(categorical, Mapping):
+            categorical = {name: {} for name in ([categorical] if isinstance(categorical, str) else categorical)}
+        self.categorical = {name: dict(spec or {}) for name, spec in categorical.items()}
+        self.encoders: dict[str, CategoricalEncoder] = {
+            name: make_encoder(name, spec) for name, spec in self.categorical.items()
+        }
+        if not isinstance(normalize, bool) and (isinstance(normalize, str) or not isinstance(normalize, Sequence)):
+            raise TypeError(f"normalize must be True/False or a list of dense column names, got {normalize!r}")
+        self.normalize = normalize if isinstance(normalize, bool) else list(normalize)
+        self.normalizers: dict[str, DenseNormalizer] = {}
+        self.keys = list(keys)
 
     def files(self, split: str) -> list[Path]:
         spec = self.paths[split]
@@ -459,34 +544,149 @@ class ParquetDataModule(L.LightningDataModule):
         all_files = [p for s in SPLITS for p in self.files(s)]
         first = next(p for s in SPLITS for p in self.files(s))
         exclude = {t.label for t in self.tasks} | ({self.row_id} if self.row_id else set()) | self.exclude
+        exclude |= set(self.categorical) | set(self.keys)
         return infer_features([first], exclude, self.embedding_dim, stat_files=all_files)
 
     def prepare_features(self) -> list[Feature]:
         if self.features is None:
             self.features = self.infer()
+        if self.encoders or self.normalize:
+            self._prepare_preprocessing()
         return self.features
+
+    # ------------------------------------------------------- preprocessing
+    def _dense_features(self) -> dict[str, DenseFeature]:
+        return {f.name: f for f in self.features or [] if isinstance(f, DenseFeature)}
+
+    def preprocessing_fitted(self) -> bool:
+        """Whether every categorical encoder and dense normaliser has its mapping."""
+        return all(e.fitted for e in self.encoders.values()) and all(n.fitted for n in self.normalizers.values())
+
+    def _prepare_preprocessing(self) -> None:
+        """Create the normalisers, fit what is unfitted on the train split, then give encoded columns their vocab sizes."""
+        dense = self._dense_features()
+        wanted = list(dense) if self.normalize is True else ([] if self.normalize is False else self.normalize)
+        for name in wanted:
+            if name not in dense:
+                raise ValueError(f"normalize names {name!r}, which is not a dense feature (dense: {sorted(dense)})")
+            if name not in self.normalizers:
+                self.normalizers[name] = DenseNormalizer(name, dense[name].dim)
+        if not self.preprocessing_fitted() and self.paths["train"] is not None:
+            fit_preprocessing(
+                self.files("train"), self.encoders, self.normalizers,
+                lambda column, name, path: _dense_array(column, dense[name], path), read_rows=max(self.read_rows, 65_536),
+            )
+        if all(e.fitted for e in self.encoders.values()):
+            self._resolve_categorical_features()
+
+    def _resolve_categorical_features(self) -> None:
+        by_name = {f.name: f for f in self.features or []}
+        for name, encoder in self.encoders.items():
+            spec = self.categorical.get(name, {})
+            given = by_name.get(name)
+            if given is not None and not isinstance(given, SparseFeature):
+                raise ValueError(
+                    f"categorical column {name!r} is given as a {type(given).__name__}; it must be a SparseFeature"
+                )
+            if given is None:
+                by_name[name] = SparseFeature(name, encoder.num_ids, int(spec.get("embedding_dim", self.embedding_dim)))
+            elif given.vocab_size != encoder.num_ids:
+                by_name[name] = dataclasses.replace(given, vocab_size=encoder.num_ids)
+        self.features = list(by_name.values())
+
+    def _encode(self, table: pa.Table, path: Path) -> pa.Table:
+        return encode_table(table, self.encoders, path)
+
+    def _require_fitted(self, split: str) -> None:
+        if not self.preprocessing_fitted():
+            unfitted = [n for n, e in self.encoders.items() if not e.fitted]
+            unfitted += [n for n, z in self.normalizers.items() if not z.fitted]
+            raise ValueError(
+                f"cannot read the {split} split: the encoders/statistics of {unfitted} are not fitted; give train=... "
+                "to fit them, or restore them from a checkpoint (trainer.predict/validate/test(..., ckpt_path=...), "
+                "or dm.load_state_dict(torch.load(path)['ParquetDataModule']))"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Resolved feature specs, fitted encoders and normalisation statistics (plain data, saved in checkpoints)."""
+        if not (self.encoders or self.normalizers) or not self.preprocessing_fitted():
+            return {}
+        return {
+            "features": [feature_to_config(f) for f in self.features or []],
+            "encoders": {name: e.state_dict() for name, e in self.encoders.items()},
+            "normalization": {name: z.state_dict() for name, z in self.normalizers.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Adopt a checkpoint's features, encoders and statistics; splits read with another mapping are re-read."""
+        if not state_dict or state_dict == self.state_dict():
+            return
+        features = [feature_from_config(dict(f)) for f in state_dict["features"]]
+        if self.features is not None and self.preprocessing_fitted() and features != self.features:
+            warnings.warn("the checkpoint's feature specs differ from the data module's; using the checkpoint's")
+        self.features = features
+        self.encoders = {name: encoder_from_state(name, s) for name, s in state_dict["encoders"].items()}
+        self.normalizers = {}
+        for name, s in state_dict["normalization"].items():
+            self.normalizers[name] = DenseNormalizer(name, int(s["dim"]))
+            self.normalizers[name].load_state_dict(s)
+        self.stores.clear()
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_features()
+        if not self.preprocessing_fitted() or self.streaming:
+            # streams are opened by dataset(); unfitted encoders wait for load_state_dict (a checkpoint)
+            return
         wanted = {
             "fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",), None: SPLITS
         }[stage]
         for split in wanted:
             if self.paths[split] is not None and split not in self.stores:
                 self.stores[split] = read_split(
-                    self.files(split), self.features, self.tasks, self.row_id, labels_required=split != "predict"
+                    self.files(split), self.features, self.tasks, self.row_id, labels_required=split != "predict",
+                    transform=self._encode if self.encoders else None, keys=self.keys,
                 )
+                for name, normalizer in self.normalizers.items():
+                    values = self.stores[split].features[name].numpy()
+                    self.stores[split].features[name] = torch.from_numpy(normalizer.apply(values))
 
-    def dataset(self, split: str, rank: int | None = None, world_size: int | None = None) -> ParquetBatches:
+    def dataset(
+        self, split: str, rank: int | None = None, world_size: int | None = None
+    ) -> ParquetBatches | ParquetStream:
         """The batch stream of a split (``rank``/``world_size`` default to the DDP process group)."""
+        if self.streaming:
+            return self._stream(split, rank, world_size)
         if split not in self.stores:
             if self.paths.get(split) is None:
                 raise ValueError(f"no {split} data was given to ParquetDataModule")
+            self.prepare_features()
+            self._require_fitted(split)
             self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[split])
         train = split == "train"
         return ParquetBatches(
             self.stores[split], self.batch_size, shuffle=train and self.shuffle, seed=self.seed,
             drop_last=train and self.drop_last, pad_to_equal=train, rank=rank, world_size=world_size,
+        )
+
+    def _stream(self, split: str, rank: int | None, world_size: int | None) -> ParquetStream:
+        if self.paths.get(split) is None:
+            raise ValueError(f"no {split} data was given to ParquetDataModule")
+        self.prepare_features()
+        self._require_fitted(split)
+        files = self.files(split)
+        tasks = list(self.tasks)
+        if split == "predict":  # labels are optional in the predict split: use those every file has
+            schemas = [set(pq.read_schema(path).names) for path in files]
+            tasks = [t for t in tasks if all(t.label in names for names in schemas)]
+        process_rank, process_world = _distributed()
+        train = split == "train"
+        return ParquetStream(
+            list_row_groups(files),
+            TableConverter(self.features, tasks, self.row_id, self.keys, self.encoders, self.normalizers),
+            self.batch_size, shuffle=train and self.shuffle, shuffle_buffer=self.shuffle_buffer, seed=self.seed,
+            drop_last=train and self.drop_last, pad_to_equal=train,
+            rank=process_rank if rank is None else rank,
+            world_size=process_world if world_size is None else world_size, read_rows=self.read_rows,
         )
 
     def _loader(self, split: str) -> DataLoader:
@@ -506,3 +706,6 @@ class ParquetDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict")
+
+
+from .streaming import ParquetStream, TableConverter, list_row_groups  # noqa: E402  (streaming reuses the column checks above)

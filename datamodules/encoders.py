@@ -1,0 +1,322 @@
+"""Preprocessing fitted on the training split: raw categorical encoders and dense normalisation.
+
+Raw categorical columns (strings or integers of any range) become int64 ids
+that a ``SparseFeature`` can embed:
+
+* ``VocabularyEncoder(min_freq=1, max_size=None)``: the values seen at least
+  ``min_freq`` times in the training split get ids ``1 .. n`` (most frequent
+  first, ties broken by value, so the mapping is deterministic); everything else
+  -- values seen too rarely, values first met in val/test/predict, nulls --
+  gets the out-of-vocabulary id ``0``. ``num_ids = n + 1``.
+* ``HashingEncoder(num_buckets)``: a value's id is ``1 + h(value) mod
+  (num_buckets - 1)`` with ``h`` pandas' stable 64-bit hash (the same in every
+  process and run); nulls get id ``0``. Nothing is learnt, so unseen values
+  need no special case. ``num_ids = num_buckets``.
+
+``DenseNormalizer`` stores a per-dimension mean and standard deviation of
+dense columns computed on the training split and maps ``x -> (x - mean) / std``
+(a constant column keeps ``std = 1``).
+
+Fitting is one streaming pass over the training files (``fit_preprocessing``,
+row group by row group with pyarrow; vocabularies are counted with
+``value_counts`` and merged with a group-by), so it never holds the split in
+memory. Every object's ``state_dict()`` is plain Python data; the data module
+puts it in its own ``state_dict`` so that checkpoints carry it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+FIT_READ_ROWS = 65_536
+_MERGE_EVERY = 16
+
+
+def _plain_array(column: pa.Array | pa.ChunkedArray, name: str, where: str) -> pa.Array:
+    """A column as one ``int64`` or ``string`` array (dictionary-encoded columns are decoded)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    ctype = column.type
+    if pa.types.is_integer(ctype):
+        return column.cast(pa.int64())
+    if pa.types.is_string(ctype) or pa.types.is_large_string(ctype):
+        return column.cast(pa.string())
+    raise TypeError(
+        f"{where}: categorical column {name!r} has type {ctype}; a raw categorical must hold strings or integers"
+    )
+
+
+class CategoricalEncoder:
+    """Maps one raw categorical column to ids in ``[0, num_ids)``; id 0 is out-of-vocabulary / null."""
+
+    kind = ""
+
+    def __init__(self, column: str) -> None:
+        self.column = column
+
+    @property
+    def fitted(self) -> bool:
+        return True
+
+    @property
+    def num_ids(self) -> int:
+        raise TypeError(f"{type(self).__name__} must define num_ids")
+
+    def partial_fit(self, values: pa.Array, where: str) -> None:
+        """Account for one chunk of training values (encoders that learn nothing ignore it)."""
+
+    def finish_fit(self) -> None:
+        """Turn what ``partial_fit`` gathered into the mapping."""
+
+    def transform(self, values: pa.Array | pa.ChunkedArray, where: str) -> np.ndarray:
+        raise TypeError(f"{type(self).__name__} must define transform")
+
+    def state_dict(self) -> dict[str, Any]:
+        raise TypeError(f"{type(self).__name__} must define state_dict")
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        raise TypeError(f"{type(self).__name__} must define load_state_dict")
+
+
+class VocabularyEncoder(CategoricalEncoder):
+    """Ids ``1..n`` for values seen ``>= min_freq`` times in training (at most ``max_size``), ``0`` otherwise."""
+
+    kind = "vocabulary"
+
+    def __init__(self, column: str, min_freq: int = 1, max_size: int | None = None) -> None:
+        super().__init__(column)
+        if int(min_freq) < 1:
+            raise ValueError(f"categorical column {column!r}: min_freq must be >= 1, got {min_freq}")
+        if max_size is not None and int(max_size) < 1:
+            raise ValueError(f"categorical column {column!r}: max_size must be >= 1 or None, got {max_size}")
+        self.min_freq = int(min_freq)
+        self.max_size = None if max_size is None else int(max_size)
+        self.values: pa.Array | None = None  # kept values in id order (id = position + 1)
+        self._counts: list[pa.Table] = []
+
+    @property
+    def fitted(self) -> bool:
+        return self.values is not None
+
+    @property
+    def num_ids(self) -> int:
+        if self.values is None:
+            raise ValueError(f"the vocabulary of column {self.column!r} is not fitted yet")
+        return len(self.values) + 1
+
+    def partial_fit(self, values: pa.Array, where: str) -> None:
+        values = _plain_array(values, self.column, where)
+        counted = pc.value_counts(values.drop_null())
+        self._counts.append(pa.table({"value": counted.field("values"), "count": counted.field("counts")}))
+        if len(self._counts) >= _MERGE_EVERY:
+            self._counts = [self._merge()]
+
+    def _merge(self) -> pa.Table:
+        table = pa.concat_tables(self._counts)
+        merged = table.group_by("value").aggregate([("count", "sum")])
+        return pa.table({"value": merged["value"], "count": merged["count_sum"]})
+
+    def finish_fit(self) -> None:
+        if not self._counts:
+            raise ValueError(f"categorical column {self.column!r}: the training split holds no value to fit on")
+        merged = self._merge()
+        value_type = merged.schema.field("value").type
+        kept = merged.filter(pc.greater_equal(merged["count"], self.min_freq))
+        kept = kept.sort_by([("count", "descending"), ("value", "ascending")])
+        if self.max_size is not None:
+            kept = kept.slice(0, self.max_size)
+        self.values = kept["value"].combine_chunks() if kept.num_rows else pa.array([], value_type)
+        self._counts = []
+
+    def transform(self, values: pa.Array | pa.ChunkedArray, where: str) -> np.ndarray:
+        if self.values is None:
+            raise ValueError(f"the vocabulary of column {self.column!r} is not fitted yet")
+        values = _plain_array(values, self.column, where)
+        if values.type != self.values.type:
+            raise TypeError(
+                f"{where}: categorical column {self.column!r} holds {values.type} but its vocabulary was fitted "
+                f"on {self.values.type} values"
+            )
+        position = pc.index_in(values, value_set=self.values)
+        return pc.fill_null(pc.add(position.cast(pa.int64()), 1), 0).to_numpy()
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.values is None:
+            raise ValueError(f"the vocabulary of column {self.column!r} is not fitted yet")
+        return {
+            "kind": self.kind, "min_freq": self.min_freq, "max_size": self.max_size,
+            "value_type": str(self.values.type), "values": self.values.to_pylist(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        value_type = {"string": pa.string(), "int64": pa.int64()}[state["value_type"]]
+        self.min_freq, self.max_size = int(state["min_freq"]), state["max_size"]
+        self.values = pa.array(state["values"], value_type)
+
+
+class HashingEncoder(CategoricalEncoder):
+    """``1 + hash(value) mod (num_buckets - 1)``; nulls get ``0``. Needs no fitting."""
+
+    kind = "hashing"
+
+    def __init__(self, column: str, num_buckets: int) -> None:
+        super().__init__(column)
+        if int(num_buckets) < 2:
+            raise ValueError(f"categorical column {column!r}: num_buckets must be >= 2 (id 0 is null), got {num_buckets}")
+        self.num_buckets = int(num_buckets)
+
+    @property
+    def num_ids(self) -> int:
+        return self.num_buckets
+
+    def transform(self, values: pa.Array | pa.ChunkedArray, where: str) -> np.ndarray:
+        values = _plain_array(values, self.column, where)
+        valid = values.is_valid().to_numpy(zero_copy_only=False)
+        if pa.types.is_integer(values.type):
+            raw = values.fill_null(0).to_numpy()
+        else:
+            raw = values.fill_null("").to_numpy(zero_copy_only=False)
+        hashed = pd.util.hash_array(raw, categorize=False)
+        ids = (1 + hashed % np.uint64(self.num_buckets - 1)).astype(np.int64)
+        return np.where(valid, ids, 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "num_buckets": self.num_buckets}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.num_buckets = int(state["num_buckets"])
+
+
+def make_encoder(column: str, spec: Mapping[str, Any] | None) -> CategoricalEncoder:
+    """An encoder from a user spec: ``{"num_buckets": n}`` hashes, otherwise ``{"min_freq", "max_size"}`` builds a vocabulary.
+
+    ``embedding_dim`` may appear in the spec too (it is read by the data module).
+    """
+    spec = dict(spec or {})
+    spec.pop("embedding_dim", None)
+    if "num_buckets" in spec:
+        extra = set(spec) - {"num_buckets"}
+        if extra:
+            raise ValueError(f"categorical column {column!r}: hashing takes only num_buckets, got also {sorted(extra)}")
+        return HashingEncoder(column, spec["num_buckets"])
+    extra = set(spec) - {"min_freq", "max_size"}
+    if extra:
+        raise ValueError(
+            f"categorical column {column!r}: unknown options {sorted(extra)}; use min_freq/max_size (vocabulary) "
+            "or num_buckets (hashing), and embedding_dim"
+        )
+    return VocabularyEncoder(column, **spec)
+
+
+def encoder_from_state(column: str, state: Mapping[str, Any]) -> CategoricalEncoder:
+    encoder = HashingEncoder(column, state["num_buckets"]) if state["kind"] == "hashing" else VocabularyEncoder(column)
+    encoder.load_state_dict(state)
+    return encoder
+
+
+class DenseNormalizer:
+    """``(x - mean) / std`` per dimension of one dense column, statistics from the training split."""
+
+    def __init__(self, column: str, dim: int = 1) -> None:
+        self.column = column
+        self.dim = dim
+        self.mean: np.ndarray | None = None
+        self.std: np.ndarray | None = None
+        self._count = 0
+        self._sum = np.zeros(dim, dtype=np.float64)
+        self._sum_sq = np.zeros(dim, dtype=np.float64)
+
+    @property
+    def fitted(self) -> bool:
+        return self.mean is not None
+
+    def partial_fit(self, values: np.ndarray) -> None:
+        values = values.reshape(len(values), -1).astype(np.float64)
+        self._count += len(values)
+        self._sum += values.sum(axis=0)
+        self._sum_sq += np.square(values).sum(axis=0)
+
+    def finish_fit(self) -> None:
+        if self._count == 0:
+            raise ValueError(f"dense column {self.column!r}: the training split holds no value to normalise with")
+        mean = self._sum / self._count
+        variance = np.maximum(self._sum_sq / self._count - np.square(mean), 0.0)
+        std = np.sqrt(variance)
+        self.mean = mean.astype(np.float32)
+        self.std = np.where(std > 1e-12, std, 1.0).astype(np.float32)
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        if self.mean is None or self.std is None:
+            raise ValueError(f"the normalisation of dense column {self.column!r} is not fitted yet")
+        shape = (1,) if values.ndim == 1 else (1, self.dim)
+        return ((values - self.mean.reshape(shape)) / self.std.reshape(shape)).astype(np.float32)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.mean is None or self.std is None:
+            raise ValueError(f"the normalisation of dense column {self.column!r} is not fitted yet")
+        return {"dim": self.dim, "mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.dim = int(state["dim"])
+        self.mean = np.asarray(state["mean"], dtype=np.float32)
+        self.std = np.asarray(state["std"], dtype=np.float32)
+
+
+def iter_chunks(files: Iterable[Path], columns: Sequence[str], read_rows: int = FIT_READ_ROWS):
+    """``(path, pa.Table)`` chunks of at most ``read_rows`` rows, for the given columns of every file."""
+    for path in files:
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing} needed for fitting (columns: {names})")
+        for batch in parquet.iter_batches(batch_size=read_rows, columns=list(columns)):
+            yield path, pa.Table.from_batches([batch])
+
+
+def fit_preprocessing(
+    files: Sequence[Path],
+    encoders: Mapping[str, CategoricalEncoder],
+    normalizers: Mapping[str, DenseNormalizer],
+    dense_values: Any,
+    read_rows: int = FIT_READ_ROWS,
+) -> None:
+    """One streaming pass over the training ``files`` fitting every unfitted encoder and normaliser.
+
+    ``dense_values(column, path)`` turns a dense column into a checked float32
+    array (the data module passes its own column check, so bad values are
+    reported with the file and column).
+    """
+    to_encode = {name: e for name, e in encoders.items() if not e.fitted}
+    to_normalize = {name: n for name, n in normalizers.items() if not n.fitted}
+    learning = {name: e for name, e in to_encode.items() if isinstance(e, VocabularyEncoder)}
+    columns = list(dict.fromkeys([*learning, *to_normalize]))
+    if not columns:
+        return
+    for path, table in iter_chunks(files, columns, read_rows):
+        for name, encoder in learning.items():
+            encoder.partial_fit(table.column(name), str(path))
+        for name, normalizer in to_normalize.items():
+            normalizer.partial_fit(dense_values(table.column(name), name, path))
+    for encoder in learning.values():
+        encoder.finish_fit()
+    for normalizer in to_normalize.values():
+        normalizer.finish_fit()
+
+
+def encode_table(table: pa.Table, encoders: Mapping[str, CategoricalEncoder], where: Any) -> pa.Table:
+    """``table`` with every encoded column replaced by its int64 ids (columns absent from ``table`` are skipped)."""
+    for name, encoder in encoders.items():
+        if name in table.column_names:
+            ids = encoder.transform(table.column(name), str(where))
+            table = table.set_column(table.column_names.index(name), name, pa.array(ids, pa.int64()))
+    return table

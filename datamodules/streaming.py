@@ -1,0 +1,309 @@
+"""Streaming Parquet batches for splits larger than memory (``ParquetDataModule(streaming=True)``).
+
+Nothing is read up front but the files' footers: the split is a list of row
+groups (``RowGroup``) with their row counts, so the total row count ``N`` and
+every rank's share are known without touching the data.
+
+One epoch, for rank ``r`` of ``W`` and DataLoader worker ``k`` of ``K``:
+
+1. **Order of row groups.** Training shuffles the row groups with seed
+   ``(seed, epoch)`` -- the same permutation on every rank and worker;
+   evaluation keeps file order. Laid end to end they give positions ``0..N-1``.
+2. **Rank share.** Rank ``r`` takes the contiguous positions
+   ``[r*R, (r+1)*R)``. Training uses ``R = ceil(N/W)`` on every rank and wraps
+   past ``N`` to the start, so when ``N`` is not a multiple of ``W`` fewer than
+   ``W`` rows are seen twice in that epoch (as ``DistributedSampler`` pads) and
+   every rank runs exactly ``ceil(R/batch_size)`` steps -- uneven files or row
+   groups can never make one rank wait for another. Evaluation and prediction
+   splits cut ``[0, N)`` into blocks that differ by at most one row, with no
+   repetition: every row exactly once.
+3. **Worker share.** The rank's ``nb`` batches (``ceil(R/B)``, or ``floor`` with
+   ``drop_last``, which drops the last ``R mod B`` rows of each rank) are cut
+   into ``K`` contiguous runs of whole batches; worker ``k`` reads the rows of
+   its run, so every batch but the rank's last is full and the workers together
+   yield exactly ``nb`` batches.
+4. **Shuffle buffer.** A worker reads its rows in chunks of at most
+   ``read_rows`` (only the needed columns), checks and converts each chunk to
+   tensors, and appends it to a buffer. When the buffer holds
+   ``shuffle_buffer`` rows it is permuted (seed ``(seed, epoch, rank, worker)``)
+   and whole batches are taken out until about half of it is left; the rest is
+   mixed with the next chunks. At the end the remainder is permuted and
+   emitted. Memory is bounded by ``shuffle_buffer + read_rows`` rows per
+   worker, whatever the size of the split.
+
+The order is a pure function of ``(seed, epoch, world_size, num_workers,
+batch_size, shuffle_buffer, read_rows)`` and the files, so resuming a run at
+epoch ``e`` replays epoch ``e``'s order exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mtl_lightning.features import DenseFeature, Feature, SparseFeature
+from mtl_lightning.tasks import Task
+
+from .encoders import CategoricalEncoder, DenseNormalizer, encode_table
+from .parquet import _column, _dense_array, _label_array, _sequence_array, _sparse_array, key_array
+
+Batch = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """One Parquet row group: its file, index in the file, first row's position in the split and size."""
+
+    path: Path
+    index: int
+    first_row: int
+    num_rows: int
+
+
+def list_row_groups(files: Sequence[Path]) -> list[RowGroup]:
+    """The row groups of ``files`` in file order, from the footers only."""
+    groups: list[RowGroup] = []
+    offset = 0
+    for path in files:
+        metadata = pq.read_metadata(path)
+        if metadata.num_rows == 0:
+            raise ValueError(f"{path}: file is empty (0 rows)")
+        for index in range(metadata.num_row_groups):
+            size = metadata.row_group(index).num_rows
+            if size:
+                groups.append(RowGroup(Path(path), index, offset, size))
+                offset += size
+    return groups
+
+
+class TableConverter:
+    """Checks one Arrow table and turns it into a batch dict (encoders and normalisation applied)."""
+
+    def __init__(
+        self,
+        features: Sequence[Feature],
+        tasks: Sequence[Task],
+        row_id: str | None = None,
+        keys: Sequence[str] = (),
+        encoders: Mapping[str, CategoricalEncoder] | None = None,
+        normalizers: Mapping[str, DenseNormalizer] | None = None,
+    ) -> None:
+        self.features = list(features)
+        self.tasks = list(tasks)
+        self.row_id = row_id
+        self.keys = list(keys)
+        self.encoders = dict(encoders or {})
+        self.normalizers = dict(normalizers or {})
+
+    @property
+    def columns(self) -> list[str]:
+        names = [f.name for f in self.features] + [t.label for t in self.tasks] + self.keys
+        return list(dict.fromkeys(names + ([self.row_id] if self.row_id else [])))
+
+    def __call__(self, table: pa.Table, path: Path, first_row: int) -> Batch:
+        table = encode_table(table, self.encoders, path)
+        features: dict[str, Tensor] = {}
+        for f in self.features:
+            column = _column(table, f.name, path, "feature")
+            if isinstance(f, SparseFeature):
+                values = _sparse_array(column, f, path)
+            elif isinstance(f, DenseFeature):
+                values = _dense_array(column, f, path)
+                if f.name in self.normalizers:
+                    values = self.normalizers[f.name].apply(values)
+            else:
+                values = _sequence_array(column, f, path)
+            features[f.name] = _tensor(values)
+        labels = {
+            t.name: _tensor(_label_array(_column(table, t.label, path, "label"), t, path))
+            for t in self.tasks
+        }
+        if self.row_id:
+            column = _column(table, self.row_id, path, "row id")
+            if not pa.types.is_integer(column.type):
+                raise ValueError(f"{path}: row id column {self.row_id!r} has type {column.type}; it must be integer")
+            ids = column.to_numpy().astype(np.int64, copy=False)
+        else:
+            ids = np.arange(first_row, first_row + table.num_rows, dtype=np.int64)
+        batch: Batch = {"features": features, "labels": labels, "row_id": _tensor(ids)}
+        if self.keys:
+            batch["keys"] = {
+                k: _tensor(key_array(_column(table, k, path, "key"), k, path))
+                for k in self.keys
+            }
+        return batch
+
+
+# ------------------------------------------------------------- batch dict helpers
+def _tensor(values: np.ndarray) -> Tensor:
+    """A tensor owning writable memory (Arrow hands out read-only views)."""
+    values = np.ascontiguousarray(values)
+    return torch.from_numpy(values if values.flags.writeable else values.copy())
+
+
+
+def _apply(batch: Batch, fn) -> Batch:
+    return {k: ({n: fn(t) for n, t in v.items()} if isinstance(v, dict) else fn(v)) for k, v in batch.items()}
+
+
+def _concat(batches: list[Batch]) -> Batch:
+    if len(batches) == 1:
+        return batches[0]
+    first = batches[0]
+    return {
+        k: ({n: torch.cat([b[k][n] for b in batches]) for n in v} if isinstance(v, dict)
+            else torch.cat([b[k] for b in batches]))
+        for k, v in first.items()
+    }
+
+
+def _size(batch: Batch) -> int:
+    return len(batch["row_id"])
+
+
+class ParquetStream(IterableDataset):
+    """Batches of a split streamed from its row groups; see the module docstring for order and sharding."""
+
+    def __init__(
+        self,
+        row_groups: Sequence[RowGroup],
+        convert: TableConverter,
+        batch_size: int,
+        shuffle: bool = False,
+        shuffle_buffer: int = 65_536,
+        seed: int = 0,
+        drop_last: bool = False,
+        pad_to_equal: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        read_rows: int = 16_384,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
+        if read_rows < 1:
+            raise ValueError(f"read_rows must be >= 1, got {read_rows}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.row_groups = list(row_groups)
+        if not self.row_groups:
+            raise ValueError("ParquetStream needs at least one non-empty row group")
+        self.convert = convert
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.drop_last = drop_last
+        self.pad_to_equal = pad_to_equal
+        self.rank = rank
+        self.world_size = world_size
+        self.read_rows = read_rows
+        self.num_rows = sum(g.num_rows for g in self.row_groups)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    # ----------------------------------------------------------- sharding
+    def rank_bounds(self) -> tuple[int, int]:
+        """``(start, stop)`` positions of this rank's share (``stop`` may exceed ``N``: it wraps)."""
+        n, r, w = self.num_rows, self.rank, self.world_size
+        if self.pad_to_equal:
+            per = math.ceil(n / w)
+            return r * per, (r + 1) * per
+        return r * n // w, (r + 1) * n // w
+
+    def _num_batches(self) -> int:
+        start, stop = self.rank_bounds()
+        rows = stop - start
+        return rows // self.batch_size if self.drop_last else math.ceil(rows / self.batch_size)
+
+    def __len__(self) -> int:
+        return self._num_batches()
+
+    def worker_bounds(self, worker: int, workers: int) -> tuple[int, int]:
+        """``(start, stop)`` positions read by ``worker``: a contiguous run of whole batches of the rank's share."""
+        start, stop = self.rank_bounds()
+        batches = self._num_batches()
+        first, last = worker * batches // workers, (worker + 1) * batches // workers
+        return start + first * self.batch_size, min(start + last * self.batch_size, stop)
+
+    def epoch_order(self) -> list[RowGroup]:
+        if not self.shuffle:
+            return self.row_groups
+        permutation = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.row_groups))
+        return [self.row_groups[i] for i in permutation]
+
+    def segments(self, start: int, stop: int) -> Iterator[tuple[RowGroup, int, int]]:
+        """``(row_group, lo, hi)`` slices (within the row group) covering positions ``[start, stop)`` of this epoch."""
+        order = self.epoch_order()
+        starts = np.cumsum([0] + [g.num_rows for g in order])
+        position = start
+        while position < stop:
+            wrapped = position % self.num_rows
+            j = int(np.searchsorted(starts, wrapped, side="right")) - 1
+            lo = wrapped - int(starts[j])
+            hi = min(order[j].num_rows, lo + (stop - position))
+            yield order[j], lo, hi
+            position += hi - lo
+
+    # ------------------------------------------------------------- reading
+    def _chunks(self, start: int, stop: int) -> Iterator[Batch]:
+        files: dict[Path, pq.ParquetFile] = {}
+        wanted = self.convert.columns
+        for group, lo, hi in self.segments(start, stop):
+            if group.path not in files:
+                files[group.path] = pq.ParquetFile(group.path)
+            parquet = files[group.path]
+            names = set(parquet.schema_arrow.names)
+            columns = [c for c in wanted if c in names]  # a missing column is reported by the converter
+            offset = 0
+            for record_batch in parquet.iter_batches(batch_size=self.read_rows, row_groups=[group.index], columns=columns):
+                size = record_batch.num_rows
+                a, b = max(lo - offset, 0), min(hi - offset, size)
+                if a < b:
+                    table = pa.Table.from_batches([record_batch.slice(a, b - a)])
+                    yield self.convert(table, group.path, group.first_row + offset + a)
+                offset += size
+                if offset >= hi:
+                    break
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        start, stop = self.worker_bounds(worker, workers)
+        if start >= stop:
+            return
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        size, step = 0, self.batch_size
+        capacity = max(self.shuffle_buffer, step) if self.shuffle else step
+        pending: list[Batch] = []
+        for chunk in self._chunks(start, stop):
+            pending.append(chunk)
+            size += _size(chunk)
+            if size < capacity:
+                continue
+            buffer = _concat(pending)
+            keep = capacity // 2 if self.shuffle else 0
+            out = (size - keep) // step * step
+            order = torch.from_numpy(rng.permutation(size)) if self.shuffle else torch.arange(size)
+            for lo in range(0, out, step):  # index_select: compact batches, never views of the buffer
+                yield _apply(buffer, lambda t: t.index_select(0, order[lo:lo + step]))
+            pending = [_apply(buffer, lambda t: t.index_select(0, order[out:]))]
+            size -= out
+        if size:
+            buffer = _concat(pending)
+            order = torch.from_numpy(rng.permutation(size)) if self.shuffle else torch.arange(size)
+            for lo in range(0, size, step):
+                yield _apply(buffer, lambda t: t.index_select(0, order[lo:lo + step]))
