@@ -698,8 +698,9 @@ class ParquetDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+    def val_dataloader(self) -> DataLoader | list:
+        # no val split: an empty list tells Lightning to skip validation
+        return self._loader("val") if self.paths["val"] is not None else []
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")

@@ -11,6 +11,7 @@ repetition).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -19,6 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
+
+# The writer reads row ids from the batch, not from sampler indices, which an IterableDataset does not have.
+warnings.filterwarnings("ignore", message=r".*Couldn't infer the batch indices fetched from your dataloader.*")
 
 
 class ParquetPredictionWriter(BasePredictionWriter):
