@@ -260,12 +260,13 @@ class ParquetStream(IterableDataset):
 
     # ------------------------------------------------------------- reading
     def _chunks(self, start: int, stop: int) -> Iterator[Batch]:
-        files: dict[Path, pq.ParquetFile] = {}
         wanted = self.convert.columns
+        parquet, path = None, None
         for group, lo, hi in self.segments(start, stop):
-            if group.path not in files:
-                files[group.path] = pq.ParquetFile(group.path)
-            parquet = files[group.path]
+            if group.path != path:  # one open file at a time: a reader keeps buffers of what it read
+                if parquet is not None:
+                    parquet.close()
+                parquet, path = pq.ParquetFile(group.path), group.path
             names = set(parquet.schema_arrow.names)
             columns = [c for c in wanted if c in names]  # a missing column is reported by the converter
             offset = 0
@@ -278,6 +279,8 @@ class ParquetStream(IterableDataset):
                 offset += size
                 if offset >= hi:
                     break
+        if parquet is not None:
+            parquet.close()
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
