@@ -71,7 +71,7 @@ def main() -> None:
             ids = pa.concat_tables([pq.read_table(f, columns=["row_id"]) for f in files])["row_id"].to_pylist()
             assert sorted(ids) == list(range(rows // 8)), "prediction files must hold every predict row once"
             print(json.dumps({
-                "device": str(next(module.parameters()).device), "world_size": trainer.world_size,
+                "device": str(trainer.strategy.root_device), "world_size": trainer.world_size,
                 "precision": precision, "train_rows": rows, "epochs": args.epochs, "fit_seconds": round(seconds, 1),
                 "train_rows_per_s": round(rows * args.epochs / seconds), **metrics,
                 "prediction_files": len(files), "predicted_rows": len(ids),
