@@ -465,6 +465,9 @@ class ParquetDataModule(L.LightningDataModule):
             only those, with mean and standard deviation from the train split.
         keys: numeric columns carried as ``batch["keys"]`` (written next to the
             predictions by ``ParquetPredictionWriter``).
+        group: an integer column (e.g. ``user_id``, which may also be a
+            feature) put in every batch the Trainer sees as ``batch["group"]``;
+            the training module then logs group AUC (``val/<task>/gauc``).
 
     The fitted encoders and statistics (and the resolved feature specs) are the
     data module's ``state_dict``, saved in every Lightning checkpoint and restored
@@ -495,6 +498,7 @@ class ParquetDataModule(L.LightningDataModule):
         categorical: Mapping[str, Mapping[str, Any] | None] | Sequence[str] | None = None,
         normalize: bool | Sequence[str] = False,
         keys: Sequence[str] = (),
+        group: str | None = None,
     ) -> None:
         super().__init__()
         self.paths = {"train": train, "val": val, "test": test, "predict": predict}
@@ -534,6 +538,7 @@ class ParquetDataModule(L.LightningDataModule):
         self.normalize = normalize if isinstance(normalize, bool) else list(normalize)
         self.normalizers: dict[str, DenseNormalizer] = {}
         self.keys = list(keys)
+        self.group = group
 
     def files(self, split: str) -> list[Path]:
         spec = self.paths[split]
@@ -632,8 +637,33 @@ class ParquetDataModule(L.LightningDataModule):
             self.normalizers[name].load_state_dict(s)
         self.stores.clear()
 
+    # ---------------------------------------------------------------- group
+    def _carried_keys(self) -> list[str]:
+        """``keys`` plus the group column (read like a key, moved to ``batch["group"]`` by the hook below)."""
+        return self.keys + ([self.group] if self.group and self.group not in self.keys else [])
+
+    def _check_group(self) -> None:
+        for split in SPLITS:
+            for path in self.files(split):
+                schema = pq.read_schema(path)
+                if self.group not in schema.names:
+                    raise ValueError(f"{path}: missing group column {self.group!r} (columns: {schema.names})")
+                if not pa.types.is_integer(schema.field(self.group).type):
+                    raise ValueError(f"{path}: group column {self.group!r} has type {schema.field(self.group).type}; "
+                                     "it must hold integer ids (e.g. user ids)")
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.group and isinstance(batch, dict) and "keys" in batch:
+            keys = batch["keys"]
+            batch["group"] = keys[self.group] if self.group in self.keys else keys.pop(self.group)
+            if not keys:
+                del batch["keys"]
+        return batch
+
     def setup(self, stage: str | None = None) -> None:
         self.prepare_features()
+        if self.group:
+            self._check_group()
         if not self.preprocessing_fitted() or self.streaming:
             # streams are opened by dataset(); unfitted encoders wait for load_state_dict (a checkpoint)
             return
@@ -644,7 +674,7 @@ class ParquetDataModule(L.LightningDataModule):
             if self.paths[split] is not None and split not in self.stores:
                 self.stores[split] = read_split(
                     self.files(split), self.features, self.tasks, self.row_id, labels_required=split != "predict",
-                    transform=self._encode if self.encoders else None, keys=self.keys,
+                    transform=self._encode if self.encoders else None, keys=self._carried_keys(),
                 )
                 for name, normalizer in self.normalizers.items():
                     values = self.stores[split].features[name].numpy()
@@ -682,7 +712,7 @@ class ParquetDataModule(L.LightningDataModule):
         train = split == "train"
         return ParquetStream(
             list_row_groups(files),
-            TableConverter(self.features, tasks, self.row_id, self.keys, self.encoders, self.normalizers),
+            TableConverter(self.features, tasks, self.row_id, self._carried_keys(), self.encoders, self.normalizers),
             self.batch_size, shuffle=train and self.shuffle, shuffle_buffer=self.shuffle_buffer, seed=self.seed,
             drop_last=train and self.drop_last, pad_to_equal=train,
             rank=process_rank if rank is None else rank,

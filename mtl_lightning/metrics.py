@@ -4,6 +4,12 @@ Binary tasks: AUROC and log-loss; regression tasks: MSE and MAE. Every metric
 takes the model's raw output (logits for binary tasks), so log-loss is
 computed stably from logits. Rows whose label is ignored are filtered out
 before ``update``.
+
+Group AUC (``GroupAUC``, logged as ``<stage>/<task>/gauc`` for binary tasks
+when the batches carry a ``group`` column) is the impression-weighted mean of
+per-group AUC: ``GAUC = sum_u n_u AUC_u / sum_u n_u`` over the groups
+(users) ``u`` that have both a positive and a negative row, with ``n_u`` the
+group's number of rows; groups with a single class are skipped.
 """
 
 from __future__ import annotations
@@ -50,6 +56,75 @@ class BinaryAUROCFromLogits(BinaryAUROC):
 
     def update(self, preds: Tensor, target: Tensor) -> None:  # type: ignore[override]
         super().update(torch.sigmoid(preds.float()), target.long())
+
+
+def group_auc(preds: Tensor, target: Tensor, groups: Tensor) -> Tensor:
+    """Impression-weighted mean of per-group AUC (see the module docstring); ``nan`` when no group has both classes.
+
+    ``preds`` are scores (logits or probabilities: AUC only uses their order),
+    ``target`` is 0/1 and ``groups`` integer group ids, all ``(N,)``. Within a
+    group, AUC is the Mann-Whitney statistic ``(R_+ - P(P+1)/2) / (P N)`` with
+    ``R_+`` the sum of the positives' ranks, tied scores sharing their mean rank.
+    """
+    if not (preds.shape == target.shape == groups.shape) or preds.dim() != 1:
+        raise ValueError(f"group_auc needs three (N,) tensors, got {tuple(preds.shape)}, {tuple(target.shape)}, "
+                         f"{tuple(groups.shape)}")
+    n = preds.numel()
+    if n == 0:
+        return torch.tensor(float("nan"), dtype=torch.float64, device=preds.device)
+    preds, target, groups = preds.double(), target.double(), groups.long()
+    order = torch.argsort(preds, stable=True)
+    order = order[torch.argsort(groups[order], stable=True)]  # sorted by (group, score)
+    g, p, y = groups[order], preds[order], target[order]
+    position = torch.arange(n, device=preds.device)
+    new_group = torch.ones(n, dtype=torch.bool, device=preds.device)
+    new_group[1:] = g[1:] != g[:-1]
+    new_block = new_group.clone()  # a block = equal scores within one group
+    new_block[1:] |= p[1:] != p[:-1]
+    group_id = torch.cumsum(new_group.long(), 0) - 1
+    block_id = torch.cumsum(new_block.long(), 0) - 1
+    group_start = position[new_group][group_id]
+    block_start = position[new_block]
+    block_end = torch.cat([block_start[1:], block_start.new_tensor([n])]) - 1
+    rank = (block_start[block_id] + block_end[block_id]).double() / 2 - group_start + 1  # 1-based, ties averaged
+    num_groups = int(group_id[-1]) + 1
+    size = torch.zeros(num_groups, dtype=torch.float64, device=preds.device).index_add_(0, group_id, torch.ones_like(y))
+    positives = torch.zeros_like(size).index_add_(0, group_id, y)
+    rank_sum = torch.zeros_like(size).index_add_(0, group_id, rank * y)
+    negatives = size - positives
+    both = (positives > 0) & (negatives > 0)
+    if not both.any():
+        return torch.tensor(float("nan"), dtype=torch.float64, device=preds.device)
+    auc = (rank_sum[both] - positives[both] * (positives[both] + 1) / 2) / (positives[both] * negatives[both])
+    return (size[both] * auc).sum() / size[both].sum()
+
+
+class GroupAUC(Metric):
+    """Group AUC over every row seen (all ranks under DDP: the states are gathered before ``compute``)."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("preds", default=[], dist_reduce_fx="cat")
+        self.add_state("target", default=[], dist_reduce_fx="cat")
+        self.add_state("groups", default=[], dist_reduce_fx="cat")
+
+    def update(self, preds: Tensor, target: Tensor, groups: Tensor) -> None:
+        self.preds.append(preds.detach().double().flatten())
+        self.target.append(target.detach().double().flatten())
+        self.groups.append(groups.detach().long().flatten())
+
+    def compute(self) -> Tensor:
+        cat = lambda x: torch.cat(x) if isinstance(x, list) else x  # noqa: E731  (a list before sync, a tensor after)
+        return group_auc(cat(self.preds), cat(self.target), cat(self.groups)).float()
+
+
+def group_auc_metrics(tasks: Sequence[Task]) -> torch.nn.ModuleDict:
+    """One ``GroupAUC`` per binary task."""
+    return torch.nn.ModuleDict({t.name: GroupAUC() for t in tasks if t.kind == "binary"})
 
 
 def task_metrics(tasks: Sequence[Task]) -> MultitaskWrapper:

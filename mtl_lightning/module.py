@@ -14,8 +14,9 @@ Logged (to whatever logger the Trainer has): ``train/<task>/loss``,
 ``train/<task>/weight``, ``train/loss``, ``train/aux_loss`` (when the
 architecture has one); ``val/<task>/auc``, ``val/<task>/logloss`` (binary),
 ``val/<task>/mse``, ``val/<task>/mae`` (regression) and ``val/loss``
-(the static-weighted sum of per-task log-loss/MSE over the whole epoch);
-the same under ``test/``.
+(the static-weighted sum of per-task log-loss/MSE over the whole epoch),
+``val/<task>/gauc`` (binary, when the batches carry a ``group`` tensor: see
+``metrics.GroupAUC``); the same under ``test/``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from .architectures.base import MultiTaskArchitecture
 from .config import build
 from .losses import masked_loss, valid_mask
-from .metrics import flatten_metrics, task_metrics
+from .metrics import flatten_metrics, group_auc_metrics, task_metrics
 from .tasks import Task, check_tasks
 from .weighting import WeightingStrategy, create_weighting
 
@@ -103,6 +104,8 @@ class MultiTaskLightningModule(L.LightningModule):
 
         self.val_metrics = task_metrics(self.tasks)
         self.test_metrics = task_metrics(self.tasks)
+        self.val_gauc = group_auc_metrics(self.tasks)
+        self.test_gauc = group_auc_metrics(self.tasks)
 
     # ------------------------------------------------------------------ losses
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -138,16 +141,23 @@ class MultiTaskLightningModule(L.LightningModule):
         return total
 
     # -------------------------------------------------------------- evaluation
-    def _update_metrics(self, metrics: nn.Module, batch: Batch) -> None:
+    def _update_metrics(self, metrics: nn.Module, batch: Batch, gauc: nn.ModuleDict | None = None) -> None:
         outputs = self.model(batch["features"])
+        group = batch.get("group")
         for t in self.tasks:
             labels = self._labels(batch["labels"], t)
             mask = valid_mask(labels, self.hparams.ignore_label)
             metrics.task_metrics[t.name].update(outputs[t.name][mask].float(), labels[mask].float())
+            if group is not None and gauc is not None and t.name in gauc:
+                gauc[t.name].update(outputs[t.name][mask], labels[mask], group[mask])
 
-    def _log_metrics(self, stage: str, metrics: nn.Module) -> None:
+    def _log_metrics(self, stage: str, metrics: nn.Module, gauc: nn.ModuleDict | None = None) -> None:
         computed = metrics.compute()
         logged = flatten_metrics(stage, computed)
+        for name, metric in (gauc or {}).items():
+            if metric.update_called:
+                logged[f"{stage}/{name}/gauc"] = metric.compute()
+                metric.reset()
         total = sum(
             t.weight * computed[t.name]["logloss" if t.kind == "binary" else "mse"] for t in self.tasks
         )
@@ -156,16 +166,16 @@ class MultiTaskLightningModule(L.LightningModule):
         metrics.reset()
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._update_metrics(self.val_metrics, batch)
+        self._update_metrics(self.val_metrics, batch, self.val_gauc)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val", self.val_metrics)
+        self._log_metrics("val", self.val_metrics, self.val_gauc)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._update_metrics(self.test_metrics, batch)
+        self._update_metrics(self.test_metrics, batch, self.test_gauc)
 
     def on_test_epoch_end(self) -> None:
-        self._log_metrics("test", self.test_metrics)
+        self._log_metrics("test", self.test_metrics, self.test_gauc)
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """Per-task probabilities (binary) or values (regression), plus ``row_id`` when the batch has one."""
