@@ -1,0 +1,156 @@
+"""Export a trained architecture for serving: ONNX and TorchScript.
+
+Both exports compute the same thing as ``MultiTaskLightningModule.predict_step``:
+one output per task, the probability (``sigmoid`` of the logit) for binary
+tasks and the value for regression tasks, in evaluation mode.
+
+* :func:`export_onnx` writes an ONNX graph whose inputs are the feature
+  columns, named after the features in the architecture's feature order
+  (``(batch,)`` int64 for sparse, ``(batch,)`` or ``(batch, dim)`` float32
+  for dense, ``(batch, max_len)`` int64 for sequences), and whose outputs are
+  named after the tasks, each ``(batch,)`` float32. The batch dimension is
+  dynamic.
+* :func:`export_torchscript` writes a traced TorchScript module called as
+  ``module(features: dict[str, Tensor]) -> dict[str, Tensor]`` (task -> ``(B,)``).
+
+Example::
+
+    from mtl_lightning.export import export_onnx, export_torchscript
+    module = MultiTaskLightningModule.load_from_checkpoint("last.ckpt")
+    export_onnx(module, "model.onnx")          # onnxruntime: sess.run(None, {"user_id": ids, ...})
+    export_torchscript(module, "model.pt")     # torch.jit.load("model.pt")({"user_id": ids, ...})
+
+or from a checkpoint on the command line::
+
+    python -m mtl_lightning.export path/to/last.ckpt --onnx model.onnx --torchscript model.pt
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .architectures.base import MultiTaskArchitecture
+from .features import DenseFeature, Feature, SequenceFeature, SparseFeature
+
+
+def _architecture(model: nn.Module) -> MultiTaskArchitecture:
+    """The architecture inside a ``MultiTaskLightningModule`` (or the architecture itself)."""
+    inner = getattr(model, "model", model)
+    if not isinstance(inner, MultiTaskArchitecture):
+        raise TypeError(f"expected a MultiTaskArchitecture or a MultiTaskLightningModule, got {type(model).__name__}")
+    return inner
+
+
+def example_features(features: tuple[Feature, ...], batch_size: int = 4, seed: int = 0) -> dict[str, Tensor]:
+    """A random, valid feature batch for the given specs (ids in range, sequences with padding)."""
+    generator = torch.Generator().manual_seed(seed)
+    batch: dict[str, Tensor] = {}
+    for f in features:
+        if isinstance(f, SparseFeature):
+            batch[f.name] = torch.randint(0, f.vocab_size, (batch_size,), generator=generator)
+        elif isinstance(f, DenseFeature):
+            shape = (batch_size,) if f.dim == 1 else (batch_size, f.dim)
+            batch[f.name] = torch.randn(shape, generator=generator)
+        elif isinstance(f, SequenceFeature):
+            ids = torch.randint(1, f.vocab_size, (batch_size, f.max_len), generator=generator)
+            lengths = torch.randint(0, f.max_len + 1, (batch_size, 1), generator=generator)
+            batch[f.name] = torch.where(torch.arange(f.max_len) < lengths, ids, 0)
+    return batch
+
+
+class ServingModel(nn.Module):
+    """The architecture plus the output transform: probabilities for binary tasks, values for regression."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = _architecture(model)
+        self.feature_names = [f.name for f in self.model.features]
+        self.binary = {t.name: t.kind == "binary" for t in self.model.tasks}
+
+    def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        outputs = self.model(features)
+        return {
+            name: torch.sigmoid(outputs[name].float()) if is_binary else outputs[name].float()
+            for name, is_binary in self.binary.items()
+        }
+
+
+class _PositionalServingModel(ServingModel):
+    """ONNX takes positional inputs and gives a tuple of outputs: one per feature / task, in order."""
+
+    def forward(self, *columns: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        outputs = super().forward(dict(zip(self.feature_names, columns)))
+        return tuple(outputs[name] for name in self.binary)
+
+
+def export_onnx(
+    model: nn.Module, path: str | Path, example: Mapping[str, Tensor] | None = None, opset_version: int = 17
+) -> Path:
+    """Write ``model`` (architecture or Lightning module) as ONNX to ``path``; see the module docstring."""
+    serving = _PositionalServingModel(model).eval()
+    example = dict(example) if example is not None else example_features(serving.model.features)
+    missing = [n for n in serving.feature_names if n not in example]
+    if missing:
+        raise ValueError(f"the example batch lacks features {missing}")
+    args = tuple(example[n] for n in serving.feature_names)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            serving,
+            args,
+            str(path),
+            input_names=serving.feature_names,
+            output_names=list(serving.binary),
+            dynamic_axes={name: {0: "batch"} for name in [*serving.feature_names, *serving.binary]},
+            opset_version=opset_version,
+            dynamo=False,
+        )
+    return path
+
+
+def export_torchscript(model: nn.Module, path: str | Path, example: Mapping[str, Tensor] | None = None) -> Path:
+    """Trace ``model`` (architecture or Lightning module) and save it as TorchScript to ``path``."""
+    serving = ServingModel(model).eval()
+    example = dict(example) if example is not None else example_features(serving.model.features)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(serving, (example,), strict=False, check_trace=False)
+    traced.save(str(path))
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m mtl_lightning.export CKPT [--onnx PATH] [--torchscript PATH]``."""
+    import argparse
+
+    from .module import MultiTaskLightningModule
+
+    parser = argparse.ArgumentParser(description="Export a MultiTaskLightningModule checkpoint to ONNX / TorchScript.")
+    parser.add_argument("checkpoint", help="a checkpoint written by training (e.g. by mtl-lightning fit)")
+    parser.add_argument("--onnx", help="where to write the ONNX file")
+    parser.add_argument("--torchscript", help="where to write the TorchScript file")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
+    args = parser.parse_args(argv)
+    if not (args.onnx or args.torchscript):
+        parser.error("give --onnx and/or --torchscript")
+    module = MultiTaskLightningModule.load_from_checkpoint(args.checkpoint, map_location="cpu")
+    if args.onnx:
+        print(f"ONNX: {export_onnx(module, args.onnx, opset_version=args.opset)}")
+    if args.torchscript:
+        print(f"TorchScript: {export_torchscript(module, args.torchscript)}")
+
+
+__all__ = ["export_onnx", "export_torchscript", "ServingModel", "example_features"]
+
+
+if __name__ == "__main__":
+    main()

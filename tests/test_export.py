@@ -1,0 +1,79 @@
+"""ONNX and TorchScript exports give the PyTorch outputs (probabilities / values) within 1e-5, for every architecture."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from datamodules.synthetic import synthetic_features, synthetic_tasks
+from mtl_lightning import MultiTaskLightningModule, registry
+from mtl_lightning.export import ServingModel, example_features, export_onnx, export_torchscript, main
+
+
+def _spread(model: torch.nn.Module) -> torch.nn.Module:
+    """Perturbed weights (biases and tables included), so outputs are away from 0.5 and differ across rows."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_onnx_and_torchscript_match_pytorch(name, tmp_path):
+    model = _spread(registry.create(name, features=synthetic_features(embedding_dim=8), tasks=synthetic_tasks()))
+    onnx_path = export_onnx(model, tmp_path / f"{name}.onnx")  # traced on the default 4-row example
+    script_path = export_torchscript(model, tmp_path / f"{name}.pt")
+    batch = example_features(model.features, batch_size=37, seed=11)  # another batch size, other values
+    with torch.no_grad():
+        expected = ServingModel(model).eval()(batch)
+        logits = model(batch)
+    assert torch.equal(expected["click"], torch.sigmoid(logits["click"]))  # binary: probabilities
+    assert torch.equal(expected["dwell"], logits["dwell"])  # regression: values
+    assert expected["click"].std() > 1e-3 and ((expected["click"] > 0.001) & (expected["click"] < 0.999)).all()
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["click", "conversion", "dwell"]
+    assert [i.name for i in session.get_inputs()] == [f.name for f in model.features]
+    outputs = session.run(None, {k: v.numpy() for k, v in batch.items()})
+    for task, value in zip(["click", "conversion", "dwell"], outputs):
+        assert value.shape == (37,)
+        np.testing.assert_allclose(value, expected[task].numpy(), rtol=0, atol=1e-5)
+
+    scripted = torch.jit.load(str(script_path))
+    with torch.no_grad():
+        traced = scripted(batch)
+    for task in expected:
+        torch.testing.assert_close(traced[task], expected[task], rtol=0, atol=1e-5)
+
+
+def test_onnx_batch_dimension_is_dynamic_and_module_exports(tmp_path, synthetic_paths):
+    model = _spread(registry.create("mmoe", features=synthetic_features(embedding_dim=8), tasks=synthetic_tasks(),
+                                    num_experts=2, expert_hidden=(16,), tower_hidden=(8,)))
+    module = MultiTaskLightningModule(model)
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": "2.6.0"}, ckpt)
+    main([str(ckpt), "--onnx", str(tmp_path / "m.onnx"), "--torchscript", str(tmp_path / "m.pt")])
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    for value in [*graph.input, *graph.output]:
+        assert value.type.tensor_type.shape.dim[0].dim_param == "batch", value.name
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    batch = example_features(model.features, batch_size=1, seed=5)  # a single row also works
+    with torch.no_grad():
+        expected = module.predict_step({"features": batch}, 0)
+    click = session.run(["click"], {k: v.numpy() for k, v in batch.items()})[0]
+    np.testing.assert_allclose(click, expected["click"].numpy(), rtol=0, atol=1e-5)
+
+
+def test_rejects_what_cannot_be_exported(tmp_path):
+    with pytest.raises(TypeError, match="MultiTaskArchitecture or a MultiTaskLightningModule"):
+        export_onnx(torch.nn.Linear(2, 2), tmp_path / "x.onnx")
+    model = registry.create("mmoe", features=synthetic_features(), tasks=synthetic_tasks())
+    with pytest.raises(ValueError, match=r"lacks features \['history'\]"):
+        batch = example_features(model.features)
+        batch.pop("history")
+        export_onnx(model, tmp_path / "x.onnx", example=batch)
