@@ -30,7 +30,7 @@ import sys
 from typing import Any, Sequence
 
 import yaml
-from jsonargparse import set_loader
+from jsonargparse import Namespace, set_loader
 from lightning.pytorch.cli import LightningCLI
 
 from datamodules.parquet import ParquetDataModule
@@ -40,7 +40,7 @@ from .module import MultiTaskLightningModule
 from .writers import ParquetPredictionWriter
 
 PARSER_MODE = "mtl_yaml"
-_ARCHITECTURE_KEYS = ("--model.model", "--model.model.class_path")
+_ARCHITECTURE_KEYS = ("--model.model", "--model.model.class_path", "--model.model.help")
 
 
 def _registry_path(name: Any) -> Any:
@@ -98,11 +98,10 @@ class MultiTaskCLI(LightningCLI):
                               apply_on="instantiate")
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
-        if args is None:
-            args = sys.argv[1:]
-        if isinstance(args, (list, tuple)):
-            args = resolve_registry_args(args)
-        super().parse_arguments(parser, args)
+        if isinstance(args, (dict, Namespace)):
+            self.config = parser.parse_object(args)
+        else:
+            self.config = parser.parse_args(resolve_registry_args(sys.argv[1:] if args is None else args))
 
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True) -> MultiTaskCLI:

@@ -63,7 +63,7 @@ registry, and the training module; it returns the TensorBoard log folder.""", []
 def train(run: str, architecture: str, weighting="static", tasks=tasks, **hparams) -> Path:
     L.seed_everything(0, verbose=False)
     dm = ParquetDataModule(train=paths["train"], val=paths["val"], tasks=tasks, batch_size=BATCH_SIZE,
-                           group="user_id", embedding_dim=8)
+                           group="user_id", embedding_dim=8, exclude=["purchase"])  # a label, not a feature
     model = registry.create(architecture, features=dm.prepare_features(), tasks=tasks, **hparams)
     module = MultiTaskLightningModule(model, lr=3e-3, weighting=weighting)
     logger = TensorBoardLogger(workdir / "runs", name=run, version=0, default_hp_metric=False)

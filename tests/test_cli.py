@@ -18,7 +18,6 @@ from mtl_lightning.cli import build_cli, resolve_registry_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter")
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.accelerator=cpu"]
 
 
@@ -51,6 +50,8 @@ def test_config_runs(name, tiny_paths, tmp_path, monkeypatch):
         assert type(architecture) is registry.get(name)
     # the feature specs were inferred by the data module and linked into the architecture
     assert architecture.features == tuple(cli.datamodule.features)
+    label_columns = {"click", "conversion", "purchase", "dwell"}
+    assert not label_columns & {f.name for f in architecture.features}, "a label column was inferred as a feature"
     assert {t.name for t in architecture.tasks} == {t.name for t in cli.datamodule.tasks}
     metrics = cli.trainer.callback_metrics
     assert torch.isfinite(metrics["train/loss"]) and "val/click/auc" in metrics
