@@ -13,9 +13,9 @@ One YAML file (or command-line flags) configures the three parts::
   hyper-parameters under ``init_args``.
 * ``data``: :class:`~datamodules.parquet.ParquetDataModule`.
 * ``trainer``: any ``lightning.Trainer`` argument.
-* ``prediction_writer``: where ``predict`` writes its Parquet file(s)
-  (:class:`~mtl_lightning.writers.ParquetPredictionWriter`, ``output_dir``
-  defaults to ``predictions``).
+* ``prediction_writer``: where ``predict`` writes its Parquet files, one per
+  rank (:class:`~mtl_lightning.callbacks.ParquetPredictionWriter`;
+  ``output_dir`` defaults to ``predictions``).
 
 Two links spare the YAML from repeating itself: ``data.tasks`` becomes the
 architecture's ``tasks`` (when parsing), and the data module's feature specs
@@ -37,7 +37,7 @@ from datamodules.parquet import ParquetDataModule
 
 from . import registry
 from .module import MultiTaskLightningModule
-from .writers import ParquetPredictionWriter
+from .callbacks import ParquetPredictionWriter
 
 PARSER_MODE = "mtl_yaml"
 _ARCHITECTURE_KEYS = ("--model.model", "--model.model.class_path", "--model.model.help")
@@ -93,6 +93,7 @@ class MultiTaskCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(ParquetPredictionWriter, "prediction_writer")
+        parser.set_defaults({"prediction_writer.output_dir": "predictions"})
         parser.link_arguments("data.tasks", "model.model.init_args.tasks", apply_on="parse")
         parser.link_arguments("data", "model.model.init_args.features", compute_fn=_features_of,
                               apply_on="instantiate")

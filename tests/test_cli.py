@@ -99,7 +99,7 @@ def test_fit_validate_test_predict(tiny_paths, tmp_path, monkeypatch):
 
     build_cli(["predict", *small, f"--ckpt_path={checkpoint}", "--trainer.logger=false",
                f"--data.predict={tiny_paths['test']}", f"--prediction_writer.output_dir={tmp_path / 'out'}"])
-    table = pq.read_table(tmp_path / "out" / "predictions.parquet")
+    table = pq.read_table(tmp_path / "out" / "predictions-rank00000.parquet")
     assert table.column_names == ["row_id", "click", "conversion", "dwell"]
     assert table.column("row_id").to_pylist() == list(range(400))
     click = table.column("click").to_numpy()

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from datamodules.synthetic import synthetic_tasks
 from mtl_lightning import MultiTaskLightningModule
 from mtl_lightning.architectures import MMoE
+from datamodules import read_split
 from mtl_lightning.metrics import GroupAUC, group_auc
 
 from conftest import quiet_trainer, synthetic_datamodule
@@ -102,33 +103,37 @@ def test_metric_is_global_under_ddp():
     assert out[0] == pytest.approx(0.725, abs=1e-6) and out[1] == pytest.approx(0.725, abs=1e-6)
 
 
-def test_module_logs_gauc_only_with_a_group_column(synthetic_paths):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_module_logs_gauc_only_with_a_group_column(synthetic_paths, streaming):
     torch.manual_seed(0)
     tasks = synthetic_tasks()
-    dm = synthetic_datamodule(synthetic_paths, batch_size=2048, group="user_id")
+    dm = synthetic_datamodule(synthetic_paths, batch_size=2048, group="user_id", streaming=streaming)
     dm.setup("fit")
     module = MultiTaskLightningModule(MMoE(dm.features, tasks, num_experts=2, expert_hidden=(16,), tower_hidden=(8,)))
     logged = quiet_trainer().validate(module, dm, verbose=False)[0]
     assert "val/dwell/gauc" not in logged  # regression task: no GAUC
     # the logged value is GAUC over the whole val split, computed here from the module's outputs
-    store = dm.stores["val"]
+    store = read_split(dm.files("val"), dm.features, tasks, keys=["user_id"])
     module.eval()
     with torch.no_grad():
         outputs = module(store.features)
     for task in ("click", "conversion"):
         labels = store.labels[task]
         valid = labels != -1
-        expected = group_auc(outputs[task][valid], labels[valid], store.group[valid]).item()
+        expected = group_auc(outputs[task][valid], labels[valid], store.keys["user_id"][valid]).item()
         assert logged[f"val/{task}/gauc"] == pytest.approx(expected, abs=1e-5)
         assert 0.0 < expected < 1.0
-    batch = next(iter(dm.dataset("val")))
-    assert torch.equal(batch["group"], batch["features"]["user_id"])
+    # the Trainer's batches carry the group; it is not left among the keys (nor written to prediction files)
+    batch = dm.on_before_batch_transfer(next(iter(dm.dataset("val"))), 0)
+    assert torch.equal(batch["group"], batch["features"]["user_id"]) and "keys" not in batch
 
-    plain = synthetic_datamodule(synthetic_paths, batch_size=2048)
+    plain = synthetic_datamodule(synthetic_paths, batch_size=2048, streaming=streaming)
     assert not any(k.endswith("/gauc") for k in quiet_trainer().validate(module, plain, verbose=False)[0])
 
 
 def test_group_column_must_be_integer(synthetic_paths):
     dm = synthetic_datamodule(synthetic_paths, group="dense_0")
-    with pytest.raises(ValueError, match="group column 'dense_0' has type float"):
+    with pytest.raises(ValueError, match=r"train.parquet: group column 'dense_0' has type float"):
         dm.setup("fit")
+    with pytest.raises(ValueError, match="missing group column 'uid'"):
+        synthetic_datamodule(synthetic_paths, group="uid").setup("fit")
