@@ -190,6 +190,25 @@ def key_array(column: pa.ChunkedArray, name: str, path: Path) -> np.ndarray:
     )
 
 
+def check_implied_labels(table: pa.Table, implied_labels: Mapping[str, str], path: Path) -> None:
+    """Reject rows where a label column is positive (> 0) but the label column it implies is 0.
+
+    ``implied_labels`` maps a label column to the one it implies, e.g.
+    ``{"purchase": "click", "conversion": "click"}``: a purchase (or a
+    conversion) on a row that was not clicked is a data error. Null and NaN
+    values are missing labels and never count as a violation.
+    """
+    for label, implied in implied_labels.items():
+        positive = pc.fill_null(pc.greater(_column(table, label, path, "label").cast(pa.float64()), 0.0), False)
+        absent = pc.fill_null(pc.equal(_column(table, implied, path, "label").cast(pa.float64()), 0.0), False)
+        bad = pc.sum(pc.and_(positive, absent).cast(pa.int64())).as_py() or 0
+        if bad:
+            raise ValueError(
+                f"{path}: {bad} rows have {label!r} > 0 where {implied!r} is 0, but {label!r} implies {implied!r} "
+                f"(e.g. a purchase without a click); fix the labels or drop those rows"
+            )
+
+
 # ------------------------------------------------------------------ inference
 def infer_features(
     files: Sequence[Path], exclude: set[str], embedding_dim: int = 16, stat_files: Sequence[Path] | None = None
@@ -272,6 +291,7 @@ def read_split(
     labels_required: bool = True,
     transform: Callable[[pa.Table, Path], pa.Table] | None = None,
     keys: Sequence[str] = (),
+    implied_labels: Mapping[str, str] | None = None,
 ) -> ColumnStore:
     """Read and check every file of a split; see the module docstring for the checks.
 
@@ -288,12 +308,15 @@ def read_split(
     for path in files:
         schema_names = pq.read_schema(path).names
         wanted = [f.name for f in features] + [t.label for t in tasks] + ([row_id] if row_id else []) + list(keys)
-        present = [c for c in dict.fromkeys(wanted) if c in schema_names]
+        checked = [c for pair in (implied_labels or {}).items() for c in pair] if labels_required else []
+        present = [c for c in dict.fromkeys(wanted + checked) if c in schema_names]
         table = pq.read_table(path, columns=present)
         if transform is not None:
             table = transform(table, path)
         if table.num_rows == 0:
             raise ValueError(f"{path}: file is empty (0 rows)")
+        if checked:
+            check_implied_labels(table, implied_labels, path)
         for f in features:
             column = _column(table, f.name, path, "feature")
             if isinstance(f, SparseFeature):
@@ -468,6 +491,11 @@ class ParquetDataModule(L.LightningDataModule):
         group: an integer column (e.g. ``user_id``, which may also be a
             feature) put in every batch the Trainer sees as ``batch["group"]``;
             the training module then logs group AUC (``val/<task>/gauc``).
+        implied_labels: label columns that imply another label column, e.g.
+            ``{"purchase": "click", "conversion": "click"}``; a file with a
+            positive label on a row where the implied label is 0 is rejected
+            (the error names the file and the number of rows; when streaming,
+            the rows of the chunk being read). Checked in every labelled split.
 
     The fitted encoders and statistics (and the resolved feature specs) are the
     data module's ``state_dict``, saved in every Lightning checkpoint and restored
@@ -499,6 +527,7 @@ class ParquetDataModule(L.LightningDataModule):
         normalize: bool | Sequence[str] = False,
         keys: Sequence[str] = (),
         group: str | None = None,
+        implied_labels: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.paths = {"train": train, "val": val, "test": test, "predict": predict}
@@ -519,6 +548,7 @@ class ParquetDataModule(L.LightningDataModule):
         self.exclude = set(exclude)
         self.drop_last = drop_last
         self.pin_memory = pin_memory
+        self.implied_labels = dict(implied_labels or {})
         self.stores: dict[str, ColumnStore] = {}
         self.streaming = streaming
         if shuffle_buffer < 1 or read_rows < 1:
@@ -550,6 +580,7 @@ class ParquetDataModule(L.LightningDataModule):
         first = next(p for s in SPLITS for p in self.files(s))
         exclude = {t.label for t in self.tasks} | ({self.row_id} if self.row_id else set()) | self.exclude
         exclude |= set(self.categorical) | set(self.keys)
+        exclude |= {column for pair in self.implied_labels.items() for column in pair}
         return infer_features([first], exclude, self.embedding_dim, stat_files=all_files)
 
     def prepare_features(self) -> list[Feature]:
@@ -675,6 +706,7 @@ class ParquetDataModule(L.LightningDataModule):
                 self.stores[split] = read_split(
                     self.files(split), self.features, self.tasks, self.row_id, labels_required=split != "predict",
                     transform=self._encode if self.encoders else None, keys=self._carried_keys(),
+                    implied_labels=self.implied_labels,
                 )
                 for name, normalizer in self.normalizers.items():
                     values = self.stores[split].features[name].numpy()
@@ -712,7 +744,8 @@ class ParquetDataModule(L.LightningDataModule):
         train = split == "train"
         return ParquetStream(
             list_row_groups(files),
-            TableConverter(self.features, tasks, self.row_id, self._carried_keys(), self.encoders, self.normalizers),
+            TableConverter(self.features, tasks, self.row_id, self._carried_keys(), self.encoders, self.normalizers,
+                           implied_labels=self.implied_labels if split != "predict" else None),
             self.batch_size, shuffle=train and self.shuffle, shuffle_buffer=self.shuffle_buffer, seed=self.seed,
             drop_last=train and self.drop_last, pad_to_equal=train,
             rank=process_rank if rank is None else rank,

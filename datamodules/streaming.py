@@ -54,7 +54,9 @@ from mtl_lightning.features import DenseFeature, Feature, SparseFeature
 from mtl_lightning.tasks import Task
 
 from .encoders import CategoricalEncoder, DenseNormalizer, encode_table
-from .parquet import _column, _dense_array, _label_array, _sequence_array, _sparse_array, key_array
+from .parquet import (
+    _column, _dense_array, _label_array, _sequence_array, _sparse_array, check_implied_labels, key_array,
+)
 
 Batch = dict[str, Any]
 
@@ -96,8 +98,10 @@ class TableConverter:
         keys: Sequence[str] = (),
         encoders: Mapping[str, CategoricalEncoder] | None = None,
         normalizers: Mapping[str, DenseNormalizer] | None = None,
+        implied_labels: Mapping[str, str] | None = None,
     ) -> None:
         self.features = list(features)
+        self.implied_labels = dict(implied_labels or {})
         self.tasks = list(tasks)
         self.row_id = row_id
         self.keys = list(keys)
@@ -107,10 +111,13 @@ class TableConverter:
     @property
     def columns(self) -> list[str]:
         names = [f.name for f in self.features] + [t.label for t in self.tasks] + self.keys
+        names += [c for pair in self.implied_labels.items() for c in pair]
         return list(dict.fromkeys(names + ([self.row_id] if self.row_id else [])))
 
     def __call__(self, table: pa.Table, path: Path, first_row: int) -> Batch:
         table = encode_table(table, self.encoders, path)
+        if self.implied_labels:  # counted in this chunk of the file
+            check_implied_labels(table, self.implied_labels, path)
         features: dict[str, Tensor] = {}
         for f in self.features:
             column = _column(table, f.name, path, "feature")

@@ -15,6 +15,12 @@ part (price sensitivity via ``dense_1`` and the category), so the two tasks are
 related but not identical. With ``with_truth=True`` the true probabilities
 ``p_click`` and ``p_conversion`` are written too (for bias experiments; they
 must not be used as features).
+
+``selection_bias=s > 0`` (default 0: the data above, unchanged) makes clicks
+select a biased sample for CVR: ``s * 2 * dense_0`` is added to the CTR logit
+and ``s * (dense_0^2 - 1)`` to the CVR logit, so impressions with a low
+``dense_0`` are rarely clicked but convert well when they are; a CVR model fit
+on clicked rows alone sees few of them.
 """
 
 from __future__ import annotations
@@ -55,7 +61,9 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def make_table(num_rows: int, seed: int = 0, max_history: int = 10, with_truth: bool = False) -> pa.Table:
+def make_table(
+    num_rows: int, seed: int = 0, max_history: int = 10, with_truth: bool = False, selection_bias: float = 0.0
+) -> pa.Table:
     """``num_rows`` impressions; the hidden effects depend only on ``seed``'s world, rows on ``seed`` too."""
     world = np.random.default_rng(12345)  # the hidden effects are the same for every split
     user_bias = world.normal(0, 1.0, NUM_USERS)
@@ -85,6 +93,9 @@ def make_table(num_rows: int, seed: int = 0, max_history: int = 10, with_truth: 
         + city_bias[city] + 0.8 * dense[:, 0] - 0.5 * dense[:, 2] + 0.8 * history_quality
     )
     cvr_logit = -0.5 + 1.0 * item_quality[item] + category_cvr[category] - 0.8 * dense[:, 1] + 0.4 * user_bias[user]
+    if selection_bias:
+        ctr_logit = ctr_logit + selection_bias * 2.0 * dense[:, 0]
+        cvr_logit = cvr_logit + selection_bias * (dense[:, 0] ** 2 - 1.0)
     p_click = _sigmoid(ctr_logit)
     p_conversion = _sigmoid(cvr_logit)
     click = (rng.random(num_rows) < p_click).astype(np.float32)
@@ -120,19 +131,22 @@ def write_synthetic(
     max_history: int = 10,
     with_truth: bool = False,
     files_per_split: int = 1,
+    selection_bias: float = 0.0,
 ) -> dict[str, Path]:
     """Write ``train``/``val``/``test`` splits as Parquet under ``directory``; returns split -> path.
 
     ``num_rows`` is one size per split (or one int for all three). Splits use
     different row seeds (``seed``, ``seed + 1``, ``seed + 2``) over the same
     hidden effects. With ``files_per_split > 1`` each split is a folder of files.
+    ``selection_bias`` is passed to :func:`make_table`.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     sizes = [num_rows] * 3 if isinstance(num_rows, int) else list(num_rows)
     paths: dict[str, Path] = {}
     for offset, (split, size) in enumerate(zip(("train", "val", "test"), sizes)):
-        table = make_table(size, seed=seed + offset, max_history=max_history, with_truth=with_truth)
+        table = make_table(size, seed=seed + offset, max_history=max_history, with_truth=with_truth,
+                           selection_bias=selection_bias)
         if files_per_split == 1:
             path = directory / f"{split}.parquet"
             pq.write_table(table, path)

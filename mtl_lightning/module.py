@@ -10,6 +10,20 @@ is neither ``ignore_label`` nor NaN. A task with no valid row in a batch adds an
 exact zero that keeps the graph. The training loss is
 ``weighting([L_1 .. L_T]) + model.auxiliary_loss(outputs, labels)``.
 
+Counterfactual CVR (``counterfactual=CounterfactualCVR(mode, click_task,
+conversion_task, ...)``, ESCM², Wang et al. SIGIR 2022), for any architecture
+with a click task and a conversion task: the conversion task's loss L_k becomes,
+over D = every impression of the batch with a valid click label,
+
+* IPS: ``L_CVR = 1/|D| sum_D o_i e_i / ô_i``
+* DR:  ``L_CVR = 1/|D| sum_D [ê_i + o_i (e_i - ê_i) / ô_i]``, and
+  ``imputation_weight * 1/|D| sum_D o_i (e_i - ê_i)^2 / ô_i`` is added to the
+  total (logged as ``train/imputation_loss``) to train the imputation output ê,
+
+with o the click label, ô the predicted CTR (detached, clipped to
+``propensity_clip``), e_i the conversion log-loss of the row (its conversion
+label is used only where o_i = 1). See ``mtl_lightning.losses.counterfactual``.
+
 Logged (to whatever logger the Trainer has): ``train/<task>/loss``,
 ``train/<task>/weight``, ``train/loss``, ``train/aux_loss`` (when the
 architecture has one); ``val/<task>/auc``, ``val/<task>/logloss`` (binary),
@@ -29,8 +43,13 @@ from torch import Tensor, nn
 
 from .architectures.base import MultiTaskArchitecture
 from .config import build
+<<<<<<< HEAD
 from .losses import masked_loss, valid_mask
 from .metrics import flatten_metrics, group_auc_metrics, task_metrics
+=======
+from .losses import CounterfactualCVR, masked_loss, valid_mask
+from .metrics import flatten_metrics, task_metrics
+>>>>>>> b40828e (Entire-space CVR: ESMM, ESCM, AITM, ESCM² IPS/DR counterfactual losses in the module, implied-label check, selection-bias option)
 from .tasks import Task, check_tasks
 from .weighting import WeightingStrategy, create_weighting
 
@@ -50,8 +69,10 @@ class MultiTaskLightningModule(L.LightningModule):
 
     Args:
         model: the architecture (or its ``config()`` dict, as stored in checkpoints).
-        tasks: the tasks to train; defaults to ``model.tasks``. Every task must be
-            an output of the model; labels in the batch are keyed by task name.
+        tasks: the tasks to train; defaults to ``model.tasks`` (less the DR
+            imputation output). Every task must be an output of the model
+            (``model.output_names``); labels in the batch are keyed by task name.
+            Outputs that are not tasks get no loss of their own.
         lr, weight_decay: optimizer settings.
         optimizer: a ``torch.optim`` class name (case-insensitive), default ``adam``.
         optimizer_kwargs: extra keyword arguments for the optimizer.
@@ -60,6 +81,8 @@ class MultiTaskLightningModule(L.LightningModule):
             ``"epoch"`` or ``"step"``.
         ignore_label: label value left out of losses and metrics (NaN always is).
         weighting: a strategy name (``"static"``), config dict or object.
+        counterfactual: a ``CounterfactualCVR`` (or its config dict) to train the
+            conversion task with the IPS or DR loss (see the module docstring).
     """
 
     def __init__(
@@ -75,6 +98,7 @@ class MultiTaskLightningModule(L.LightningModule):
         lr_scheduler_interval: str = "epoch",
         ignore_label: float | None = -1,
         weighting: str | dict[str, Any] | WeightingStrategy = "static",
+        counterfactual: CounterfactualCVR | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(model, dict):
@@ -82,17 +106,22 @@ class MultiTaskLightningModule(L.LightningModule):
         if not isinstance(model, MultiTaskArchitecture):
             raise TypeError(f"model must be a MultiTaskArchitecture, got {type(model).__name__}")
         self.model = model
+        self.counterfactual = CounterfactualCVR.from_config(counterfactual) if counterfactual is not None else None
+        if tasks is None and self.counterfactual is not None and self.counterfactual.mode == "dr":
+            tasks = [t for t in model.tasks if t.name != self.counterfactual.imputation_output]
         self.tasks = check_tasks(tasks if tasks is not None else model.tasks)
-        missing = [t.name for t in self.tasks if t.name not in model.task_names]
+        missing = [t.name for t in self.tasks if t.name not in model.output_names]
         if missing:
-            raise ValueError(f"tasks {missing} are not outputs of {type(model).__name__} (outputs: {model.task_names})")
+            raise ValueError(f"tasks {missing} are not outputs of {type(model).__name__} (outputs: {model.output_names})")
+        if self.counterfactual is not None:
+            self._check_counterfactual()
         _optimizer_class(optimizer)
         if lr_scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"lr_scheduler_interval must be 'epoch' or 'step', got {lr_scheduler_interval!r}")
         self.weighting = create_weighting(weighting)
         self.weighting.setup(self.tasks, self.model)
 
-        self.save_hyperparameters(ignore=["model", "weighting", "tasks"])
+        self.save_hyperparameters(ignore=["model", "weighting", "tasks", "counterfactual"])
         # Plain-data versions, so checkpoints load with weights_only=True and
         # load_from_checkpoint(path) rebuilds everything without extra arguments.
         try:
@@ -101,6 +130,7 @@ class MultiTaskLightningModule(L.LightningModule):
             pass  # an argument that is not plain data: load_from_checkpoint then needs model=...
         self.hparams["tasks"] = [t.to_config() for t in self.tasks] if tasks is not None else None
         self.hparams["weighting"] = weighting if isinstance(weighting, str) else self.weighting.config()
+        self.hparams["counterfactual"] = self.counterfactual.to_config() if self.counterfactual is not None else None
 
         self.val_metrics = task_metrics(self.tasks)
         self.test_metrics = task_metrics(self.tasks)
@@ -118,11 +148,43 @@ class MultiTaskLightningModule(L.LightningModule):
             raise ValueError(f"the batch has no label for task {task.name!r}; it has {sorted(labels)}") from None
 
     def compute_losses(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Unweighted masked loss per task (see the module docstring)."""
-        return {
+        """Unweighted loss per task: masked, or the counterfactual L_CVR for the conversion task."""
+        losses = {
             t.name: masked_loss(outputs[t.name], self._labels(labels, t), t.kind, self.hparams.ignore_label)
             for t in self.tasks
+            if self.counterfactual is None or t.name != self.counterfactual.conversion_task
         }
+        if self.counterfactual is not None:
+            losses[self.counterfactual.conversion_task] = self.counterfactual.cvr_loss(
+                outputs, labels, self.hparams.ignore_label)
+        return losses
+
+    def imputation_loss(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> Tensor | None:
+        """The DR imputation output's weighted loss, or ``None`` (no counterfactual, or IPS)."""
+        if self.counterfactual is None:
+            return None
+        return self.counterfactual.imputation_loss(outputs, labels, self.hparams.ignore_label)
+
+    def _check_counterfactual(self) -> None:
+        cf = self.counterfactual
+        by_name = {t.name: t for t in self.tasks}
+        for role, name in (("click_task", cf.click_task), ("conversion_task", cf.conversion_task)):
+            if name not in by_name:
+                raise ValueError(f"counterfactual {role}={name!r} is not one of the trained tasks {list(by_name)}")
+            if by_name[name].kind != "binary":
+                raise ValueError(f"counterfactual {role}={name!r} must be a binary task, it is {by_name[name].kind}")
+        if cf.mode == "dr":
+            if cf.imputation_output not in self.model.output_names:
+                raise ValueError(
+                    f"counterfactual mode 'dr' reads the imputation output {cf.imputation_output!r}, which "
+                    f"{type(self.model).__name__} does not return (outputs: {self.model.output_names}); use ESCM, or "
+                    "give the architecture a regression task of that name"
+                )
+            if cf.imputation_output in by_name:
+                raise ValueError(
+                    f"{cf.imputation_output!r} is DR's imputation output, trained by the imputation loss; "
+                    "leave it out of the module's tasks"
+                )
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
@@ -136,6 +198,10 @@ class MultiTaskLightningModule(L.LightningModule):
         if aux is not None:
             total = total + aux
             logged["train/aux_loss"] = aux.detach()
+        imputation = self.imputation_loss(outputs, batch["labels"])
+        if imputation is not None:
+            total = total + imputation
+            logged["train/imputation_loss"] = imputation.detach()
         logged["train/loss"] = total.detach()
         self.log_dict(logged, on_step=True, on_epoch=False, batch_size=batch_size)
         return total
@@ -178,11 +244,13 @@ class MultiTaskLightningModule(L.LightningModule):
         self._log_metrics("test", self.test_metrics, self.test_gauc)
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        """Per-task probabilities (binary) or values (regression), plus ``row_id`` when the batch has one."""
+        """Probabilities (binary) or values (regression) of every task and extra output, plus ``row_id``."""
         outputs = self.model(batch["features"])
+        kinds = {t.name: t.kind for t in self.tasks}
+        kinds.update({name: kind for name, kind in self.model.extra_outputs().items() if name not in kinds})
         predictions = {
-            t.name: torch.sigmoid(outputs[t.name].float()) if t.kind == "binary" else outputs[t.name].float()
-            for t in self.tasks
+            name: torch.sigmoid(outputs[name].float()) if kind == "binary" else outputs[name].float()
+            for name, kind in kinds.items()
         }
         if "row_id" in batch:
             predictions["row_id"] = batch["row_id"]

@@ -20,6 +20,15 @@ SMALL = {
     "shared_bottom": dict(bottom_hidden=(16,), tower_hidden=(8,)),
     "mmoe": dict(num_experts=3, expert_hidden=(16,), tower_hidden=(8,)),
     "ple": dict(num_levels=2, expert_hidden=(16,), tower_hidden=(8,)),
+    "esmm": dict(bottom_hidden=(16,), tower_hidden=(8,)),
+    "escm": dict(bottom_hidden=(16,), tower_hidden=(8,)),
+    "aitm": dict(bottom_hidden=(16,), tower_hidden=(8,)),
+}
+# Architectures whose tasks are fixed by their structure (CVR funnels: binary steps only).
+TASKS_FOR = {
+    "esmm": [Task("ctr", label="click"), Task("ctcvr", label="purchase")],
+    "escm": [Task("ctr", label="click"), Task("cvr", label="conversion"), Task("ctcvr", label="purchase")],
+    "aitm": [Task("click"), Task("purchase"), Task("repurchase")],
 }
 
 
@@ -39,11 +48,12 @@ def feature_batch(batch_size: int = 64, seed: int = 0) -> dict[str, torch.Tensor
 @pytest.mark.parametrize("name", registry.names())
 def test_every_architecture_forward_and_backward(name):
     torch.manual_seed(0)
-    model = registry.create(name, features=FEATURES, tasks=TASKS, **SMALL.get(name, {}))
+    model = registry.create(name, features=FEATURES, tasks=TASKS_FOR.get(name, TASKS), **SMALL.get(name, {}))
     assert isinstance(model, MultiTaskArchitecture)
     x = feature_batch(64)
     outputs = model(x)
     assert set(outputs) >= {t.name for t in model.tasks}
+    assert set(outputs) == set(model.output_names)  # extra outputs are declared
     for task in model.tasks:
         assert outputs[task.name].shape == (64,), task.name
         assert torch.isfinite(outputs[task.name]).all(), task.name
@@ -70,7 +80,7 @@ def test_every_architecture_forward_and_backward(name):
 @pytest.mark.parametrize("name", registry.names())
 def test_every_architecture_rebuilds_from_its_config(name):
     torch.manual_seed(0)
-    model = registry.create(name, features=FEATURES, tasks=TASKS, **SMALL.get(name, {}))
+    model = registry.create(name, features=FEATURES, tasks=TASKS_FOR.get(name, TASKS), **SMALL.get(name, {}))
     from mtl_lightning.config import build
 
     clone = build(model.config())

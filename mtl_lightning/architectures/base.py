@@ -2,7 +2,10 @@
 
 An architecture is a plain ``nn.Module``: ``forward(features) -> {task: logits}``
 with one ``(B,)`` tensor per task (binary tasks give logits, regression tasks
-values). It declares which parameters all tasks share (``shared_parameters``)
+values). It may return further outputs that are not trained as tasks, declared
+by ``extra_outputs()`` (ESMM's ``cvr``, which only the ``ctcvr`` product
+supervises; ESCM's imputation tower); ``output_names`` lists everything
+``forward`` returns, tasks first. It declares which parameters all tasks share (``shared_parameters``)
 and which layer is the last shared one (``last_shared_parameters``, GradNorm's
 ``W``), and may add its own training signal through ``auxiliary_loss``.
 """
@@ -34,9 +37,23 @@ class MultiTaskArchitecture(Configurable, nn.Module, metaclass=ABCMeta):
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
 
+    def extra_outputs(self) -> dict[str, str]:
+        """Outputs of ``forward`` beyond the tasks, ``{name: kind}`` (``binary`` logits or ``regression`` values).
+
+        They get no task loss of their own; the training module predicts them
+        (``predict_step``) and a loss may read them (the DR imputation output).
+        The default is none.
+        """
+        return {}
+
+    @property
+    def output_names(self) -> list[str]:
+        """Every key ``forward`` returns: the task names, then ``extra_outputs()``."""
+        return self.task_names + [name for name in self.extra_outputs() if name not in self.task_names]
+
     @abstractmethod
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Per-task logits (binary) or values (regression), each ``(B,)``."""
+        """One ``(B,)`` tensor per name in ``output_names``: logits (binary) or values (regression)."""
 
     @abstractmethod
     def shared_parameters(self) -> list[nn.Parameter]:

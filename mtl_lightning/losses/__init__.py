@@ -1,5 +1,9 @@
 """Loss functions, kept outside the models."""
 
+from .counterfactual import CounterfactualCVR, dr_cvr_loss, dr_imputation_loss, ips_cvr_loss, propensity
 from .masked import elementwise_loss, masked_loss, masked_mean, valid_mask
 
-__all__ = ["elementwise_loss", "masked_loss", "masked_mean", "valid_mask"]
+__all__ = [
+    "elementwise_loss", "masked_loss", "masked_mean", "valid_mask",
+    "CounterfactualCVR", "ips_cvr_loss", "dr_cvr_loss", "dr_imputation_loss", "propensity",
+]

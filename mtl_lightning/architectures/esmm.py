@@ -1,0 +1,112 @@
+"""Entire Space Multi-task Model (ESMM).
+
+Ma, X., Zhao, L., Huang, G., Wang, Z., Hu, Z., Zhu, X., Gai, K. "Entire Space
+Multi-Task Model: An Effective Approach for Estimating Post-Click Conversion
+Rate." SIGIR 2018.
+
+A CTR tower and a CVR tower read the same embedding (optionally through a
+shared bottom MLP; the paper shares only the embedding tables). Over every
+impression, pCTR = sigma(a) and pCTCVR = pCTR * pCVR = sigma(a) * sigma(b),
+where a and b are the two towers' logits. The model is trained on the click
+label and the click-and-conversion label of every impression, so the CVR tower
+is learnt over the entire space, supervised only through the product.
+
+Outputs (keyed by the names given in ``click_task``, ``conversion_task``,
+``ctcvr_task``; default ``ctr``, ``cvr``, ``ctcvr``), all logits:
+
+* ``ctr``  = a;
+* ``cvr``  = b;
+* ``ctcvr`` = logit(sigma(a) * sigma(b)), computed in log space. With
+  p = sigma(a) sigma(b) = 1 / ((1 + e^-a)(1 + e^-b)),
+  p / (1 - p) = 1 / (e^-a + e^-b + e^-(a+b)), so
+  ``ctcvr = -logsumexp(-a, -b, -a-b)`` (= logsigmoid(a) + logsigmoid(b)
+  - log(1 - sigma(a) sigma(b)) without the cancellation): exact and finite for
+  any finite a, b, so no loss ever sees a probability of exactly 0 or 1.
+
+Tasks and labels: ``tasks`` is any non-empty subset of the three outputs, all
+binary. The paper's model is ``tasks=[Task("ctr", label="click"),
+Task("ctcvr", label="purchase")]`` (both labels over every impression); ``cvr``
+is then an extra output (``extra_outputs()``), predicted but given no loss of
+its own. Listing ``Task("cvr", label="conversion")`` too adds the click-space
+CVR loss (conversion label on clicked rows, the ignore label elsewhere), or,
+with the module's ``counterfactual=`` option, the ESCM² IPS/DR loss.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..features import Feature
+from ..layers import MLP, FeatureEmbedding
+from ..registry import register
+from ..tasks import Task
+from .base import MultiTaskArchitecture, parameters_of, squeeze_logit
+
+
+def product_logit(a: Tensor, b: Tensor) -> Tensor:
+    """``logit(sigmoid(a) * sigmoid(b)) = -logsumexp(-a, -b, -a-b)``, exact and finite for finite logits."""
+    return -torch.logsumexp(torch.stack([-a, -b, -(a + b)]), dim=0)
+
+
+@register("esmm")
+class ESMM(MultiTaskArchitecture):
+    """embedding -> [shared bottom] -> CTR tower and CVR tower; ctcvr is the product of their probabilities."""
+
+    def __init__(
+        self,
+        features: Sequence[Feature | dict],
+        tasks: Sequence[Task | dict],
+        tower_hidden: Sequence[int] = (128, 64),
+        bottom_hidden: Sequence[int] = (),
+        activation: str = "relu",
+        dropout: float = 0.0,
+        click_task: str = "ctr",
+        conversion_task: str = "cvr",
+        ctcvr_task: str = "ctcvr",
+    ) -> None:
+        super().__init__(features, tasks)
+        names = (click_task, conversion_task, ctcvr_task)
+        if len(set(names)) != 3:
+            raise ValueError(f"{type(self).__name__}: click_task, conversion_task and ctcvr_task must differ, got {names}")
+        self.click_task, self.conversion_task, self.ctcvr_task = names
+        unknown = [t.name for t in self.tasks if t.name not in names]
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__}: tasks {unknown} are not outputs of the model; its outputs are "
+                f"{list(names)} (rename them with click_task=, conversion_task=, ctcvr_task=)"
+            )
+        regression = [t.name for t in self.tasks if t.kind != "binary"]
+        if regression:
+            raise ValueError(f"{type(self).__name__}: every task is a probability, so binary; got regression {regression}")
+        self.embedding = FeatureEmbedding(self.features)
+        self.bottom = MLP(self.embedding.output_dim, bottom_hidden, activation=activation, dropout=dropout)
+        self.towers = self._towers(self.bottom.output_dim, tower_hidden, activation, dropout,
+                                   names=(click_task, conversion_task))
+
+    def extra_outputs(self) -> dict[str, str]:
+        names = (self.click_task, self.conversion_task, self.ctcvr_task)
+        return {name: "binary" for name in names if name not in self.task_names}
+
+    def heads(self, shared: Tensor) -> dict[str, Tensor]:
+        """ctr, cvr and ctcvr logits from the shared representation ``(B, H)``."""
+        ctr = squeeze_logit(self.towers[self.click_task](shared))  # (B,)
+        cvr = squeeze_logit(self.towers[self.conversion_task](shared))  # (B,)
+        return {self.click_task: ctr, self.conversion_task: cvr, self.ctcvr_task: product_logit(ctr, cvr)}
+
+    def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return self.heads(self.bottom(self.embedding(features)))  # bottom: (B, H)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return parameters_of(self.embedding, self.bottom)
+
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        """The shared bottom's last linear layer; ESMM as in the paper (no bottom) shares only embedding tables."""
+        if len(self.bottom) == 0:
+            raise ValueError(
+                f"{type(self).__name__} without a shared bottom shares only embedding tables, so it has no last "
+                "shared layer for GradNorm; construct it with bottom_hidden=(...) to add one"
+            )
+        return parameters_of(self.bottom.last_linear())
