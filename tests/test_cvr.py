@@ -357,6 +357,10 @@ def test_implied_labels_reject_purchases_without_clicks(tmp_path):
         ParquetDataModule(train=[tmp_path / "good.parquet", tmp_path / "bad.parquet"], tasks=tasks,
                           implied_labels=implied).setup("fit")
     assert str(tmp_path / "bad.parquet") in str(error.value)
+    streamed = ParquetDataModule(train=tmp_path / "bad.parquet", tasks=tasks, features=ok.features, streaming=True,
+                                 implied_labels=implied)
+    with pytest.raises(ValueError, match=r"2 rows have 'purchase' > 0 where 'click' is 0"):
+        list(streamed.dataset("train"))
     with pytest.raises(ValueError, match="missing label column 'clicked'"):
         ParquetDataModule(train=tmp_path / "good.parquet", tasks=tasks, features=ok.features,
                           implied_labels={"purchase": "clicked"}).setup("fit")
