@@ -43,13 +43,8 @@ from torch import Tensor, nn
 
 from .architectures.base import MultiTaskArchitecture
 from .config import build
-<<<<<<< HEAD
-from .losses import masked_loss, valid_mask
-from .metrics import flatten_metrics, group_auc_metrics, task_metrics
-=======
 from .losses import CounterfactualCVR, masked_loss, valid_mask
-from .metrics import flatten_metrics, task_metrics
->>>>>>> b40828e (Entire-space CVR: ESMM, ESCM, AITM, ESCM² IPS/DR counterfactual losses in the module, implied-label check, selection-bias option)
+from .metrics import flatten_metrics, group_auc_metrics, task_metrics
 from .tasks import Task, check_tasks
 from .weighting import WeightingStrategy, create_weighting
 
