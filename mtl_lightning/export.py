@@ -1,7 +1,8 @@
 """Export a trained architecture for serving: ONNX and TorchScript.
 
 Both exports compute the same thing as ``MultiTaskLightningModule.predict_step``:
-one output per task, the probability (``sigmoid`` of the logit) for binary
+one output per task (and per extra output of the architecture, such as
+ESMM's ``cvr``), the probability (``sigmoid`` of the logit) for binary
 tasks and the value for regression tasks, in evaluation mode.
 
 * :func:`export_onnx` writes an ONNX graph whose inputs are the feature
@@ -70,7 +71,9 @@ class ServingModel(nn.Module):
         super().__init__()
         self.model = _architecture(model)
         self.feature_names = [f.name for f in self.model.features]
-        self.binary = {t.name: t.kind == "binary" for t in self.model.tasks}
+        kinds = {t.name: t.kind for t in self.model.tasks}
+        kinds.update({n: k for n, k in self.model.extra_outputs().items() if n not in kinds})  # e.g. ESMM's cvr
+        self.binary = {name: kind == "binary" for name, kind in kinds.items()}
 
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         outputs = self.model(features)

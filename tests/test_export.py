@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from datamodules.synthetic import synthetic_features, synthetic_tasks
-from mtl_lightning import MultiTaskLightningModule, registry
+from mtl_lightning import MultiTaskLightningModule, Task, registry
 from mtl_lightning.export import ServingModel, example_features, export_onnx, export_torchscript, main
 
 
@@ -22,32 +22,47 @@ def _spread(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
+# CVR-funnel architectures take binary steps only; ESMM/ESCM add outputs beyond their tasks (purchase, imputation)
+FUNNEL = {
+    "esmm": dict(tasks=[Task("click"), Task("conversion")], click_task="click", conversion_task="conversion",
+                 ctcvr_task="purchase"),
+    "escm": dict(tasks=[Task("click"), Task("conversion")], click_task="click", conversion_task="conversion",
+                 ctcvr_task="purchase"),
+    "aitm": dict(tasks=[Task("click"), Task("conversion")]),
+}
+
+
 @pytest.mark.parametrize("name", registry.names())
 def test_onnx_and_torchscript_match_pytorch(name, tmp_path):
-    model = _spread(registry.create(name, features=synthetic_features(embedding_dim=8), tasks=synthetic_tasks()))
+    arguments = FUNNEL.get(name, dict(tasks=synthetic_tasks()))
+    model = _spread(registry.create(name, features=synthetic_features(embedding_dim=8), **arguments))
     onnx_path = export_onnx(model, tmp_path / f"{name}.onnx")  # traced on the default 4-row example
     script_path = export_torchscript(model, tmp_path / f"{name}.pt")
     batch = example_features(model.features, batch_size=37, seed=11)  # another batch size, other values
     with torch.no_grad():
         expected = ServingModel(model).eval()(batch)
         logits = model(batch)
-    assert torch.equal(expected["click"], torch.sigmoid(logits["click"]))  # binary: probabilities
-    assert torch.equal(expected["dwell"], logits["dwell"])  # regression: values
+    kinds = {**model.extra_outputs(), **{t.name: t.kind for t in model.tasks}}
+    assert list(expected) == model.output_names  # every task, then every extra output
+    for output, kind in kinds.items():  # binary: probabilities; regression: values
+        assert torch.equal(expected[output], torch.sigmoid(logits[output]) if kind == "binary" else logits[output])
+    if name not in FUNNEL:
+        assert kinds["dwell"] == "regression"
     assert expected["click"].std() > 1e-3 and ((expected["click"] > 0.001) & (expected["click"] < 0.999)).all()
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    assert [o.name for o in session.get_outputs()] == ["click", "conversion", "dwell"]
+    assert [o.name for o in session.get_outputs()] == model.output_names
     assert [i.name for i in session.get_inputs()] == [f.name for f in model.features]
     outputs = session.run(None, {k: v.numpy() for k, v in batch.items()})
-    for task, value in zip(["click", "conversion", "dwell"], outputs):
+    for output, value in zip(model.output_names, outputs):
         assert value.shape == (37,)
-        np.testing.assert_allclose(value, expected[task].numpy(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(value, expected[output].numpy(), rtol=0, atol=1e-5)
 
     scripted = torch.jit.load(str(script_path))
     with torch.no_grad():
         traced = scripted(batch)
-    for task in expected:
-        torch.testing.assert_close(traced[task], expected[task], rtol=0, atol=1e-5)
+    for output in expected:
+        torch.testing.assert_close(traced[output], expected[output], rtol=0, atol=1e-5)
 
 
 def test_onnx_batch_dimension_is_dynamic_and_module_exports(tmp_path, synthetic_paths):
