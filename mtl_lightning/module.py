@@ -75,7 +75,12 @@ class MultiTaskLightningModule(L.LightningModule):
         lr_scheduler_kwargs: its keyword arguments; ``lr_scheduler_interval`` is
             ``"epoch"`` or ``"step"``.
         ignore_label: label value left out of losses and metrics (NaN always is).
-        weighting: a strategy name (``"static"``), config dict or object.
+        weighting: a strategy name (``"static"``, ``"gradnorm"``, ``"pcgrad"`` ... see
+            ``mtl_lightning.weighting.STRATEGIES``), config dict or object. Every
+            strategy works under Lightning's automatic optimization (gradient
+            strategies return a surrogate loss, see ``weighting/base.py``), so the
+            Trainer's ``precision``, ``gradient_clip_val``, ``accumulate_grad_batches``,
+            DDP and schedulers apply unchanged.
         counterfactual: a ``CounterfactualCVR`` (or its config dict) to train the
             conversion task with the IPS or DR loss (see the module docstring).
     """
@@ -201,6 +206,12 @@ class MultiTaskLightningModule(L.LightningModule):
         self.log_dict(logged, on_step=True, on_epoch=False, batch_size=batch_size)
         return total
 
+    def on_train_epoch_start(self) -> None:
+        self.weighting.begin_epoch(self.current_epoch)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.weighting.before_optimizer_step()
+
     # -------------------------------------------------------------- evaluation
     def _update_metrics(self, metrics: nn.Module, batch: Batch, gauc: nn.ModuleDict | None = None) -> None:
         outputs = self.model(batch["features"])
@@ -252,10 +263,15 @@ class MultiTaskLightningModule(L.LightningModule):
         return predictions
 
     # --------------------------------------------------------------- optimizer
+    def optimized_parameters(self) -> list[nn.Parameter]:
+        """Every parameter except those the weighting strategy updates itself (GradNorm's weights)."""
+        private = {id(p) for p in self.weighting.private_parameters()}
+        return [p for p in self.parameters() if id(p) not in private]
+
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         optimizer = _optimizer_class(hp.optimizer)(
-            self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, **(hp.optimizer_kwargs or {})
+            self.optimized_parameters(), lr=hp.lr, weight_decay=hp.weight_decay, **(hp.optimizer_kwargs or {})
         )
         if hp.lr_scheduler is None:
             return optimizer

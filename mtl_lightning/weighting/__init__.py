@@ -1,25 +1,63 @@
-"""Loss-weighting strategies, chosen by name or passed as objects."""
+"""Loss-weighting strategies, chosen by name or passed as objects.
+
+``create_weighting("gradnorm")``, ``create_weighting({"name": "gradnorm", "alpha": 1.5})``,
+``create_weighting({"class_path": "mtl_lightning.weighting.GradNorm", "init_args": {...}})``
+or ``create_weighting(GradNorm(alpha=1.5))``. See ``base.py`` for the interface.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from ..config import build
-from .base import WeightingStrategy
+from .base import GradientStrategy, WeightingStrategy, distributed_mean
+from .dbmtl import DBMTL
+from .dwa import DWA
+from .gradnorm import GradNorm
+from .pcgrad import PCGrad
+from .rlw import RLW
+from .scheduled import Scheduled
 from .static import Static
+from .uncertainty import Uncertainty
 
-STRATEGIES: dict[str, type[WeightingStrategy]] = {"static": Static}
+STRATEGIES: dict[str, type[WeightingStrategy]] = {
+    "static": Static,
+    "gradnorm": GradNorm,
+    "uncertainty": Uncertainty,
+    "dwa": DWA,
+    "rlw": RLW,
+    "pcgrad": PCGrad,
+    "scheduled": Scheduled,
+    "dbmtl": DBMTL,
+}
 
 
 def create_weighting(spec: str | dict[str, Any] | WeightingStrategy) -> WeightingStrategy:
-    """A strategy from its name (``"static"``), its config dict, or the object itself."""
+    """A strategy from its name, a ``{"name": ..., **kwargs}`` or ``class_path`` dict, or the object itself."""
     if isinstance(spec, WeightingStrategy):
         return spec
     if isinstance(spec, dict):
-        return build(spec)
-    if spec not in STRATEGIES:
-        raise ValueError(f"unknown weighting {spec!r}; choose from {sorted(STRATEGIES)}")
-    return STRATEGIES[spec]()
+        if "class_path" in spec:
+            strategy = build(spec)
+            if not isinstance(strategy, WeightingStrategy):
+                raise TypeError(f"weighting {spec['class_path']!r} is not a WeightingStrategy")
+            return strategy
+        if "name" not in spec:
+            raise ValueError(f"a weighting dict needs 'name' (one of {sorted(STRATEGIES)}) or 'class_path'; got {spec}")
+        kwargs = {k: v for k, v in spec.items() if k != "name"}
+        return _strategy_class(spec["name"])(**kwargs)
+    if not isinstance(spec, str):
+        raise TypeError(f"weighting must be a name, a dict or a WeightingStrategy, got {type(spec).__name__}")
+    return _strategy_class(spec)()
 
 
-__all__ = ["WeightingStrategy", "Static", "STRATEGIES", "create_weighting"]
+def _strategy_class(name: str) -> type[WeightingStrategy]:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown weighting {name!r}; choose from {sorted(STRATEGIES)}")
+    return STRATEGIES[name]
+
+
+__all__ = [
+    "WeightingStrategy", "GradientStrategy", "distributed_mean", "STRATEGIES", "create_weighting",
+    "Static", "GradNorm", "Uncertainty", "DWA", "RLW", "PCGrad", "Scheduled", "DBMTL",
+]

@@ -1,9 +1,33 @@
-"""The interface every loss-weighting strategy implements.
+"""The interface every loss-weighting strategy implements, and the machinery they share.
 
-A strategy is an ``nn.Module`` (its state is checkpointed with the Lightning
-module). It receives the unweighted per-task losses as one ``(T,)`` tensor in
-task order and returns the total loss to back-propagate; ``last_weights``
-holds the per-task weights it applied (logged as ``train/<task>/weight``).
+A strategy is an ``nn.Module`` (its state, learned or counted, is checkpointed
+with the Lightning module and restored on resume). The training module calls:
+
+* ``setup(tasks, model)`` once, from its constructor;
+* ``forward(losses)`` every training step, with the unweighted per-task losses
+  as one ``(T,)`` tensor in task order; it returns the loss to back-propagate
+  and sets ``last_weights`` (logged as ``train/<task>/weight``);
+* ``begin_epoch(epoch)`` at the start of every training epoch;
+* ``before_optimizer_step()`` once per optimizer step, when the gradients are
+  complete (accumulated over ``accumulate_grad_batches`` and synchronised across
+  DDP ranks) and before the model's optimizer steps.
+
+How gradient strategies fit Lightning's automatic optimization.
+Strategies that act on per-task gradients (PCGrad, DB-MTL) or on gradient norms
+(GradNorm) compute what they need inside ``forward`` with
+``torch.autograd.grad`` and return a *surrogate* loss: a tensor whose value is
+the weighted task loss and whose gradient is exactly the gradient the strategy
+wants. Lightning then back-propagates it like any loss, so every Trainer flag
+keeps its usual meaning: ``precision`` (autocast), ``gradient_clip_val`` (applied
+to the combined gradient), ``accumulate_grad_batches`` (the strategy acts on
+each micro-batch and the micro-batch gradients are averaged), DDP (the surrogate
+gradient is averaged across ranks like any other), learning-rate schedulers and
+exact resume of the optimizer and loops. (Lightning's manual optimization would
+not allow this: it rejects ``gradient_clip_val`` and ``accumulate_grad_batches``.)
+
+Under DDP every quantity a strategy's *decision* depends on (losses, per-task
+gradients) is first averaged across ranks (:func:`distributed_mean`), so all
+ranks take the same decision and hold identical state.
 """
 
 from __future__ import annotations
@@ -12,24 +36,137 @@ from abc import ABCMeta, abstractmethod
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..config import Configurable
 from ..tasks import Task
 
 
+def distributed_mean(value: Tensor) -> Tensor:
+    """The mean of ``value`` over all DDP ranks (``value`` itself outside DDP); never differentiable."""
+    value = value.detach()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return value
+
+
+def gradient_surrogate(parameters: Sequence[nn.Parameter], gradients: Sequence[Tensor]) -> Tensor:
+    """``sum_p <p, g_p> - sum_p <p, g_p>.detach()``: value 0, gradient ``g_p`` for every ``p``."""
+    inner = sum((p * g.to(p.dtype)).sum() for p, g in zip(parameters, gradients))
+    return inner - inner.detach()  # type: ignore[union-attr]
+
+
 class WeightingStrategy(Configurable, nn.Module, metaclass=ABCMeta):
-    """Base class: ``forward(losses (T,)) -> total loss``; ``setup`` is called once with the tasks and model."""
+    """Base class: ``forward(losses (T,)) -> loss to back-propagate``; see the module docstring for the hooks."""
 
     def __init__(self) -> None:
         nn.Module.__init__(self)
         self.task_names: list[str] = []
+        self.tasks: tuple[Task, ...] = ()
         self.register_buffer("last_weights", torch.zeros(0), persistent=False)
 
     def setup(self, tasks: Sequence[Task], model: nn.Module) -> None:
         """Bind the strategy to the tasks (and the architecture, for gradient-based strategies)."""
+        self.tasks = tuple(tasks)
         self.task_names = [t.name for t in tasks]
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
 
     @abstractmethod
     def forward(self, losses: Tensor) -> Tensor:
-        """Total loss from the ``(T,)`` per-task losses; sets ``self.last_weights``."""
+        """The loss to back-propagate from the ``(T,)`` per-task losses; sets ``self.last_weights``."""
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Called at the start of every training epoch with its index (0-based)."""
+
+    def before_optimizer_step(self) -> None:
+        """Called once per optimizer step, after the gradients are complete, before the model's step."""
+
+    def private_parameters(self) -> list[nn.Parameter]:
+        """Parameters this strategy updates itself; the model's optimizer must leave them alone."""
+        return []
+
+    def _check_losses(self, losses: Tensor) -> None:
+        if losses.dim() != 1 or losses.numel() != self.num_tasks:
+            raise ValueError(
+                f"{type(self).__name__} expects one loss per task ({self.num_tasks}: {self.task_names}), "
+                f"got a tensor of shape {tuple(losses.shape)}; was setup(tasks, model) called?"
+            )
+
+    def _weighted_sum(self, weights: Tensor, losses: Tensor) -> Tensor:
+        weights = weights.detach().to(losses.dtype)
+        self.last_weights = weights
+        return (weights * losses).sum()
+
+    def _task_weights(self) -> Tensor:
+        return torch.tensor([float(t.weight) for t in self.tasks])
+
+
+def _requires_backward(losses: Tensor) -> bool:
+    return torch.is_grad_enabled() and losses.requires_grad
+
+
+class GradientStrategy(WeightingStrategy):
+    """A strategy that combines per-task gradients of the architecture's ``shared_parameters()``.
+
+    Every step: per-task objectives ``o_i`` (``objectives(losses)``), their
+    gradients ``g_i`` with respect to the shared parameters (flattened, ``(T, P)``,
+    averaged across DDP ranks), one combined gradient ``combine(G) -> (P,)``
+    for the shared parameters; every other parameter gets the gradient of
+    ``sum_i o_i`` (each tower sees only its own task). Costs ``T`` backward
+    passes (one per task) instead of one.
+    """
+
+    def setup(self, tasks: Sequence[Task], model: nn.Module) -> None:
+        super().setup(tasks, model)
+        shared = [p for p in model.shared_parameters() if p.requires_grad]  # type: ignore[operator]
+        if not shared:
+            raise ValueError(f"{type(self).__name__} needs shared parameters; "
+                             f"{type(model).__name__}.shared_parameters() returned none")
+        shared_ids = {id(p) for p in shared}
+        self._shared = shared
+        self._specific = [p for p in model.parameters() if p.requires_grad and id(p) not in shared_ids]
+        self.num_shared = sum(p.numel() for p in shared)
+
+    def objectives(self, losses: Tensor) -> Tensor:
+        """Per-task objectives whose gradients are combined (default ``Task.weight * L``)."""
+        weights = self._task_weights().to(losses)
+        self.last_weights = weights
+        return weights * losses
+
+    @abstractmethod
+    def combine(self, gradients: Tensor) -> Tensor:
+        """The shared parameters' update direction ``(P,)`` from the per-task gradients ``(T, P)``."""
+
+    def forward(self, losses: Tensor) -> Tensor:
+        self._check_losses(losses)
+        objectives = self.objectives(losses)
+        value = objectives.sum()
+        if not _requires_backward(losses):
+            return value
+        parameters = self._shared + self._specific
+        shared_rows, specific_sum = [], [torch.zeros_like(p) for p in self._specific]
+        for i in range(self.num_tasks):
+            grads = torch.autograd.grad(objectives[i], parameters, retain_graph=True, allow_unused=True)
+            shared_rows.append(torch.cat([_dense(g, p).reshape(-1).float() for g, p in zip(grads, self._shared)]))
+            for total, g in zip(specific_sum, grads[len(self._shared):]):
+                if g is not None:
+                    total += _dense(g, total)
+        combined = self.combine(distributed_mean(torch.stack(shared_rows)))  # (P,)
+        shared_grads = torch.split(combined, [p.numel() for p in self._shared])
+        shared_grads = [g.view_as(p) for g, p in zip(shared_grads, self._shared)]
+        return value.detach() + gradient_surrogate(parameters, [*shared_grads, *specific_sum])
+
+
+def _dense(gradient: Tensor | None, like: Tensor) -> Tensor:
+    if gradient is None:
+        return torch.zeros_like(like)
+    return gradient.to_dense() if gradient.is_sparse else gradient
+
+
+__all__ = ["WeightingStrategy", "GradientStrategy", "distributed_mean", "gradient_surrogate"]

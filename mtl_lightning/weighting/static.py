@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from ..tasks import Task
@@ -16,9 +15,8 @@ class Static(WeightingStrategy):
 
     def setup(self, tasks: Sequence[Task], model: nn.Module) -> None:
         super().setup(tasks, model)
-        self.register_buffer("weights", torch.tensor([float(t.weight) for t in tasks]), persistent=False)
+        self.register_buffer("weights", self._task_weights(), persistent=False)
 
     def forward(self, losses: Tensor) -> Tensor:
-        weights = self.weights.to(losses.dtype)
-        self.last_weights = weights
-        return (weights * losses).sum()
+        self._check_losses(losses)
+        return self._weighted_sum(self.weights, losses)

@@ -1,0 +1,320 @@
+"""Weighting strategies as plain modules: formulas against hand-computed numbers, gradients, state."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mtl_lightning import Task
+from mtl_lightning.weighting import (
+    DBMTL, DWA, RLW, STRATEGIES, GradNorm, PCGrad, Scheduled, Static, Uncertainty, create_weighting,
+)
+from mtl_lightning.weighting.dwa import dwa_weights
+from mtl_lightning.weighting.pcgrad import project_conflicting
+
+
+class Toy(nn.Module):
+    """A shared layer ``W`` (the last and only shared layer) and one linear head per task."""
+
+    def __init__(self, num_tasks: int = 2, width: int = 8, hidden: int = 4) -> None:
+        super().__init__()
+        self.shared = nn.Linear(width, hidden)
+        self.heads = nn.ModuleList(nn.Linear(hidden, 1) for _ in range(num_tasks))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        h = torch.relu(self.shared(x))
+        return [head(h).squeeze(-1) for head in self.heads]
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return list(self.shared.parameters())
+
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        return list(self.shared.parameters())
+
+
+def tasks(n: int = 2, kinds: tuple[str, ...] | None = None) -> list[Task]:
+    kinds = kinds or ("regression",) * n
+    return [Task(f"t{i}", kind=k) for i, k in enumerate(kinds)]
+
+
+def flat_grad(parameters) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in parameters])
+
+
+# --------------------------------------------------------------------- GradNorm
+def test_gradnorm_balances_gradient_norms_of_a_loss_scaled_by_100():
+    torch.manual_seed(0)
+    model = Toy()
+    gradnorm = GradNorm(alpha=1.5, lr=0.01)
+    gradnorm.setup(tasks(2), model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.randn(256, 8)
+    y = [x[:, :4].sum(1) + torch.randn(256), x[:, 4:].sum(1) + torch.randn(256)]  # noisy: losses plateau
+    ratios = []
+    for _ in range(150):
+        outputs = model(x)
+        losses = torch.stack([((outputs[0] - y[0]) ** 2).mean(), 100 * ((outputs[1] - y[1]) ** 2).mean()])
+        optimizer.zero_grad()
+        gradnorm(losses).backward()
+        gradnorm.before_optimizer_step()
+        optimizer.step()
+        norms = gradnorm.last_grad_norms
+        ratios.append(float(norms[1] / norms[0]))
+        assert torch.isclose(gradnorm.weights.sum(), torch.tensor(2.0))  # always sums to T
+    assert 50 < ratios[0] < 200  # the scaled task dominates W's gradient at the start ...
+    assert max(ratios[-20:]) < 2  # ... and no longer at the end
+    assert gradnorm.weights[1] < 0.1 < 1.9 < gradnorm.weights[0]
+
+
+def _manual_gradnorm_step(w, adam, g1, g2, l_now, l0, alpha):
+    """One GradNorm update written out: G_i, r_i, the gradient of L_grad, Adam, renormalisation."""
+    n = torch.stack([g1.norm(), g2.norm()])
+    G = w.detach() * n
+    ratio = l_now / l0
+    r = ratio / ratio.mean()
+    target = G.mean() * r ** alpha
+    w.grad = torch.sign(G - target) * n  # d/dw_i sum_j |w_j n_j - target_j|
+    adam.step()
+    with torch.no_grad():
+        w.mul_(2 / w.sum())
+
+
+def test_gradnorm_update_equals_manual_computation():
+    W = nn.Parameter(torch.tensor([[1.0, -2.0], [0.5, 3.0]]))
+    model = nn.Module()
+    model.last_shared_parameters = lambda: [W]
+    gradnorm = GradNorm(alpha=1.5, lr=0.1)
+    gradnorm.setup(tasks(2), model)
+    w_manual = nn.Parameter(torch.ones(2))
+    adam = torch.optim.Adam([w_manual], lr=0.1)
+    l0 = None
+    for step, (c1, c2) in enumerate([(1.0, 1.0), (0.5, 2.0), (0.25, 3.0)]):
+        L1 = c1 * (W ** 2).sum()  # grad 2 c1 W
+        L2 = c2 * W.sum() ** 2 * 0.1  # grad 0.2 c2 sum(W)
+        losses = torch.stack([L1, L2])
+        weights_before = gradnorm.weights.detach().clone()
+        W.grad = None
+        total = gradnorm(losses)
+        torch.testing.assert_close(total, (weights_before * losses).sum())  # value: the weighted loss
+        total.backward()
+        g1, g2 = 2 * c1 * W.detach(), 0.2 * c2 * W.detach().sum() * torch.ones(2, 2)
+        torch.testing.assert_close(W.grad, weights_before[0] * g1 + weights_before[1] * g2)  # model: w fixed
+        gradnorm.before_optimizer_step()
+        l_now = losses.detach()
+        l0 = l_now if l0 is None else l0
+        _manual_gradnorm_step(w_manual, adam, g1, g2, l_now, l0, 1.5)
+        torch.testing.assert_close(gradnorm.weights.detach(), w_manual.detach())
+        torch.testing.assert_close(gradnorm.initial_losses, l0)
+        assert int(gradnorm.num_steps) == step + 1
+    assert not torch.allclose(w_manual.detach(), torch.ones(2))
+
+
+def test_gradnorm_initial_loss_is_mean_of_first_k_positive_steps():
+    W = nn.Parameter(torch.ones(3))
+    model = nn.Module()
+    model.last_shared_parameters = lambda: [W]
+    gradnorm = GradNorm(initial_loss_steps=2)
+    gradnorm.setup(tasks(2), model)
+    for c1, c2 in [(2.0, 0.0), (4.0, 3.0), (8.0, 5.0), (16.0, 7.0)]:
+        gradnorm(torch.stack([c1 * W.sum(), c2 * W.sum()]))
+    # W.sum() = 3. task 0: steps 1-2 -> (6 + 12) / 2; task 1: its first loss was 0, so steps 2-3 -> (9 + 15) / 2
+    torch.testing.assert_close(gradnorm.initial_losses, torch.tensor([9.0, 12.0]))
+
+
+def test_gradnorm_state_round_trips_through_state_dict():
+    torch.manual_seed(0)
+    model = Toy()
+    first = GradNorm(lr=0.1)
+    first.setup(tasks(2), model)
+    x = torch.randn(32, 8)
+    for _ in range(3):
+        out = model(x)
+        first(torch.stack([(out[0] ** 2).mean(), (out[1] - 1).pow(2).mean()])).backward()
+        first.before_optimizer_step()
+    state = first.state_dict()
+    assert {"weights", "initial_loss_sum", "initial_loss_count", "num_steps", "_extra_state"} <= set(state)
+    second = GradNorm(lr=0.1)
+    second.setup(tasks(2), model)
+    second.load_state_dict(state)
+    for strategy in (first, second):
+        out = model(x)
+        strategy(torch.stack([(out[0] ** 2).mean(), (out[1] - 1).pow(2).mean()])).backward()
+        strategy.before_optimizer_step()
+    torch.testing.assert_close(first.weights, second.weights, rtol=0, atol=0)  # Adam state restored too
+
+
+def test_gradnorm_rejects_a_model_without_last_shared_layer():
+    model = nn.Module()
+    model.last_shared_parameters = lambda: []
+    with pytest.raises(ValueError, match="last_shared_parameters"):
+        GradNorm().setup(tasks(2), model)
+    with pytest.raises(ValueError, match="alpha"):
+        GradNorm(alpha=-1)
+
+
+# ------------------------------------------------------------------ Uncertainty
+def test_uncertainty_matches_kendall_formula_and_gradient():
+    strategy = Uncertainty()
+    strategy.setup(tasks(2, ("binary", "regression")), nn.Module())
+    with torch.no_grad():
+        strategy.log_variances.copy_(torch.tensor([math.log(2.0), 0.0]))
+    total = strategy(torch.tensor([0.5, 2.0]))
+    # binary: exp(-s) L + s/2 = 0.5 * 0.5 + log(2)/2; regression: 0.5 exp(-s) L + s/2 = 0.5 * 2
+    assert total.item() == pytest.approx(0.25 + 1.0 + 0.5 * math.log(2.0))
+    torch.testing.assert_close(strategy.last_weights, torch.tensor([0.5, 0.5]))
+    total.backward()
+    # d/ds: -exp(-s) L + 1/2 = -0.25 + 0.5 ; -0.5 exp(-s) L + 1/2 = -1 + 0.5
+    torch.testing.assert_close(strategy.log_variances.grad, torch.tensor([0.25, -0.5]))
+
+
+# -------------------------------------------------------------------------- DWA
+def test_dwa_weights_follow_the_previous_two_epoch_means():
+    strategy = DWA(temperature=2.0)
+    strategy.setup(tasks(3), nn.Module())
+    dummy = nn.Parameter(torch.ones(()))
+    epochs = [[[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], [[0.25, 2.0, 1.0], [0.75, 2.0, 2.0]]]
+    for epoch, steps in enumerate(epochs):
+        strategy.begin_epoch(epoch)
+        for losses in steps:
+            strategy(torch.tensor(losses) * dummy)
+            torch.testing.assert_close(strategy.last_weights, torch.ones(3))  # first two epochs: 1
+    strategy.begin_epoch(2)
+    strategy(torch.tensor([1.0, 1.0, 1.0]) * dummy)
+    # epoch means (1, 2, 3) then (0.5, 2, 1.5): r = (0.5, 1, 0.5); w = 3 softmax(r / 2)
+    e1, e2 = math.exp(0.25), math.exp(0.5)
+    expected = torch.tensor([3 * e1, 3 * e2, 3 * e1]) / (2 * e1 + e2)
+    torch.testing.assert_close(strategy.last_weights, expected)
+    torch.testing.assert_close(strategy.last_weights, torch.tensor([0.913512, 1.172977, 0.913512]))
+    torch.testing.assert_close(dwa_weights(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 0.0]), 2.0),
+                               torch.ones(2))  # a zero epoch mean gives ratio 1, not inf
+
+
+# -------------------------------------------------------------------------- RLW
+def test_rlw_draws_softmax_of_normal_weights_reproducibly():
+    strategy = RLW(seed=3)
+    strategy.setup(tasks(3), nn.Module())
+    dummy = nn.Parameter(torch.ones(()))
+    z = torch.randn(3, generator=torch.Generator().manual_seed(3))
+    expected = [math.exp(v) / sum(math.exp(u) for u in z.tolist()) for v in z.tolist()]
+    losses = torch.tensor([1.0, 2.0, 4.0]) * dummy
+    total = strategy(losses)
+    torch.testing.assert_close(strategy.last_weights, torch.tensor(expected))
+    assert total.item() == pytest.approx(expected[0] + 2 * expected[1] + 4 * expected[2], rel=1e-6)
+    restored = RLW(seed=3)
+    restored.setup(tasks(3), nn.Module())
+    restored.load_state_dict(strategy.state_dict())  # the generator continues where it was
+    strategy(losses), restored(losses)
+    torch.testing.assert_close(restored.last_weights, strategy.last_weights, rtol=0, atol=0)
+    assert not torch.allclose(strategy.last_weights, torch.tensor(expected))
+
+
+# ----------------------------------------------------------------------- PCGrad
+def test_pcgrad_projects_conflicting_gradients_exactly():
+    g = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    # g1 . g2 = -1: g1 - (-1 / 2) g2 = (0.5, 0.5); g2 - (-1 / 1) g1 = (0, 1); sum (0.5, 1.5)
+    torch.testing.assert_close(project_conflicting(g), torch.tensor([0.5, 1.5]))
+    agreeing = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    torch.testing.assert_close(project_conflicting(agreeing), agreeing.sum(0))  # passes unchanged
+    three = torch.tensor([[1.0, 0.0], [-1.0, 1.0], [0.0, -1.0]])
+    # task 0 against 1 then 2: (1,0) -> (0.5,0.5) -> conflicts with (0,-1): (0.5,0); task 1: (0,1) then
+    # against 2: dot -1 -> (0,0); task 2: against 0 no conflict, against 1: dot -1 -> (-0.5,-0.5)
+    orders = [[1, 2], [0, 2], [0, 1]]
+    torch.testing.assert_close(project_conflicting(three, orders), torch.tensor([0.0, -0.5]))
+
+
+def test_pcgrad_sets_projected_shared_gradient_and_own_task_gradients():
+    torch.manual_seed(0)
+    model = Toy()
+    with torch.no_grad():  # identical heads pulled towards +1 and -1: conflicting shared gradients
+        model.heads[1].load_state_dict(model.heads[0].state_dict())
+    strategy = PCGrad()
+    strategy.setup(tasks(2), model)
+    x = torch.randn(64, 8)
+    out = model(x)
+    losses = torch.stack([((out[0] - 1) ** 2).mean(), ((out[1] + 1) ** 2).mean()])
+    shared = model.shared_parameters()
+    per_task = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(l, shared, retain_graph=True)])
+                for l in losses]
+    head_grads = [torch.autograd.grad(losses[i], list(model.heads[i].parameters()), retain_graph=True)
+                  for i in range(2)]
+    assert per_task[0] @ per_task[1] < 0  # the two targets pull the shared layer apart
+    total = strategy(losses)
+    assert total.item() == pytest.approx(losses.sum().item())
+    total.backward()
+    torch.testing.assert_close(flat_grad(shared), project_conflicting(torch.stack(per_task)))
+    for i in range(2):
+        for p, g in zip(model.heads[i].parameters(), head_grads[i]):
+            torch.testing.assert_close(p.grad, g)
+
+
+# ----------------------------------------------------------------------- DB-MTL
+def test_dbmtl_combination_matches_hand_computation():
+    model = nn.Module()
+    model.shared = nn.Parameter(torch.zeros(2))
+    model.shared_parameters = lambda: [model.shared]
+    strategy = DBMTL(beta=0.5, beta_sigma=0.5)
+    strategy.setup(tasks(2), model)
+    g = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
+    # step 1: h = g + 0.5 (0 - g) = (1.5, 2), (0, 0.5); norms 2.5, 0.5 -> scales 1, 5
+    torch.testing.assert_close(strategy.combine(g), torch.tensor([1.5, 4.5]))
+    torch.testing.assert_close(strategy.last_weights, torch.tensor([1.0, 5.0]))
+    # step 2: decay 0.5 / sqrt(2); h1 = (3, 4) - d (1.5, 2), h2 = (0, 1 - 0.5 d); scales 1, 5
+    torch.testing.assert_close(strategy.combine(g), torch.tensor([2.469670, 7.409010]))
+
+
+def test_dbmtl_backpropagates_log_losses_to_task_parameters():
+    torch.manual_seed(0)
+    model = Toy()
+    strategy = DBMTL()
+    strategy.setup(tasks(2), model)
+    out = model(torch.randn(16, 8))
+    losses = torch.stack([((out[0] - 1) ** 2).mean(), ((out[1] + 1) ** 2).mean()])
+    expected = torch.autograd.grad(torch.log(losses[1] + 1e-8), list(model.heads[1].parameters()),
+                                   retain_graph=True)
+    strategy(losses).backward()
+    for p, g in zip(model.heads[1].parameters(), expected):
+        torch.testing.assert_close(p.grad, g)
+
+
+# -------------------------------------------------------------------- Scheduled
+def test_scheduled_weights_decay_geometrically():
+    strategy = Scheduled(gamma={"t0": 0.5}, initial={"t2": 2.0})
+    strategy.setup(tasks(3), nn.Module())
+    strategy.begin_epoch(2)
+    total = strategy(torch.tensor([1.0, 1.0, 1.0]))
+    torch.testing.assert_close(strategy.last_weights, torch.tensor([0.25, 1.0, 2.0]))
+    assert total.item() == pytest.approx(3.25)
+    by_step = Scheduled(gamma=0.5, unit="step")
+    by_step.setup(tasks(2), nn.Module())
+    for _ in range(3):
+        by_step.before_optimizer_step()
+    by_step(torch.ones(2))
+    torch.testing.assert_close(by_step.last_weights, torch.tensor([0.125, 0.125]))
+    assert "progress" in by_step.state_dict()
+    with pytest.raises(ValueError, match=r"unknown tasks \['nope'\]"):
+        Scheduled(gamma={"nope": 0.9}).setup(tasks(2), nn.Module())
+    with pytest.raises(ValueError, match="unit"):
+        Scheduled(unit="batch")
+
+
+# ------------------------------------------------------------------ the factory
+def test_create_weighting_by_name_dict_or_object():
+    for name, cls in STRATEGIES.items():
+        assert type(create_weighting(name)) is cls
+    strategy = create_weighting({"name": "gradnorm", "alpha": 0.5})
+    assert isinstance(strategy, GradNorm) and strategy.alpha == 0.5
+    assert isinstance(create_weighting(strategy.config()), GradNorm)
+    assert create_weighting(strategy) is strategy
+    with pytest.raises(ValueError, match="unknown weighting 'nope'"):
+        create_weighting("nope")
+    with pytest.raises(ValueError, match="needs 'name'"):
+        create_weighting({"alpha": 1.0})
+    with pytest.raises(TypeError, match="weighting must be"):
+        create_weighting(3)
+    static = Static()
+    static.setup(tasks(2), nn.Module())
+    with pytest.raises(ValueError, match="one loss per task"):
+        static(torch.ones(3))

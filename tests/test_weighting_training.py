@@ -1,0 +1,120 @@
+"""Weighting strategies inside the Lightning module: learning, exact resume, DDP, bf16, clipping, accumulation."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules.synthetic import synthetic_tasks, write_synthetic
+from mtl_lightning import MultiTaskLightningModule
+from mtl_lightning.architectures import MMoE
+from mtl_lightning.weighting import STRATEGIES, GradNorm
+
+from conftest import quiet_trainer, synthetic_datamodule
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(num_experts=2, expert_hidden=(16,), tower_hidden=(8,))
+SPECS = {name: name for name in STRATEGIES}
+SPECS["scheduled"] = {"name": "scheduled", "gamma": {"dwell": 0.5}}  # a schedule that actually moves
+
+
+def _module(dm, weighting, seed: int = 0, **kwargs) -> MultiTaskLightningModule:
+    torch.manual_seed(seed)
+    size = kwargs.pop("size", TINY)
+    return MultiTaskLightningModule(MMoE(dm.features, synthetic_tasks(), **size), weighting=weighting, **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_every_strategy_trains_mmoe(synthetic_paths, name):
+    dm = synthetic_datamodule(synthetic_paths, batch_size=512)
+    dm.setup("fit")
+    module = _module(dm, SPECS[name], lr=3e-3, size=dict(num_experts=3, expert_hidden=(64, 32), tower_hidden=(16,)))
+    trainer = quiet_trainer(max_epochs=3, limit_train_batches=14, check_val_every_n_epoch=3)
+    trainer.fit(module, dm)
+    metrics = trainer.callback_metrics
+    assert metrics["val/click/auc"] >= 0.70
+    weights = torch.stack([metrics[f"train/{t}/weight"] for t in ("click", "conversion", "dwell")])
+    assert torch.isfinite(weights).all() and (weights > 0).all()
+    if name in ("gradnorm", "uncertainty", "dwa", "rlw", "scheduled", "dbmtl"):
+        assert not torch.allclose(weights, torch.ones(3)), weights  # the weights did move
+
+
+@pytest.mark.parametrize("name", sorted(set(SPECS) - {"static"}))
+def test_resume_is_exact(synthetic_paths, tmp_path, name):
+    """k steps, save, restore, more steps == an uninterrupted run (model, strategy state, optimizer)."""
+    dm = synthetic_datamodule(synthetic_paths, batch_size=512)
+    dm.setup("fit")
+    settings = dict(limit_train_batches=3, limit_val_batches=0)  # 3 steps per epoch
+
+    straight = _module(dm, SPECS[name], lr=1e-2)
+    quiet_trainer(max_steps=7, **settings).fit(straight, dm)
+
+    first = _module(dm, SPECS[name], lr=1e-2)
+    trainer = quiet_trainer(max_steps=6, **settings)
+    trainer.fit(first, dm)
+    path = tmp_path / "k.ckpt"
+    trainer.save_checkpoint(path)
+    resumed = _module(dm, SPECS[name], lr=1e-2, seed=1)  # different init: everything comes from the checkpoint
+    resumed_trainer = quiet_trainer(max_steps=7, **settings)
+    resumed_trainer.fit(resumed, dm, ckpt_path=path)
+
+    expected, actual = straight.state_dict(), resumed.state_dict()
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        if isinstance(expected[key], torch.Tensor):
+            torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
+    if name == "gradnorm":
+        assert int(resumed.weighting.num_steps) == 7
+        assert not torch.allclose(resumed.weighting.weights, torch.ones(3))
+        adam = resumed.weighting.optimizer.state_dict()["state"][0]
+        torch.testing.assert_close(adam["exp_avg"], straight.weighting.optimizer.state_dict()["state"][0]["exp_avg"])
+        restored = MultiTaskLightningModule.load_from_checkpoint(path)  # no arguments: rebuilt from hparams
+        assert isinstance(restored.weighting, GradNorm)
+        torch.testing.assert_close(restored.weighting.weights, first.weighting.weights)
+        torch.testing.assert_close(restored.weighting.initial_losses, first.weighting.initial_losses)
+
+
+@pytest.mark.parametrize("name", ["gradnorm", "pcgrad"])
+def test_trainer_flags_bf16_clipping_and_accumulation(synthetic_paths, name):
+    """precision='bf16-mixed', gradient_clip_val and accumulate_grad_batches act on the strategy's gradient."""
+    dm = synthetic_datamodule(synthetic_paths, batch_size=256)
+    dm.setup("fit")
+    module = _module(dm, name, optimizer="sgd", lr=1.0)
+    before = torch.cat([p.detach().reshape(-1).clone() for p in module.model.parameters()])
+    trainer = quiet_trainer(max_steps=1, precision="bf16-mixed", gradient_clip_val=1e-3,
+                            accumulate_grad_batches=2, limit_val_batches=0)
+    trainer.fit(module, dm)
+    after = torch.cat([p.detach().reshape(-1) for p in module.model.parameters()])
+    step = (after - before).norm()
+    assert 0 < step <= 1e-3 * 1.001  # SGD with lr=1 moved by the clipped gradient
+    assert trainer.global_step == 1
+    if name == "gradnorm":
+        gradnorm = module.weighting
+        assert int(gradnorm.num_steps) == 2  # both micro-batches computed L_grad ...
+        assert int(gradnorm.optimizer.state_dict()["state"][0]["step"]) == 1  # ... w stepped once
+        assert torch.isclose(gradnorm.weights.sum(), torch.tensor(3.0))
+        assert not torch.allclose(gradnorm.weights, torch.ones(3))
+
+
+def test_gradnorm_under_ddp_keeps_ranks_identical(tmp_path):
+    data = write_synthetic(tmp_path / "data", (2048, 16, 16))
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "scripts" / "ddp_gradnorm.py"), str(data["train"].parent), str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["num_steps"] == ranks[1]["num_steps"] == 6
+    torch.testing.assert_close(ranks[0]["weights"], ranks[1]["weights"], rtol=0, atol=0)
+    torch.testing.assert_close(ranks[0]["initial_losses"], ranks[1]["initial_losses"], rtol=0, atol=0)
+    torch.testing.assert_close(ranks[0]["model"], ranks[1]["model"], rtol=0, atol=0)
+    assert torch.isclose(ranks[0]["weights"].sum(), torch.tensor(3.0))
+    assert not torch.allclose(ranks[0]["weights"], torch.ones(3))
