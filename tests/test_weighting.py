@@ -85,6 +85,7 @@ def _manual_gradnorm_step(w, adam, g1, g2, l_now, l0, alpha):
 def test_gradnorm_update_equals_manual_computation():
     W = nn.Parameter(torch.tensor([[1.0, -2.0], [0.5, 3.0]]))
     model = nn.Module()
+    model.W = W
     model.last_shared_parameters = lambda: [W]
     gradnorm = GradNorm(alpha=1.5, lr=0.1)
     gradnorm.setup(tasks(2), model)
@@ -112,9 +113,49 @@ def test_gradnorm_update_equals_manual_computation():
     assert not torch.allclose(w_manual.detach(), torch.ones(2))
 
 
+class SparseToy(Toy):
+    """``Toy`` reading a sparse-gradient embedding of ids (a shared parameter that is not ``W``)."""
+
+    def __init__(self) -> None:
+        super().__init__(num_tasks=3)
+        self.embedding = nn.Embedding(20, 8, sparse=True)
+
+    def forward(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        return super().forward(self.embedding(ids))
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [self.embedding.weight, *self.shared.parameters()]
+
+
+@pytest.mark.parametrize("strategy_class", [GradNorm, PCGrad])
+def test_model_gradient_equals_plain_backward_and_stays_sparse(strategy_class):
+    torch.manual_seed(0)
+    model = SparseToy()
+    strategy = strategy_class()
+    strategy.setup(tasks(3), model)
+    ids = torch.randint(0, 20, (32,))
+    targets = torch.randn(3, 32)
+
+    def losses():
+        return torch.stack([((o - y) ** 2).mean() for o, y in zip(model(ids), targets)])
+
+    losses().sum().backward()  # all weights are 1 at the start: the plain gradient of sum_i L_i
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    strategy(losses()).backward()
+    assert model.embedding.weight.grad.is_sparse  # a sparse optimizer still gets sparse gradients
+    if strategy_class is GradNorm:  # GradNorm's model gradient is exactly sum_i w_i grad L_i
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad.to_dense(), expected[name].to_dense(), msg=name)
+    else:  # PCGrad changes the shared gradient only
+        for name in ("heads.0.weight", "heads.1.bias", "heads.2.weight"):
+            torch.testing.assert_close(dict(model.named_parameters())[name].grad, expected[name], msg=name)
+
+
 def test_gradnorm_initial_loss_is_mean_of_first_k_positive_steps():
     W = nn.Parameter(torch.ones(3))
     model = nn.Module()
+    model.W = W
     model.last_shared_parameters = lambda: [W]
     gradnorm = GradNorm(initial_loss_steps=2)
     gradnorm.setup(tasks(2), model)

@@ -37,6 +37,7 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Configurable
@@ -53,10 +54,36 @@ def distributed_mean(value: Tensor) -> Tensor:
     return value
 
 
-def gradient_surrogate(parameters: Sequence[nn.Parameter], gradients: Sequence[Tensor]) -> Tensor:
-    """``sum_p <p, g_p> - sum_p <p, g_p>.detach()``: value 0, gradient ``g_p`` for every ``p``."""
-    inner = sum((p * g.to(p.dtype)).sum() for p, g in zip(parameters, gradients))
-    return inner - inner.detach()  # type: ignore[union-attr]
+def gradient_surrogate(parameters: Sequence[nn.Parameter], gradients: Sequence[Tensor | None]) -> Tensor:
+    """A tensor of value 0 whose backward adds ``gradients[k]`` to ``parameters[k].grad`` (``None``: skipped).
+
+    ``sum_p <p, g_p>`` minus its detached value. A sparse gradient (an embedding
+    table with ``sparse=True``) stays sparse: its term is an embedding lookup of
+    the gradient's rows, whose backward is the same sparse tensor.
+    """
+    inner: Tensor | None = None
+    for p, g in zip(parameters, gradients):
+        if g is None:
+            continue
+        if g.is_sparse:
+            g = g.coalesce()
+            rows = F.embedding(g.indices()[0], p, sparse=True)  # (N, ...) rows of p
+            term = (rows * g.values().to(p.dtype)).sum()
+        else:
+            term = (p * g.to(p.dtype)).sum()
+        inner = term if inner is None else inner + term
+    if inner is None:
+        raise ValueError("gradient_surrogate: no parameter has a gradient")
+    return inner - inner.detach()
+
+
+def flat_gradient(gradients: Sequence[Tensor | None], parameters: Sequence[nn.Parameter]) -> Tensor:
+    """One float32 vector from per-parameter gradients (``None``: zeros; sparse: densified)."""
+    return torch.cat([_dense(g, p).reshape(-1).float() for g, p in zip(gradients, parameters)])
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 class WeightingStrategy(Configurable, nn.Module, metaclass=ABCMeta):
@@ -119,7 +146,8 @@ class GradientStrategy(WeightingStrategy):
     averaged across DDP ranks), one combined gradient ``combine(G) -> (P,)``
     for the shared parameters; every other parameter gets the gradient of
     ``sum_i o_i`` (each tower sees only its own task). Costs ``T`` backward
-    passes (one per task) instead of one.
+    passes (one per task) instead of one. A shared embedding with sparse
+    gradients is combined densely and handed back sparse (its non-zero rows).
     """
 
     def setup(self, tasks: Sequence[Task], model: nn.Module) -> None:
@@ -130,7 +158,7 @@ class GradientStrategy(WeightingStrategy):
                              f"{type(model).__name__}.shared_parameters() returned none")
         shared_ids = {id(p) for p in shared}
         self._shared = shared
-        self._specific = [p for p in model.parameters() if p.requires_grad and id(p) not in shared_ids]
+        self._specific = [p for p in trainable_parameters(model) if id(p) not in shared_ids]
         self.num_shared = sum(p.numel() for p in shared)
 
     def objectives(self, losses: Tensor) -> Tensor:
@@ -150,16 +178,20 @@ class GradientStrategy(WeightingStrategy):
         if not _requires_backward(losses):
             return value
         parameters = self._shared + self._specific
-        shared_rows, specific_sum = [], [torch.zeros_like(p) for p in self._specific]
+        shared_rows: list[Tensor] = []
+        specific_sum: list[Tensor | None] = [None] * len(self._specific)
+        sparse: set[int] = set()  # shared parameters with sparse gradients (embeddings with sparse=True)
         for i in range(self.num_tasks):
             grads = torch.autograd.grad(objectives[i], parameters, retain_graph=True, allow_unused=True)
-            shared_rows.append(torch.cat([_dense(g, p).reshape(-1).float() for g, p in zip(grads, self._shared)]))
-            for total, g in zip(specific_sum, grads[len(self._shared):]):
+            shared_rows.append(flat_gradient(grads[:len(self._shared)], self._shared))
+            sparse.update(k for k, g in enumerate(grads[:len(self._shared)]) if g is not None and g.is_sparse)
+            for k, g in enumerate(grads[len(self._shared):]):
                 if g is not None:
-                    total += _dense(g, total)
+                    specific_sum[k] = g if specific_sum[k] is None else specific_sum[k] + g
         combined = self.combine(distributed_mean(torch.stack(shared_rows)))  # (P,)
         shared_grads = torch.split(combined, [p.numel() for p in self._shared])
-        shared_grads = [g.view_as(p) for g, p in zip(shared_grads, self._shared)]
+        shared_grads = [g.view_as(p).to_sparse(sparse_dim=1) if k in sparse else g.view_as(p)
+                        for k, (g, p) in enumerate(zip(shared_grads, self._shared))]
         return value.detach() + gradient_surrogate(parameters, [*shared_grads, *specific_sum])
 
 
@@ -169,4 +201,5 @@ def _dense(gradient: Tensor | None, like: Tensor) -> Tensor:
     return gradient.to_dense() if gradient.is_sparse else gradient
 
 
-__all__ = ["WeightingStrategy", "GradientStrategy", "distributed_mean", "gradient_surrogate"]
+__all__ = ["WeightingStrategy", "GradientStrategy", "distributed_mean", "gradient_surrogate", "flat_gradient",
+           "trainable_parameters"]

@@ -37,7 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from ..tasks import Task
-from .base import WeightingStrategy, _dense, _requires_backward, distributed_mean
+from .base import (
+    WeightingStrategy, _requires_backward, distributed_mean, flat_gradient, gradient_surrogate, trainable_parameters,
+)
 
 
 class GradNorm(WeightingStrategy):
@@ -74,6 +76,10 @@ class GradNorm(WeightingStrategy):
             raise ValueError(f"GradNorm needs the last shared layer W; "
                              f"{type(model).__name__}.last_shared_parameters() returned no trainable parameter")
         self._shared = shared
+        self._parameters_list = trainable_parameters(model)
+        index = {id(p): k for k, p in enumerate(self._parameters_list)}
+        self._shared_index = [index[id(p)] for p in shared]
+        self._model_gradient: list[Tensor | None] = []
         initial = self._task_weights()
         if (initial <= 0).any():
             raise ValueError(f"GradNorm: every Task.weight must be > 0, got {initial.tolist()}")
@@ -96,11 +102,8 @@ class GradNorm(WeightingStrategy):
         self._check_losses(losses)
         if not _requires_backward(losses):
             return self._weighted_sum(self.weights, losses)
-        rows = []
-        for i in range(self.num_tasks):
-            grads = torch.autograd.grad(losses[i], self._shared, retain_graph=True, allow_unused=True)
-            rows.append(torch.cat([_dense(g, p).reshape(-1).float() for g, p in zip(grads, self._shared)]))
-        norms = distributed_mean(torch.stack(rows)).norm(dim=1)  # (T,) ||grad_W L_i|| of the global loss
+        weighted = self._weighted_sum(self.weights, losses)  # sum_i w_i L_i with w fixed: the model's loss
+        norms = distributed_mean(self._task_gradients_on_w(losses, weighted)).norm(dim=1)  # ||grad_W L_i||
         current = distributed_mean(losses.float())  # (T,)
         with torch.no_grad():
             take = (self.initial_loss_count < self.initial_loss_steps) & (current > 0)
@@ -114,8 +117,33 @@ class GradNorm(WeightingStrategy):
         target = grad_norms.detach().mean() * inverse_rate ** self.alpha  # constant
         grad_loss = (grad_norms - target).abs().sum()
         self.last_grad_norms = grad_norms.detach()
-        weighted = self._weighted_sum(self.weights, losses)
-        return weighted + (grad_loss - grad_loss.detach())
+        model_gradient = self._model_gradient
+        self._model_gradient = []
+        return weighted.detach() + gradient_surrogate(self._parameters_list, model_gradient) \
+            + (grad_loss - grad_loss.detach())
+
+    def _task_gradients_on_w(self, losses: Tensor, weighted: Tensor) -> Tensor:
+        """``(T, |W|)`` per-task gradients on ``W``, in ``T`` backward passes instead of ``T + 1``.
+
+        The model's gradient ``grad sum_i w_i L_i`` (every parameter) is computed
+        once here and handed to the optimizer through a surrogate, so Lightning's
+        backward does not traverse the network again. ``T - 1`` tasks get their own
+        pass on ``W``; the task with the largest weight is recovered as
+        ``(grad_W sum_i w_i L_i - sum_{j != k} w_j grad_W L_j) / w_k``.
+        """
+        w = self.weights.detach()
+        derived = int(torch.argmax(w))
+        rows: dict[int, Tensor] = {}
+        for i in range(self.num_tasks):
+            if i != derived:
+                grads = torch.autograd.grad(losses[i], self._shared, retain_graph=True, allow_unused=True)
+                rows[i] = flat_gradient(grads, self._shared)
+        full = torch.autograd.grad(weighted, self._parameters_list, retain_graph=True, allow_unused=True)
+        self._model_gradient = list(full)
+        full_w = flat_gradient([full[k] for k in self._shared_index], self._shared)
+        rest = sum((w[i] * row for i, row in rows.items()), torch.zeros_like(full_w))
+        rows[derived] = (full_w - rest) / w[derived]
+        return torch.stack([rows[i] for i in range(self.num_tasks)])
 
     def before_optimizer_step(self) -> None:
         grad = self.weights.grad
