@@ -53,7 +53,7 @@ def make_step(name: str, device: str, precision: str):
         with torch.autocast(device_type=device, dtype=dtype, enabled=dtype is not None):
             outputs = module.model(batch["features"])
             losses = module.compute_losses(outputs, batch["labels"])
-            total = module.weighting(torch.stack([losses[t.name] for t in module.tasks]))
+            total = module.weighting([losses[t.name] for t in module.tasks])
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         module.weighting.before_optimizer_step()

@@ -190,7 +190,7 @@ class MultiTaskLightningModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         outputs = self.model(batch["features"])
         losses = self.compute_losses(outputs, batch["labels"])
-        total = self.weighting(torch.stack([losses[t.name] for t in self.tasks]))
+        total = self.weighting([losses[t.name] for t in self.tasks])  # a list: see weighting/base.py
         batch_size = len(next(iter(outputs.values())))
         logged = {f"train/{name}/loss": loss.detach() for name, loss in losses.items()}
         logged.update({f"train/{t.name}/weight": w for t, w in zip(self.tasks, self.weighting.last_weights.detach())})

@@ -118,3 +118,19 @@ def test_gradnorm_under_ddp_keeps_ranks_identical(tmp_path):
     torch.testing.assert_close(ranks[0]["model"], ranks[1]["model"], rtol=0, atol=0)
     assert torch.isclose(ranks[0]["weights"].sum(), torch.tensor(3.0))
     assert not torch.allclose(ranks[0]["weights"], torch.ones(3))
+
+
+def test_gradnorm_config_runs_from_the_command_line(tmp_path, monkeypatch):
+    from mtl_lightning.cli import build_cli
+
+    paths = write_synthetic(tmp_path / "data", (600, 200, 200))
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["fit", f"--config={ROOT / 'configs' / 'mmoe_gradnorm.yaml'}", f"--data.train={paths['train']}",
+                     f"--data.val={paths['val']}", f"--data.test={paths['test']}", "--data.batch_size=200",
+                     "--trainer.max_steps=3", "--trainer.limit_val_batches=0", "--trainer.accelerator=cpu",
+                     "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"])
+    gradnorm = cli.model.weighting
+    assert isinstance(gradnorm, GradNorm) and gradnorm.alpha == 1.5
+    assert int(gradnorm.num_steps) == 3
+    assert torch.isclose(gradnorm.weights.sum(), torch.tensor(3.0))
+    assert cli.model.hparams["weighting"]["class_path"] == "mtl_lightning.weighting.gradnorm.GradNorm"

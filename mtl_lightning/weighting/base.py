@@ -5,8 +5,12 @@ with the Lightning module and restored on resume). The training module calls:
 
 * ``setup(tasks, model)`` once, from its constructor;
 * ``forward(losses)`` every training step, with the unweighted per-task losses
-  as one ``(T,)`` tensor in task order; it returns the loss to back-propagate
-  and sets ``last_weights`` (logged as ``train/<task>/weight``);
+  in task order, as a list of scalar tensors (or one ``(T,)`` tensor); it
+  returns the loss to back-propagate and sets ``last_weights`` (logged as
+  ``train/<task>/weight``). Subclasses implement ``total_loss(losses, per_task)``
+  and get both forms. Pass the list: a per-task gradient taken through a
+  ``torch.stack`` also runs every other task's branch backwards (with zeros);
+
 * ``begin_epoch(epoch)`` at the start of every training epoch;
 * ``before_optimizer_step()`` once per optimizer step, when the gradients are
   complete (accumulated over ``accumulate_grad_batches`` and synchronised across
@@ -87,7 +91,7 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 class WeightingStrategy(Configurable, nn.Module, metaclass=ABCMeta):
-    """Base class: ``forward(losses (T,)) -> loss to back-propagate``; see the module docstring for the hooks."""
+    """Base class: ``forward(per-task losses) -> loss to back-propagate``; see the module docstring for the hooks."""
 
     def __init__(self) -> None:
         nn.Module.__init__(self)
@@ -104,9 +108,28 @@ class WeightingStrategy(Configurable, nn.Module, metaclass=ABCMeta):
     def num_tasks(self) -> int:
         return len(self.task_names)
 
+    def forward(self, losses: Tensor | Sequence[Tensor]) -> Tensor:
+        """The loss to back-propagate from the per-task losses; sets ``self.last_weights``."""
+        if isinstance(losses, Tensor):
+            if losses.dim() != 1:
+                raise ValueError(f"{type(self).__name__} expects one loss per task, got a tensor of shape "
+                                 f"{tuple(losses.shape)}")
+            stacked, per_task = losses, list(losses.unbind())
+        else:
+            per_task = list(losses)
+            if any(not isinstance(l, Tensor) or l.dim() != 0 for l in per_task):
+                raise ValueError(f"{type(self).__name__} expects a list of scalar loss tensors, one per task")
+            stacked = torch.stack(per_task)
+        if len(per_task) != self.num_tasks:
+            raise ValueError(
+                f"{type(self).__name__} expects one loss per task ({self.num_tasks}: {self.task_names}), "
+                f"got {len(per_task)}; was setup(tasks, model) called?"
+            )
+        return self.total_loss(stacked, per_task)
+
     @abstractmethod
-    def forward(self, losses: Tensor) -> Tensor:
-        """The loss to back-propagate from the ``(T,)`` per-task losses; sets ``self.last_weights``."""
+    def total_loss(self, losses: Tensor, per_task: list[Tensor]) -> Tensor:
+        """The loss to back-propagate: ``losses`` is ``(T,)``, ``per_task`` the same losses as separate tensors."""
 
     def begin_epoch(self, epoch: int) -> None:
         """Called at the start of every training epoch with its index (0-based)."""
@@ -117,13 +140,6 @@ class WeightingStrategy(Configurable, nn.Module, metaclass=ABCMeta):
     def private_parameters(self) -> list[nn.Parameter]:
         """Parameters this strategy updates itself; the model's optimizer must leave them alone."""
         return []
-
-    def _check_losses(self, losses: Tensor) -> None:
-        if losses.dim() != 1 or losses.numel() != self.num_tasks:
-            raise ValueError(
-                f"{type(self).__name__} expects one loss per task ({self.num_tasks}: {self.task_names}), "
-                f"got a tensor of shape {tuple(losses.shape)}; was setup(tasks, model) called?"
-            )
 
     def _weighted_sum(self, weights: Tensor, losses: Tensor) -> Tensor:
         weights = weights.detach().to(losses.dtype)
@@ -141,7 +157,7 @@ def _requires_backward(losses: Tensor) -> bool:
 class GradientStrategy(WeightingStrategy):
     """A strategy that combines per-task gradients of the architecture's ``shared_parameters()``.
 
-    Every step: per-task objectives ``o_i`` (``objectives(losses)``), their
+    Every step: per-task objectives ``o_i`` (``objective(i, L_i)``), their
     gradients ``g_i`` with respect to the shared parameters (flattened, ``(T, P)``,
     averaged across DDP ranks), one combined gradient ``combine(G) -> (P,)``
     for the shared parameters; every other parameter gets the gradient of
@@ -161,28 +177,26 @@ class GradientStrategy(WeightingStrategy):
         self._specific = [p for p in trainable_parameters(model) if id(p) not in shared_ids]
         self.num_shared = sum(p.numel() for p in shared)
 
-    def objectives(self, losses: Tensor) -> Tensor:
-        """Per-task objectives whose gradients are combined (default ``Task.weight * L``)."""
-        weights = self._task_weights().to(losses)
-        self.last_weights = weights
-        return weights * losses
+    def objective(self, index: int, loss: Tensor) -> Tensor:
+        """Task ``index``'s objective, whose gradient is combined (default ``Task.weight * L``)."""
+        return float(self.tasks[index].weight) * loss
 
     @abstractmethod
     def combine(self, gradients: Tensor) -> Tensor:
         """The shared parameters' update direction ``(P,)`` from the per-task gradients ``(T, P)``."""
 
-    def forward(self, losses: Tensor) -> Tensor:
-        self._check_losses(losses)
-        objectives = self.objectives(losses)
-        value = objectives.sum()
+    def total_loss(self, losses: Tensor, per_task: list[Tensor]) -> Tensor:
+        self.last_weights = self._task_weights().to(losses)
+        objectives = [self.objective(i, loss) for i, loss in enumerate(per_task)]
+        value = torch.stack(objectives).sum()
         if not _requires_backward(losses):
             return value
         parameters = self._shared + self._specific
         shared_rows: list[Tensor] = []
         specific_sum: list[Tensor | None] = [None] * len(self._specific)
         sparse: set[int] = set()  # shared parameters with sparse gradients (embeddings with sparse=True)
-        for i in range(self.num_tasks):
-            grads = torch.autograd.grad(objectives[i], parameters, retain_graph=True, allow_unused=True)
+        for objective in objectives:
+            grads = torch.autograd.grad(objective, parameters, retain_graph=True, allow_unused=True)
             shared_rows.append(flat_gradient(grads[:len(self._shared)], self._shared))
             sparse.update(k for k, g in enumerate(grads[:len(self._shared)]) if g is not None and g.is_sparse)
             for k, g in enumerate(grads[len(self._shared):]):

@@ -41,8 +41,8 @@ class DBMTL(GradientStrategy):
         self.register_buffer("gradient_average", torch.zeros(self.num_tasks, self.num_shared))
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
 
-    def objectives(self, losses: Tensor) -> Tensor:
-        return torch.log(losses + self.eps)
+    def objective(self, index: int, loss: Tensor) -> Tensor:
+        return torch.log(loss + self.eps)
 
     def combine(self, gradients: Tensor) -> Tensor:
         self.num_steps += 1
@@ -50,7 +50,7 @@ class DBMTL(GradientStrategy):
         self.gradient_average.copy_(gradients + decay * (self.gradient_average - gradients))
         norms = self.gradient_average.norm(dim=1)  # (T,)
         scales = norms.max() / (norms + self.eps)
-        self.last_weights = scales
+        self.last_weights = scales.to(self.last_weights.device)
         return (scales[:, None] * self.gradient_average).sum(dim=0)
 
 

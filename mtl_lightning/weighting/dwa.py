@@ -61,8 +61,7 @@ class DWA(WeightingStrategy):
             return torch.ones(self.num_tasks, device=self.history.device)
         return dwa_weights(self.history[0], self.history[1], self.temperature)
 
-    def forward(self, losses: Tensor) -> Tensor:
-        self._check_losses(losses)
+    def total_loss(self, losses: Tensor, per_task: list[Tensor]) -> Tensor:
         if _requires_backward(losses):
             self.epoch_loss_sum += distributed_mean(losses.float())
             self.epoch_steps += 1

@@ -98,12 +98,11 @@ class GradNorm(WeightingStrategy):
         """``L_i(0)`` as far as it is known (0 where a task has had no positive loss yet)."""
         return self.initial_loss_sum / self.initial_loss_count.clamp(min=1)
 
-    def forward(self, losses: Tensor) -> Tensor:
-        self._check_losses(losses)
-        if not _requires_backward(losses):
-            return self._weighted_sum(self.weights, losses)
+    def total_loss(self, losses: Tensor, per_task: list[Tensor]) -> Tensor:
         weighted = self._weighted_sum(self.weights, losses)  # sum_i w_i L_i with w fixed: the model's loss
-        norms = distributed_mean(self._task_gradients_on_w(losses, weighted)).norm(dim=1)  # ||grad_W L_i||
+        if not _requires_backward(losses):
+            return weighted
+        norms = distributed_mean(self._task_gradients_on_w(per_task, weighted)).norm(dim=1)  # ||grad_W L_i||
         current = distributed_mean(losses.float())  # (T,)
         with torch.no_grad():
             take = (self.initial_loss_count < self.initial_loss_steps) & (current > 0)
@@ -122,7 +121,7 @@ class GradNorm(WeightingStrategy):
         return weighted.detach() + gradient_surrogate(self._parameters_list, model_gradient) \
             + (grad_loss - grad_loss.detach())
 
-    def _task_gradients_on_w(self, losses: Tensor, weighted: Tensor) -> Tensor:
+    def _task_gradients_on_w(self, losses: list[Tensor], weighted: Tensor) -> Tensor:
         """``(T, |W|)`` per-task gradients on ``W``, in ``T`` backward passes instead of ``T + 1``.
 
         The model's gradient ``grad sum_i w_i L_i`` (every parameter) is computed

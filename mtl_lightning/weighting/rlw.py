@@ -27,8 +27,7 @@ class RLW(WeightingStrategy):
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
 
-    def forward(self, losses: Tensor) -> Tensor:
-        self._check_losses(losses)
+    def total_loss(self, losses: Tensor, per_task: list[Tensor]) -> Tensor:
         if not _requires_backward(losses):  # evaluation: equal weights, the generator is not advanced
             return self._weighted_sum(torch.full_like(losses, 1.0 / self.num_tasks), losses)
         weights = torch.softmax(torch.randn(self.num_tasks, generator=self.generator), dim=0)

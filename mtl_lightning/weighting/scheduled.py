@@ -67,8 +67,7 @@ class Scheduled(WeightingStrategy):
         if self.unit == "step":
             self.progress += 1
 
-    def forward(self, losses: Tensor) -> Tensor:
-        self._check_losses(losses)
+    def total_loss(self, losses: Tensor, per_task: list[Tensor]) -> Tensor:
         return self._weighted_sum(self.current_weights(), losses)
 
 

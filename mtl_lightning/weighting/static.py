@@ -17,6 +17,5 @@ class Static(WeightingStrategy):
         super().setup(tasks, model)
         self.register_buffer("weights", self._task_weights(), persistent=False)
 
-    def forward(self, losses: Tensor) -> Tensor:
-        self._check_losses(losses)
+    def total_loss(self, losses: Tensor, per_task: list[Tensor]) -> Tensor:
         return self._weighted_sum(self.weights, losses)

@@ -31,8 +31,7 @@ class Uncertainty(WeightingStrategy):
         self.register_buffer("scale", torch.tensor([0.5 if t.kind == "regression" else 1.0 for t in tasks]),
                              persistent=False)
 
-    def forward(self, losses: Tensor) -> Tensor:
-        self._check_losses(losses)
+    def total_loss(self, losses: Tensor, per_task: list[Tensor]) -> Tensor:
         weights = self.scale * torch.exp(-self.log_variances)  # (T,)
         self.last_weights = weights.detach()
         return (weights * losses).sum() + 0.5 * self.log_variances.sum()
