@@ -99,6 +99,8 @@ def test_trainer_flags_bf16_clipping_and_accumulation(synthetic_paths, name):
         assert int(gradnorm.optimizer.state_dict()["state"][0]["step"]) == 1  # ... w stepped once
         assert torch.isclose(gradnorm.weights.sum(), torch.tensor(3.0))
         assert not torch.allclose(gradnorm.weights, torch.ones(3))
+        model_optimizer = trainer.optimizers[0]
+        assert all(p is not gradnorm.weights for g in model_optimizer.param_groups for p in g["params"])
 
 
 def test_gradnorm_under_ddp_keeps_ranks_identical(tmp_path):

@@ -79,7 +79,6 @@ class GradNorm(WeightingStrategy):
         self._parameters_list = trainable_parameters(model)
         index = {id(p): k for k, p in enumerate(self._parameters_list)}
         self._shared_index = [index[id(p)] for p in shared]
-        self._model_gradient: list[Tensor | None] = []
         initial = self._task_weights()
         if (initial <= 0).any():
             raise ValueError(f"GradNorm: every Task.weight must be > 0, got {initial.tolist()}")
@@ -102,7 +101,8 @@ class GradNorm(WeightingStrategy):
         weighted = self._weighted_sum(self.weights, losses)  # sum_i w_i L_i with w fixed: the model's loss
         if not _requires_backward(losses):
             return weighted
-        norms = distributed_mean(self._task_gradients_on_w(per_task, weighted)).norm(dim=1)  # ||grad_W L_i||
+        task_gradients, model_gradient = self._gradients(per_task, weighted)
+        norms = distributed_mean(task_gradients).norm(dim=1)  # (T,) ||grad_W L_i|| of the global loss
         current = distributed_mean(losses.float())  # (T,)
         with torch.no_grad():
             take = (self.initial_loss_count < self.initial_loss_steps) & (current > 0)
@@ -116,13 +116,11 @@ class GradNorm(WeightingStrategy):
         target = grad_norms.detach().mean() * inverse_rate ** self.alpha  # constant
         grad_loss = (grad_norms - target).abs().sum()
         self.last_grad_norms = grad_norms.detach()
-        model_gradient = self._model_gradient
-        self._model_gradient = []
         return weighted.detach() + gradient_surrogate(self._parameters_list, model_gradient) \
             + (grad_loss - grad_loss.detach())
 
-    def _task_gradients_on_w(self, losses: list[Tensor], weighted: Tensor) -> Tensor:
-        """``(T, |W|)`` per-task gradients on ``W``, in ``T`` backward passes instead of ``T + 1``.
+    def _gradients(self, losses: list[Tensor], weighted: Tensor) -> tuple[Tensor, list[Tensor | None]]:
+        """``(T, |W|)`` per-task gradients on ``W`` and the model's gradient, in ``T`` backward passes.
 
         The model's gradient ``grad sum_i w_i L_i`` (every parameter) is computed
         once here and handed to the optimizer through a surrogate, so Lightning's
@@ -138,11 +136,10 @@ class GradNorm(WeightingStrategy):
                 grads = torch.autograd.grad(losses[i], self._shared, retain_graph=True, allow_unused=True)
                 rows[i] = flat_gradient(grads, self._shared)
         full = torch.autograd.grad(weighted, self._parameters_list, retain_graph=True, allow_unused=True)
-        self._model_gradient = list(full)
         full_w = flat_gradient([full[k] for k in self._shared_index], self._shared)
         rest = sum((w[i] * row for i, row in rows.items()), torch.zeros_like(full_w))
         rows[derived] = (full_w - rest) / w[derived]
-        return torch.stack([rows[i] for i in range(self.num_tasks)])
+        return torch.stack([rows[i] for i in range(self.num_tasks)]), list(full)
 
     def before_optimizer_step(self) -> None:
         grad = self.weights.grad
