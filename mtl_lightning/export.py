@@ -28,6 +28,7 @@ or from a checkpoint on the command line::
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 from typing import Mapping
@@ -70,6 +71,8 @@ class ServingModel(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = _architecture(model)
+        if any(p.device.type != "cpu" for p in self.model.parameters()):
+            self.model = copy.deepcopy(self.model).cpu()  # exports are traced on CPU, whatever trained the model
         self.feature_names = [f.name for f in self.model.features]
         kinds = {t.name: t.kind for t in self.model.tasks}
         kinds.update({n: k for n, k in self.model.extra_outputs().items() if n not in kinds})  # e.g. ESMM's cvr
