@@ -24,6 +24,8 @@ an ordinary `lightning.Trainer`, reads the per-task validation curves back from
 the TensorBoard logs, and compares the models in a table.
 
 * **Shared-Bottom** and **MMoE** on `click`, `conversion` (given a click) and `dwell` (regression);
+* **ESCM²-DR** (Wang et al., SIGIR 2022): `click`, `conversion` and `purchase` (= click and conversion) over
+  the entire impression space, the conversion task trained with the doubly robust counterfactual loss;
 
 Every run logs `val/<task>/auc`, `val/<task>/gauc` (group AUC per user),
 `val/<task>/logloss`, `train/<task>/loss` and `train/<task>/weight` to TensorBoard.
@@ -46,26 +48,30 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from datamodules import ParquetDataModule
 from datamodules.synthetic import synthetic_tasks, write_synthetic
-from mtl_lightning import MultiTaskLightningModule, registry
+from mtl_lightning import MultiTaskLightningModule, Task, registry
 
 torch.set_num_threads(2)
 workdir = Path(WORKDIR)
 paths = write_synthetic(workdir / "data", (TRAIN_ROWS, VAL_ROWS, VAL_ROWS))
 tasks = synthetic_tasks()  # click (binary), conversion (binary, -1 where not clicked), dwell (regression)
+LABELS = ["click", "conversion", "purchase", "dwell"]  # label columns: never features
 pd.read_parquet(paths["train"]).head()""", []),
     ("markdown", """\
 ## Train
 
 `train()` builds the data module (feature specs are inferred from the Parquet
 schema; `group="user_id"` turns on group AUC), an architecture from the
-registry, and the training module; it returns the TensorBoard log folder.""", []),
+registry, and the training module; it returns the TensorBoard log folder.
+Label columns that are not tasks of the run are excluded from the inferred
+features (a label used as a feature would leak the answer).""", []),
     ("code", """\
-def train(run: str, architecture: str, weighting="static", tasks=tasks, **hparams) -> Path:
+def train(run: str, architecture: str, tasks=tasks, weighting="static", counterfactual=None, **hparams) -> Path:
     L.seed_everything(0, verbose=False)
+    other_labels = [c for c in LABELS if c not in {t.label for t in tasks}]
     dm = ParquetDataModule(train=paths["train"], val=paths["val"], tasks=tasks, batch_size=BATCH_SIZE,
-                           group="user_id", embedding_dim=8, exclude=["purchase"])  # a label, not a feature
+                           group="user_id", embedding_dim=8, exclude=other_labels)
     model = registry.create(architecture, features=dm.prepare_features(), tasks=tasks, **hparams)
-    module = MultiTaskLightningModule(model, lr=3e-3, weighting=weighting)
+    module = MultiTaskLightningModule(model, lr=3e-3, weighting=weighting, counterfactual=counterfactual)
     logger = TensorBoardLogger(workdir / "runs", name=run, version=0, default_hp_metric=False)
     trainer = L.Trainer(max_epochs=EPOCHS, logger=logger, log_every_n_steps=1, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
@@ -76,6 +82,9 @@ def train(run: str, architecture: str, weighting="static", tasks=tasks, **hparam
 runs = {
     "Shared-Bottom": train("shared_bottom", "shared_bottom", bottom_hidden=(64, 32), tower_hidden=(16,)),
     "MMoE": train("mmoe", "mmoe", num_experts=4, expert_hidden=(64, 32), tower_hidden=(16,)),
+    "ESCM²-DR": train("escm_dr", "escm", tasks=[Task("click"), Task("conversion"), Task("purchase")],
+                      counterfactual={"mode": "dr", "click_task": "click", "conversion_task": "conversion"},
+                      click_task="click", conversion_task="conversion", ctcvr_task="purchase", tower_hidden=(32, 16)),
 }""", []),
     ("markdown", """\
 ## Read the TensorBoard logs
@@ -105,10 +114,13 @@ plt.show()""", []),
     ("markdown", """\
 ## Compare
 
-The last validation value of every metric, one row per model.""", []),
+The last validation value of every metric, one row per model (empty where a
+model has no such task: ESCM² has no `dwell`, the others no `purchase`).""", []),
     ("code", """\
-columns = ["val/click/auc", "val/click/gauc", "val/conversion/auc", "val/conversion/gauc", "val/dwell/mse", "val/loss"]
-table = pd.DataFrame({name: {c: tags[c].value.iloc[-1] for c in columns} for name, tags in logs.items()}).T
+columns = ["val/click/auc", "val/click/gauc", "val/conversion/auc", "val/conversion/gauc", "val/purchase/auc",
+           "val/dwell/mse"]
+table = pd.DataFrame({name: {c: tags[c].value.iloc[-1] if c in tags else float("nan") for c in columns}
+                      for name, tags in logs.items()}).T
 table.round(4)""", []),
 ]
 
