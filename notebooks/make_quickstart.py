@@ -23,7 +23,8 @@ This notebook writes the synthetic multi-task dataset, trains a few models with
 an ordinary `lightning.Trainer`, reads the per-task validation curves back from
 the TensorBoard logs, and compares the models in a table.
 
-* **Shared-Bottom** and **MMoE** on `click`, `conversion` (given a click) and `dwell` (regression);
+* **MMoE** on `click`, `conversion` (given a click) and `dwell` (regression);
+* **MMoE with GradNorm** (Chen et al., ICML 2018): the task weights are learned, and we plot them over steps;
 * **ESCM²-DR** (Wang et al., SIGIR 2022): `click`, `conversion` and `purchase` (= click and conversion) over
   the entire impression space, the conversion task trained with the doubly robust counterfactual loss;
 
@@ -79,9 +80,10 @@ def train(run: str, architecture: str, tasks=tasks, weighting="static", counterf
     return Path(logger.log_dir)
 
 
+mmoe = dict(num_experts=4, expert_hidden=(64, 32), tower_hidden=(16,))
 runs = {
-    "Shared-Bottom": train("shared_bottom", "shared_bottom", bottom_hidden=(64, 32), tower_hidden=(16,)),
-    "MMoE": train("mmoe", "mmoe", num_experts=4, expert_hidden=(64, 32), tower_hidden=(16,)),
+    "MMoE": train("mmoe", "mmoe", **mmoe),
+    "MMoE + GradNorm": train("mmoe_gradnorm", "mmoe", weighting={"name": "gradnorm", "alpha": 1.5, "lr": 0.01}, **mmoe),
     "ESCM²-DR": train("escm_dr", "escm", tasks=[Task("click"), Task("conversion"), Task("purchase")],
                       counterfactual={"mode": "dr", "click_task": "click", "conversion_task": "conversion"},
                       click_task="click", conversion_task="conversion", ctcvr_task="purchase", tower_hidden=(32, 16)),
@@ -112,10 +114,24 @@ for ax, task in zip(axes, ["click", "conversion"]):
 plt.tight_layout()
 plt.show()""", []),
     ("markdown", """\
+## GradNorm's task weights
+
+GradNorm learns one weight per task so that the tasks train at similar rates
+(the weights always sum to the number of tasks); the module logs them as
+`train/<task>/weight` at every step.""", []),
+    ("code", """\
+fig, ax = plt.subplots(figsize=(6, 3.5))
+for task in tasks:
+    curve = logs["MMoE + GradNorm"][f"train/{task.name}/weight"]
+    ax.plot(curve.step, curve.value, label=task.name)
+ax.set(title="GradNorm task weights", xlabel="step", ylabel="weight")
+ax.legend()
+plt.show()""", []),
+    ("markdown", """\
 ## Compare
 
 The last validation value of every metric, one row per model (empty where a
-model has no such task: ESCM² has no `dwell`, the others no `purchase`).""", []),
+model has no such task: ESCM² has no `dwell`, the MMoE runs no `purchase`).""", []),
     ("code", """\
 columns = ["val/click/auc", "val/click/gauc", "val/conversion/auc", "val/conversion/gauc", "val/purchase/auc",
            "val/dwell/mse"]
