@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -23,6 +25,16 @@ SMALL = {
     "esmm": dict(bottom_hidden=(16,), tower_hidden=(8,)),
     "escm": dict(bottom_hidden=(16,), tower_hidden=(8,)),
     "aitm": dict(bottom_hidden=(16,), tower_hidden=(8,)),
+    "snr_trans": dict(num_experts=3, expert_hidden=(16,), transform_dim=8, tower_hidden=(8,)),
+    "snr_aver": dict(num_experts=3, expert_hidden=(16,), tower_hidden=(8,)),
+    "cross_stitch": dict(column_hidden=(16, 8), tower_hidden=(8,)),
+    "hmoe": dict(num_experts=3, expert_hidden=(16,), tower_hidden=(8,)),
+    "pepnet": dict(prior_features=("user", "item"), tower_hidden=(16, 8), gate_hidden=8),
+    "poso_mlp": dict(personalization_features=("user",), bottom_hidden=(16, 8), tower_hidden=(8,), gate_hidden=8),
+    "poso_mmoe": dict(personalization_features=("user",), num_experts=3, expert_hidden=(16,), tower_hidden=(8,),
+                      gate_hidden=8),
+    "apg": dict(hidden=(16, 8), rank=4, generator_hidden=8, overparam_dim=6, tower_hidden=(8,)),
+    "star": dict(star_hidden=(16, 8), auxiliary_hidden=(4,)),
 }
 # Architectures whose tasks are fixed by their structure (CVR funnels: binary steps only).
 TASKS_FOR = {
@@ -30,6 +42,16 @@ TASKS_FOR = {
     "escm": [Task("ctr", label="click"), Task("cvr", label="conversion"), Task("ctcvr", label="purchase")],
     "aitm": [Task("click"), Task("purchase"), Task("repurchase")],
 }
+# Multi-scenario architectures (constructor takes ``domain_feature``) get a 3-domain sparse feature.
+DOMAIN = SparseFeature("domain", 3, 4)
+
+
+def arguments(name: str) -> dict:
+    """Features, tasks and small hyper-parameters for the registered architecture ``name``."""
+    kwargs = dict(features=FEATURES, tasks=TASKS_FOR.get(name, TASKS), **SMALL.get(name, {}))
+    if "domain_feature" in inspect.signature(registry.get(name)).parameters:
+        kwargs.update(features=[*FEATURES, DOMAIN], domain_feature="domain", num_domains=3)
+    return kwargs
 
 
 def feature_batch(batch_size: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -42,13 +64,14 @@ def feature_batch(batch_size: int = 64, seed: int = 0) -> dict[str, torch.Tensor
         "price": torch.randn(batch_size, generator=g),
         "vector": torch.randn(batch_size, 3, generator=g),
         "history": history,
+        "domain": torch.arange(batch_size) % 3,  # read only by multi-scenario architectures
     }
 
 
 @pytest.mark.parametrize("name", registry.names())
 def test_every_architecture_forward_and_backward(name):
     torch.manual_seed(0)
-    model = registry.create(name, features=FEATURES, tasks=TASKS_FOR.get(name, TASKS), **SMALL.get(name, {}))
+    model = registry.create(name, **arguments(name))
     assert isinstance(model, MultiTaskArchitecture)
     x = feature_batch(64)
     outputs = model(x)
@@ -80,7 +103,7 @@ def test_every_architecture_forward_and_backward(name):
 @pytest.mark.parametrize("name", registry.names())
 def test_every_architecture_rebuilds_from_its_config(name):
     torch.manual_seed(0)
-    model = registry.create(name, features=FEATURES, tasks=TASKS_FOR.get(name, TASKS), **SMALL.get(name, {}))
+    model = registry.create(name, **arguments(name))
     from mtl_lightning.config import build
 
     clone = build(model.config())

@@ -1,0 +1,117 @@
+"""HMoE: multi-scenario MMoE combined in label space.
+
+Li, P., Li, R., Da, Q., Zeng, A.-X., Zhang, L. "Improving Multi-Scenario
+Learning to Rank in E-commerce by Exploiting Task Relationships in the Label
+Space." CIKM 2020.
+
+Scenarios play the role of MMoE's tasks: shared experts read the embedding,
+and every scenario ``s`` has its own softmax gate and tower, so every example
+gets a prediction ``y_s`` from *every* scenario's tower. A stacked gate then
+combines these predictions in label space: for an example of scenario ``d``,
+``y = sum_s G_d(x)_s y_s`` with ``G_d`` a softmax gate of scenario ``d`` on the
+input. Task-constrained back-propagation: the predictions of the other
+scenarios enter the combination as constants (stop-gradient), so the loss of
+an example of scenario ``d`` trains only scenario ``d``'s tower, gate and
+stacked gate (and the shared experts and embeddings); other scenarios'
+towers only lend their predictions.
+
+Multi-task: the construction is repeated per task (every task has its own
+per-scenario gates, towers and stacked gates over the shared experts). Binary
+tasks mix probabilities, ``p = sum_s G_s sigmoid(l_s)``, and return
+``logit(p)`` computed in log space (``log p - log(1 - p)`` with
+``logsumexp``), so no probability is ever rounded to 0 or 1; regression tasks
+mix values.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..features import Feature
+from ..layers import MLP, ExpertBank, FeatureEmbedding, Gate, domain_ids, mix, resolve_domain
+from ..registry import register
+from ..tasks import Task
+from .base import MultiTaskArchitecture, parameters_of
+
+
+@register("hmoe")
+class HMoE(MultiTaskArchitecture):
+    """embedding -> shared experts; per task and scenario a gate and a tower; per task a stacked gate per scenario."""
+
+    def __init__(
+        self,
+        features: Sequence[Feature | dict],
+        tasks: Sequence[Task | dict],
+        domain_feature: str = "domain",
+        num_domains: int | None = None,
+        num_experts: int = 4,
+        expert_hidden: Sequence[int] = (256, 128),
+        tower_hidden: Sequence[int] = (64,),
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__(features, tasks)
+        self.domain_feature = domain_feature
+        self.num_domains = resolve_domain("HMoE", self.features, domain_feature, num_domains)
+        self.embedding = FeatureEmbedding(self.features)
+        dim = self.embedding.output_dim
+        self.experts = ExpertBank(num_experts, dim, expert_hidden, activation, dropout)
+        scenarios = range(self.num_domains)
+        # gates[task][s], towers[task][s], stacked_gates[task][d]
+        self.gates = nn.ModuleDict(
+            {t: nn.ModuleList(Gate(dim, num_experts) for _ in scenarios) for t in self.task_names}
+        )
+        self.towers = nn.ModuleDict(
+            {t: nn.ModuleList(MLP(self.experts.output_dim, tower_hidden, output_dim=1, activation=activation,
+                                  dropout=dropout) for _ in scenarios) for t in self.task_names}
+        )
+        self.stacked_gates = nn.ModuleDict(
+            {t: nn.ModuleList(Gate(dim, self.num_domains) for _ in scenarios) for t in self.task_names}
+        )
+
+    def scenario_predictions(self, x: Tensor, experts: Tensor, task: str) -> Tensor:
+        """Every scenario tower's output for every example: ``(B, S)`` logits (or values)."""
+        return torch.cat(
+            [self.towers[task][s](mix(self.gates[task][s](x), experts)) for s in range(self.num_domains)], dim=-1
+        )
+
+    def combination_weights(self, x: Tensor, domain: Tensor, task: str) -> Tensor:
+        """The stacked gate of each example's own scenario: ``(B, S)``, rows sum to one."""
+        rows = torch.arange(x.shape[0], device=x.device)
+        every = torch.stack([gate(x) for gate in self.stacked_gates[task]], dim=1)  # (B, S_target, S)
+        return every[rows, domain]
+
+    def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        domain = domain_ids("HMoE", features, self.domain_feature, self.num_domains)
+        x = self.embedding(features)  # (B, D)
+        experts = self.experts(x)  # (B, E, H)
+        own = F.one_hot(domain, self.num_domains).bool()  # (B, S)
+        outputs: dict[str, Tensor] = {}
+        for task in self.tasks:
+            predictions = self.scenario_predictions(x, experts, task.name)  # (B, S)
+            # task-constrained back-propagation: other scenarios' predictions are constants
+            predictions = torch.where(own, predictions, predictions.detach())
+            weights = self.combination_weights(x, domain, task.name)  # (B, S)
+            if task.kind == "binary":
+                log_w = torch.log(weights.clamp(min=torch.finfo(weights.dtype).tiny))
+                log_p = torch.logsumexp(log_w + F.logsigmoid(predictions), dim=-1)
+                log_not_p = torch.logsumexp(log_w + F.logsigmoid(-predictions), dim=-1)
+                outputs[task.name] = log_p - log_not_p
+            else:
+                outputs[task.name] = (weights * predictions).sum(-1)
+        return outputs
+
+    def domain_parameters(self, domain: int) -> list[nn.Parameter]:
+        """Parameters that belong to scenario ``domain`` (its gates, towers and stacked gates, for every task)."""
+        return parameters_of(*(m[t][domain] for m in (self.gates, self.towers, self.stacked_gates)
+                               for t in self.task_names))
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return parameters_of(self.embedding, self.experts)
+
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        return self.experts.last_layer_parameters()

@@ -1,0 +1,128 @@
+"""PEPNet: Parameter and Embedding Personalized Network.
+
+Chang, J., Zhang, C., Hui, Y., Leng, D., Niu, Y., Song, Y., Gai, K.
+"PEPNet: Parameter and Embedding Personalized Network for Infusing with
+Personalized Prior Information." KDD 2023.
+
+Both personalisations use Gate NU, ``delta = gamma * sigmoid(W2 relu(W1 x + b1) + b2)``
+with ``gamma = 2`` (so gates lie in ``(0, 2)``).
+
+* EPNet (embedding personalisation, per domain): the general embedding ``E``
+  (every feature except the domain-side ones) is scaled elementwise by a gate
+  on the domain-side embedding concatenated with the *stop-gradient* general
+  embedding: ``O_ep = GateNU(E_d ++ sg(E)) * E``. The gate's loss signal
+  therefore trains the domain embedding and the gate, never ``E`` through the
+  gate input.
+* PPNet (parameter personalisation, per task): every task has its own tower;
+  before each of its linear layers ``l`` the hidden input is scaled by a gate
+  on the personalised prior features (user/item/author ids) concatenated with
+  the stop-gradient EPNet output: ``delta_l = GateNU_l(E_prior ++ sg(O_ep))``,
+  one Gate NU per layer whose output is split into one part per task,
+  ``H_{l+1} = act((delta_l,task * H_l) W_l + b_l)``.
+
+Choices where the paper is open: the domain-side input is the domain feature
+plus any ``domain_side_features`` (these leave the general embedding); the
+prior features also stay in the general embedding; the output layer's input
+is gated too; ``gate_hidden`` is the Gate NU hidden width.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..features import Feature
+from ..layers import (FeatureEmbedding, ScaledSigmoidGate, activation_layer, check_feature_names, domain_ids,
+                      feature_slices, resolve_domain)
+from ..registry import register
+from ..tasks import Task
+from .base import MultiTaskArchitecture, parameters_of
+
+
+@register("pepnet")
+class PEPNet(MultiTaskArchitecture):
+    """embedding -> EPNet (domain gate on the general embedding) -> per-task towers gated by PPNet."""
+
+    def __init__(
+        self,
+        features: Sequence[Feature | dict],
+        tasks: Sequence[Task | dict],
+        domain_feature: str = "domain",
+        num_domains: int | None = None,
+        domain_side_features: Sequence[str] = (),
+        prior_features: Sequence[str] = (),
+        tower_hidden: Sequence[int] = (128, 64),
+        gate_hidden: int = 64,
+        gate_scale: float = 2.0,
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__(features, tasks)
+        self.domain_feature = domain_feature
+        self.num_domains = resolve_domain("PEPNet", self.features, domain_feature, num_domains)
+        side = check_feature_names("PEPNet", "domain_side_features", domain_side_features, self.features)
+        self.domain_side = (domain_feature, *[n for n in side if n != domain_feature])
+        self.prior = check_feature_names("PEPNet", "prior_features", prior_features, self.features)
+        if domain_feature in self.prior:
+            raise ValueError("PEPNet: prior_features must not contain the domain feature")
+        self.general = tuple(f.name for f in self.features if f.name not in self.domain_side)
+        if not self.general:
+            raise ValueError("PEPNet: needs at least one feature besides the domain-side features")
+        self.embedding = FeatureEmbedding(self.features)
+        slices = feature_slices(self.embedding)
+        for part, names in (("general", self.general), ("domain", self.domain_side), ("prior", self.prior)):
+            columns = [torch.arange(slices[n].start, slices[n].stop) for n in names]
+            index = torch.cat(columns) if columns else torch.zeros(0, dtype=torch.long)
+            self.register_buffer(f"{part}_columns", index, persistent=False)  # where the part sits in (B, D)
+        general_dim, domain_dim, prior_dim = (len(getattr(self, f"{p}_columns")) for p in ("general", "domain", "prior"))
+        self.epnet = ScaledSigmoidGate(domain_dim + general_dim, gate_hidden, general_dim, gate_scale)
+
+        widths = [general_dim, *tower_hidden]  # inputs of each tower linear layer
+        outputs = [*tower_hidden, 1]
+        self.ppnet = nn.ModuleList(
+            ScaledSigmoidGate(prior_dim + general_dim, gate_hidden, len(self.tasks) * w, gate_scale) for w in widths
+        )
+        self.towers = nn.ModuleDict(
+            {t: nn.ModuleList(nn.Linear(i, o) for i, o in zip(widths, outputs)) for t in self.task_names}
+        )
+        self.widths = widths
+        self.activation = activation_layer(activation)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def _part(self, flat: Tensor, part: str) -> Tensor:
+        return flat.index_select(-1, getattr(self, f"{part}_columns"))
+
+    def epnet_gate(self, flat: Tensor) -> Tensor:
+        """``delta_domain = GateNU(E_d ++ sg(E))``: ``(B, general_dim)`` in ``(0, gate_scale)``."""
+        general = self._part(flat, "general")
+        return self.epnet(torch.cat([self._part(flat, "domain"), general.detach()], dim=-1))
+
+    def ppnet_gates(self, flat: Tensor, epnet_output: Tensor) -> list[Tensor]:
+        """``delta_l = GateNU_l(E_prior ++ sg(O_ep))`` per tower layer: each ``(B, T, width_l)``."""
+        gate_input = torch.cat([self._part(flat, "prior"), epnet_output.detach()], dim=-1)
+        return [gate(gate_input).view(-1, len(self.tasks), w) for gate, w in zip(self.ppnet, self.widths)]
+
+    def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        domain_ids("PEPNet", features, self.domain_feature, self.num_domains)
+        flat = self.embedding(features)  # (B, D)
+        epnet_output = self.epnet_gate(flat) * self._part(flat, "general")  # O_ep, (B, general_dim)
+        gates = self.ppnet_gates(flat, epnet_output)
+        outputs = {}
+        for k, name in enumerate(self.task_names):
+            h = epnet_output
+            layers = self.towers[name]
+            for layer, (linear, gate) in enumerate(zip(layers, gates)):
+                h = linear(gate[:, k] * h)
+                if layer < len(layers) - 1:
+                    h = self.dropout(self.activation(h))
+            outputs[name] = h.squeeze(-1)
+        return outputs
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Embeddings, EPNet and the PPNet gate networks (each PPNet gate serves every task)."""
+        return parameters_of(self.embedding, self.epnet, self.ppnet)
+
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        return parameters_of(self.epnet.mlp.last_linear())
