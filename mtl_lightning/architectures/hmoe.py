@@ -21,6 +21,12 @@ tasks mix probabilities, ``p = sum_s G_s sigmoid(l_s)``, and return
 ``logit(p)`` computed in log space (``log p - log(1 - p)`` with
 ``logsumexp``), so no probability is ever rounded to 0 or 1; regression tasks
 mix values.
+
+Choice where the paper is open: the stacked gate of scenario ``d`` starts with
+bias ``own_scenario_bias`` on scenario ``d`` and 0 on the others (weight
+``e^b / (e^b + S - 1)`` on its own prediction, 0.79 for ``b = 2, S = 3``), so
+training starts near per-scenario predictions and learns how much to borrow
+from the other scenarios; ``own_scenario_bias = 0`` starts from a uniform mix.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ class HMoE(MultiTaskArchitecture):
         tower_hidden: Sequence[int] = (64,),
         activation: str = "relu",
         dropout: float = 0.0,
+        own_scenario_bias: float = 2.0,
     ) -> None:
         super().__init__(features, tasks)
         self.domain_feature = domain_feature
@@ -72,6 +79,11 @@ class HMoE(MultiTaskArchitecture):
         self.stacked_gates = nn.ModuleDict(
             {t: nn.ModuleList(Gate(dim, self.num_domains) for _ in scenarios) for t in self.task_names}
         )
+        with torch.no_grad():  # each stacked gate starts favouring its own scenario's prediction
+            for gates in self.stacked_gates.values():
+                for d, gate in enumerate(gates):
+                    gate.linear.bias.zero_()
+                    gate.linear.bias[d] = own_scenario_bias
 
     def scenario_predictions(self, x: Tensor, experts: Tensor, task: str) -> Tensor:
         """Every scenario tower's output for every example: ``(B, S)`` logits (or values)."""

@@ -67,9 +67,7 @@ class PEPNet(MultiTaskArchitecture):
         self.prior = check_feature_names("PEPNet", "prior_features", prior_features, self.features)
         if domain_feature in self.prior:
             raise ValueError("PEPNet: prior_features must not contain the domain feature")
-        self.general = tuple(f.name for f in self.features if f.name not in self.domain_side)
-        if not self.general:
-            raise ValueError("PEPNet: needs at least one feature besides the domain-side features")
+        self.general = tuple(f.name for f in self.features)
         self.embedding = FeatureEmbedding(self.features)
         slices = feature_slices(self.embedding)
         for part, names in (("general", self.general), ("domain", self.domain_side), ("prior", self.prior)):
