@@ -1,21 +1,24 @@
 """A reproducible multi-scenario (multi-domain) Parquet dataset with known, domain-dependent signal.
 
-Impressions come from three domains (scenarios) of unequal size (50 %, 30 %,
-20 %), identified by the sparse ``domain`` feature. Every row has a user, an
+Impressions come from three domains (scenarios) of unequal size (60 %, 30 %,
+10 %), identified by the sparse ``domain`` feature. Every row has a user, an
 item, the domain and three dense features. Users and items are shared by the
 domains, but the label functions differ by domain:
 
-* ``click`` logit
-  - domain 0: ``-0.5 + user + popularity(item) + dense_0``
-  - domain 1: ``-0.8 + user - popularity(item) + dense_1`` (popularity flips sign)
-  - domain 2: ``-0.2 + 0.5 user + niche(item) - dense_0``
+* ``click`` logit (``popularity`` and ``niche`` are two independent hidden item effects)
+  - domain 0: ``-0.5 + user + popularity(item) + 1.5 dense_0``
+  - domain 1: ``-0.8 + user + niche(item) + 1.5 dense_1``
+  - domain 2: ``-0.2 + 0.5 user + popularity(item) + niche(item) + 1.5 dense_2``
 * ``conversion`` (given a click, ``-1`` on non-clicked rows, the ignore label):
   ``-0.3 + quality(item)`` plus ``dense_2`` in domain 0, ``-dense_2`` in domain 1
   and ``user`` in domain 2.
 
-A single network that ignores the domain cannot fit all three; one that uses
-it must learn domain-by-feature interactions, which is what multi-scenario
-architectures (STAR, HMoE, PEPNet, APG conditioned on the domain) are built for.
+A single function of the features cannot fit all three domains (each dense
+feature matters in one domain only, and the small domain 2 needs both item
+effects); a model must learn domain-by-feature interactions, which is what
+multi-scenario architectures (STAR, HMoE, PEPNet, APG conditioned on the
+domain) are built for. The best possible click AUC (from the true
+probabilities) is about 0.86 / 0.87 / 0.89 in domains 0 / 1 / 2.
 """
 
 from __future__ import annotations
