@@ -341,3 +341,19 @@ def test_domain_feature_is_checked(name):
     with pytest.raises(ValueError, match="exceeds the vocab_size 3"):
         cls(FEATURES, TASKS, num_domains=4)
     assert cls(FEATURES, TASKS).num_domains == 3  # default: the domain feature's vocabulary
+
+
+def test_scenario_dataset_has_three_domains_with_their_own_signal():
+    from datamodules.synthetic_scenarios import make_scenario_table, scenario_features
+
+    table = make_scenario_table(6000, seed=3).to_pandas()
+    shares = table["domain"].value_counts(normalize=True).sort_index().tolist()
+    assert shares == pytest.approx([0.6, 0.3, 0.1], abs=0.03)
+    assert set(table.columns) >= {f.name for f in scenario_features()} | {"click", "conversion"}
+    assert (table.loc[table.click == 0, "conversion"] == -1).all()
+    assert set(table.loc[table.click == 1, "conversion"]) == {0.0, 1.0}
+    # each dense feature drives clicks in its own domain only
+    for d in range(3):
+        rows = table[table.domain == d]
+        corr = [rows[f"dense_{j}"].corr(rows["click"]) for j in range(3)]
+        assert corr[d] > 0.2 and all(abs(c) < 0.1 for j, c in enumerate(corr) if j != d), (d, corr)
