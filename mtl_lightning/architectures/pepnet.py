@@ -8,7 +8,7 @@ Both personalisations use Gate NU, ``delta = gamma * sigmoid(W2 relu(W1 x + b1) 
 with ``gamma = 2`` (so gates lie in ``(0, 2)``).
 
 * EPNet (embedding personalisation, per domain): the general embedding ``E``
-  (every feature except the domain-side ones) is scaled elementwise by a gate
+  (every feature) is scaled elementwise by a gate
   on the domain-side embedding concatenated with the *stop-gradient* general
   embedding: ``O_ep = GateNU(E_d ++ sg(E)) * E``. The gate's loss signal
   therefore trains the domain embedding and the gate, never ``E`` through the
@@ -20,10 +20,11 @@ with ``gamma = 2`` (so gates lie in ``(0, 2)``).
   one Gate NU per layer whose output is split into one part per task,
   ``H_{l+1} = act((delta_l,task * H_l) W_l + b_l)``.
 
-Choices where the paper is open: the domain-side input is the domain feature
-plus any ``domain_side_features`` (these leave the general embedding); the
-prior features also stay in the general embedding; the output layer's input
-is gated too; ``gate_hidden`` is the Gate NU hidden width.
+Choices where the paper is open: the domain-side input ``E_d`` is the
+embedding of the domain feature plus any ``domain_side_features``; these and
+the prior features also stay in the general embedding ``E`` (so the towers
+see the domain directly too); the output layer's input is gated too;
+``gate_hidden`` is the Gate NU hidden width.
 """
 
 from __future__ import annotations
