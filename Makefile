@@ -23,5 +23,32 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# `make bench`: the side-by-side throughput benchmark (benchmarks/throughput.py --help for options;
+# BENCH_ARGS="--quick" for a small run). It includes nextrec and torch-rechub when `make bench-anchors`
+# has installed them into .venv-anchors, a separate virtualenv: they are never dependencies of the library.
+BENCH_ARGS ?=
+ANCHORS := .venv-anchors
+ANCHORS_STAMP := $(ANCHORS)/.installed
+
+bench: $(STAMP)
+	$(PY) benchmarks/throughput.py $(BENCH_ARGS)
+
+$(ANCHORS_STAMP):
+	test -x $(ANCHORS)/bin/python || $(PYTHON) -m venv $(ANCHORS)
+	$(ANCHORS)/bin/pip install -q --upgrade pip
+	$(ANCHORS)/bin/python -c "import torch" 2>/dev/null || $(ANCHORS)/bin/pip install -q "$(TORCH_SPEC)"
+	# nextrec lists torchvision but never imports it
+	$(ANCHORS)/bin/pip install -q --no-deps nextrec==0.6.14
+	$(ANCHORS)/bin/pip install -q "numpy>=1.21,<2.0" "pandas>=1.5,<2.0" "polars>=0.20.0" "pyarrow>=10.0.0,<13.0.0" \
+		"pyyaml>=6.0" "rich>=13.7.0" "scikit-learn>=1.2,<2.0" "scipy>=1.8,<1.12" "transformers>=4.38.0"
+	printf 'numpy<2.0\npandas<2.0\npyarrow<13.0.0\nscipy<1.12\n' > $(ANCHORS)/constraints.txt
+	$(ANCHORS)/bin/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" >> $(ANCHORS)/constraints.txt
+	$(ANCHORS)/bin/pip install -q -c $(ANCHORS)/constraints.txt torch-rechub==0.9.0
+	touch $(ANCHORS_STAMP)
+
+# `make bench-anchors`: install the anchor libraries into .venv-anchors, then run the benchmark with them.
+bench-anchors: $(STAMP) $(ANCHORS_STAMP)
+	$(PY) benchmarks/throughput.py --anchors-python $(ANCHORS)/bin/python $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) data runs lightning_logs
+	rm -rf $(VENV) $(ANCHORS) data runs lightning_logs benchmarks/.cache

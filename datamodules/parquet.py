@@ -152,22 +152,15 @@ def _sequence_array(column: pa.ChunkedArray, feature: SequenceFeature, path: Pat
 
 
 def pad_lists(column: pa.Array, max_len: int) -> np.ndarray:
-    """Ragged ``list<int>`` -> ``(N, max_len)`` int64, right-padded with 0; longer lists keep their first ``max_len`` ids."""
-    n = len(column)
-    if pa.types.is_fixed_size_list(column.type):
-        width = column.type.list_size
-        offsets = np.arange(n + 1, dtype=np.int64) * width
-    else:
-        offsets = column.offsets.to_numpy().astype(np.int64)
-        offsets = offsets - offsets[0]
-    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    lengths = np.diff(offsets)
-    out = np.zeros((n, max_len), dtype=np.int64)
-    rows = np.repeat(np.arange(n), lengths)
-    position = np.arange(len(flat)) - np.repeat(offsets[:-1], lengths)
-    keep = position < max_len
-    out[rows[keep], position[keep]] = flat[keep]
-    return out
+    """Ragged ``list<int>`` -> ``(N, max_len)`` int64, right-padded with 0; longer lists keep their first ``max_len`` ids.
+
+    One Arrow kernel (``list_slice`` to a fixed size, padding with nulls), then nulls -> 0.
+    """
+    if len(column) == 0:
+        return np.zeros((0, max_len), dtype=np.int64)
+    fixed = pc.list_slice(column, 0, max_len, return_fixed_size_list=True)
+    values = fixed.flatten().fill_null(0).to_numpy(zero_copy_only=False)
+    return values.astype(np.int64, copy=False).reshape(len(column), max_len)
 
 
 def _label_array(column: pa.ChunkedArray, task: Task, path: Path) -> np.ndarray:
@@ -342,7 +335,7 @@ def read_split(
         offset += table.num_rows
 
     def joined(parts: list[np.ndarray]) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(np.concatenate(parts)))
+        return torch.from_numpy(np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts)))
 
     return ColumnStore(
         {name: joined(parts) for name, parts in columns.items()},

@@ -93,6 +93,11 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 class WeightingStrategy(Configurable, nn.Module, metaclass=ABCMeta):
     """Base class: ``forward(per-task losses) -> loss to back-propagate``; see the module docstring for the hooks."""
 
+    #: ``True`` for a strategy that reads or changes per-task gradients of parameters that
+    #: include the embedding tables (e.g. PCGrad/MGDA over ``shared_parameters()``); such a
+    #: strategy refuses ``MultiTaskLightningModule(sparse_embeddings=True)``.
+    needs_embedding_gradients: bool = False
+
     def __init__(self) -> None:
         nn.Module.__init__(self)
         self.task_names: list[str] = []

@@ -1,0 +1,461 @@
+"""Side-by-side training throughput: mtl-lightning against a raw PyTorch loop and the anchor libraries.
+
+    .venv/bin/python benchmarks/throughput.py                 # (make bench) the default run
+    .venv/bin/python benchmarks/throughput.py --quick         # a small, fast run
+    make bench-anchors                                        # + nextrec and torch-rechub (own virtualenv)
+    python3 benchmarks/throughput.py --accelerator gpu --precision bf16-mixed
+
+The dataset (``bench_data.py``: 16 sparse features with vocabularies from 10 to
+100,000, 8 dense, one 20-long sequence, click/conversion/dwell labels; 1M
+training rows by default) is written once under ``benchmarks/.cache/``.
+
+Every measurement runs in a fresh child process (so peak RSS is its own) and
+the systems take turns inside each repetition, so that load from other
+processes on a shared machine hits all of them alike; the table reports the
+median over repetitions and every ratio is taken to the raw loop's median of
+the same run. Rows/s is timed identically for every system: a forward
+pre-hook on the model stamps each training step, the first ``--warmup`` steps
+are left out, then ``--steps`` steps are timed (data loading, forward,
+backward, optimizer and logging all inside). Systems:
+
+* ``raw``: a minimal hand-written loop over column tensors already in memory
+  (random batches by ``index_select``), the same architecture object, the same
+  masked losses, ``torch.optim.Adam``;
+* ``raw-sparse``: that loop with sparse embedding gradients and ``SparseAdam``
+  for the tables (Adam for the rest);
+* ``mtl-lightning``: ``lightning.Trainer`` + ``ParquetDataModule`` +
+  ``MultiTaskLightningModule`` (TensorBoard logger at its defaults; progress
+  bar, checkpointing and validation off);
+* ``mtl-lightning sparse``: the same with ``sparse_embeddings=True``;
+* ``mtl-lightning compile`` (``--compile``): ``compile_model=True``;
+* ``nextrec``, ``torch-rechub`` (MMoE only): their own MMoE through their
+  normal training API, in the ``--anchors-python`` virtualenv (``make bench-anchors``).
+
+Also measured: the data path alone (Parquet files to shuffled batches, no
+model, one thread) and, with ``--auc`` (default), validation click AUC after one
+epoch of dense and of sparse MMoE training on ``--auc-rows`` rows (the sparse
+option's quality check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+
+import bench_data  # noqa: E402
+
+PROJECT_SYSTEMS = ["raw", "raw-sparse", "mtl-lightning", "mtl-lightning sparse"]
+ANCHOR_SYSTEMS = ["torch-rechub", "nextrec"]
+
+
+# ---------------------------------------------------------------------- children
+def features_and_tasks(model: str) -> tuple[list, list]:
+    from mtl_lightning import Task
+    from mtl_lightning.features import DenseFeature, SequenceFeature, SparseFeature
+
+    features = (
+        [SparseFeature(n, v, bench_data.EMBEDDING_DIM) for n, v in zip(bench_data.SPARSE, bench_data.SPARSE_VOCABS)]
+        + [DenseFeature(n) for n in bench_data.DENSE]
+        + [SequenceFeature(bench_data.SEQUENCE, bench_data.SEQ_VOCAB, bench_data.SEQ_LEN, bench_data.EMBEDDING_DIM)]
+    )
+    if model == "esmm":
+        tasks = [Task("ctr", label="click"), Task("ctcvr", label="purchase")]
+    else:
+        tasks = [Task("click"), Task("conversion"), Task("dwell", kind="regression")]
+    return features, tasks
+
+
+def build_model(model: str, features: list, tasks: list):
+    from mtl_lightning import registry
+
+    shapes: dict[str, dict[str, Any]] = {
+        "mmoe": dict(num_experts=4, expert_hidden=(256, 128), tower_hidden=(64,)),
+        "ple": dict(num_levels=2, num_specific_experts=1, num_shared_experts=2, expert_hidden=(256, 128),
+                    tower_hidden=(64,)),
+        "esmm": dict(tower_hidden=(256, 128, 64)),
+    }
+    return registry.create(model, features=features, tasks=tasks, **shapes[model])
+
+
+class StepClock:
+    """Forward pre-hook: stamps the start of each training forward (syncing CUDA only at the two ends)."""
+
+    def __init__(self, warmup: int, steps: int, cuda: bool) -> None:
+        self.warmup, self.steps, self.cuda = warmup, steps, cuda
+        self.stamps: list[float] = []
+
+    def __call__(self, module, args) -> None:
+        if not module.training:
+            return
+        if self.cuda and len(self.stamps) in (self.warmup, self.warmup + self.steps):
+            import torch
+
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+
+    def seconds(self) -> float:
+        if len(self.stamps) <= self.warmup + self.steps:
+            raise RuntimeError(f"only {len(self.stamps)} training steps ran; need {self.warmup + self.steps + 1}")
+        return self.stamps[self.warmup + self.steps] - self.stamps[self.warmup]
+
+
+class GpuSampler:
+    """Samples GPU utilisation with ``nvidia-smi`` every 100 ms; ``mean(start, end)`` averages a time window."""
+
+    def __init__(self) -> None:
+        import shutil
+        import threading
+
+        self.samples: list[tuple[float, float]] = []
+        self.proc = None
+        if shutil.which("nvidia-smi") is None:
+            return
+        self.proc = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100", "-i", "0"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            try:
+                self.samples.append((time.perf_counter(), float(line.strip())))
+            except ValueError:
+                pass
+
+    def mean(self, start: float, end: float) -> float | None:
+        if self.proc is not None:
+            self.proc.terminate()
+        inside = [u for t, u in self.samples if start <= t <= end]
+        return statistics.mean(inside) if inside else None
+
+
+def add_gpu_utilisation(result: dict[str, Any], sampler: GpuSampler | None, clock: StepClock) -> None:
+    if sampler is not None:
+        util = sampler.mean(clock.stamps[clock.warmup], clock.stamps[clock.warmup + clock.steps])
+        if util is not None:
+            result["gpu_util_pct"] = util
+
+
+def run_raw(args: argparse.Namespace, sparse: bool) -> dict[str, Any]:
+    import torch
+
+    from datamodules.parquet import read_split
+    from mtl_lightning.layers.embedding import FeatureEmbedding
+    from mtl_lightning.losses import masked_loss
+
+    features, tasks = features_and_tasks(args.model)
+    store = read_split([Path(args.train)], features, tasks)
+    model = build_model(args.model, features, tasks)
+    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+    model.to(device).train()
+    tables = [p for m in model.modules() if isinstance(m, FeatureEmbedding) for p in m.embedding_parameters()]
+    if sparse:
+        for m in model.modules():
+            if isinstance(m, FeatureEmbedding):
+                m.sparse = True
+        ids = {id(p) for p in tables}
+        optimizers = [torch.optim.SparseAdam(tables, lr=1e-3),
+                      torch.optim.Adam([p for p in model.parameters() if id(p) not in ids], lr=1e-3)]
+    else:
+        optimizers = [torch.optim.Adam(model.parameters(), lr=1e-3)]
+    clock = StepClock(args.warmup, args.steps, device.type == "cuda")
+    model.register_forward_pre_hook(clock)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
+    sampler = GpuSampler() if device.type == "cuda" else None
+    order = torch.randperm(store.num_rows)
+    for step in range(args.warmup + args.steps + 1):
+        lo = (step * args.batch_size) % (store.num_rows - args.batch_size + 1)
+        batch = store.batch(order[lo : lo + args.batch_size])
+        x = {k: v.to(device, non_blocking=True) for k, v in batch["features"].items()}
+        y = {k: v.to(device, non_blocking=True) for k, v in batch["labels"].items()}
+        with autocast:
+            out = model(x)
+        loss = sum(t.weight * masked_loss(out[t.name], y[t.name], t.kind, -1) for t in tasks)
+        for o in optimizers:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in optimizers:
+            o.step()
+    result = {"rows_per_s": args.steps * args.batch_size / clock.seconds()}
+    add_gpu_utilisation(result, sampler, clock)
+    return result
+
+
+def run_lightning(args: argparse.Namespace, sparse: bool, compile_model: bool = False) -> dict[str, Any]:
+    import lightning as L
+    import torch
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from datamodules import ParquetDataModule
+    from mtl_lightning import MultiTaskLightningModule
+
+    features, tasks = features_and_tasks(args.model)
+    gpu = args.accelerator == "gpu"
+    dm = ParquetDataModule(train=args.train, val=args.val if args.auc else None, tasks=tasks, features=features,
+                           batch_size=args.batch_size, pin_memory=gpu)
+    model = build_model(args.model, features, tasks)
+    kwargs: dict[str, Any] = {"sparse_embeddings": sparse}
+    if compile_model:
+        kwargs["compile_model"] = True
+    module = MultiTaskLightningModule(model, lr=1e-3, **kwargs)
+    clock = StepClock(args.warmup, args.steps, gpu)
+    model.register_forward_pre_hook(clock)
+    logdir = tempfile.mkdtemp(prefix="bench-logs-")
+    try:  # TensorBoard, Lightning's default logger, where it is installed
+        logger = TensorBoardLogger(logdir)
+    except ModuleNotFoundError:
+        logger = CSVLogger(logdir)
+    sampler = GpuSampler() if gpu else None
+    trainer = L.Trainer(
+        accelerator=args.accelerator, devices=1, precision=args.precision,
+        max_steps=-1 if args.auc else args.warmup + args.steps + 1, max_epochs=1,
+        logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1.0 if args.auc else 0,
+    )
+    trainer.fit(module, dm)
+    result: dict[str, Any] = {"rows_per_s": args.steps * args.batch_size / clock.seconds()}
+    add_gpu_utilisation(result, sampler, clock)
+    if args.auc:
+        result["val_click_auc"] = float(trainer.callback_metrics["val/click/auc"])
+    return result
+
+
+def run_datapath(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from datamodules import ParquetDataModule
+
+    torch.set_num_threads(1)
+    features, tasks = features_and_tasks("mmoe")
+    start = time.perf_counter()
+    dm = ParquetDataModule(train=args.train, tasks=tasks, features=features, batch_size=args.batch_size)
+    dm.setup("fit")
+    read = time.perf_counter()
+    rows = 0
+    for batch in dm.train_dataloader():
+        rows += len(batch["row_id"])
+    end = time.perf_counter()
+    return {"rows_per_s": rows / (end - start), "read_rows_per_s": rows / (read - start),
+            "batch_rows_per_s": rows / (end - read)}
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    system = args.child
+    if system == "raw":
+        result = run_raw(args, sparse=False)
+    elif system == "raw-sparse":
+        result = run_raw(args, sparse=True)
+    elif system == "mtl-lightning":
+        result = run_lightning(args, sparse=False)
+    elif system == "mtl-lightning sparse":
+        result = run_lightning(args, sparse=True)
+    elif system == "mtl-lightning compile":
+        result = run_lightning(args, sparse=False, compile_model=True)
+    elif system == "data path":
+        result = run_datapath(args)
+    else:
+        raise SystemExit(f"unknown system {system!r}")
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ------------------------------------------------------------------------ parent
+def launch(command: list[str], label: str, timeout: float) -> dict[str, Any] | None:
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    except subprocess.TimeoutExpired:
+        print(f"  {label}: timed out after {timeout:.0f} s", flush=True)
+        return None
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+            print(f"  {label}: {result['rows_per_s']:,.0f} rows/s, peak RSS {result['peak_rss_mib']:,.0f} MiB"
+                  + (f", val click AUC {result['val_click_auc']:.4f}" if "val_click_auc" in result else "")
+                  + (f", GPU utilisation {result['gpu_util_pct']:.0f} %" if "gpu_util_pct" in result else "")
+                  + f" ({time.perf_counter() - started:.0f} s)", flush=True)
+            return result
+    tail = "\n    ".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
+    print(f"  {label}: failed (exit {proc.returncode}):\n    {tail}", flush=True)
+    return None
+
+
+def child_command(args: argparse.Namespace, system: str, model: str, **overrides: Any) -> list[str]:
+    options = {"--model": model, "--train": args.train, "--val": args.val, "--batch-size": args.batch_size,
+               "--warmup": args.warmup, "--steps": args.steps, "--threads": args.threads,
+               "--accelerator": args.accelerator, "--precision": args.precision}
+    auc = bool(overrides.pop("--auc", False))
+    options.update(overrides)
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", system]
+    for key, value in options.items():
+        command += [key, str(value)]
+    return command + (["--auc"] if auc else ["--no-auc"])
+
+
+def anchor_command(args: argparse.Namespace, system: str) -> list[str]:
+    return [args.anchors_python, str(HERE / "anchors.py"), system, "--train", str(args.train),
+            "--batch-size", str(args.batch_size), "--warmup", str(args.warmup), "--steps", str(args.steps),
+            "--threads", str(args.threads), "--device", "cuda" if args.accelerator == "gpu" else "cpu"]
+
+
+def anchors_available(python: str | None) -> list[str]:
+    if not python:
+        return []
+    if not Path(python).exists():
+        print(f"anchors: {python} does not exist; run `make bench-anchors` to install nextrec and torch-rechub")
+        return []
+    found = []
+    for system, module in (("torch-rechub", "torch_rechub"), ("nextrec", "nextrec")):
+        ok = subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode == 0
+        (found.append(system) if ok else print(f"anchors: {module} is not importable with {python}; skipped"))
+    return found
+
+
+def registered() -> list[str]:
+    from mtl_lightning import registry
+
+    return list(registry.names())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000, help="training rows of the cached dataset")
+    parser.add_argument("--quick", action="store_true", help="100k rows, 20 timed steps, 2 repetitions, no AUC")
+    parser.add_argument("--models", default="mmoe,ple,esmm", help="comma-separated; esmm only when registered")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=50, help="timed training steps per measurement")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
+    parser.add_argument("--batch-size", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
+    parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--precision", default="32-true", help="a Lightning precision, e.g. bf16-mixed")
+    parser.add_argument("--anchors-python", default=None,
+                        help="python of the virtualenv with nextrec and torch-rechub (make bench-anchors)")
+    parser.add_argument("--auc", action=argparse.BooleanOptionalAction, default=True,
+                        help="also train MMoE dense and sparse for one epoch (--auc-rows) and compare val click AUC")
+    parser.add_argument("--auc-rows", type=int, default=200_000, help="training rows of the AUC check's dataset")
+    parser.add_argument("--systems", default=None,
+                        help="comma-separated subset to run (raw always runs), e.g. 'mtl-lightning compile'")
+    parser.add_argument("--compile", action="store_true", help="also measure compile_model=True")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per child process")
+    parser.add_argument("--json", type=Path, default=None, help="also write every measurement here")
+    # used by the child processes
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="mmoe", help=argparse.SUPPRESS)
+    parser.add_argument("--train", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--val", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    if args.quick:
+        args.rows, args.steps, args.repeats, args.auc = min(args.rows, 100_000), min(args.steps, 20), 2, False
+    started = time.perf_counter()
+    paths = bench_data.dataset(args.rows)
+    args.train, args.val = str(paths["train"]), str(paths["val"])
+    models = [m for m in args.models.split(",") if m]
+    known = registered()
+    for m in [m for m in models if m not in known]:
+        print(f"{m}: not registered in this checkout; skipped")
+    models = [m for m in models if m in known]
+    anchors = anchors_available(args.anchors_python)
+    systems = {m: PROJECT_SYSTEMS + (["mtl-lightning compile"] if args.compile else []) for m in models}
+    if "mmoe" in systems:
+        systems["mmoe"] = systems["mmoe"] + anchors
+    if args.systems:
+        wanted = {"raw"} | {x.strip() for x in args.systems.split(",")}
+        systems = {m: [x for x in found if x in wanted] for m, found in systems.items()}
+    print(f"dataset: {args.rows:,} training rows ({paths['train']}); batch {args.batch_size}, "
+          f"{args.warmup} warm-up + {args.steps} timed steps, {args.repeats} repetitions, {args.threads} threads, "
+          f"{args.accelerator} {args.precision}", flush=True)
+
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {m: {s: [] for s in systems[m]} for m in models}
+    datapath: list[dict[str, Any]] = []
+    for rep in range(args.repeats):
+        print(f"repetition {rep + 1}/{args.repeats}", flush=True)
+        for m in models:
+            for s in systems[m]:
+                command = anchor_command(args, s) if s in ANCHOR_SYSTEMS else child_command(args, s, m)
+                r = launch(command, f"{m} {s}", args.timeout)
+                if r is not None:
+                    results[m][s].append(r)
+        r = launch(child_command(args, "data path", "mmoe"), "data path", args.timeout)
+        if r is not None:
+            datapath.append(r)
+
+    auc: dict[str, dict[str, Any]] = {}
+    if args.auc and "mmoe" in models:
+        auc_paths = bench_data.dataset(args.auc_rows)
+        print(f"quality: one epoch of MMoE on {args.auc_rows:,} rows, validation click AUC on "
+              f"{bench_data.val_rows(args.auc_rows):,}", flush=True)
+        for s in ("mtl-lightning", "mtl-lightning sparse"):
+            overrides = {"--auc": True, "--train": auc_paths["train"], "--val": auc_paths["val"]}
+            r = launch(child_command(args, s, "mmoe", **overrides), f"mmoe {s} (1 epoch)", args.timeout * 2)
+            if r is not None:
+                auc[s] = r
+
+    print_report(args, results, datapath, auc, time.perf_counter() - started)
+    if args.json:
+        args.json.write_text(json.dumps({"results": results, "datapath": datapath, "auc": auc,
+                                         "args": {k: v for k, v in vars(args).items() if k != "json"}}, indent=1,
+                                        default=str))
+
+
+def median(runs: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in runs if key in r]
+    return statistics.median(values) if values else None
+
+
+def print_report(args, results, datapath, auc, seconds: float) -> None:
+    print(f"\nMedians over {args.repeats} repetitions ({args.accelerator}, {args.precision}, {args.threads} threads, "
+          f"batch {args.batch_size}; total {seconds / 60:.1f} min)\n")
+    gpu = any("gpu_util_pct" in r for by_system in results.values() for runs in by_system.values() for r in runs)
+    print("| model | system | train rows/s | ratio to raw | peak RSS MiB | RSS ratio to raw |"
+          + (" GPU util % |" if gpu else ""))
+    print("|---|---|---:|---:|---:|---:|" + ("---:|" if gpu else ""))
+    for m, by_system in results.items():
+        raw_speed, raw_rss = median(by_system.get("raw", []), "rows_per_s"), median(by_system.get("raw", []),
+                                                                                         "peak_rss_mib")
+        for s, runs in by_system.items():
+            speed, rss = median(runs, "rows_per_s"), median(runs, "peak_rss_mib")
+            if speed is None:
+                print(f"| {m} | {s} | failed | | | |")
+                continue
+            spread = f" ({min(r['rows_per_s'] for r in runs):,.0f}–{max(r['rows_per_s'] for r in runs):,.0f})"
+            ratio = f"{speed / raw_speed:.2f}" if raw_speed else ""
+            rss_ratio = f"{rss / raw_rss:.2f}" if raw_rss else ""
+            util = median(runs, "gpu_util_pct")
+            print(f"| {m} | {s} | {speed:,.0f}{spread if len(runs) > 1 else ''} | {ratio} | {rss:,.0f} | {rss_ratio} |"
+                  + ((f" {util:.0f} |" if util is not None else " |") if gpu else ""))
+    if datapath:
+        print(f"\nData path alone (Parquet -> shuffled batches, 1 thread, {args.rows:,} rows): "
+              f"{median(datapath, 'rows_per_s'):,.0f} rows/s end to end "
+              f"(read and check {median(datapath, 'read_rows_per_s'):,.0f} rows/s, "
+              f"batches {median(datapath, 'batch_rows_per_s'):,.0f} rows/s)")
+    if auc:
+        parts = [f"{s}: {r['val_click_auc']:.4f}" for s, r in auc.items()]
+        print(f"\nValidation click AUC after one epoch of MMoE on {args.auc_rows:,} rows: " + ", ".join(parts))
+
+
+if __name__ == "__main__":
+    main()
