@@ -126,7 +126,7 @@ class MultiTaskLightningModule(L.LightningModule):
             most of the model; the tables get no weight decay. Works with
             checkpoints and with DDP on the gloo backend (sparse gradients are
             all-reduced); refused for other distributed backends and strategies
-            and for weighting strategies that need embedding gradients.
+            and for a weighting strategy that sets ``needs_embedding_gradients``.
         compile_model: compile the architecture with ``torch.compile`` (in place,
             so checkpoints keep their keys) when training starts; opt-in.
     """
