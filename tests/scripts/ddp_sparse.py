@@ -29,7 +29,7 @@ class GrabGradients(L.Callback):
         self.grads: list[torch.Tensor] = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        grad = pl_module.model.embedding.weights["dim16"].weight.grad
+        grad = pl_module.model.embedding.tables["item_id"].weight.grad
         self.grads.append((grad.to_dense() if grad.is_sparse else grad).clone())
 
 
