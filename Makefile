@@ -46,6 +46,11 @@ $(ANCHORS_STAMP):
 	$(ANCHORS)/bin/pip install -q -c $(ANCHORS)/constraints.txt torch-rechub==0.9.0
 	touch $(ANCHORS_STAMP)
 
+# `make quality`: every architecture and weighting strategy on Census-Income, 3 seeds
+# (QUALITY_ARGS="--quick" for one seed and 3 epochs; "--jobs N --threads 1" to run N trainings at once).
+quality: $(STAMP)
+	$(PY) benchmarks/quality.py $(QUALITY_ARGS)
+
 # `make bench-anchors`: install the anchor libraries into .venv-anchors, then run the benchmark with them.
 bench-anchors: $(STAMP) $(ANCHORS_STAMP)
 	$(PY) benchmarks/throughput.py --anchors-python $(ANCHORS)/bin/python $(BENCH_ARGS)
