@@ -746,7 +746,10 @@ class ParquetDataModule(L.LightningDataModule):
         )
 
     def _loader(self, split: str) -> DataLoader:
-        epoch_fn = (lambda: self.trainer.current_epoch) if self.trainer is not None else None
+        # Lightning's own sampler epoch: the number of training epochs already run. Unlike
+        # ``trainer.current_epoch`` it is right when resuming from a checkpoint written at the
+        # end of an epoch (by ModelCheckpoint, before the epoch counts as completed).
+        epoch_fn = (lambda: self.trainer.fit_loop.epoch_progress.current.processed) if self.trainer is not None else None
         return EpochDataLoader(
             self.dataset(split), epoch_fn=epoch_fn, num_workers=self.num_workers, pin_memory=self.pin_memory,
         )

@@ -94,3 +94,27 @@ def test_rejects_bad_configuration(synthetic_paths):
     with pytest.raises(ValueError, match="no label for task 'click'"):
         module = MultiTaskLightningModule(model)
         module.compute_losses({"click": torch.zeros(2)}, {})
+
+
+def test_resume_from_an_end_of_epoch_checkpoint_is_exact(tmp_path):
+    """ModelCheckpoint writes before the epoch counts as completed; the next epoch's order must still follow."""
+    from datamodules.synthetic import write_synthetic
+
+    paths = write_synthetic(tmp_path / "data", (3_000, 300, 300))
+
+    def run(max_epochs, ckpt_path=None, callbacks=()):
+        torch.manual_seed(0)
+        dm = synthetic_datamodule(paths, batch_size=512)
+        dm.setup("fit")
+        module = MultiTaskLightningModule(MMoE(dm.features, synthetic_tasks(), num_experts=2, expert_hidden=(16,),
+                                               tower_hidden=(8,)), lr=1e-2)
+        quiet_trainer(max_epochs=max_epochs, enable_checkpointing=bool(callbacks), callbacks=list(callbacks)).fit(
+            module, dm, ckpt_path=ckpt_path)
+        return module
+
+    straight = run(2)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    run(1, callbacks=[checkpoint])
+    resumed = run(2, ckpt_path=checkpoint.last_model_path)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
