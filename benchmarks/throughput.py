@@ -209,6 +209,8 @@ def run_lightning(args: argparse.Namespace, sparse: bool, compile_model: bool = 
                            batch_size=args.batch_size, pin_memory=gpu)
     model = build_model(args.model, features, tasks)
     kwargs: dict[str, Any] = {"sparse_embeddings": sparse}
+    if sparse and args.sparse_lr:
+        kwargs["sparse_lr"] = args.sparse_lr
     if compile_model:
         kwargs["compile_model"] = True
     module = MultiTaskLightningModule(model, lr=1e-3, **kwargs)
@@ -303,6 +305,8 @@ def child_command(args: argparse.Namespace, system: str, model: str, **overrides
     options = {"--model": model, "--train": args.train, "--val": args.val, "--batch-size": args.batch_size,
                "--warmup": args.warmup, "--steps": args.steps, "--threads": args.threads,
                "--accelerator": args.accelerator, "--precision": args.precision}
+    if args.sparse_lr:
+        options["--sparse-lr"] = args.sparse_lr
     auc = bool(overrides.pop("--auc", False))
     options.update(overrides)
     command = [sys.executable, str(Path(__file__).resolve()), "--child", system]
@@ -353,6 +357,7 @@ def main() -> None:
     parser.add_argument("--auc", action=argparse.BooleanOptionalAction, default=True,
                         help="also train MMoE dense and sparse for one epoch (--auc-rows) and compare val click AUC")
     parser.add_argument("--auc-rows", type=int, default=200_000, help="training rows of the AUC check's dataset")
+    parser.add_argument("--sparse-lr", type=float, default=None, help="sparse_lr of the sparse systems")
     parser.add_argument("--systems", default=None,
                         help="comma-separated subset to run (raw always runs), e.g. 'mtl-lightning compile'")
     parser.add_argument("--compile", action="store_true", help="also measure compile_model=True")

@@ -129,6 +129,10 @@ class MultiTaskLightningModule(L.LightningModule):
             and for a weighting strategy that sets ``needs_embedding_gradients``.
         compile_model: compile the architecture with ``torch.compile`` (in place,
             so checkpoints keep their keys) when training starts; opt-in.
+        sparse_lr: SparseAdam's learning rate with ``sparse_embeddings`` (default
+            ``lr``). SparseAdam moves a row only when a batch touches it, where
+            dense Adam keeps moving it on momentum, so rare ids learn slower at
+            the same rate; a larger ``sparse_lr`` makes up for it.
     """
 
     def __init__(
@@ -147,6 +151,7 @@ class MultiTaskLightningModule(L.LightningModule):
         counterfactual: CounterfactualCVR | dict[str, Any] | None = None,
         sparse_embeddings: bool = False,
         compile_model: bool = False,
+        sparse_lr: float | None = None,
     ) -> None:
         super().__init__()
         if isinstance(model, dict):
@@ -354,7 +359,7 @@ class MultiTaskLightningModule(L.LightningModule):
             rest = [p for p in self.optimized_parameters() if id(p) not in tables]
             adam = {k: v for k, v in (hp.optimizer_kwargs or {}).items() if k in ("betas", "eps")}
             sparse_tables = [p for p in self.parameters() if id(p) in tables]
-            parts: list[torch.optim.Optimizer] = [torch.optim.SparseAdam(sparse_tables, lr=hp.lr, **adam)]
+            parts: list[torch.optim.Optimizer] = [torch.optim.SparseAdam(sparse_tables, lr=hp.get("sparse_lr") or hp.lr, **adam)]
             if rest:
                 parts.append(make(rest, **kwargs))
             optimizer: torch.optim.Optimizer = CombinedOptimizer(parts)

@@ -38,6 +38,9 @@ def test_sparse_gradients_and_optimizers():
     assert isinstance(sparse_adam, torch.optim.SparseAdam) and isinstance(rest, torch.optim.AdamW)
     assert [p for g in sparse_adam.param_groups for p in g["params"]] == [t.weight for t in tables.values()]
     assert len(optimizer.param_groups) == 2 and rest.param_groups[0]["weight_decay"] == 0.1
+    assert sparse_adam.param_groups[0]["lr"] == 0.01 == rest.param_groups[0]["lr"]  # sparse_lr defaults to lr
+    faster = module(True, lr=0.01, sparse_lr=0.05).configure_optimizers().optimizers
+    assert faster[0].param_groups[0]["lr"] == 0.05 and faster[1].param_groups[0]["lr"] == 0.01
     x = {}
     for f in synthetic_features():
         if isinstance(f, SequenceFeature):
