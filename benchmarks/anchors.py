@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import throughput  # noqa: E402  (stdlib and bench_data only at import time)
 from bench_data import DENSE, EMBEDDING_DIM, SEQ_LEN, SEQ_VOCAB, SEQUENCE, SPARSE, SPARSE_VOCABS, padded_history  # noqa: E402
 
 TARGETS = ["click", "conversion", "dwell"]
@@ -39,24 +40,14 @@ class Stop(Exception):
     """Raised by the timing hook once the timed steps are done."""
 
 
-class StepClock:
-    """Forward pre-hook: stamps each training forward; raises ``Stop`` after ``warmup + steps`` stamps."""
-
-    def __init__(self, warmup: int, steps: int, cuda: bool) -> None:
-        self.warmup, self.steps, self.cuda = warmup, steps, cuda
-        self.stamps: list[float] = []
+class StepClock(throughput.StepClock):
+    """The project benchmark's clock; also raises ``Stop`` once the timed steps are done (the anchors' own
+    training loops cannot be told to stop after N steps)."""
 
     def __call__(self, module, args) -> None:
-        if not module.training:
-            return
-        if self.cuda and len(self.stamps) in (self.warmup, self.warmup + self.steps):
-            torch.cuda.synchronize()
-        self.stamps.append(time.perf_counter())
+        super().__call__(module, args)
         if len(self.stamps) > self.warmup + self.steps:
             raise Stop
-
-    def seconds(self) -> float:
-        return self.stamps[self.warmup + self.steps] - self.stamps[self.warmup]
 
 
 def rechub(train: Path, clock: StepClock, batch_size: int, device: str) -> None:
