@@ -141,26 +141,55 @@ def _sequence_array(column: pa.ChunkedArray, feature: SequenceFeature, path: Pat
         pa.types.is_integer(ctype.value_type)
     ):
         raise ValueError(f"{path}: column {feature.name!r} is a SequenceFeature but has type {ctype}; it must be list<int>")
-    column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     if column.null_count:
         raise ValueError(f"{path}: column {feature.name!r} has {column.null_count} null lists (use an empty list)")
-    values = column.flatten()
+    values = pc.list_flatten(column)
     if values.null_count:
         raise ValueError(f"{path}: column {feature.name!r} has null ids inside lists")
     _check_ids(values, feature.vocab_size, path, feature.name)
     return pad_lists(column, feature.max_len)
 
 
-def pad_lists(column: pa.Array, max_len: int) -> np.ndarray:
+def pad_lists(column: pa.Array | pa.ChunkedArray, max_len: int) -> np.ndarray:
     """Ragged ``list<int>`` -> ``(N, max_len)`` int64, right-padded with 0; longer lists keep their first ``max_len`` ids.
 
-    One Arrow kernel (``list_slice`` to a fixed size, padding with nulls), then nulls -> 0.
+    Vectorised over the list offsets, chunk by chunk, with no per-row Python:
+    every kept id goes to ``row * max_len + position`` in one numpy scatter
+    (lists that all hold exactly ``max_len`` ids are one reshape). The column
+    must have no null lists (``_sequence_array`` checks that first).
     """
-    if len(column) == 0:
-        return np.zeros((0, max_len), dtype=np.int64)
-    fixed = pc.list_slice(column, 0, max_len, return_fixed_size_list=True)
-    values = fixed.flatten().fill_null(0).to_numpy(zero_copy_only=False)
-    return values.astype(np.int64, copy=False).reshape(len(column), max_len)
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    out = np.zeros((len(column), max_len), dtype=np.int64)
+    flat = out.reshape(-1)
+    row = 0
+    for chunk in chunks:
+        rows = len(chunk)
+        if rows == 0:
+            continue
+        if pa.types.is_fixed_size_list(chunk.type):
+            width = min(chunk.type.list_size, max_len)
+            values = chunk.flatten().to_numpy(zero_copy_only=False).reshape(rows, chunk.type.list_size)
+            out[row : row + rows, :width] = values[:, :width]
+            row += rows
+            continue
+        offsets = chunk.offsets.to_numpy().astype(np.int64, copy=False)  # absolute positions in chunk.values
+        first, last = int(offsets[0]), int(offsets[-1])
+        values = chunk.values.slice(first, last - first).to_numpy(zero_copy_only=False)
+        lengths = np.diff(offsets)
+        if (lengths == max_len).all():
+            out[row : row + rows] = values.reshape(rows, max_len)
+        else:
+            # destination of value i of list r: (row + r) * max_len + (i - start_r)
+            shift = np.repeat((row + np.arange(rows, dtype=np.int64)) * max_len - (offsets[:-1] - first), lengths)
+            dest = np.arange(last - first, dtype=np.int64)
+            if lengths.max() > max_len:  # keep the first max_len ids of longer lists
+                keep = (dest - np.repeat(offsets[:-1] - first, lengths)) < max_len
+                flat[(dest + shift)[keep]] = values[keep]
+            else:
+                dest += shift
+                flat[dest] = values
+        row += rows
+    return out
 
 
 def _label_array(column: pa.ChunkedArray, task: Task, path: Path) -> np.ndarray:

@@ -144,3 +144,28 @@ def test_null_labels_become_ignored_and_sequences_pad(tmp_path):
     batch = next(iter(dm.dataset("train")))
     assert torch.isnan(batch["labels"]["y"][1])
     assert batch["features"]["s"].tolist() == [[1, 2], [0, 0], [3, 0]]  # truncated to max_len, right-padded
+
+
+def _padded_reference(column, max_len: int) -> np.ndarray:
+    rows = column.to_pylist()
+    return np.array([r[:max_len] + [0] * (max_len - len(r[:max_len])) for r in rows], dtype=np.int64).reshape(-1, max_len)
+
+
+def test_pad_lists_matches_a_per_row_reference():
+    from datamodules.parquet import pad_lists
+
+    rng = np.random.default_rng(0)
+    lists = [[int(v) for v in rng.integers(1, 100, rng.integers(0, 9))] for _ in range(400)]
+    for kind in (pa.list_(pa.int64()), pa.large_list(pa.int32()), pa.list_(pa.int16())):
+        full = pa.array(lists, kind)
+        # a slice (offsets do not start at 0) and a chunked column with an empty chunk
+        columns = [full, full.slice(37, 200), pa.chunked_array([full.slice(0, 10), full.slice(10, 0), full.slice(300, 90)])]
+        for column in columns:
+            for max_len in (1, 4, 8, 12):  # truncating, mixed, exactly the longest, all padded
+                np.testing.assert_array_equal(pad_lists(column, max_len), _padded_reference(column, max_len))
+    fixed = pa.FixedSizeListArray.from_arrays(pa.array(np.arange(60), pa.int64()), 6)
+    for column in (fixed, fixed.slice(2, 5)):
+        for max_len in (3, 6, 9):
+            np.testing.assert_array_equal(pad_lists(column, max_len), _padded_reference(column, max_len))
+    same = pa.array([[1, 2, 3]] * 5).slice(1, 3)  # every list exactly max_len: the reshape path
+    np.testing.assert_array_equal(pad_lists(same, 3), [[1, 2, 3]] * 3)
