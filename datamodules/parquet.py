@@ -135,7 +135,9 @@ def _dense_array(column: pa.ChunkedArray, feature: DenseFeature, path: Path) -> 
     return values
 
 
-def _sequence_array(column: pa.ChunkedArray, feature: SequenceFeature, path: Path) -> np.ndarray:
+def _sequence_array(
+    column: pa.ChunkedArray, feature: SequenceFeature, path: Path, out: np.ndarray | None = None
+) -> np.ndarray:
     ctype = column.type
     if not (pa.types.is_list(ctype) or pa.types.is_large_list(ctype) or pa.types.is_fixed_size_list(ctype)) or not (
         pa.types.is_integer(ctype.value_type)
@@ -147,48 +149,50 @@ def _sequence_array(column: pa.ChunkedArray, feature: SequenceFeature, path: Pat
     if values.null_count:
         raise ValueError(f"{path}: column {feature.name!r} has null ids inside lists")
     _check_ids(values, feature.vocab_size, path, feature.name)
-    return pad_lists(column, feature.max_len)
+    return pad_lists(column, feature.max_len, out)
 
 
-def pad_lists(column: pa.Array | pa.ChunkedArray, max_len: int) -> np.ndarray:
+def pad_lists(column: pa.Array | pa.ChunkedArray, max_len: int, out: np.ndarray | None = None) -> np.ndarray:
     """Ragged ``list<int>`` -> ``(N, max_len)`` int64, right-padded with 0; longer lists keep their first ``max_len`` ids.
 
     Vectorised over the list offsets, chunk by chunk, with no per-row Python:
-    every kept id goes to ``row * max_len + position`` in one numpy scatter
-    (lists that all hold exactly ``max_len`` ids are one reshape). The column
-    must have no null lists (``_sequence_array`` checks that first).
+    the kept ids, in order, fill the cells ``position < length`` of the
+    ``(rows, max_len)`` block in row-major order, so one boolean-mask
+    assignment places them all (lists that all hold exactly ``max_len`` ids
+    are one reshape). ``out``, if given, is a zero-filled ``(N, max_len)``
+    array (a strided view is fine, e.g. columns of a ``ColumnStore`` block)
+    written in place; padding is not written. The column must have no null
+    lists (``_sequence_array`` checks that).
     """
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    out = np.zeros((len(column), max_len), dtype=np.int64)
-    flat = out.reshape(-1)
+    if out is None:
+        out = np.zeros((len(column), max_len), dtype=np.int64)
+    elif out.shape != (len(column), max_len):
+        raise ValueError(f"pad_lists: out has shape {out.shape}, expected {(len(column), max_len)}")
     row = 0
     for chunk in chunks:
         rows = len(chunk)
         if rows == 0:
             continue
+        block = out[row : row + rows]
+        row += rows
         if pa.types.is_fixed_size_list(chunk.type):
             width = min(chunk.type.list_size, max_len)
             values = chunk.flatten().to_numpy(zero_copy_only=False).reshape(rows, chunk.type.list_size)
-            out[row : row + rows, :width] = values[:, :width]
-            row += rows
+            block[:, :width] = values[:, :width]
             continue
         offsets = chunk.offsets.to_numpy().astype(np.int64, copy=False)  # absolute positions in chunk.values
         first, last = int(offsets[0]), int(offsets[-1])
         values = chunk.values.slice(first, last - first).to_numpy(zero_copy_only=False)
         lengths = np.diff(offsets)
         if (lengths == max_len).all():
-            out[row : row + rows] = values.reshape(rows, max_len)
-        else:
-            # destination of value i of list r: (row + r) * max_len + (i - start_r)
-            shift = np.repeat((row + np.arange(rows, dtype=np.int64)) * max_len - (offsets[:-1] - first), lengths)
-            dest = np.arange(last - first, dtype=np.int64)
-            if lengths.max() > max_len:  # keep the first max_len ids of longer lists
-                keep = (dest - np.repeat(offsets[:-1] - first, lengths)) < max_len
-                flat[(dest + shift)[keep]] = values[keep]
-            else:
-                dest += shift
-                flat[dest] = values
-        row += rows
+            block[...] = values.reshape(rows, max_len)
+            continue
+        if lengths.max() > max_len:  # keep the first max_len ids of longer lists
+            rows_of = np.repeat(np.arange(rows, dtype=np.int64), lengths)  # value i belongs to list rows_of[i]
+            values = values[np.arange(last - first, dtype=np.int64) - (offsets[:-1] - first)[rows_of] < max_len]
+        # the kept ids, in row-major order, are exactly the (row, position < length) cells
+        block[np.arange(max_len) < np.minimum(lengths, max_len)[:, None]] = values
     return out
 
 
@@ -277,32 +281,239 @@ def infer_features(
 
 
 # --------------------------------------------------------------------- reading
-class ColumnStore:
-    """One split in memory: a tensor per feature, per task label, and the row ids."""
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """One column of a ``ColumnStore``: its place in a batch, its dtype and the shape of one row's value."""
 
-    def __init__(
-        self, features: dict[str, Tensor], labels: dict[str, Tensor], row_id: Tensor,
-        keys: dict[str, Tensor] | None = None,
-    ) -> None:
-        self.features = features
-        self.labels = labels
-        self.row_id = row_id
-        self.keys = keys or {}
-        self.num_rows = len(row_id)
+    section: str  # "features", "labels", "keys" or "row_id"
+    name: str
+    dtype: str  # a numpy dtype name: "int64", "float32" or "float64"
+    shape: tuple[int, ...] = ()
+
+    @property
+    def width(self) -> int:
+        return math.prod(self.shape)
+
+
+class ColumnStore:
+    """Rows (a split, or a streamed chunk) as a few row-major blocks, one per dtype.
+
+    Every column of one dtype sits side by side in one ``(N, K)`` matrix: the
+    int64 block holds sparse ids, padded sequences, row ids and integer keys;
+    the float32 block dense features and labels; float64 keys get a third.
+    Columns of one value per row come first in a block, wider ones (sequences,
+    dense vectors) after them. A batch is one ``index_select`` per block (three
+    gathers, not one per column); then the one-value columns come out of one
+    transposed copy as contiguous ``(B,)`` tensors and each wider column as a
+    contiguous ``(B, *shape)`` copy, so a batch never holds a view of the store.
+    ``features``, ``labels``, ``keys`` and ``row_id`` are (strided) views of
+    the whole store, for reading.
+    """
+
+    def __init__(self, slots: Sequence[Slot], num_rows: int, blocks: Mapping[str, Tensor] | None = None) -> None:
+        self.slots = tuple(slots)
+        self.num_rows = int(num_rows)
+        self._start: dict[tuple[str, str], int] = {}
+        self._layout: list[tuple[str, list[int], list[int], int]] = []  # dtype, narrow slots, wide slots, width
+        for dtype in dict.fromkeys(slot.dtype for slot in self.slots):
+            mine = [i for i, slot in enumerate(self.slots) if slot.dtype == dtype]
+            narrow = [i for i in mine if self.slots[i].shape == ()]
+            wide = [i for i in mine if self.slots[i].shape != ()]
+            width = 0
+            for i in narrow + wide:
+                self._start[(self.slots[i].section, self.slots[i].name)] = width
+                width += self.slots[i].width
+            self._layout.append((dtype, narrow, wide, width))
+        if blocks is None:  # np.zeros: lazily zeroed pages, written once by the reader
+            blocks = {dtype: torch.from_numpy(np.zeros((self.num_rows, width), dtype=dtype))
+                      for dtype, _, _, width in self._layout}
+        self.blocks = dict(blocks)
+
+    def _slot(self, section: str, name: str) -> Slot:
+        for slot in self.slots:
+            if slot.section == section and slot.name == name:
+                return slot
+        raise KeyError(f"the store has no {section} column {name!r}")
+
+    def column(self, section: str, name: str) -> Tensor:
+        """A view of one column: ``(N,)`` or ``(N, *shape)``."""
+        slot = self._slot(section, name)
+        start = self._start[(section, name)]
+        block = self.blocks[slot.dtype]
+        if slot.shape == ():
+            return block[:, start]
+        return block[:, start : start + slot.width].unflatten(1, slot.shape)
+
+    def array(self, section: str, name: str) -> np.ndarray:
+        """A writable numpy view of one column (what the reader fills)."""
+        return self.column(section, name).numpy()
+
+    def _section(self, section: str) -> dict[str, Tensor]:
+        return {slot.name: self.column(section, slot.name) for slot in self.slots if slot.section == section}
+
+    @property
+    def features(self) -> dict[str, Tensor]:
+        return self._section("features")
+
+    @property
+    def labels(self) -> dict[str, Tensor]:
+        return self._section("labels")
+
+    @property
+    def keys(self) -> dict[str, Tensor]:
+        return self._section("keys")
+
+    @property
+    def row_id(self) -> Tensor:
+        return self.column("row_id", "row_id")
+
+    def _rows(self, index: Tensor | slice) -> dict[str, Tensor]:
+        return {dtype: (block[index] if isinstance(index, slice) else block.index_select(0, index))
+                for dtype, block in self.blocks.items()}
+
+    def take(self, index: Tensor | slice) -> "ColumnStore":
+        """The rows at ``index`` as a new store (copied)."""
+        rows = {dtype: block.clone() if isinstance(index, slice) else block for dtype, block in self._rows(index).items()}
+        return ColumnStore(self.slots, len(next(iter(rows.values()))), rows)
+
+    @staticmethod
+    def concat(stores: Sequence["ColumnStore"]) -> "ColumnStore":
+        """The rows of ``stores`` (same slots) one after another."""
+        if len(stores) == 1:
+            return stores[0]
+        for other in stores[1:]:
+            if other.slots != stores[0].slots:
+                changed = sorted(set(other.slots) ^ set(stores[0].slots), key=str)
+                raise ValueError(f"cannot join rows whose columns differ: {changed} (a key column must have one "
+                                 "type, integer or float, in every file)")
+        blocks = {dtype: torch.cat([s.blocks[dtype] for s in stores]) for dtype in stores[0].blocks}
+        return ColumnStore(stores[0].slots, sum(s.num_rows for s in stores), blocks)
 
     def batch(self, index: Tensor | slice) -> dict[str, Any]:
-        if isinstance(index, slice):
-            pick: Callable[[Tensor], Tensor] = lambda t: t[index]
-        else:
-            pick = lambda t: t.index_select(0, index)
-        batch = {
-            "features": {k: pick(v) for k, v in self.features.items()},
-            "labels": {k: pick(v) for k, v in self.labels.items()},
-            "row_id": pick(self.row_id),
-        }
-        if self.keys:
-            batch["keys"] = {k: pick(v) for k, v in self.keys.items()}
+        """``{"features", "labels", "row_id"[, "keys"]}`` of the rows at ``index``, as compact tensors."""
+        values: list[Tensor | None] = [None] * len(self.slots)
+        rows = self._rows(index)
+        for dtype, narrow, wide, _ in self._layout:
+            block = rows[dtype]
+            if narrow:
+                columns = block[:, : len(narrow)].t().contiguous()  # (K, B): each row a contiguous column
+                for i, column in zip(narrow, columns):
+                    values[i] = column
+            for i in wide:
+                slot = self.slots[i]
+                start = self._start[(slot.section, slot.name)]
+                values[i] = block[:, start : start + slot.width].contiguous().unflatten(1, slot.shape)
+        batch: dict[str, Any] = {"features": {}, "labels": {}}
+        for slot, value in zip(self.slots, values):
+            if slot.section == "row_id":
+                batch["row_id"] = value
+            else:
+                batch.setdefault(slot.section, {})[slot.name] = value
         return batch
+
+
+class TableConverter:
+    """Checks Arrow tables and writes them into a ``ColumnStore`` (encoders and normalisation applied).
+
+    Used by the in-memory reader (``read_split``: every row group of every file
+    into one preallocated store) and by streaming (one store per chunk).
+    """
+
+    def __init__(
+        self,
+        features: Sequence[Feature],
+        tasks: Sequence[Task],
+        row_id: str | None = None,
+        keys: Sequence[str] = (),
+        encoders: Mapping[str, CategoricalEncoder] | None = None,
+        normalizers: Mapping[str, DenseNormalizer] | None = None,
+        implied_labels: Mapping[str, str] | None = None,
+    ) -> None:
+        self.features = list(features)
+        self.implied_labels = dict(implied_labels or {})
+        self.tasks = list(tasks)
+        self.row_id = row_id
+        self.keys = list(keys)
+        self.encoders = dict(encoders or {})
+        self.normalizers = dict(normalizers or {})
+
+    @property
+    def columns(self) -> list[str]:
+        names = [f.name for f in self.features] + [t.label for t in self.tasks] + self.keys
+        names += [c for pair in self.implied_labels.items() for c in pair]
+        return list(dict.fromkeys(names + ([self.row_id] if self.row_id else [])))
+
+    def slots(self, schema: pa.Schema, path: Path) -> list[Slot]:
+        """The store layout: features in spec order, labels, row id, then keys (dtype from ``schema``)."""
+        slots: list[Slot] = []
+        for f in self.features:
+            if isinstance(f, SparseFeature):
+                slots.append(Slot("features", f.name, "int64"))
+            elif isinstance(f, SequenceFeature):
+                slots.append(Slot("features", f.name, "int64", (f.max_len,)))
+            else:
+                slots.append(Slot("features", f.name, "float32", () if f.dim == 1 else (f.dim,)))
+        slots += [Slot("labels", t.name, "float32") for t in self.tasks]
+        slots.append(Slot("row_id", "row_id", "int64"))
+        for k in self.keys:
+            if k not in schema.names:
+                raise ValueError(f"{path}: missing key column {k!r} (columns: {schema.names})")
+            slots.append(Slot("keys", k, _key_dtype(schema.field(k).type, k, path)))
+        return slots
+
+    def __call__(
+        self, table: pa.Table, path: Path, first_row: int, store: ColumnStore | None = None, at: int = 0
+    ) -> ColumnStore:
+        """Check ``table`` and write it to rows ``[at, at + len)`` of ``store`` (a new store if ``None``).
+
+        ``first_row`` is the table's first position in the split (the row ids
+        when there is no row id column).
+        """
+        table = encode_table(table, self.encoders, path)
+        if self.implied_labels:  # counted in this table
+            check_implied_labels(table, self.implied_labels, path)
+        if store is None:
+            store, at = ColumnStore(self.slots(table.schema, path), table.num_rows), 0
+        rows = slice(at, at + table.num_rows)
+        for f in self.features:
+            column = _column(table, f.name, path, "feature")
+            if isinstance(f, SparseFeature):
+                store.array("features", f.name)[rows] = _sparse_array(column, f, path)
+            elif isinstance(f, DenseFeature):
+                values = _dense_array(column, f, path)
+                if f.name in self.normalizers:
+                    values = self.normalizers[f.name].apply(values)
+                store.array("features", f.name)[rows] = values
+            else:
+                _sequence_array(column, f, path, out=store.array("features", f.name)[rows])
+        for t in self.tasks:
+            store.array("labels", t.name)[rows] = _label_array(_column(table, t.label, path, "label"), t, path)
+        if self.row_id:
+            column = _column(table, self.row_id, path, "row id")
+            if not pa.types.is_integer(column.type):
+                raise ValueError(f"{path}: row id column {self.row_id!r} has type {column.type}; it must be integer")
+            store.array("row_id", "row_id")[rows] = column.to_numpy()
+        else:
+            store.array("row_id", "row_id")[rows] = np.arange(first_row, first_row + table.num_rows, dtype=np.int64)
+        for k in self.keys:
+            column = _column(table, k, path, "key")
+            target = store.array("keys", k)
+            if _key_dtype(column.type, k, path) != target.dtype.name:
+                raise ValueError(f"{path}: key column {k!r} has type {column.type}, but earlier files hold "
+                                 f"{'integers' if target.dtype.kind == 'i' else 'floats'}; give it one type in every file")
+            target[rows] = key_array(column, k, path)
+        return store
+
+
+def _key_dtype(arrow_type: pa.DataType, name: str, path: Path) -> str:
+    if pa.types.is_integer(arrow_type):
+        return "int64"
+    if pa.types.is_floating(arrow_type):
+        return "float64"
+    raise ValueError(
+        f"{path}: key column {name!r} has type {arrow_type}; keys must be numeric "
+        "(join string keys afterwards on row_id, the row's position in the split)"
+    )
 
 
 def read_split(
@@ -311,67 +522,44 @@ def read_split(
     tasks: Sequence[Task],
     row_id: str | None = None,
     labels_required: bool = True,
-    transform: Callable[[pa.Table, Path], pa.Table] | None = None,
     keys: Sequence[str] = (),
     implied_labels: Mapping[str, str] | None = None,
+    encoders: Mapping[str, CategoricalEncoder] | None = None,
+    normalizers: Mapping[str, DenseNormalizer] | None = None,
 ) -> ColumnStore:
-    """Read and check every file of a split; see the module docstring for the checks.
+    """Read and check every row group of every file of a split into one ``ColumnStore``.
 
-    ``transform(table, path)`` rewrites each file's table before the checks (the
-    data module encodes raw categorical columns with it); ``keys`` are numeric
-    columns carried through as ``batch["keys"]`` (for prediction files).
+    The store is allocated once from the files' footers and filled row group by
+    row group, so the Arrow data of only one row group is alive at a time.
+    ``encoders``/``normalizers`` (fitted) are applied on the way; ``keys`` are
+    numeric columns carried through as ``batch["keys"]`` (for prediction
+    files). With ``labels_required=False`` (prediction) only the labels every
+    file has are read and ``implied_labels`` are not checked.
     """
-    columns: dict[str, list[np.ndarray]] = {f.name: [] for f in features}
-    key_parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
-    labels: dict[str, list[np.ndarray]] = {t.name: [] for t in tasks}
-    ids: list[np.ndarray] = []
-    offset = 0
-    schema_names = None
-    for path in files:
-        schema_names = pq.read_schema(path).names
-        wanted = [f.name for f in features] + [t.label for t in tasks] + ([row_id] if row_id else []) + list(keys)
-        checked = [c for pair in (implied_labels or {}).items() for c in pair] if labels_required else []
-        present = [c for c in dict.fromkeys(wanted + checked) if c in schema_names]
-        table = pq.read_table(path, columns=present)
-        if transform is not None:
-            table = transform(table, path)
-        if table.num_rows == 0:
-            raise ValueError(f"{path}: file is empty (0 rows)")
-        if checked:
-            check_implied_labels(table, implied_labels, path)
-        for f in features:
-            column = _column(table, f.name, path, "feature")
-            if isinstance(f, SparseFeature):
-                columns[f.name].append(_sparse_array(column, f, path))
-            elif isinstance(f, DenseFeature):
-                columns[f.name].append(_dense_array(column, f, path))
-            else:
-                columns[f.name].append(_sequence_array(column, f, path))
-        for t in tasks:
-            if t.label in table.column_names:
-                labels[t.name].append(_label_array(table.column(t.label), t, path))
-            elif labels_required:
-                _column(table, t.label, path, "label")
-        if row_id:
-            column = _column(table, row_id, path, "row id")
-            if not pa.types.is_integer(column.type):
-                raise ValueError(f"{path}: row id column {row_id!r} has type {column.type}; it must be integer")
-            ids.append(column.to_numpy().astype(np.int64, copy=False))
-        else:
-            ids.append(np.arange(offset, offset + table.num_rows, dtype=np.int64))
-        for k in keys:
-            key_parts[k].append(key_array(_column(table, k, path, "key"), k, path))
-        offset += table.num_rows
-
-    def joined(parts: list[np.ndarray]) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts)))
-
-    return ColumnStore(
-        {name: joined(parts) for name, parts in columns.items()},
-        {name: joined(parts) for name, parts in labels.items() if len(parts) == len(files)},
-        joined(ids),
-        {name: joined(parts) for name, parts in key_parts.items()},
-    )
+    files = [Path(path) for path in files]
+    parquets = [pq.ParquetFile(path) for path in files]
+    try:
+        schemas = [parquet.schema_arrow for parquet in parquets]
+        if not labels_required:
+            tasks = [t for t in tasks if all(t.label in schema.names for schema in schemas)]
+        for path, parquet in zip(files, parquets):
+            if parquet.metadata.num_rows == 0:
+                raise ValueError(f"{path}: file is empty (0 rows)")
+        convert = TableConverter(features, tasks, row_id, keys, encoders, normalizers,
+                                 implied_labels if labels_required else None)
+        store = ColumnStore(convert.slots(schemas[0], files[0]), sum(p.metadata.num_rows for p in parquets))
+        at = 0
+        for path, parquet, schema in zip(files, parquets, schemas):
+            present = [c for c in convert.columns if c in schema.names]  # a missing column is reported by convert
+            for group in range(parquet.num_row_groups):
+                table = parquet.read_row_group(group, columns=present)
+                if table.num_rows:
+                    convert(table, path, at, store=store, at=at)
+                    at += table.num_rows
+    finally:
+        for parquet in parquets:
+            parquet.close()
+    return store
 
 
 # -------------------------------------------------------------------- batching
@@ -652,9 +840,6 @@ class ParquetDataModule(L.LightningDataModule):
                 by_name[name] = dataclasses.replace(given, vocab_size=encoder.num_ids)
         self.features = list(by_name.values())
 
-    def _encode(self, table: pa.Table, path: Path) -> pa.Table:
-        return encode_table(table, self.encoders, path)
-
     def _require_fitted(self, split: str) -> None:
         if not self.preprocessing_fitted():
             unfitted = [n for n, e in self.encoders.items() if not e.fitted]
@@ -727,12 +912,9 @@ class ParquetDataModule(L.LightningDataModule):
             if self.paths[split] is not None and split not in self.stores:
                 self.stores[split] = read_split(
                     self.files(split), self.features, self.tasks, self.row_id, labels_required=split != "predict",
-                    transform=self._encode if self.encoders else None, keys=self._carried_keys(),
-                    implied_labels=self.implied_labels,
+                    keys=self._carried_keys(), implied_labels=self.implied_labels, encoders=self.encoders,
+                    normalizers=self.normalizers,
                 )
-                for name, normalizer in self.normalizers.items():
-                    values = self.stores[split].features[name].numpy()
-                    self.stores[split].features[name] = torch.from_numpy(normalizer.apply(values))
 
     def dataset(
         self, split: str, rank: int | None = None, world_size: int | None = None
@@ -797,4 +979,4 @@ class ParquetDataModule(L.LightningDataModule):
         return self._loader("predict")
 
 
-from .streaming import ParquetStream, TableConverter, list_row_groups  # noqa: E402  (streaming reuses the column checks above)
+from .streaming import ParquetStream, list_row_groups  # noqa: E402  (streaming reuses the column store above)

@@ -41,22 +41,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mtl_lightning.features import DenseFeature, Feature, SparseFeature
-from mtl_lightning.tasks import Task
-
-from .encoders import CategoricalEncoder, DenseNormalizer, encode_table
-from .parquet import (
-    _column, _dense_array, _label_array, _sequence_array, _sparse_array, check_implied_labels, key_array,
-)
+from .parquet import ColumnStore, TableConverter
 
 Batch = dict[str, Any]
 
@@ -85,96 +78,6 @@ def list_row_groups(files: Sequence[Path]) -> list[RowGroup]:
                 groups.append(RowGroup(Path(path), index, offset, size))
                 offset += size
     return groups
-
-
-class TableConverter:
-    """Checks one Arrow table and turns it into a batch dict (encoders and normalisation applied)."""
-
-    def __init__(
-        self,
-        features: Sequence[Feature],
-        tasks: Sequence[Task],
-        row_id: str | None = None,
-        keys: Sequence[str] = (),
-        encoders: Mapping[str, CategoricalEncoder] | None = None,
-        normalizers: Mapping[str, DenseNormalizer] | None = None,
-        implied_labels: Mapping[str, str] | None = None,
-    ) -> None:
-        self.features = list(features)
-        self.implied_labels = dict(implied_labels or {})
-        self.tasks = list(tasks)
-        self.row_id = row_id
-        self.keys = list(keys)
-        self.encoders = dict(encoders or {})
-        self.normalizers = dict(normalizers or {})
-
-    @property
-    def columns(self) -> list[str]:
-        names = [f.name for f in self.features] + [t.label for t in self.tasks] + self.keys
-        names += [c for pair in self.implied_labels.items() for c in pair]
-        return list(dict.fromkeys(names + ([self.row_id] if self.row_id else [])))
-
-    def __call__(self, table: pa.Table, path: Path, first_row: int) -> Batch:
-        table = encode_table(table, self.encoders, path)
-        if self.implied_labels:  # counted in this chunk of the file
-            check_implied_labels(table, self.implied_labels, path)
-        features: dict[str, Tensor] = {}
-        for f in self.features:
-            column = _column(table, f.name, path, "feature")
-            if isinstance(f, SparseFeature):
-                values = _sparse_array(column, f, path)
-            elif isinstance(f, DenseFeature):
-                values = _dense_array(column, f, path)
-                if f.name in self.normalizers:
-                    values = self.normalizers[f.name].apply(values)
-            else:
-                values = _sequence_array(column, f, path)
-            features[f.name] = _tensor(values)
-        labels = {
-            t.name: _tensor(_label_array(_column(table, t.label, path, "label"), t, path))
-            for t in self.tasks
-        }
-        if self.row_id:
-            column = _column(table, self.row_id, path, "row id")
-            if not pa.types.is_integer(column.type):
-                raise ValueError(f"{path}: row id column {self.row_id!r} has type {column.type}; it must be integer")
-            ids = column.to_numpy().astype(np.int64, copy=False)
-        else:
-            ids = np.arange(first_row, first_row + table.num_rows, dtype=np.int64)
-        batch: Batch = {"features": features, "labels": labels, "row_id": _tensor(ids)}
-        if self.keys:
-            batch["keys"] = {
-                k: _tensor(key_array(_column(table, k, path, "key"), k, path))
-                for k in self.keys
-            }
-        return batch
-
-
-# ------------------------------------------------------------- batch dict helpers
-def _tensor(values: np.ndarray) -> Tensor:
-    """A tensor owning writable memory (Arrow hands out read-only views)."""
-    values = np.ascontiguousarray(values)
-    return torch.from_numpy(values if values.flags.writeable else values.copy())
-
-
-
-def _apply(batch: Batch, fn) -> Batch:
-    return {k: ({n: fn(t) for n, t in v.items()} if isinstance(v, dict) else fn(v)) for k, v in batch.items()}
-
-
-def _concat(batches: list[Batch]) -> Batch:
-    if len(batches) == 1:
-        return batches[0]
-    first = batches[0]
-    return {
-        k: ({n: torch.cat([b[k][n] for b in batches]) for n in v} if isinstance(v, dict)
-            else torch.cat([b[k] for b in batches]))
-        for k, v in first.items()
-    }
-
-
-def _size(batch: Batch) -> int:
-    return len(batch["row_id"])
 
 
 class ParquetStream(IterableDataset):
@@ -266,7 +169,7 @@ class ParquetStream(IterableDataset):
             position += hi - lo
 
     # ------------------------------------------------------------- reading
-    def _chunks(self, start: int, stop: int) -> Iterator[Batch]:
+    def _chunks(self, start: int, stop: int) -> Iterator[ColumnStore]:
         wanted = self.convert.columns
         parquet, path = None, None
         for group, lo, hi in self.segments(start, stop):
@@ -298,22 +201,22 @@ class ParquetStream(IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
         size, step = 0, self.batch_size
         capacity = max(self.shuffle_buffer, step) if self.shuffle else step
-        pending: list[Batch] = []
+        pending: list[ColumnStore] = []
         for chunk in self._chunks(start, stop):
             pending.append(chunk)
-            size += _size(chunk)
+            size += chunk.num_rows
             if size < capacity:
                 continue
-            buffer = _concat(pending)
+            buffer = ColumnStore.concat(pending)
             keep = capacity // 2 if self.shuffle else 0
             out = (size - keep) // step * step
             order = torch.from_numpy(rng.permutation(size)) if self.shuffle else torch.arange(size)
-            for lo in range(0, out, step):  # index_select: compact batches, never views of the buffer
-                yield _apply(buffer, lambda t: t.index_select(0, order[lo:lo + step]))
-            pending = [_apply(buffer, lambda t: t.index_select(0, order[out:]))]
+            for lo in range(0, out, step):  # gathers: compact batches, never views of the buffer
+                yield buffer.batch(order[lo:lo + step])
+            pending = [buffer.take(order[out:])]
             size -= out
         if size:
-            buffer = _concat(pending)
+            buffer = ColumnStore.concat(pending)
             order = torch.from_numpy(rng.permutation(size)) if self.shuffle else torch.arange(size)
             for lo in range(0, size, step):
-                yield _apply(buffer, lambda t: t.index_select(0, order[lo:lo + step]))
+                yield buffer.batch(order[lo:lo + step])
