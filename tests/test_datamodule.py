@@ -169,3 +169,53 @@ def test_pad_lists_matches_a_per_row_reference():
             np.testing.assert_array_equal(pad_lists(column, max_len), _padded_reference(column, max_len))
     same = pa.array([[1, 2, 3]] * 5).slice(1, 3)  # every list exactly max_len: the reshape path
     np.testing.assert_array_equal(pad_lists(same, 3), [[1, 2, 3]] * 3)
+
+
+def test_column_store_batches_equal_per_column_gathers(tmp_path):
+    from datamodules.parquet import read_split
+
+    rng = np.random.default_rng(3)
+    n = 700
+    columns = dict(
+        u=pa.array(rng.integers(0, 50, n), pa.int32()),
+        x=pa.array(rng.normal(size=n), pa.float64()),
+        v=pa.FixedSizeListArray.from_arrays(pa.array(rng.normal(size=3 * n), pa.float32()), 3),
+        s=pa.array([[int(i) for i in rng.integers(1, 9, rng.integers(0, 6))] for _ in range(n)], pa.list_(pa.int64())),
+        y=pa.array(rng.integers(0, 2, n), pa.float32()),
+        user=pa.array(rng.integers(0, 10**12, n), pa.int64()), score=pa.array(rng.normal(size=n), pa.float64()),
+    )
+    table = pa.table(columns)
+    paths = [tmp_path / "a.parquet", tmp_path / "b.parquet"]
+    pq.write_table(table.slice(0, 300), paths[0], row_group_size=128)  # several row groups and files
+    pq.write_table(table.slice(300), paths[1], row_group_size=1000)
+    specs = [SparseFeature("u", 50), DenseFeature("x"), DenseFeature("v", dim=3), SequenceFeature("s", 9, max_len=4)]
+    store = read_split(paths, specs, [Task("y")], keys=["user", "score"])
+    assert store.num_rows == n and sorted(store.blocks) == ["float32", "float64", "int64"]
+    expected = {
+        "u": torch.tensor(columns["u"].to_numpy(), dtype=torch.int64),
+        "x": torch.tensor(columns["x"].to_numpy(), dtype=torch.float32),
+        "v": torch.tensor(columns["v"].flatten().to_numpy().reshape(n, 3)),
+        "s": torch.tensor(_padded_reference(columns["s"], 4)),
+    }
+    index = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:257]
+    for rows in (index, slice(100, 400)):
+        batch = store.batch(rows)
+        for name, column in expected.items():
+            got = batch["features"][name]
+            assert got.dtype == column.dtype and got.is_contiguous()
+            torch.testing.assert_close(got, column[rows], rtol=0, atol=0)
+        torch.testing.assert_close(batch["labels"]["y"], torch.tensor(columns["y"].to_numpy())[rows], rtol=0, atol=0)
+        assert batch["row_id"].tolist() == torch.arange(n)[rows].tolist()
+        assert batch["keys"]["user"].dtype == torch.int64 and batch["keys"]["score"].dtype == torch.float64
+        assert batch["keys"]["user"].tolist() == torch.tensor(columns["user"].to_numpy())[rows].tolist()
+        torch.testing.assert_close(batch["keys"]["score"], torch.tensor(columns["score"].to_numpy())[rows], rtol=0, atol=0)
+
+
+def test_a_key_column_must_keep_one_type_across_files(tmp_path):
+    from datamodules.parquet import read_split
+
+    first = write(tmp_path / "a.parquet", **GOOD, k=pa.array([1, 2, 3], pa.int64()))
+    second = write(tmp_path / "b.parquet", **GOOD, k=pa.array([1.5, 2.5, 3.5], pa.float64()))
+    with pytest.raises(ValueError, match="key column 'k' has type double, but earlier files hold integers") as error:
+        read_split([first, second], SPECS, [Task("y")], keys=["k"])
+    assert str(second) in str(error.value)
