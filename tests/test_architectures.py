@@ -157,7 +157,7 @@ def test_sequence_pooling_ignores_padding():
         layer = FeatureEmbedding([seq])
         ids = torch.tensor([[2, 5, 0, 0], [0, 0, 0, 0]])
         out = layer({"s": ids})
-        table = layer.tables["s"].weight
+        table = layer.table_weight("s")
         expected = {"mean": (table[2] + table[5]) / 2, "sum": table[2] + table[5],
                     "max": torch.maximum(table[2], table[5])}[pooling]
         torch.testing.assert_close(out[0], expected)

@@ -31,12 +31,14 @@ def module(sparse: bool, **kwargs) -> MultiTaskLightningModule:
 
 def test_sparse_gradients_and_optimizers():
     m = module(True, lr=0.01, optimizer="adamw", weight_decay=0.1)
-    tables = m.model.embedding.tables
+    embedding = m.model.embedding
+    owners = ["user_id", "item_id", "category", "city"]  # the history shares item_id's table
     optimizer = m.configure_optimizers()
     assert isinstance(optimizer, CombinedOptimizer)
     sparse_adam, rest = optimizer.optimizers
     assert isinstance(sparse_adam, torch.optim.SparseAdam) and isinstance(rest, torch.optim.AdamW)
-    assert [p for g in sparse_adam.param_groups for p in g["params"]] == [t.weight for t in tables.values()]
+    assert [p for g in sparse_adam.param_groups for p in g["params"]] == embedding.embedding_parameters()
+    assert embedding.embedding_parameters() == [embedding.fused["dim16"].weight]  # every table of this model: one weight
     assert len(optimizer.param_groups) == 2 and rest.param_groups[0]["weight_decay"] == 0.1
     assert sparse_adam.param_groups[0]["lr"] == 0.01 == rest.param_groups[0]["lr"]  # sparse_lr defaults to lr
     faster = module(True, lr=0.01, sparse_lr=0.05).configure_optimizers().optimizers
@@ -48,11 +50,11 @@ def test_sparse_gradients_and_optimizers():
         else:
             x[f.name] = torch.zeros(4) if isinstance(f, DenseFeature) else torch.ones(4, dtype=torch.long)
     sum(v.sum() for v in m.model(x).values()).backward()
-    assert all(t.weight.grad.is_sparse for t in tables.values())
-    before = {n: t.weight.detach().clone() for n, t in tables.items()}
+    assert all(p.grad.is_sparse for p in embedding.embedding_parameters())
+    before = {n: embedding.table_weight(n).detach().clone() for n in owners}
     optimizer.step()
-    for name, table in tables.items():
-        changed = (table.weight.detach() != before[name]).any(dim=1).nonzero().flatten().tolist()
+    for name in owners:
+        changed = (embedding.table_weight(name).detach() != before[name]).any(dim=1).nonzero().flatten().tolist()
         assert changed == [1], name  # id 1: the only row this batch touched (history is all padding)
 
 
@@ -61,15 +63,15 @@ def test_first_step_equals_dense_adam(synthetic_paths):
 
     (SparseAdam adds eps before the bias correction, Adam after it; a negligible eps makes both exactly lr*sign(g).)
     """
-    runs = {}
+    runs, items = {}, {}
     for sparse in (False, True):
         m = module(sparse, lr=0.01, optimizer_kwargs={"eps": 1e-30})
         quiet_trainer(max_steps=1, limit_val_batches=0).fit(m, synthetic_datamodule(synthetic_paths))
-        runs[sparse] = m.model.state_dict()
-    initial = module(False).model.state_dict()
+        runs[sparse], items[sparse] = m.model.state_dict(), m.model.embedding.table_weight("item_id").detach()
+    initial = module(False).model.embedding.table_weight("item_id").detach()
     for key in runs[False]:
         torch.testing.assert_close(runs[True][key], runs[False][key], rtol=1e-5, atol=1e-7)
-    moved = (runs[True]["embedding.tables.item_id.weight"] != initial["embedding.tables.item_id.weight"]).any(1)
+    moved = (items[True] != initial).any(1)
     assert 0 < int(moved.sum()) < len(moved)  # some rows moved, untouched rows stayed
 
 
@@ -98,7 +100,7 @@ def test_optimizer_state_and_checkpoint_round_trip(synthetic_paths, tmp_path):
     optimizer = restored.configure_optimizers()
     optimizer.load_state_dict(state)
     sparse_adam, adam = optimizer.optimizers
-    table = restored.model.embedding.tables["user_id"].weight
+    table = restored.model.embedding.fused["dim16"].weight  # every table of this model (user_id's rows included)
     assert sparse_adam.state[table]["step"] == 5 and torch.equal(
         sparse_adam.state[table]["exp_avg"], state["state"][0]["exp_avg"])
     assert all(p in adam.state for g in adam.param_groups for p in g["params"])

@@ -3,7 +3,7 @@
     python tests/scripts/ddp_sparse.py dense|sparse TRAIN_PARQUET OUT_DIR
 
 Trains MMoE for two steps with ``sparse_embeddings`` off or on and saves, per
-rank, the embedding weight's gradient as the optimizer sees it (after DDP's
+rank, the item_id table's gradient as the optimizer sees it (after DDP's
 all-reduce) at each step and the final parameters.
 """
 
@@ -29,8 +29,7 @@ class GrabGradients(L.Callback):
         self.grads: list[torch.Tensor] = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        grad = pl_module.model.embedding.tables["item_id"].weight.grad
-        self.grads.append((grad.to_dense() if grad.is_sparse else grad).clone())
+        self.grads.append(pl_module.model.embedding.table_grad("item_id").clone())
 
 
 def main() -> None:
