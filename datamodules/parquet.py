@@ -287,7 +287,7 @@ class Slot:
 
     section: str  # "features", "labels", "keys" or "row_id"
     name: str
-    dtype: str  # a numpy dtype name: "int64", "float32" or "float64"
+    dtype: str  # the storage dtype, a numpy name: "int32", "int64", "float32" or "float64"
     shape: tuple[int, ...] = ()
 
     @property
@@ -296,18 +296,21 @@ class Slot:
 
 
 class ColumnStore:
-    """Rows (a split, or a streamed chunk) as a few row-major blocks, one per dtype.
+    """Rows (a split, or a streamed chunk) as a few row-major blocks, one per storage dtype.
 
-    Every column of one dtype sits side by side in one ``(N, K)`` matrix: the
-    int64 block holds sparse ids, padded sequences, row ids and integer keys;
-    the float32 block dense features and labels; float64 keys get a third.
-    Columns of one value per row come first in a block, wider ones (sequences,
-    dense vectors) after them. A batch is one ``index_select`` per block (three
-    gathers, not one per column); then the one-value columns come out of one
+    Every column of one dtype sits side by side in one ``(N, K)`` matrix:
+    sparse ids and padded sequences in an int32 block (an id is below its
+    ``vocab_size``; a feature with ``vocab_size > 2**31 - 1`` is stored as
+    int64), row ids and integer keys in an int64 block, dense features and
+    labels in a float32 block, float keys in a float64 block. Columns of one
+    value per row come first in a block, wider ones (sequences, dense vectors)
+    after them. A batch is one ``index_select`` per block (four gathers at
+    most, not one per column); then the one-value columns come out of one
     transposed copy as contiguous ``(B,)`` tensors and each wider column as a
-    contiguous ``(B, *shape)`` copy, so a batch never holds a view of the store.
-    ``features``, ``labels``, ``keys`` and ``row_id`` are (strided) views of
-    the whole store, for reading.
+    contiguous ``(B, *shape)`` copy, so a batch never holds a view of the
+    store. Ids come out as int64 (the batch contract), whatever their storage.
+    ``features``, ``labels``, ``keys`` and ``row_id`` return the whole store in
+    that batch form (a copy); ``column``/``array`` give views of the storage.
     """
 
     def __init__(self, slots: Sequence[Slot], num_rows: int, blocks: Mapping[str, Tensor] | None = None) -> None:
@@ -349,7 +352,7 @@ class ColumnStore:
         return self.column(section, name).numpy()
 
     def _section(self, section: str) -> dict[str, Tensor]:
-        return {slot.name: self.column(section, slot.name) for slot in self.slots if slot.section == section}
+        return self.batch(slice(None)).get(section, {})
 
     @property
     def features(self) -> dict[str, Tensor]:
@@ -365,7 +368,7 @@ class ColumnStore:
 
     @property
     def row_id(self) -> Tensor:
-        return self.column("row_id", "row_id")
+        return self.batch(slice(None))["row_id"]
 
     def _rows(self, index: Tensor | slice) -> dict[str, Tensor]:
         return {dtype: (block[index] if isinstance(index, slice) else block.index_select(0, index))
@@ -395,14 +398,18 @@ class ColumnStore:
         rows = self._rows(index)
         for dtype, narrow, wide, _ in self._layout:
             block = rows[dtype]
+            out = torch.int64 if dtype == "int32" else None  # ids leave as int64
             if narrow:
-                columns = block[:, : len(narrow)].t().contiguous()  # (K, B): each row a contiguous column
+                columns = block[:, : len(narrow)].t()  # (K, B): each row one column
+                columns = columns.to(out) if out is not None else columns.contiguous()
                 for i, column in zip(narrow, columns):
                     values[i] = column
             for i in wide:
                 slot = self.slots[i]
                 start = self._start[(slot.section, slot.name)]
-                values[i] = block[:, start : start + slot.width].contiguous().unflatten(1, slot.shape)
+                value = block[:, start : start + slot.width]
+                value = value.to(out) if out is not None else value.contiguous()
+                values[i] = value.unflatten(1, slot.shape)
         batch: dict[str, Any] = {"features": {}, "labels": {}}
         for slot, value in zip(self.slots, values):
             if slot.section == "row_id":
@@ -447,10 +454,9 @@ class TableConverter:
         """The store layout: features in spec order, labels, row id, then keys (dtype from ``schema``)."""
         slots: list[Slot] = []
         for f in self.features:
-            if isinstance(f, SparseFeature):
-                slots.append(Slot("features", f.name, "int64"))
-            elif isinstance(f, SequenceFeature):
-                slots.append(Slot("features", f.name, "int64", (f.max_len,)))
+            if isinstance(f, (SparseFeature, SequenceFeature)):
+                ids = "int32" if f.vocab_size <= np.iinfo(np.int32).max else "int64"
+                slots.append(Slot("features", f.name, ids, (f.max_len,) if isinstance(f, SequenceFeature) else ()))
             else:
                 slots.append(Slot("features", f.name, "float32", () if f.dim == 1 else (f.dim,)))
         slots += [Slot("labels", t.name, "float32") for t in self.tasks]

@@ -190,7 +190,7 @@ def test_column_store_batches_equal_per_column_gathers(tmp_path):
     pq.write_table(table.slice(300), paths[1], row_group_size=1000)
     specs = [SparseFeature("u", 50), DenseFeature("x"), DenseFeature("v", dim=3), SequenceFeature("s", 9, max_len=4)]
     store = read_split(paths, specs, [Task("y")], keys=["user", "score"])
-    assert store.num_rows == n and sorted(store.blocks) == ["float32", "float64", "int64"]
+    assert store.num_rows == n and sorted(store.blocks) == ["float32", "float64", "int32", "int64"]
     expected = {
         "u": torch.tensor(columns["u"].to_numpy(), dtype=torch.int64),
         "x": torch.tensor(columns["x"].to_numpy(), dtype=torch.float32),
