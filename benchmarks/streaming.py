@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[400_000, 2_000_000])
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--shuffle-buffer", type=int, default=65_536)
-    parser.add_argument("--read-rows", type=int, default=16_384)
+    parser.add_argument("--read-rows", type=int, default=65_536)
     parser.add_argument("--row-group", type=int, default=50_000)
     parser.add_argument("--in-memory", action="store_true", help="also time the in-memory mode")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)

@@ -738,7 +738,7 @@ class ParquetDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         streaming: bool = False,
         shuffle_buffer: int = 65_536,
-        read_rows: int = 16_384,
+        read_rows: int = 65_536,
         categorical: Mapping[str, Mapping[str, Any] | None] | Sequence[str] | None = None,
         normalize: bool | Sequence[str] = False,
         keys: Sequence[str] = (),

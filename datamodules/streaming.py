@@ -95,7 +95,7 @@ class ParquetStream(IterableDataset):
         pad_to_equal: bool = False,
         rank: int = 0,
         world_size: int = 1,
-        read_rows: int = 16_384,
+        read_rows: int = 65_536,
     ) -> None:
         super().__init__()
         if batch_size < 1:
