@@ -46,7 +46,7 @@ from .config import build
 from .layers.embedding import FeatureEmbedding
 from .losses import CounterfactualCVR, masked_loss, valid_mask
 from .metrics import flatten_metrics, group_auc_metrics, task_metrics
-from .optim import CombinedOptimizer
+from .optim import CombinedOptimizer, LazySparseAdam
 from .tasks import Task, check_tasks
 from .weighting import WeightingStrategy, create_weighting
 
@@ -120,7 +120,9 @@ class MultiTaskLightningModule(L.LightningModule):
         counterfactual: a ``CounterfactualCVR`` (or its config dict) to train the
             conversion task with the IPS or DR loss (see the module docstring).
         sparse_embeddings: train the embedding tables with sparse gradients and
-            ``SparseAdam`` (only the rows a batch touches are read and updated;
+            ``SparseAdam``'s update (done by ``optim.LazySparseAdam``: the same
+            update, state and checkpoints, computed with index operations; only
+            the rows a batch touches are read and updated;
             ``betas``/``eps`` come from ``optimizer_kwargs`` when given; the
             other parameters use ``optimizer``). Faster when the tables are
             most of the model; the tables get no weight decay. Works with
@@ -359,7 +361,7 @@ class MultiTaskLightningModule(L.LightningModule):
             rest = [p for p in self.optimized_parameters() if id(p) not in tables]
             adam = {k: v for k, v in (hp.optimizer_kwargs or {}).items() if k in ("betas", "eps")}
             sparse_tables = [p for p in self.parameters() if id(p) in tables]
-            parts: list[torch.optim.Optimizer] = [torch.optim.SparseAdam(sparse_tables, lr=hp.get("sparse_lr") or hp.lr, **adam)]
+            parts: list[torch.optim.Optimizer] = [LazySparseAdam(sparse_tables, lr=hp.get("sparse_lr") or hp.lr, **adam)]
             if rest:
                 parts.append(make(rest, **kwargs))
             optimizer: torch.optim.Optimizer = CombinedOptimizer(parts)
