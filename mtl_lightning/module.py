@@ -61,6 +61,22 @@ def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     return classes[name.lower()]
 
 
+def _build_optimizer(make: type[torch.optim.Optimizer], params: list[nn.Parameter], kwargs: dict[str, Any]):
+    """``make(params, **kwargs)``, with PyTorch's fused kernel for Adam/AdamW unless the user chose an implementation.
+
+    ``torch.optim.Adam``'s default on CPU updates one tensor at a time, op by
+    op; the fused kernel (``fused=True``, CPU since PyTorch 2.4, and CUDA) does
+    the same update in one pass per tensor. Where it is not available (older
+    PyTorch, another device or dtype) the default implementation is used.
+    """
+    if make in (torch.optim.Adam, torch.optim.AdamW) and not {"fused", "foreach"} & set(kwargs):
+        try:
+            return make(params, fused=True, **kwargs)
+        except (RuntimeError, ValueError, TypeError):
+            pass
+    return make(params, **kwargs)
+
+
 def _embedding_tables(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in model.modules() if isinstance(m, FeatureEmbedding) for p in m.embedding_parameters()]
 
@@ -106,7 +122,10 @@ class MultiTaskLightningModule(L.LightningModule):
             Outputs that are not tasks get no loss of their own.
         lr, weight_decay: optimizer settings.
         optimizer: a ``torch.optim`` class name (case-insensitive), default ``adam``.
-        optimizer_kwargs: extra keyword arguments for the optimizer.
+        optimizer_kwargs: extra keyword arguments for the optimizer. Adam and
+            AdamW use PyTorch's fused kernel (``fused=True``) where it exists
+            (CPU since PyTorch 2.4, CUDA), unless ``fused`` or ``foreach`` is
+            given here.
         lr_scheduler: a ``torch.optim.lr_scheduler`` class name, or ``None``.
         lr_scheduler_kwargs: its keyword arguments; ``lr_scheduler_interval`` is
             ``"epoch"`` or ``"step"``.
@@ -363,10 +382,10 @@ class MultiTaskLightningModule(L.LightningModule):
             sparse_tables = [p for p in self.parameters() if id(p) in tables]
             parts: list[torch.optim.Optimizer] = [LazySparseAdam(sparse_tables, lr=hp.get("sparse_lr") or hp.lr, **adam)]
             if rest:
-                parts.append(make(rest, **kwargs))
+                parts.append(_build_optimizer(make, rest, kwargs))
             optimizer: torch.optim.Optimizer = CombinedOptimizer(parts)
         else:
-            optimizer = make(self.optimized_parameters(), **kwargs)
+            optimizer = _build_optimizer(make, self.optimized_parameters(), kwargs)
         if hp.lr_scheduler is None:
             return optimizer
         scheduler_cls = getattr(torch.optim.lr_scheduler, hp.lr_scheduler, None)

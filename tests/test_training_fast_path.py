@@ -42,3 +42,20 @@ def test_compile_model_switch_compiles_in_place():
     assert set(model.state_dict()) == keys  # checkpoints keep their keys
     assert MultiTaskLightningModule(MMoE(synthetic_features(), synthetic_tasks()), compile_model=False).hparams[
         "compile_model"] is False
+
+
+def test_adam_uses_the_fused_kernel_unless_told_otherwise():
+    from mtl_lightning import MultiTaskLightningModule, registry
+    from datamodules.synthetic import synthetic_features, synthetic_tasks
+
+    def optimizer(**kwargs):
+        model = registry.create("mmoe", features=synthetic_features(4), tasks=synthetic_tasks(), num_experts=2,
+                                expert_hidden=(8,), tower_hidden=(4,))
+        return MultiTaskLightningModule(model, **kwargs).configure_optimizers()
+
+    assert optimizer().defaults["fused"] is True
+    assert optimizer(optimizer="adamw").defaults["fused"] is True
+    assert not optimizer(optimizer_kwargs={"foreach": True}).defaults["fused"]  # the user's choice wins
+    assert not optimizer(optimizer_kwargs={"fused": False}).defaults["fused"]
+    combined = optimizer(sparse_embeddings=True)  # the dense part of sparse training is fused too
+    assert [o.defaults.get("fused") for o in combined.optimizers] == [None, True]
