@@ -23,6 +23,9 @@ backward, optimizer and logging all inside). Systems:
   masked losses, ``torch.optim.Adam``;
 * ``raw-sparse``: that loop with sparse embedding gradients and ``SparseAdam``
   for the tables (Adam for the rest);
+* ``raw-frozen`` (MMoE): that loop with the embedding tables frozen (no table
+  gradient, no table update): not a way to train, but the ceiling any sparse or
+  fused embedding update can approach;
 * ``mtl-lightning``: ``lightning.Trainer`` + ``ParquetDataModule`` +
   ``MultiTaskLightningModule`` (TensorBoard logger at its defaults; progress
   bar, checkpointing and validation off);
@@ -151,7 +154,7 @@ def add_gpu_utilisation(result: dict[str, Any], sampler: GpuSampler | None, cloc
             result["gpu_util_pct"] = util
 
 
-def run_raw(args: argparse.Namespace, sparse: bool) -> dict[str, Any]:
+def run_raw(args: argparse.Namespace, sparse: bool, frozen: bool = False) -> dict[str, Any]:
     import torch
 
     from datamodules.parquet import read_split
@@ -171,6 +174,10 @@ def run_raw(args: argparse.Namespace, sparse: bool) -> dict[str, Any]:
         ids = {id(p) for p in tables}
         optimizers = [torch.optim.SparseAdam(tables, lr=1e-3),
                       torch.optim.Adam([p for p in model.parameters() if id(p) not in ids], lr=1e-3)]
+    elif frozen:  # the ceiling of any embedding-update scheme: no table gradient and no table update at all
+        for table in tables:
+            table.requires_grad_(False)
+        optimizers = [torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)]
     else:
         optimizers = [torch.optim.Adam(model.parameters(), lr=1e-3)]
     clock = StepClock(args.warmup, args.steps, device.type == "cuda")
@@ -280,6 +287,8 @@ def child(args: argparse.Namespace) -> None:
         result = run_raw(args, sparse=False)
     elif system == "raw-sparse":
         result = run_raw(args, sparse=True)
+    elif system == "raw-frozen":
+        result = run_raw(args, sparse=False, frozen=True)
     elif system == "mtl-lightning":
         result = run_lightning(args, sparse=False)
     elif system == "mtl-lightning sparse":
@@ -401,7 +410,7 @@ def main() -> None:
     anchors = anchors_available(args.anchors_python)
     systems = {m: PROJECT_SYSTEMS + (["mtl-lightning compile"] if args.compile else []) for m in models}
     if "mmoe" in systems:
-        systems["mmoe"] = systems["mmoe"] + anchors
+        systems["mmoe"] = systems["mmoe"] + ["raw-frozen"] + anchors
     if args.systems:
         wanted = {"raw"} | {x.strip() for x in args.systems.split(",")}
         systems = {m: [x for x in found if x in wanted] for m, found in systems.items()}
