@@ -382,6 +382,8 @@ def main() -> None:
                         help="also train MMoE dense and sparse for one epoch (--auc-rows) and compare val click AUC")
     parser.add_argument("--auc-rows", type=int, default=200_000, help="training rows of the AUC check's dataset")
     parser.add_argument("--sparse-lr", type=float, default=None, help="sparse_lr of the sparse systems")
+    parser.add_argument("--auc-sparse-lr", type=float, default=0.005,
+                        help="the AUC check also trains sparse with this sparse_lr (0: skip)")
     parser.add_argument("--systems", default=None,
                         help="comma-separated subset to run (raw always runs), e.g. 'mtl-lightning compile'")
     parser.add_argument("--compile", action="store_true", help="also measure compile_model=True")
@@ -437,11 +439,15 @@ def main() -> None:
         auc_paths = bench_data.dataset(args.auc_rows)
         print(f"quality: one epoch of MMoE on {args.auc_rows:,} rows, validation click AUC on "
               f"{bench_data.val_rows(args.auc_rows):,}", flush=True)
-        for s in ("mtl-lightning", "mtl-lightning sparse"):
-            overrides = {"--auc": True, "--train": auc_paths["train"], "--val": auc_paths["val"]}
-            r = launch(child_command(args, s, "mmoe", **overrides), f"mmoe {s} (1 epoch)", args.timeout * 2)
+        runs = [("mtl-lightning", "mtl-lightning", {}), ("mtl-lightning sparse", "mtl-lightning sparse", {})]
+        if args.auc_sparse_lr:
+            runs.append((f"mtl-lightning sparse, sparse_lr={args.auc_sparse_lr:g}", "mtl-lightning sparse",
+                         {"--sparse-lr": args.auc_sparse_lr}))
+        for label, s, extra in runs:
+            overrides = {"--auc": True, "--train": auc_paths["train"], "--val": auc_paths["val"], **extra}
+            r = launch(child_command(args, s, "mmoe", **overrides), f"mmoe {label} (1 epoch)", args.timeout * 2)
             if r is not None:
-                auc[s] = r
+                auc[label] = r
 
     print_report(args, results, datapath, auc, time.perf_counter() - started)
     if args.json:
@@ -466,6 +472,8 @@ def print_report(args, results, datapath, auc, seconds: float) -> None:
         raw_speed, raw_rss = median(by_system.get("raw", []), "rows_per_s"), median(by_system.get("raw", []),
                                                                                          "peak_rss_mib")
         for s, runs in by_system.items():
+            if not runs and args.repeats == 0:
+                continue
             speed, rss = median(runs, "rows_per_s"), median(runs, "peak_rss_mib")
             if speed is None:
                 print(f"| {m} | {s} | failed | | | |")
