@@ -1,10 +1,13 @@
 """``ParquetDataModule``: Parquet files to whole multi-task batches, with no per-row Python.
 
-Each split is read column by column with pyarrow, checked, and kept in memory
-as one tensor per column. A batch is built by indexing every column tensor
-with a slice of a row permutation (``index_select``), so a batch costs one
-gather per column whatever its size. Batches are
-``{"features": {name: Tensor}, "labels": {task: Tensor}, "row_id": Tensor}``.
+Each split is read row group by row group with pyarrow, checked, and written
+into a ``ColumnStore``: a few row-major blocks, one per dtype (ids as int32,
+row ids and integer keys as int64, dense values and labels as float32), allocated
+once from the files' footers. A batch is built by indexing every block with a
+slice of a row permutation (``index_select``), so a batch costs one gather per
+block, whatever the number of columns. Batches are
+``{"features": {name: Tensor}, "labels": {task: Tensor}, "row_id": Tensor}``
+with int64 ids.
 
 Order and sharding (``ParquetBatches``):
 
