@@ -171,7 +171,7 @@ class ParquetStream(IterableDataset):
     # ------------------------------------------------------------- reading
     def _chunks(self, start: int, stop: int) -> Iterator[ColumnStore]:
         wanted = self.convert.columns
-        parquet, path = None, None
+        parquet, path, slots = None, None, None
         for group, lo, hi in self.segments(start, stop):
             if group.path != path:  # one open file at a time: a reader keeps buffers of what it read
                 if parquet is not None:
@@ -185,7 +185,14 @@ class ParquetStream(IterableDataset):
                 a, b = max(lo - offset, 0), min(hi - offset, size)
                 if a < b:
                     table = pa.Table.from_batches([record_batch.slice(a, b - a)])
-                    yield self.convert(table, group.path, group.first_row + offset + a)
+                    chunk = self.convert(table, group.path, group.first_row + offset + a)
+                    if slots is None:
+                        slots = chunk.slots
+                    elif chunk.slots != slots:  # a key column read as integers in one file, floats in another
+                        changed = sorted({(s.name, s.dtype) for s in set(chunk.slots) - set(slots)})
+                        raise ValueError(f"{group.path}: column types {changed} differ from the files read before "
+                                         "it; a key column must have one type, integer or float, in every file")
+                    yield chunk
                 offset += size
                 if offset >= hi:
                     break

@@ -294,3 +294,16 @@ def test_prediction_writer_writes_keys_and_every_row(tmp_path, uneven):
     source = pa.concat_tables([pq.read_table(p) for p in sorted(uneven["val"].iterdir())])
     assert table["item_id"].to_pylist() == source["item_id"].to_pylist()
     assert table.schema.field("item_id").type == pa.int64()
+
+
+def test_streaming_rejects_a_key_column_whose_type_changes_between_files(tmp_path):
+    rows = 600
+    for i, values in enumerate((pa.array(np.arange(rows), pa.int64()), pa.array(np.arange(rows) + 0.5, pa.float64()))):
+        table = make_table(rows, seed=i).append_column("k", values)
+        pq.write_table(table, tmp_path / f"part-{i}.parquet", row_group_size=300)
+    dm = ParquetDataModule(predict=str(tmp_path), keys=["k"], streaming=True, shuffle_buffer=2000, read_rows=300,
+                           **module_kwargs())
+    dm.setup("predict")
+    with pytest.raises(ValueError, match=r"\('k', 'float64'\)\] differ from the files read before") as error:
+        list(dm.dataset("predict"))
+    assert "part-1.parquet" in str(error.value)
