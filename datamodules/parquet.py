@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import glob as globlib
 import math
+import mmap
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -298,6 +299,22 @@ class Slot:
         return math.prod(self.shape)
 
 
+def _zeros(rows: int, width: int, dtype: str) -> np.ndarray:
+    """A zero-filled ``(rows, width)`` block, its pages mapped up front where Linux allows (``MAP_POPULATE``).
+
+    The reader fills a block column by column, so its first pass touches every
+    page. Faulting them in one by one is slow on virtual machines (measured on
+    the 2-core development VM: 0.1-0.4 s per 160 MB); one populated mapping
+    takes about 0.05 s. Small blocks and other systems use ``np.zeros``.
+    """
+    nbytes = rows * width * np.dtype(dtype).itemsize
+    populate = getattr(mmap, "MAP_POPULATE", None)
+    if populate is None or nbytes < 1 << 24:
+        return np.zeros((rows, width), dtype=dtype)
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
+    return np.frombuffer(mapping, dtype=dtype).reshape(rows, width)  # the array keeps the mapping alive
+
+
 class ColumnStore:
     """Rows (a split, or a streamed chunk) as a few row-major blocks, one per storage dtype.
 
@@ -330,9 +347,8 @@ class ColumnStore:
                 self._start[(self.slots[i].section, self.slots[i].name)] = width
                 width += self.slots[i].width
             self._layout.append((dtype, narrow, wide, width))
-        if blocks is None:  # np.zeros: lazily zeroed pages, written once by the reader
-            blocks = {dtype: torch.from_numpy(np.zeros((self.num_rows, width), dtype=dtype))
-                      for dtype, _, _, width in self._layout}
+        if blocks is None:
+            blocks = {dtype: torch.from_numpy(_zeros(self.num_rows, width, dtype)) for dtype, _, _, width in self._layout}
         self.blocks = dict(blocks)
 
     def _slot(self, section: str, name: str) -> Slot:

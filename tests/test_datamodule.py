@@ -219,3 +219,20 @@ def test_a_key_column_must_keep_one_type_across_files(tmp_path):
     with pytest.raises(ValueError, match="key column 'k' has type double, but earlier files hold integers") as error:
         read_split([first, second], SPECS, [Task("y")], keys=["k"])
     assert str(second) in str(error.value)
+
+
+def test_large_store_blocks_are_zeroed_writable_and_picklable():
+    import pickle
+
+    from datamodules.parquet import ColumnStore, Slot, _zeros
+
+    block = _zeros(1 << 20, 5, "int32")  # 20 MiB: the pre-populated mapping where the OS has one
+    assert block.shape == (1 << 20, 5) and block.dtype == np.int32 and block.flags.writeable
+    assert not block.any()
+    store = ColumnStore([Slot("features", "s", "int32", (4,)), Slot("row_id", "row_id", "int64")], 1 << 20)
+    store.array("features", "s")[7] = [1, 2, 3, 4]
+    store.array("row_id", "row_id")[:] = np.arange(1 << 20)
+    batch = store.batch(torch.tensor([7, 8]))
+    assert batch["features"]["s"].tolist() == [[1, 2, 3, 4], [0, 0, 0, 0]] and batch["row_id"].tolist() == [7, 8]
+    copy = pickle.loads(pickle.dumps(store.blocks["int32"]))  # what DataLoader workers started by spawn receive
+    assert copy[7].tolist() == [1, 2, 3, 4]
