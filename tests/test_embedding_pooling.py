@@ -294,3 +294,24 @@ def test_sparse_flag_keeps_max_pooling_and_checkpoint_keys():
     torch.testing.assert_close(restored(x), layer(x))
     restored.sparse = True
     torch.testing.assert_close(restored(x), layer(x))
+
+
+def test_checkpoints_of_the_per_table_layout_still_load():
+    from mtl_lightning import Task, registry
+
+    features = [SparseFeature("user", 7, 4), SparseFeature("item", 5, 4), DenseFeature("price"),
+                SparseFeature("city", 3, 4, shared_with="user"), SequenceFeature("hist", 6, max_len=3, embedding_dim=4)]
+    model = registry.create("shared_bottom", features=features, tasks=[Task("click")], bottom_hidden=(8,),
+                            tower_hidden=(4,))
+    layer = model.embedding
+    # the earlier layout: one tables.<feature>.weight per table, here with values the new model does not have
+    old = {k: v for k, v in model.state_dict().items() if not k.startswith("embedding.fused.")}
+    tables = {name: torch.randn(layer.table_weight(name).shape) for name in ("user", "item")}
+    old.update({f"embedding.tables.{name}.weight": table for name, table in tables.items()})
+    model.load_state_dict(old)  # strict: no missing or unexpected key
+    for name, table in tables.items():
+        torch.testing.assert_close(layer.table_weight(name), table, rtol=0, atol=0)
+    torch.testing.assert_close(layer.table_weight("city"), tables["user"], rtol=0, atol=0)  # shared_with follows
+    incomplete = {k: v for k, v in old.items() if k != "embedding.tables.item.weight"}
+    with pytest.raises(RuntimeError, match="fused.dim4.weight"):  # a missing table is reported, not guessed
+        model.load_state_dict(incomplete)

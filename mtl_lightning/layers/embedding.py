@@ -72,9 +72,10 @@ class FeatureEmbedding(nn.Module):
 
     Checkpoints: the ``state_dict`` keys are ``fused.dim<d>.weight`` (one per
     ``d``) and ``tables.<sequence>.weight``; this changed from the earlier
-    ``tables.<feature>.weight`` per sparse table, so checkpoints written before
-    the fused layout do not load into it. Read a table through
-    :meth:`table_weight` / :meth:`table_grad`, not through the module tree.
+    ``tables.<feature>.weight`` per sparse table; checkpoints written before
+    the fused layout still load (their tables are copied into the blocks).
+    Read a table through :meth:`table_weight` / :meth:`table_grad`, not
+    through the module tree.
 
     Set ``sparse = True`` (``MultiTaskLightningModule(sparse_embeddings=True)``
     does) to get sparse gradients for every table weight, for ``SparseAdam``.
@@ -200,6 +201,25 @@ class FeatureEmbedding(nn.Module):
             block = self._blocks[owner]
             return self.fused[block.key].weight, block
         return self.tables[owner].weight, None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """Also load checkpoints of the earlier layout: ``tables.<feature>.weight`` for every sparse table.
+
+        Each such table is copied into its block of ``fused.dim<d>.weight``,
+        provided every block of that weight is in the checkpoint (otherwise the
+        keys are left for the usual missing/unexpected key report).
+        """
+        for key, holder in self.fused.items():
+            fused_key = f"{prefix}fused.{key}.weight"
+            owners = [name for name, block in self._blocks.items() if block.key == key]
+            old = {name: f"{prefix}tables.{name}.weight" for name in owners}
+            if fused_key in state_dict or not all(k in state_dict for k in old.values()):
+                continue
+            parts = [state_dict.pop(old[name]) for name in owners]  # owners are in block (spec) order
+            state_dict[fused_key] = torch.cat([p.to(holder.weight.dtype) for p in parts])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def table_weight(self, name: str) -> Tensor:
         """The ``(vocab_size, d)`` table feature ``name`` reads (its owner's, with ``shared_with``).
