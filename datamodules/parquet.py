@@ -393,10 +393,9 @@ class ColumnStore:
         return {dtype: (block[index] if isinstance(index, slice) else block.index_select(0, index))
                 for dtype, block in self.blocks.items()}
 
-    def take(self, index: Tensor | slice) -> "ColumnStore":
-        """The rows at ``index`` as a new store (copied)."""
-        rows = {dtype: block.clone() if isinstance(index, slice) else block for dtype, block in self._rows(index).items()}
-        return ColumnStore(self.slots, len(next(iter(rows.values()))), rows)
+    def take(self, index: Tensor) -> "ColumnStore":
+        """The rows at ``index`` (a tensor of positions) as a new store (gathered, so copied)."""
+        return ColumnStore(self.slots, len(index), self._rows(index))
 
     @staticmethod
     def concat(stores: Sequence["ColumnStore"]) -> "ColumnStore":

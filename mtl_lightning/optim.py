@@ -17,6 +17,14 @@ import torch
 from torch import Tensor
 
 
+def _evaluate(closure: Callable[[], Any] | None) -> Any:
+    """The closure's loss (computed with gradients on, as ``Optimizer.step`` expects), or ``None``."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class CombinedOptimizer(torch.optim.Optimizer):
     """Steps ``optimizers`` (over disjoint parameters) as one optimizer."""
 
@@ -48,10 +56,7 @@ class CombinedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for optimizer in self.optimizers:
             optimizer.step()
         return loss
@@ -92,10 +97,7 @@ class LazySparseAdam(torch.optim.SparseAdam):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             eps, maximize, lr = group["eps"], group.get("maximize", False), float(group["lr"])
