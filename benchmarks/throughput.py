@@ -157,7 +157,7 @@ def add_gpu_utilisation(result: dict[str, Any], sampler: GpuSampler | None, cloc
 def run_raw(args: argparse.Namespace, sparse: bool, frozen: bool = False) -> dict[str, Any]:
     import torch
 
-    from datamodules.parquet import read_split
+    from datamodules.store import read_split
     from mtl_lightning.layers.embedding import FeatureEmbedding
     from mtl_lightning.losses import masked_loss
 

@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .parquet import ColumnStore, TableConverter
+from .store import ColumnStore, TableConverter
 
 Batch = dict[str, Any]
 

@@ -152,7 +152,7 @@ def _padded_reference(column, max_len: int) -> np.ndarray:
 
 
 def test_pad_lists_matches_a_per_row_reference():
-    from datamodules.parquet import pad_lists
+    from datamodules.columns import pad_lists
 
     rng = np.random.default_rng(0)
     lists = [[int(v) for v in rng.integers(1, 100, rng.integers(0, 9))] for _ in range(400)]
@@ -172,7 +172,7 @@ def test_pad_lists_matches_a_per_row_reference():
 
 
 def test_column_store_batches_equal_per_column_gathers(tmp_path):
-    from datamodules.parquet import read_split
+    from datamodules.store import read_split
 
     rng = np.random.default_rng(3)
     n = 700
@@ -212,7 +212,7 @@ def test_column_store_batches_equal_per_column_gathers(tmp_path):
 
 
 def test_a_key_column_must_keep_one_type_across_files(tmp_path):
-    from datamodules.parquet import read_split
+    from datamodules.store import read_split
 
     first = write(tmp_path / "a.parquet", **GOOD, k=pa.array([1, 2, 3], pa.int64()))
     second = write(tmp_path / "b.parquet", **GOOD, k=pa.array([1.5, 2.5, 3.5], pa.float64()))
@@ -224,7 +224,7 @@ def test_a_key_column_must_keep_one_type_across_files(tmp_path):
 def test_large_store_blocks_are_zeroed_writable_and_picklable():
     import pickle
 
-    from datamodules.parquet import ColumnStore, Slot, _zeros
+    from datamodules.store import ColumnStore, Slot, _zeros
 
     block = _zeros(1 << 20, 5, "int32")  # 20 MiB: the pre-populated mapping where the OS has one
     assert block.shape == (1 << 20, 5) and block.dtype == np.int32 and block.flags.writeable

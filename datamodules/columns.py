@@ -1,0 +1,183 @@
+"""Column checks: Arrow columns to checked numpy arrays, errors naming the file and the column.
+
+Used by the column store (``store.TableConverter``) and by feature inference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mtl_lightning.features import DenseFeature, SequenceFeature, SparseFeature
+from mtl_lightning.tasks import Task
+
+
+def _column(table: pa.Table, name: str, path: Path, what: str) -> pa.ChunkedArray:
+    if name not in table.column_names:
+        raise ValueError(f"{path}: missing {what} column {name!r} (columns: {table.column_names})")
+    return table.column(name)
+
+
+def _list_values(column: pa.ChunkedArray) -> pa.Array:
+    return pa.concat_arrays([chunk.flatten() for chunk in column.chunks]) if column.num_chunks else pa.array([], pa.int64())
+
+
+def _check_ids(values: pa.Array | pa.ChunkedArray, vocab_size: int, path: Path, name: str) -> None:
+    if len(values) == 0:
+        return
+    bounds = pc.min_max(values)
+    low, high = bounds["min"].as_py(), bounds["max"].as_py()
+    if low is not None and low < 0:
+        raise ValueError(f"{path}: column {name!r} has a negative id ({low}); ids must be in [0, {vocab_size})")
+    if high is not None and high >= vocab_size:
+        raise ValueError(f"{path}: column {name!r} has id {high} >= vocab_size {vocab_size}; ids must be in [0, {vocab_size})")
+
+
+def _sparse_array(column: pa.ChunkedArray, feature: SparseFeature, path: Path) -> np.ndarray:
+    if not pa.types.is_integer(column.type):
+        raise ValueError(
+            f"{path}: column {feature.name!r} is a SparseFeature but has type {column.type}; "
+            "it must hold integer ids (encode raw categories first)"
+        )
+    if column.null_count:
+        raise ValueError(f"{path}: column {feature.name!r} has {column.null_count} null ids")
+    _check_ids(column, feature.vocab_size, path, feature.name)
+    return column.to_numpy().astype(np.int64, copy=False)
+
+
+def _dense_array(column: pa.ChunkedArray, feature: DenseFeature, path: Path) -> np.ndarray:
+    ctype = column.type
+    if feature.dim == 1:
+        if not (pa.types.is_floating(ctype) or pa.types.is_integer(ctype)):
+            raise ValueError(f"{path}: column {feature.name!r} is a DenseFeature but has type {ctype}; it must be numeric")
+        if column.null_count:
+            raise ValueError(f"{path}: column {feature.name!r} has {column.null_count} null values")
+        values = column.to_numpy().astype(np.float32, copy=False)
+    else:
+        if not (pa.types.is_list(ctype) or pa.types.is_fixed_size_list(ctype) or pa.types.is_large_list(ctype)):
+            raise ValueError(f"{path}: column {feature.name!r} is a DenseFeature of dim {feature.dim} but has type {ctype}; "
+                             f"it must be a list of {feature.dim} numbers")
+        flat = _list_values(column)
+        if len(flat) != len(column) * feature.dim or column.null_count:
+            raise ValueError(f"{path}: column {feature.name!r}: every row must hold exactly {feature.dim} values")
+        values = flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(column), feature.dim)
+    if not np.isfinite(values).all():
+        bad = int((~np.isfinite(values)).reshape(len(values), -1).any(axis=1).sum())
+        raise ValueError(f"{path}: column {feature.name!r} has NaN or infinite values in {bad} rows")
+    return values
+
+
+def _sequence_array(
+    column: pa.ChunkedArray, feature: SequenceFeature, path: Path, out: np.ndarray | None = None
+) -> np.ndarray:
+    ctype = column.type
+    if not (pa.types.is_list(ctype) or pa.types.is_large_list(ctype) or pa.types.is_fixed_size_list(ctype)) or not (
+        pa.types.is_integer(ctype.value_type)
+    ):
+        raise ValueError(f"{path}: column {feature.name!r} is a SequenceFeature but has type {ctype}; it must be list<int>")
+    if column.null_count:
+        raise ValueError(f"{path}: column {feature.name!r} has {column.null_count} null lists (use an empty list)")
+    values = pc.list_flatten(column)
+    if values.null_count:
+        raise ValueError(f"{path}: column {feature.name!r} has null ids inside lists")
+    _check_ids(values, feature.vocab_size, path, feature.name)
+    return pad_lists(column, feature.max_len, out)
+
+
+def pad_lists(column: pa.Array | pa.ChunkedArray, max_len: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Ragged ``list<int>`` -> ``(N, max_len)`` int64, right-padded with 0; longer lists keep their first ``max_len`` ids.
+
+    Vectorised over the list offsets, chunk by chunk, with no per-row Python:
+    the kept ids, in order, fill the cells ``position < length`` of the
+    ``(rows, max_len)`` block in row-major order, so one boolean-mask
+    assignment places them all (lists that all hold exactly ``max_len`` ids
+    are one reshape). ``out``, if given, is a zero-filled ``(N, max_len)``
+    array (a strided view is fine, e.g. columns of a ``ColumnStore`` block)
+    written in place; padding is not written. The column must have no null
+    lists (``_sequence_array`` checks that).
+    """
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    if out is None:
+        out = np.zeros((len(column), max_len), dtype=np.int64)
+    elif out.shape != (len(column), max_len):
+        raise ValueError(f"pad_lists: out has shape {out.shape}, expected {(len(column), max_len)}")
+    row = 0
+    for chunk in chunks:
+        rows = len(chunk)
+        if rows == 0:
+            continue
+        block = out[row : row + rows]
+        row += rows
+        if pa.types.is_fixed_size_list(chunk.type):
+            width = min(chunk.type.list_size, max_len)
+            values = chunk.flatten().to_numpy(zero_copy_only=False).reshape(rows, chunk.type.list_size)
+            block[:, :width] = values[:, :width]
+            continue
+        offsets = chunk.offsets.to_numpy().astype(np.int64, copy=False)  # absolute positions in chunk.values
+        first, last = int(offsets[0]), int(offsets[-1])
+        values = chunk.values.slice(first, last - first).to_numpy(zero_copy_only=False)
+        lengths = np.diff(offsets)
+        if (lengths == max_len).all():
+            block[...] = values.reshape(rows, max_len)
+            continue
+        if lengths.max() > max_len:  # keep the first max_len ids of longer lists
+            rows_of = np.repeat(np.arange(rows, dtype=np.int64), lengths)  # value i belongs to list rows_of[i]
+            values = values[np.arange(last - first, dtype=np.int64) - (offsets[:-1] - first)[rows_of] < max_len]
+        # the kept ids, in row-major order, are exactly the (row, position < length) cells
+        block[np.arange(max_len) < np.minimum(lengths, max_len)[:, None]] = values
+    return out
+
+
+def _label_array(column: pa.ChunkedArray, task: Task, path: Path) -> np.ndarray:
+    if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type) or pa.types.is_boolean(column.type)):
+        raise ValueError(f"{path}: label column {task.label!r} of task {task.name!r} has type {column.type}; it must be numeric")
+    # a null label is a missing label: it becomes NaN and is left out of the task's loss
+    values = column.cast(pa.float32()).fill_null(float("nan"))
+    return values.to_numpy().astype(np.float32, copy=False)
+
+
+def key_array(column: pa.ChunkedArray, name: str, path: Path) -> np.ndarray:
+    """A key column carried to prediction files: integers stay int64, floats become float64."""
+    if pa.types.is_integer(column.type):
+        return column.to_numpy().astype(np.int64, copy=False)
+    if pa.types.is_floating(column.type):
+        return column.to_numpy().astype(np.float64, copy=False)
+    raise ValueError(
+        f"{path}: key column {name!r} has type {column.type}; keys must be numeric "
+        "(join string keys afterwards on row_id, the row's position in the split)"
+    )
+
+
+def check_implied_labels(table: pa.Table, implied_labels: Mapping[str, str], path: Path) -> None:
+    """Reject rows where a label column is positive (> 0) but the label column it implies is 0.
+
+    ``implied_labels`` maps a label column to the one it implies, e.g.
+    ``{"purchase": "click", "conversion": "click"}``: a purchase (or a
+    conversion) on a row that was not clicked is a data error. Null and NaN
+    values are missing labels and never count as a violation.
+    """
+    for label, implied in implied_labels.items():
+        positive = pc.fill_null(pc.greater(_column(table, label, path, "label").cast(pa.float64()), 0.0), False)
+        absent = pc.fill_null(pc.equal(_column(table, implied, path, "label").cast(pa.float64()), 0.0), False)
+        bad = pc.sum(pc.and_(positive, absent).cast(pa.int64())).as_py() or 0
+        if bad:
+            raise ValueError(
+                f"{path}: {bad} rows have {label!r} > 0 where {implied!r} is 0, but {label!r} implies {implied!r} "
+                f"(e.g. a purchase without a click); fix the labels or drop those rows"
+            )
+
+
+def _key_dtype(arrow_type: pa.DataType, name: str, path: Path) -> str:
+    if pa.types.is_integer(arrow_type):
+        return "int64"
+    if pa.types.is_floating(arrow_type):
+        return "float64"
+    raise ValueError(
+        f"{path}: key column {name!r} has type {arrow_type}; keys must be numeric "
+        "(join string keys afterwards on row_id, the row's position in the split)"
+    )
+
