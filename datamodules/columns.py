@@ -132,12 +132,38 @@ def pad_lists(column: pa.Array | pa.ChunkedArray, max_len: int, out: np.ndarray 
     return out
 
 
-def _label_array(column: pa.ChunkedArray, task: Task, path: Path) -> np.ndarray:
+def _label_array(column: pa.ChunkedArray, task: Task, path: Path, ignore_label: float | None = -1) -> np.ndarray:
+    """A task's labels as float32, null -> NaN (a missing label), checked like a feature.
+
+    A binary label must be 0 or 1 (bool and integer columns are accepted), the
+    ignore label, or null/NaN; a regression label must be finite (as float32),
+    the ignore label, or null/NaN. Anything else (``inf``, ``-2``, ``0.5`` for a
+    binary task) is refused with the file, the column, the number of bad rows
+    and an example value: it would otherwise train on silently wrong numbers.
+    """
     if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type) or pa.types.is_boolean(column.type)):
         raise ValueError(f"{path}: label column {task.label!r} of task {task.name!r} has type {column.type}; it must be numeric")
     # a null label is a missing label: it becomes NaN and is left out of the task's loss
-    values = column.cast(pa.float32()).fill_null(float("nan"))
-    return values.to_numpy().astype(np.float32, copy=False)
+    values = column.cast(pa.float32(), safe=False).fill_null(float("nan")).to_numpy().astype(np.float32, copy=False)
+    missing = np.isnan(values)
+    if ignore_label is not None:
+        missing |= values == np.float32(ignore_label)
+    if task.kind == "binary":
+        bad = ~missing & (values != 0) & (values != 1)
+        allowed = "0 or 1"
+    else:
+        bad = ~missing & ~np.isfinite(values)
+        allowed = "a finite number (as float32)"
+    count = int(np.count_nonzero(bad))
+    if count:
+        example = column.cast(pa.float64(), safe=False).to_numpy(zero_copy_only=False)[np.flatnonzero(bad)[0]]
+        ignore = f", the ignore label {ignore_label:g}" if ignore_label is not None else ""
+        raise ValueError(
+            f"{path}: label column {task.label!r} of {task.kind} task {task.name!r} has {count} rows whose label is "
+            f"not {allowed}{ignore} or null/NaN (e.g. {example!r}); fix or drop those rows (a missing label is null, "
+            f"NaN or the ignore label, set with ParquetDataModule(ignore_label=...))"
+        )
+    return values
 
 
 def key_array(column: pa.ChunkedArray, name: str, path: Path) -> np.ndarray:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -13,16 +15,59 @@ from mtl_lightning.features import DenseFeature, Feature, SequenceFeature, Spars
 
 from .columns import _list_values
 
+# An inferred id column is refused when its max id is this many times its number of distinct ids (and above
+# SPARSE_IDS_MIN_VOCAB): its table would be mostly rows no id uses (one id 9,999,999 among 50 users: 10M rows).
+SPARSE_IDS_RATIO = 100
+SPARSE_IDS_MIN_VOCAB = 10_000
+
+
+def check_inferred_vocab(name: str, vocab_size: int, distinct: int, max_vocab: int) -> None:
+    """Refuse an inferred id column whose table would be mostly unused rows or larger than ``max_vocab`` rows."""
+    advice = (f"encode it instead: categorical={{{name!r}: {{}}}} (a vocabulary of the ids seen) or "
+              f"categorical={{{name!r}: {{'num_buckets': N}}}} (hashing), or give its SparseFeature in features=")
+    if vocab_size > max_vocab:
+        raise ValueError(
+            f"feature {name!r}: its largest id {vocab_size - 1} would make an embedding table of {vocab_size:,} rows, "
+            f"above max_inferred_vocab={max_vocab:,}; {advice}"
+        )
+    if vocab_size > SPARSE_IDS_MIN_VOCAB and vocab_size > SPARSE_IDS_RATIO * distinct:
+        raise ValueError(
+            f"feature {name!r}: its largest id is {vocab_size - 1} but it holds at most {distinct:,} distinct ids, so "
+            f"an inferred table of {vocab_size:,} rows would be almost all unused; {advice}"
+        )
+
+
+def _looks_like_label(column: pa.ChunkedArray, ignore_label: float | None) -> bool:
+    """Whether a float column holds only 0, 1, null/NaN and the ignore label (and at least one 0 and one 1)."""
+    values = column.to_numpy().astype(np.float64, copy=False) if column.null_count == 0 else (
+        column.cast(pa.float64()).fill_null(float("nan")).to_numpy())
+    values = values[~np.isnan(values)]
+    if ignore_label is not None:
+        values = values[values != ignore_label]
+    return values.size > 0 and bool(np.isin(values, (0.0, 1.0)).all()) and 0 < values.sum() < values.size
+
 
 def infer_features(
-    files: Sequence[Path], exclude: set[str], embedding_dim: int = 16, stat_files: Sequence[Path] | None = None
+    files: Sequence[Path],
+    exclude: set[str],
+    embedding_dim: int = 16,
+    stat_files: Sequence[Path] | None = None,
+    max_vocab: int = 1 << 24,
+    ignore_label: float | None = -1,
 ) -> list[Feature]:
-    """Feature specs from the schema of ``files[0]`` and a min/max pass over ``stat_files``.
+    """Feature specs from the schema of ``files[0]`` and a statistics pass over ``stat_files``.
 
     Integer columns become ``SparseFeature`` (vocab = max id + 1), float columns
     ``DenseFeature``, list<int> columns ``SequenceFeature`` (vocab = max id + 1,
     max_len = longest list), fixed-size float lists ``DenseFeature(dim=size)``.
     Columns in ``exclude`` (labels, row id) are skipped; any other type is an error.
+
+    Guards: an id column whose table would exceed ``max_vocab`` rows, or whose
+    max id is more than ``SPARSE_IDS_RATIO`` times its number of distinct ids
+    (counted per file and summed, an upper bound), is refused
+    (``check_inferred_vocab``); a float column that holds only 0/1 (null, NaN
+    and ``ignore_label`` aside) looks like a label of another task and gets a
+    warning naming it (list it in ``exclude=``/``labels=`` if it is one).
     """
     schema = pq.read_schema(files[0])
     features: list[Feature] = []
@@ -33,20 +78,29 @@ def infer_features(
             continue
         is_list = pa.types.is_list(ftype) or pa.types.is_large_list(ftype) or pa.types.is_fixed_size_list(ftype)
         if pa.types.is_integer(ftype) or (is_list and pa.types.is_integer(ftype.value_type)):
-            high, longest = 0, 0
+            high, longest, distinct = 0, 0, 0
             for path in stat_files:
                 column = pq.read_table(path, columns=[name]).column(name)
                 values = _list_values(column) if is_list else column
                 if len(values):
                     high = max(high, pc.max(values).as_py() or 0)
+                    distinct += pc.count_distinct(values).as_py()
                 if is_list:
                     longest = max(longest, pc.max(pc.list_value_length(column)).as_py() or 0)
+            check_inferred_vocab(name, max(high + 1, 2) if is_list else high + 1, distinct, max_vocab)
             if is_list:
                 features.append(SequenceFeature(name, vocab_size=max(high + 1, 2), max_len=max(longest, 1),
                                                 embedding_dim=embedding_dim))
             else:
                 features.append(SparseFeature(name, vocab_size=high + 1, embedding_dim=embedding_dim))
         elif pa.types.is_floating(ftype):
+            if all(_looks_like_label(pq.read_table(path, columns=[name]).column(name), ignore_label)
+                   for path in stat_files):
+                warnings.warn(
+                    f"column {name!r} holds only 0/1 values, like a label; it is inferred as a dense feature. If it is "
+                    f"the label of another task (a feature that is a label leaks the answer), pass "
+                    f"labels=[{name!r}] or exclude=[{name!r}] to ParquetDataModule", stacklevel=2,
+                )
             features.append(DenseFeature(name))
         elif pa.types.is_fixed_size_list(ftype) and pa.types.is_floating(ftype.value_type):
             features.append(DenseFeature(name, dim=ftype.list_size))

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import pyarrow as pa
 import pyarrow.parquet as pq
 from torch.utils.data import DataLoader
@@ -90,6 +91,24 @@ class ParquetDataModule(L.LightningDataModule):
             positive label on a row where the implied label is 0 is rejected
             (the error names the file and the number of rows; when streaming,
             the rows of the chunk being read). Checked in every labelled split.
+        ignore_label: the label value that means "no label" (default ``-1``, as
+            ``MultiTaskLightningModule(ignore_label=...)``, which must agree).
+            Labels are checked like features: a binary label must be 0/1
+            (bool and integer columns accepted), the ignore label or null/NaN;
+            a regression label finite (as float32), the ignore label or
+            null/NaN; otherwise the split is refused with the file, the column,
+            the number of bad rows and an example value.
+        labels: label columns of the data that are not tasks of this model
+            (e.g. ``purchase`` when training ``click`` and ``conversion``):
+            never inferred as features. Inference also warns about any float
+            column holding only 0/1 values, the mark of a label.
+        max_inferred_vocab: the largest embedding table (rows) inference may
+            make for an integer id column; a column with a larger max id, or
+            whose max id is more than 100 times its number of distinct ids, is
+            refused with a message suggesting ``categorical=`` (vocabulary or
+            ``num_buckets`` hashing). Given ``features`` are not limited.
+
+    The inferred features are logged at INFO (``rank_zero_info``) when they are inferred.
 
     The fitted encoders and statistics (and the resolved feature specs) are the
     data module's ``state_dict``, saved in every Lightning checkpoint and restored
@@ -122,6 +141,9 @@ class ParquetDataModule(L.LightningDataModule):
         keys: Sequence[str] = (),
         group: str | None = None,
         implied_labels: Mapping[str, str] | None = None,
+        ignore_label: float | None = -1,
+        labels: Sequence[str] = (),
+        max_inferred_vocab: int = 1 << 24,
     ) -> None:
         super().__init__()
         self.paths = {"train": train, "val": val, "test": test, "predict": predict}
@@ -143,6 +165,11 @@ class ParquetDataModule(L.LightningDataModule):
         self.drop_last = drop_last
         self.pin_memory = pin_memory
         self.implied_labels = dict(implied_labels or {})
+        self.ignore_label = ignore_label
+        self.labels = list(labels)
+        if max_inferred_vocab < 1:
+            raise ValueError(f"max_inferred_vocab must be >= 1, got {max_inferred_vocab}")
+        self.max_inferred_vocab = max_inferred_vocab
         self.stores: dict[str, ColumnStore] = {}
         self.streaming = streaming
         if shuffle_buffer < 1 or read_rows < 1:
@@ -174,12 +201,16 @@ class ParquetDataModule(L.LightningDataModule):
         first = next(p for s in SPLITS for p in self.files(s))
         exclude = {t.label for t in self.tasks} | ({self.row_id} if self.row_id else set()) | self.exclude
         exclude |= set(self.categorical) | set(self.keys)
-        exclude |= {column for pair in self.implied_labels.items() for column in pair}
-        return infer_features([first], exclude, self.embedding_dim, stat_files=all_files)
+        exclude |= {column for pair in self.implied_labels.items() for column in pair} | set(self.labels)
+        return infer_features([first], exclude, self.embedding_dim, stat_files=all_files,
+                              max_vocab=self.max_inferred_vocab, ignore_label=self.ignore_label)
 
     def prepare_features(self) -> list[Feature]:
         if self.features is None:
             self.features = self.infer()
+            rank_zero_info("ParquetDataModule inferred features: " + ", ".join(
+                f"{f.name} ({type(f).__name__}" + (f", vocab_size={f.vocab_size})" if hasattr(f, "vocab_size") else ")")
+                for f in self.features))
         if self.encoders or self.normalize:
             self._prepare_preprocessing()
         return self.features
@@ -297,7 +328,7 @@ class ParquetDataModule(L.LightningDataModule):
                 self.stores[split] = read_split(
                     self.files(split), self.features, self.tasks, self.row_id, labels_required=split != "predict",
                     keys=self._carried_keys(), implied_labels=self.implied_labels, encoders=self.encoders,
-                    normalizers=self.normalizers,
+                    normalizers=self.normalizers, ignore_label=self.ignore_label,
                 )
 
     def dataset(
@@ -333,7 +364,8 @@ class ParquetDataModule(L.LightningDataModule):
         return ParquetStream(
             list_row_groups(files),
             TableConverter(self.features, tasks, self.row_id, self._carried_keys(), self.encoders, self.normalizers,
-                           implied_labels=self.implied_labels if split != "predict" else None),
+                           implied_labels=self.implied_labels if split != "predict" else None,
+                           ignore_label=self.ignore_label),
             self.batch_size, shuffle=train and self.shuffle, shuffle_buffer=self.shuffle_buffer, seed=self.seed,
             drop_last=train and self.drop_last, pad_to_equal=train,
             rank=process_rank if rank is None else rank,

@@ -201,8 +201,10 @@ class TableConverter:
         encoders: Mapping[str, CategoricalEncoder] | None = None,
         normalizers: Mapping[str, DenseNormalizer] | None = None,
         implied_labels: Mapping[str, str] | None = None,
+        ignore_label: float | None = -1,
     ) -> None:
         self.features = list(features)
+        self.ignore_label = ignore_label
         self.implied_labels = dict(implied_labels or {})
         self.tasks = list(tasks)
         self.row_id = row_id
@@ -259,7 +261,8 @@ class TableConverter:
             else:
                 _sequence_array(column, f, path, out=store.array("features", f.name)[rows])
         for t in self.tasks:
-            store.array("labels", t.name)[rows] = _label_array(_column(table, t.label, path, "label"), t, path)
+            store.array("labels", t.name)[rows] = _label_array(_column(table, t.label, path, "label"), t, path,
+                                                                 self.ignore_label)
         if self.row_id:
             column = _column(table, self.row_id, path, "row id")
             if not pa.types.is_integer(column.type):
@@ -288,6 +291,7 @@ def read_split(
     implied_labels: Mapping[str, str] | None = None,
     encoders: Mapping[str, CategoricalEncoder] | None = None,
     normalizers: Mapping[str, DenseNormalizer] | None = None,
+    ignore_label: float | None = -1,
 ) -> ColumnStore:
     """Read and check every row group of every file of a split into one ``ColumnStore``.
 
@@ -296,7 +300,8 @@ def read_split(
     ``encoders``/``normalizers`` (fitted) are applied on the way; ``keys`` are
     numeric columns carried through as ``batch["keys"]`` (for prediction
     files). With ``labels_required=False`` (prediction) only the labels every
-    file has are read and ``implied_labels`` are not checked.
+    file has are read and ``implied_labels`` are not checked. ``ignore_label``
+    is the label value that means "no label" (see ``columns._label_array``).
     """
     files = [Path(path) for path in files]
     parquets = [pq.ParquetFile(path) for path in files]
@@ -308,7 +313,7 @@ def read_split(
             if parquet.metadata.num_rows == 0:
                 raise ValueError(f"{path}: file is empty (0 rows)")
         convert = TableConverter(features, tasks, row_id, keys, encoders, normalizers,
-                                 implied_labels if labels_required else None)
+                                 implied_labels if labels_required else None, ignore_label=ignore_label)
         store = ColumnStore(convert.slots(schemas[0], files[0]), sum(p.metadata.num_rows for p in parquets))
         at = 0
         for path, parquet, schema in zip(files, parquets, schemas):
