@@ -5,6 +5,14 @@ takes the model's raw output (logits for binary tasks), so log-loss is
 computed stably from logits. Rows whose label is ignored are filtered out
 before ``update``.
 
+Undefined values are skipped, not reported as numbers: :func:`compute_task_metrics`
+leaves out every metric of a task that had no row with a valid label in the
+split (AUROC would crash, the means would be 0/0), and AUC of a binary task
+whose valid labels are all of one class (AUROC would return 0.0). The decision
+is made on :class:`LabelCounts`, whose ``compute`` returns the counts summed over
+every rank (``dist_reduce_fx="sum"``), so under DDP every rank skips the same
+metrics and calls the same collectives.
+
 Group AUC (``GroupAUC``, logged as ``<stage>/<task>/gauc`` for binary tasks
 when the batches carry a ``group`` column) is the impression-weighted mean of
 per-group AUC: ``GAUC = sum_u n_u AUC_u / sum_u n_u`` over the groups
@@ -14,7 +22,7 @@ group's number of rows; groups with a single class are skipped.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +53,35 @@ class BinaryLogLoss(Metric):
 
     def compute(self) -> Tensor:
         return (self.total / self.count.clamp(min=1)).float()
+
+
+class LabelCounts(Metric):
+    """Rows seen and, of them, positive labels (``target.long() == 1``, as AUROC reads them).
+
+    ``compute`` returns ``tensor([rows, positives])`` (int64), summed over every
+    rank under DDP. It is part of every task's collection in
+    :func:`task_metrics` under the key :data:`COUNTS`; :func:`compute_task_metrics`
+    reads it to decide which metrics are defined and never returns it.
+    """
+
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("rows", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("positives", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        self.rows += target.numel()
+        self.positives += (target.long() == 1).sum()
+
+    def compute(self) -> Tensor:
+        return torch.stack([self.rows, self.positives])
+
+
+COUNTS = "_counts"
+"""The key of :class:`LabelCounts` in each task's ``MetricCollection``."""
 
 
 class BinaryAUROCFromLogits(BinaryAUROC):
@@ -128,15 +165,56 @@ def group_auc_metrics(tasks: Sequence[Task]) -> torch.nn.ModuleDict:
 
 
 def task_metrics(tasks: Sequence[Task]) -> MultitaskWrapper:
-    """``MultitaskWrapper`` with ``auc``/``logloss`` (binary) or ``mse``/``mae`` (regression) per task."""
+    """``MultitaskWrapper`` with ``auc``/``logloss`` (binary) or ``mse``/``mae`` (regression) per task.
+
+    Each task's collection also holds a :class:`LabelCounts` under :data:`COUNTS`;
+    compute with :func:`compute_task_metrics`, which skips undefined metrics.
+    """
     collections = {}
     for task in tasks:
         if task.kind == "binary":
             metrics = {"auc": BinaryAUROCFromLogits(validate_args=False), "logloss": BinaryLogLoss()}
         else:
             metrics = {"mse": MeanSquaredError(), "mae": MeanAbsoluteError()}
+        metrics[COUNTS] = LabelCounts()
         collections[task.name] = MetricCollection(metrics, compute_groups=False)
     return MultitaskWrapper(collections)
+
+
+class Skipped(NamedTuple):
+    """Metrics of one task left out by :func:`compute_task_metrics`, and why (a phrase for a warning)."""
+
+    metrics: tuple[str, ...]
+    reason: str
+    empty: bool  # True when the task had no row with a valid label
+
+
+def compute_task_metrics(
+    metrics: MultitaskWrapper, tasks: Sequence[Task]
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, Skipped]]:
+    """Compute the defined metrics of every task: ``({task: {metric: value}}, {task: Skipped})``.
+
+    A task with no valid row gets ``{}`` and all its metrics in ``Skipped``; a
+    binary task whose valid labels are all 0 or all 1 gets no ``auc``. Every
+    metric computed is synced over ranks by torchmetrics, and the decision uses
+    the synced :class:`LabelCounts`, so all ranks compute the same metrics.
+    Does not reset the metrics.
+    """
+    computed: dict[str, dict[str, Tensor]] = {}
+    skipped: dict[str, Skipped] = {}
+    for task in tasks:
+        collection = metrics.task_metrics[task.name]
+        rows, positives = (int(v) for v in collection[COUNTS].compute())
+        names = [name for name in collection.keys(keep_base=True) if name != COUNTS]
+        if rows == 0:
+            skipped[task.name] = Skipped(tuple(names), "has no row with a valid label", True)
+        elif task.kind == "binary" and positives in (0, rows):
+            skipped[task.name] = Skipped(
+                ("auc",), f"has labels of one class only (all {rows} valid labels are {int(positives > 0)}), "
+                "so AUC is undefined", False)
+        left_out = skipped[task.name].metrics if task.name in skipped else ()
+        computed[task.name] = {name: collection[name].compute() for name in names if name not in left_out}
+    return computed, skipped
 
 
 def flatten_metrics(stage: str, computed: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:

@@ -31,21 +31,40 @@ architecture has one); ``val/<task>/auc``, ``val/<task>/logloss`` (binary),
 (the static-weighted sum of per-task log-loss/MSE over the whole epoch),
 ``val/<task>/gauc`` (binary, when the batches carry a ``group`` tensor: see
 ``metrics.GroupAUC``); the same under ``test/``.
+
+Undefined evaluation metrics are skipped, never logged as numbers that look
+real (and never NaN, so a ``ModelCheckpoint`` monitoring another key is not
+disturbed): every metric of a task with no row with a valid label in the split
+(e.g. the CVR task when every row is unclicked, its labels all
+``ignore_label``), and AUC/GAUC of a task whose valid labels are all of one
+class (GAUC also when no group has both classes). ``<stage>/loss`` is the
+weighted sum over the tasks that have valid rows (not logged when none has).
+Each case is warned about once per task and split (the sanity check counts as
+a split of its own) for the module's lifetime; validation, training and
+``trainer.test`` go on with the other metrics. The decision uses label counts
+summed over every rank, so under DDP all ranks log the same keys.
+
+Learning rates: ``lr``, ``sparse_lr`` and ``weight_decay`` must be finite and
+>= 0; anything else raises ``ValueError`` when the module is built.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Mapping, Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from .architectures.base import MultiTaskArchitecture
+from .checkpoint import CheckpointLoading
 from .config import build
 from .layers.embedding import FeatureEmbedding
 from .losses import CounterfactualCVR, masked_loss, valid_mask
-from .metrics import flatten_metrics, group_auc_metrics, task_metrics
+from .metrics import Skipped, compute_task_metrics, flatten_metrics, group_auc_metrics, task_metrics
 from .optim import CombinedOptimizer, LazySparseAdam
 from .tasks import Task, check_tasks
 from .weighting import WeightingStrategy, create_weighting
@@ -75,6 +94,19 @@ def _build_optimizer(make: type[torch.optim.Optimizer], params: list[nn.Paramete
         except (RuntimeError, ValueError, TypeError):
             pass
     return make(params, **kwargs)
+
+
+def _check_rate(name: str, value: Any, optional: bool = False) -> None:
+    """``lr``, ``sparse_lr`` and ``weight_decay`` must be finite numbers >= 0 (``None`` only where ``optional``)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"{name} must be a finite number >= 0, got {value!r}; a NaN, infinite or negative {name} turns "
+            "every parameter it updates into NaN or makes training diverge"
+        )
 
 
 def _embedding_tables(model: nn.Module) -> list[nn.Parameter]:
@@ -111,7 +143,7 @@ def _check_sparse_strategy(strategy: Any) -> None:
         )
 
 
-class MultiTaskLightningModule(L.LightningModule):
+class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
     """Trains any ``MultiTaskArchitecture``.
 
     Args:
@@ -120,7 +152,9 @@ class MultiTaskLightningModule(L.LightningModule):
             imputation output). Every task must be an output of the model
             (``model.output_names``); labels in the batch are keyed by task name.
             Outputs that are not tasks get no loss of their own.
-        lr, weight_decay: optimizer settings.
+        lr, weight_decay: optimizer settings; finite numbers >= 0 (anything else
+            raises ``ValueError`` here, before any step: SGD would otherwise
+            train with ``lr=nan`` and turn every parameter into NaN).
         optimizer: a ``torch.optim`` class name (case-insensitive), default ``adam``.
         optimizer_kwargs: extra keyword arguments for the optimizer. Adam and
             AdamW use PyTorch's fused kernel (``fused=True``) where it exists
@@ -155,7 +189,8 @@ class MultiTaskLightningModule(L.LightningModule):
         sparse_lr: SparseAdam's learning rate with ``sparse_embeddings`` (default
             ``lr``). SparseAdam moves a row only when a batch touches it, where
             dense Adam keeps moving it on momentum, so rare ids learn slower at
-            the same rate; a larger ``sparse_lr`` makes up for it.
+            the same rate; a larger ``sparse_lr`` makes up for it. Finite and
+            >= 0 like ``lr``.
     """
 
     def __init__(
@@ -192,6 +227,15 @@ class MultiTaskLightningModule(L.LightningModule):
         if self.counterfactual is not None:
             self._check_counterfactual()
         _optimizer_class(optimizer)
+        _check_rate("lr", lr)
+        _check_rate("weight_decay", weight_decay)
+        _check_rate("sparse_lr", sparse_lr, optional=True)
+        if sparse_embeddings and (lr if sparse_lr is None else sparse_lr) == 0:
+            name = "lr" if sparse_lr is None else "sparse_lr"
+            raise ValueError(
+                f"{name} must be > 0 with sparse_embeddings=True (the embedding tables' SparseAdam refuses a rate "
+                f"of 0), got {name}=0; give sparse_lr > 0 to train the tables, or freeze them another way"
+            )
         if lr_scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"lr_scheduler_interval must be 'epoch' or 'step', got {lr_scheduler_interval!r}")
         self.weighting = create_weighting(weighting)
@@ -214,6 +258,7 @@ class MultiTaskLightningModule(L.LightningModule):
         self.test_metrics = task_metrics(self.tasks)
         self.val_gauc = group_auc_metrics(self.tasks)
         self.test_gauc = group_auc_metrics(self.tasks)
+        self._skip_warned: set[tuple[str, str, str]] = set()  # see _warn_skipped
 
     # ------------------------------------------------------------------ losses
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -322,18 +367,55 @@ class MultiTaskLightningModule(L.LightningModule):
                 gauc[t.name].update(outputs[t.name][mask], labels[mask], group[mask])
 
     def _log_metrics(self, stage: str, metrics: nn.Module, gauc: nn.ModuleDict | None = None) -> None:
-        computed = metrics.compute()
+        """Log the split's defined metrics; undefined ones are skipped with one warning per task and split.
+
+        Every decision below reads values computed from states synced over the
+        ranks (``compute_task_metrics``' label counts, GAUC itself), so every
+        rank logs the same keys and runs the same collectives.
+        """
+        computed, skipped = compute_task_metrics(metrics, self.tasks)
         logged = flatten_metrics(stage, computed)
         for name, metric in (gauc or {}).items():
-            if metric.update_called:
-                logged[f"{stage}/{name}/gauc"] = metric.compute()
-                metric.reset()
-        total = sum(
-            t.weight * computed[t.name]["logloss" if t.kind == "binary" else "mse"] for t in self.tasks
-        )
-        logged[f"{stage}/loss"] = torch.as_tensor(total)
+            if not metric.update_called:
+                continue
+            if name in skipped:  # no valid row, or one class: no group can have both classes
+                skipped[name] = skipped[name]._replace(metrics=(*skipped[name].metrics, "gauc"))
+            else:
+                value = metric.compute()
+                if torch.isnan(value):
+                    skipped[name] = Skipped(("gauc",), "has no group (user) with both a positive and a "
+                                            "negative label, so GAUC is undefined", False)
+                else:
+                    logged[f"{stage}/{name}/gauc"] = value
+            metric.reset()
+        terms = [
+            t.weight * computed[t.name]["logloss" if t.kind == "binary" else "mse"]
+            for t in self.tasks if ("logloss" if t.kind == "binary" else "mse") in computed[t.name]
+        ]
+        if terms:
+            logged[f"{stage}/loss"] = torch.as_tensor(sum(terms))
+        for name, skip in skipped.items():
+            self._warn_skipped(stage, name, skip, loss_skipped=not terms)
         self.log_dict(logged, sync_dist=False)
         metrics.reset()
+
+    def _warn_skipped(self, stage: str, task: str, skip: Skipped, loss_skipped: bool) -> None:
+        """One warning per task, split and reason for the module's lifetime (the sanity check counts apart)."""
+        split = f"{stage} (sanity check)" if self._trainer is not None and self.trainer.sanity_checking else stage
+        key = (split, task, skip.reason)
+        if key in self._skip_warned:
+            return
+        self._skip_warned.add(key)
+        keys = ", ".join(f"{stage}/{task}/{m}" for m in skip.metrics)
+        verb = "is" if len(skip.metrics) == 1 else "are"
+        if skip.empty:
+            detail = f"every label is ignore_label={self.hparams.ignore_label!r} or NaN"
+            loss = (f"nor is {stage}/loss (no task has a valid row)" if loss_skipped
+                    else f"and {stage}/loss sums the other tasks only")
+            message = f"{split} split: task {task!r} {skip.reason} ({detail}); {keys} {verb} not logged, {loss}"
+        else:
+            message = f"{split} split: task {task!r} {skip.reason}; {keys} {verb} not logged"
+        rank_zero_warn(message + ". Training and the other metrics go on (warned once per task and split).")
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._update_metrics(self.val_metrics, batch, self.val_gauc)
@@ -382,7 +464,8 @@ class MultiTaskLightningModule(L.LightningModule):
             rest = [p for p in self.optimized_parameters() if id(p) not in tables]
             adam = {k: v for k, v in (hp.optimizer_kwargs or {}).items() if k in ("betas", "eps")}
             sparse_tables = [p for p in self.parameters() if id(p) in tables]
-            parts: list[torch.optim.Optimizer] = [LazySparseAdam(sparse_tables, lr=hp.get("sparse_lr") or hp.lr, **adam)]
+            sparse_lr = hp.lr if hp.get("sparse_lr") is None else hp.sparse_lr  # 0.0 is a rate, not "unset"
+            parts: list[torch.optim.Optimizer] = [LazySparseAdam(sparse_tables, lr=sparse_lr, **adam)]
             if rest:
                 parts.append(_build_optimizer(make, rest, kwargs))
             optimizer: torch.optim.Optimizer = CombinedOptimizer(parts)
