@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,3 +216,23 @@ def test_rate_checks_accept_zero_and_reject_non_numbers():
             tiny_module(sparse_embeddings=True, **kwargs)
     with pytest.raises(TypeError, match="lr must be a number, got str '1e-3'"):
         tiny_module(lr="1e-3")
+
+
+def test_ddp_ranks_skip_the_same_metrics_on_synced_counts(tmp_path):
+    """Rank 0 sees no conversion label, rank 1 some: both log the AUC of rank 1's rows; with none anywhere,
+    both skip it (no rank waits in a collective the other never calls)."""
+    script = Path(__file__).parent / "scripts" / "ddp_eval_skip.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=tmp_path)  # a hang (ranks deciding differently) fails here
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = {(run, rank): json.loads((tmp_path / f"{run}_rank{rank}.json").read_text())
+            for run in ("partial", "none") for rank in (0, 1)}
+    for run in ("partial", "none"):
+        assert runs[run, 0]["metrics"] == runs[run, 1]["metrics"]
+    partial = runs["partial", 0]
+    assert partial["metrics"]["val/conversion/auc"] == pytest.approx(partial["expected_conversion_auc"], abs=1e-6)
+    assert partial["warnings"] == []
+    assert set(runs["none", 0]["metrics"]) == {"val/click/auc", "val/click/logloss", "val/loss"}
+    assert len(runs["none", 0]["warnings"]) == 1 and "task 'conversion'" in runs["none", 0]["warnings"][0]
+    assert runs["none", 1]["warnings"] == []  # rank_zero_warn: rank 0 only
