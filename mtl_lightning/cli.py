@@ -22,22 +22,42 @@ architecture's ``tasks`` (when parsing), and the data module's feature specs
 (given, or inferred from the Parquet schema and a statistics pass) become the
 architecture's ``features`` once the data module is built — so vocabulary
 sizes are never written in a config.
+
+Configs and checkpoints are data. A ``class_path`` for ``model.model`` or
+``model.weighting`` (in a YAML file, on the command line, or in the
+``hyper_parameters`` of a ``--ckpt_path`` checkpoint) must be a registered name
+or name a subclass of ``MultiTaskArchitecture`` / ``WeightingStrategy``; it is
+checked before jsonargparse or the module sees it (:func:`check_class_paths`),
+and anything else stops the command with an error naming the key and the path.
+jsonargparse is set not to instantiate ``class_path`` dicts found in values of
+type ``Any`` (``optimizer_kwargs`` ...): they stay dicts. The ``--ckpt_path``
+file must be a complete checkpoint, loaded with ``weights_only=True`` (the
+Trainer gets :class:`~mtl_lightning.checkpoint.SafeCheckpointIO` unless the
+config names another ``CheckpointIO``).
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 import yaml
-from jsonargparse import Namespace, set_loader
+from jsonargparse import Namespace, set_loader, set_parsing_settings
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from datamodules.parquet import ParquetDataModule
 
 from . import registry
-from .module import MultiTaskLightningModule
+from .architectures.base import MultiTaskArchitecture
 from .callbacks import ParquetPredictionWriter
+from .checkpoint import SafeCheckpointIO, check_checkpoint_file
+from .config import resolve_class
+from .module import MultiTaskLightningModule
+from .weighting import STRATEGIES, WeightingStrategy
 
 PARSER_MODE = "mtl_yaml"
 _ARCHITECTURE_KEYS = ("--model.model", "--model.model.class_path", "--model.model.help")
@@ -63,15 +83,74 @@ def _resolve_registry_names(value: Any) -> Any:
     return value
 
 
+_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def check_class_paths(config: Any, where: str = "") -> None:
+    """Refuse a ``model.model`` / ``model.weighting`` class path that is not a registered name or a subclass of its base.
+
+    ``config`` is a config tree (a loaded YAML file, possibly under a
+    subcommand key) or, with ``where="model."``, a module's ``hyper_parameters``.
+    Raises ``ValueError``/``TypeError`` naming the key and the class path
+    (see :func:`mtl_lightning.config.resolve_class`); nothing is called.
+    """
+    if not isinstance(config, dict):
+        return
+    if not where:
+        for subcommand in _SUBCOMMANDS:
+            check_class_paths(config.get(subcommand), f"{subcommand}.")
+        check_class_paths(config.get("model"), "model.")
+        return
+    if where in {f"{s}." for s in _SUBCOMMANDS}:
+        check_class_paths(config.get("model"), f"{where}model.")
+        return
+    model = config.get("model")
+    if isinstance(model, str) and "." in model:
+        resolve_class(model, MultiTaskArchitecture, f"{where}model")
+    if isinstance(model, dict) and "class_path" in model:
+        resolve_class(model["class_path"], MultiTaskArchitecture, f"{where}model")
+    weighting = config.get("weighting")
+    if isinstance(weighting, dict) and "class_path" in weighting:
+        resolve_class(weighting["class_path"], WeightingStrategy, f"{where}weighting", registered=STRATEGIES)
+
+
 def _load_yaml(text: str) -> Any:
-    return _resolve_registry_names(yaml.safe_load(text))
+    config = _resolve_registry_names(yaml.safe_load(text))
+    check_class_paths(config)
+    return config
 
 
 set_loader(PARSER_MODE, _load_yaml, exceptions=(yaml.YAMLError,))
+# a class_path dict given where any value is accepted (optimizer_kwargs, a weighting dict's extra keys ...) stays a
+# dict: jsonargparse 4.x would otherwise import and call whatever it names (this is its announced future default)
+set_parsing_settings(instantiate_subclass_spec_in_any=False)
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """A ``--ckpt_path`` checkpoint must be complete, load with ``weights_only=True`` and name only allowed classes.
+
+    LightningCLI reads its ``hyper_parameters`` into the config, so their
+    ``model`` and ``weighting`` class paths are checked as a YAML file's are.
+    Raises ``ValueError``/``TypeError`` naming the file.
+    """
+    path = check_checkpoint_file(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # the tensors are not read
+    except Exception as error:
+        raise ValueError(f"checkpoint {path} cannot be read with weights_only=True: {str(error).splitlines()[0]}") from None
+    hyper_parameters = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    try:
+        check_class_paths(hyper_parameters, "model.")
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"checkpoint {path}: hyper_parameters {error}") from None
 
 
 def resolve_registry_args(args: Sequence[str]) -> list[str]:
-    """``--model.model=mmoe`` (or ``--model.model mmoe``, ``--model.model.class_path=mmoe``) -> the class path."""
+    """``--model.model=mmoe`` (or ``--model.model mmoe``, ``--model.model.class_path=mmoe``) -> the class path.
+
+    A ``model.model`` / ``model.weighting`` class path that is neither a
+    registered name nor a subclass of its base raises (see :func:`check_class_paths`).
+    """
     out = list(args)
     for i, arg in enumerate(out):
         key, sep, value = arg.partition("=")
@@ -80,7 +159,25 @@ def resolve_registry_args(args: Sequence[str]) -> list[str]:
                 out[i] = f"{key}={_registry_path(value)}"
             elif i + 1 < len(out):
                 out[i + 1] = _registry_path(out[i + 1])
+        if key in _CHECKED_KEYS:
+            _check_argument(key, out[i].partition("=")[2] if sep else (out[i + 1] if i + 1 < len(out) else ""))
     return out
+
+
+_CHECKED_KEYS = ("--model.model", "--model.model.class_path", "--model.weighting", "--model.weighting.class_path")
+
+
+def _check_argument(key: str, value: str) -> None:
+    """A class path given on the command line (``--model.model=pkg.Cls``, ``--model.weighting='{class_path: ...}'``)."""
+    name = key.lstrip("-").removesuffix(".class_path")
+    try:
+        loaded = yaml.safe_load(value) if value.lstrip().startswith("{") else value
+    except yaml.YAMLError:
+        return  # jsonargparse reports it
+    if isinstance(loaded, dict):
+        check_class_paths({name.split(".")[1]: loaded}, "model.")
+    elif isinstance(loaded, str) and (key.endswith(".class_path") or name == "model.model") and "." in loaded:
+        check_class_paths({name.split(".")[1]: {"class_path": loaded}}, "model.")
 
 
 def _features_of(data: ParquetDataModule) -> list:
@@ -102,7 +199,28 @@ class MultiTaskCLI(LightningCLI):
         if isinstance(args, (dict, Namespace)):
             self.config = parser.parse_object(args)
         else:
-            self.config = parser.parse_args(resolve_registry_args(sys.argv[1:] if args is None else args))
+            try:
+                args = resolve_registry_args(sys.argv[1:] if args is None else args)
+            except (TypeError, ValueError) as error:
+                parser.error(str(error))  # exits, as for any other invalid argument
+            self.config = parser.parse_args(args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and "://" not in str(ckpt_path) and ckpt_path not in ("last", "best", "hpc", "registry"):
+            try:
+                check_checkpoint(ckpt_path)  # before LightningCLI reads its hyper_parameters into the config
+            except (TypeError, ValueError) as error:
+                parser.error(str(error))
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer, with :class:`SafeCheckpointIO` unless the config gives another ``CheckpointIO``."""
+        config = self._get(self.config_init, "trainer", default={})
+        plugins = kwargs.get("plugins", config.get("plugins"))
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        strategy = kwargs.get("strategy", config.get("strategy"))
+        if getattr(strategy, "_checkpoint_io", None) is None and not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, SafeCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
 
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True) -> MultiTaskCLI:

@@ -6,6 +6,15 @@ data (feature and task specs become dicts), and :func:`build` rebuilds the
 object. ``MultiTaskLightningModule`` stores the architecture's config in every
 checkpoint, which is what lets ``load_from_checkpoint(path)`` work without the
 caller constructing the model again.
+
+Checkpoints and configs are data, so :func:`build` never calls an arbitrary
+callable: its ``class_path`` must be a registered name, or the import path of a
+class (a ``type``, not a function) that subclasses the base the caller expects
+(``MultiTaskArchitecture`` for ``model``, ``WeightingStrategy`` for
+``weighting`` ...). That is checked before anything is called; anything else
+raises naming the key and the class path. A registered name (or the name of an
+already imported subclass, such as ``MMoE``) is resolved without importing
+anything; a dotted path imports its module, as jsonargparse and Lightning do.
 """
 
 from __future__ import annotations
@@ -13,12 +22,13 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-from typing import Any
+from typing import Any, Mapping, TypeVar
 
 from .features import DenseFeature, SequenceFeature, SparseFeature, feature_to_config
 from .tasks import Task
 
 _PLAIN = (str, int, float, bool, type(None))
+T = TypeVar("T")
 
 
 def to_plain(value: Any) -> Any:
@@ -75,8 +85,85 @@ class Configurable:
         }
 
 
-def build(config: dict[str, Any]) -> Any:
-    """Instantiate ``config["class_path"]`` with ``config["init_args"]``."""
-    module_name, _, class_name = config["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(**config.get("init_args", {}))
+def _subclasses(base: type) -> list[type]:
+    """Every already imported subclass of ``base`` (recursively), ``base`` first."""
+    found, todo = [], [base]
+    while todo:
+        cls = todo.pop(0)
+        if cls not in found:
+            found.append(cls)
+            todo.extend(cls.__subclasses__())
+    return found
+
+
+def _registered_names(base: type, registered: Mapping[str, type] | None) -> dict[str, type]:
+    """Dot-free names a ``class_path`` may take: ``registered`` and ``@register`` names, and their classes' names.
+
+    Only already imported classes count (importing ``mtl_lightning.architectures``
+    imports, and so registers, every built-in architecture).
+    """
+    classes = {cls.__dict__["registry_name"]: cls for cls in _subclasses(base)
+               if isinstance(cls.__dict__.get("registry_name"), str)}
+    classes.update(registered or {})
+    names = {cls.__name__: cls for cls in classes.values()}  # MMoE as well as mmoe
+    names.update(classes)
+    return names
+
+
+def resolve_class(class_path: Any, base: type[T], key: str, registered: Mapping[str, type] | None = None) -> type[T]:
+    """The class ``class_path`` names, which must be a subclass of ``base``; nothing is called.
+
+    ``class_path`` is a registered name (``registered``, or the ``@register``
+    name of an imported subclass of ``base``), the class name of a registered
+    class (``MMoE`` as well as ``mmoe``), or a dotted import path ``package.module.Class``. Raises ``ValueError`` for a
+    name or path that resolves to nothing and ``TypeError`` for one that
+    resolves to something other than a subclass of ``base`` (a function such as
+    ``subprocess.run``, another class), naming ``key`` and ``class_path``.
+    """
+    expected = f"a subclass of {base.__module__}.{base.__qualname__}"
+    if not isinstance(class_path, str) or not class_path:
+        raise TypeError(f"{key}: class_path must be a non-empty string naming {expected}, got {class_path!r}")
+    if "." not in class_path:
+        names = _registered_names(base, registered)
+        if class_path not in names:
+            raise ValueError(
+                f"{key}: class_path {class_path!r} is not a registered name; use one of {sorted(names)} "
+                f"or the import path of {expected}"
+            )
+        found: Any = names[class_path]
+    else:
+        module_name, _, attribute = class_path.rpartition(".")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise ValueError(f"{key}: class_path {class_path!r}: cannot import module {module_name!r} ({error})") from None
+        found = module.__dict__.get(attribute)  # no module __getattr__: only what the module defines or imports
+        if found is None:
+            raise ValueError(f"{key}: class_path {class_path!r}: module {module_name!r} has no {attribute!r}")
+    if not isinstance(found, type) or not issubclass(found, base):
+        what = "a class that is not" if isinstance(found, type) else f"a {type(found).__name__}, not"
+        raise TypeError(
+            f"{key}: class_path {class_path!r} is {what} {expected}; checkpoints and configs may only name "
+            "such a subclass or a registered name"
+        )
+    return found
+
+
+def build(config: Mapping[str, Any], base: type[T], key: str, registered: Mapping[str, type] | None = None) -> T:
+    """Instantiate ``config["class_path"]`` with ``config["init_args"]``, if it names a subclass of ``base``.
+
+    ``key`` names the setting in error messages (``"model"``, ``"weighting"``);
+    ``registered`` adds dot-free names (such as the weighting strategies'
+    ``"gradnorm"``). See :func:`resolve_class`: the class is checked before it
+    is called.
+    """
+    if not isinstance(config, Mapping) or "class_path" not in config:
+        raise TypeError(f"{key}: expected a dict with 'class_path' (and 'init_args'), got {config!r}")
+    unknown = sorted(set(config) - {"class_path", "init_args"})
+    if unknown:
+        raise ValueError(f"{key}: unknown entries {unknown} next to 'class_path'; only 'class_path' and 'init_args'")
+    cls = resolve_class(config["class_path"], base, key, registered)
+    init_args = config.get("init_args") or {}
+    if not isinstance(init_args, Mapping) or not all(isinstance(k, str) for k in init_args):
+        raise TypeError(f"{key}: init_args of {config['class_path']!r} must be a dict of argument names, got {init_args!r}")
+    return cls(**init_args)

@@ -213,7 +213,7 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
     ) -> None:
         super().__init__()
         if isinstance(model, dict):
-            model = build(model)
+            model = build(model, MultiTaskArchitecture, "model")
         if not isinstance(model, MultiTaskArchitecture):
             raise TypeError(f"model must be a MultiTaskArchitecture, got {type(model).__name__}")
         self.model = model

@@ -33,7 +33,7 @@ row in D the losses are an exact 0 that keeps the graph.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 import torch
@@ -158,7 +158,16 @@ class CounterfactualCVR:
 
     @classmethod
     def from_config(cls, config: CounterfactualCVR | Mapping[str, Any]) -> CounterfactualCVR:
-        return config if isinstance(config, cls) else cls(**dict(config))
+        """The object itself, or one built from a dict of its fields (plain data; no ``class_path`` is imported)."""
+        if isinstance(config, cls):
+            return config
+        if not isinstance(config, Mapping):
+            raise TypeError(f"counterfactual must be a CounterfactualCVR or a dict of its fields, got {type(config).__name__}")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(str(k) for k in config if k not in names)
+        if unknown:
+            raise ValueError(f"counterfactual: unknown keys {unknown}; CounterfactualCVR takes {names}")
+        return cls(**dict(config))
 
     def _arguments(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> list[Tensor]:
         return [outputs[self.click_task], labels[self.click_task], outputs[self.conversion_task],

@@ -37,11 +37,8 @@ def create_weighting(spec: str | dict[str, Any] | WeightingStrategy) -> Weightin
     if isinstance(spec, WeightingStrategy):
         return spec
     if isinstance(spec, dict):
-        if "class_path" in spec:
-            strategy = build(spec)
-            if not isinstance(strategy, WeightingStrategy):
-                raise TypeError(f"weighting {spec['class_path']!r} is not a WeightingStrategy")
-            return strategy
+        if "class_path" in spec:  # checked to name a WeightingStrategy subclass before anything is called
+            return build(spec, WeightingStrategy, "weighting", registered=STRATEGIES)
         if "name" not in spec:
             raise ValueError(f"a weighting dict needs 'name' (one of {sorted(STRATEGIES)}) or 'class_path'; got {spec}")
         kwargs = {k: v for k, v in spec.items() if k != "name"}
