@@ -13,6 +13,23 @@ tasks and the value for regression tasks, in evaluation mode.
   dynamic.
 * :func:`export_torchscript` writes a traced TorchScript module called as
   ``module(features: dict[str, Tensor]) -> dict[str, Tensor]`` (task -> ``(B,)``).
+  It is a frozen copy: its parameters do not require gradients, so its
+  outputs are plain tensors (``out["click"].numpy()`` works).
+
+Out-of-vocabulary ids. Training refuses an id outside ``[0, vocab_size)`` (the
+data module and the embedding layer check it), but a serving system sees ids
+that training never did: new users and items, or ids from another encoding.
+The embedding layer keeps the tables of several features as blocks of one
+fused weight, where such an id would silently read another feature's rows.
+So both exports map every id of a sparse or sequence feature that is ``< 0`` or
+``>= vocab_size`` (of the feature, and of the table it reads with
+``shared_with``, whichever is smaller) to id 0 before the architecture runs: an
+out-of-range id gives exactly the output of id 0. In a sequence id 0 is padding,
+so the sequence pools over its other ids. For a sparse feature encoded by
+``ParquetDataModule(categorical=...)`` id 0 is already the unseen/rare/null
+value, so an unknown id is served as such; with ids encoded elsewhere, reserve
+id 0 for "unknown" to get the same. PyTorch code (``predict_step``) keeps
+refusing such ids.
 
 Example::
 
@@ -65,8 +82,20 @@ def example_features(features: tuple[Feature, ...], batch_size: int = 4, seed: i
     return batch
 
 
+def id_limits(features: tuple[Feature, ...]) -> dict[str, int]:
+    """Per sparse/sequence feature, the bound its ids must stay under: its ``vocab_size`` and its table's."""
+    by_name = {f.name: f for f in features}
+    limits = {}
+    for f in features:
+        if isinstance(f, (SparseFeature, SequenceFeature)):
+            table = by_name.get(f.shared_with or f.name, f)
+            limits[f.name] = min(int(f.vocab_size), int(getattr(table, "vocab_size", f.vocab_size)))
+    return limits
+
+
 class ServingModel(nn.Module):
-    """The architecture plus the output transform: probabilities for binary tasks, values for regression."""
+    """The architecture plus the serving transforms: out-of-vocabulary ids -> 0 on the way in, and
+    probabilities for binary tasks, values for regression on the way out."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -77,8 +106,14 @@ class ServingModel(nn.Module):
         kinds = {t.name: t.kind for t in self.model.tasks}
         kinds.update({n: k for n, k in self.model.extra_outputs().items() if n not in kinds})  # e.g. ESMM's cvr
         self.binary = {name: kind == "binary" for name, kind in kinds.items()}
+        self.id_limits = id_limits(self.model.features)
 
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        features = dict(features)
+        for name, limit in self.id_limits.items():  # out-of-vocabulary ids -> 0 (see the module docstring)
+            if name in features:  # a missing one is reported by the embedding layer
+                ids = features[name]
+                features[name] = torch.where((ids >= 0) & (ids < limit), ids, torch.zeros_like(ids))
         outputs = self.model(features)
         return {
             name: torch.sigmoid(outputs[name].float()) if is_binary else outputs[name].float()
@@ -123,7 +158,9 @@ def export_onnx(
 
 def export_torchscript(model: nn.Module, path: str | Path, example: Mapping[str, Tensor] | None = None) -> Path:
     """Trace ``model`` (architecture or Lightning module) and save it as TorchScript to ``path``."""
-    serving = ServingModel(model).eval()
+    serving = ServingModel(model)
+    # a frozen copy: the saved module's outputs then do not require gradients (the given model is left as it is)
+    serving = copy.deepcopy(serving).eval().requires_grad_(False)
     example = dict(example) if example is not None else example_features(serving.model.features)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"TorchScript: {export_torchscript(module, args.torchscript)}")
 
 
-__all__ = ["export_onnx", "export_torchscript", "ServingModel", "example_features"]
+__all__ = ["export_onnx", "export_torchscript", "ServingModel", "example_features", "id_limits"]
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from datamodules.synthetic import synthetic_features, synthetic_tasks
-from mtl_lightning import MultiTaskLightningModule, Task, registry
-from mtl_lightning.export import ServingModel, example_features, export_onnx, export_torchscript, main
+from mtl_lightning import MultiTaskLightningModule, SparseFeature, Task, registry
+from mtl_lightning.export import ServingModel, example_features, export_onnx, export_torchscript, id_limits, main
 
 
 def _spread(model: torch.nn.Module) -> torch.nn.Module:
@@ -96,3 +96,51 @@ def test_rejects_what_cannot_be_exported(tmp_path):
         batch = example_features(model.features)
         batch.pop("history")
         export_onnx(model, tmp_path / "x.onnx", example=batch)
+
+
+def _oov_model() -> torch.nn.Module:
+    """The synthetic features plus a sparse feature sharing item_id's table with a smaller vocabulary (50 < 1000)."""
+    features = [*synthetic_features(embedding_dim=8), SparseFeature("recent_item", 50, 8, shared_with="item_id")]
+    return _spread(registry.create("mmoe", features=features, tasks=synthetic_tasks(), num_experts=2,
+                                   expert_hidden=(16,), tower_hidden=(8,)))
+
+
+def test_exports_serve_out_of_vocabulary_ids_as_id_0(tmp_path):
+    model = _oov_model()
+    module = MultiTaskLightningModule(model).eval()
+    assert id_limits(model.features) == {"user_id": 500, "item_id": 1000, "category": 20, "city": 30,
+                                         "history": 1000, "recent_item": 50}
+    session = ort.InferenceSession(str(export_onnx(module, tmp_path / "m.onnx")), providers=["CPUExecutionProvider"])
+    scripted = torch.jit.load(str(export_torchscript(module, tmp_path / "m.pt")))
+
+    def served(batch: dict[str, torch.Tensor]) -> list[dict[str, np.ndarray]]:
+        onnx_out = dict(zip(model.output_names, session.run(None, {k: v.numpy() for k, v in batch.items()})))
+        script_out = scripted(batch)  # outside no_grad: the outputs must be plain tensors
+        assert not any(v.requires_grad for v in script_out.values())
+        return [onnx_out, {k: v.numpy() for k, v in script_out.items()}]
+
+    batch = example_features(model.features, batch_size=8, seed=3)
+    with torch.no_grad():
+        expected = module.predict_step({"features": batch}, 0)  # in range: the exports give the module's outputs
+    for outputs in served(batch):
+        for name in model.output_names:
+            np.testing.assert_allclose(outputs[name], expected[name].numpy(), rtol=0, atol=1e-5)
+
+    for name, limit in id_limits(model.features).items():
+        oov, zero = {k: v.clone() for k, v in batch.items()}, {k: v.clone() for k, v in batch.items()}
+        bad = torch.tensor([limit, limit + 7, -1, 10**12])
+        if oov[name].dim() == 1:  # sparse: rows 0-3 out of range
+            oov[name][:4] = bad
+            zero[name][:4] = 0
+        else:  # sequence: one position of rows 0-3 out of range
+            oov[name][:4, 1] = bad
+            zero[name][:4, 1] = 0
+        for got, want in zip(served(oov), served(zero)):
+            for output in model.output_names:
+                np.testing.assert_array_equal(got[output], want[output], err_msg=f"{name} -> {output}")
+        for got in served(oov):  # the other rows keep the module's outputs
+            np.testing.assert_allclose(got["click"][4:], expected["click"][4:].numpy(), rtol=0, atol=1e-5)
+    assert served(oov)[0]["click"][0] != expected["click"][0]  # id 0 is not the row's own id: the check is not vacuous
+    with pytest.raises(ValueError, match="outside"):  # PyTorch code keeps refusing out-of-range ids
+        module.predict_step({"features": oov}, 0)
+    assert all(p.requires_grad for p in module.parameters())  # exporting froze a copy, not the module
