@@ -106,7 +106,8 @@ def test_every_architecture_rebuilds_from_its_config(name):
     model = registry.create(name, **arguments(name))
     from mtl_lightning.config import build
 
-    clone = build(model.config())
+    clone = build(model.config(), MultiTaskArchitecture, "model")
+    assert type(clone) is type(model)
     clone.load_state_dict(model.state_dict())
     model.eval(), clone.eval()
     x = feature_batch(8)
