@@ -46,6 +46,11 @@ summed over every rank, so under DDP all ranks log the same keys.
 
 Learning rates: ``lr``, ``sparse_lr`` and ``weight_decay`` must be finite and
 >= 0; anything else raises ``ValueError`` when the module is built.
+
+Resuming (``trainer.fit(ckpt_path=...)``, ``load_from_checkpoint``,
+``load_state_dict``) into a model whose embedding tables have another number of
+rows than the checkpoint's (the inferred vocabulary grew or shrank) raises
+``ValueError`` naming each such feature and both sizes.
 """
 
 from __future__ import annotations
@@ -62,7 +67,8 @@ from torch import Tensor, nn
 from .architectures.base import MultiTaskArchitecture
 from .checkpoint import CheckpointLoading
 from .config import build
-from .layers.embedding import FeatureEmbedding
+from .features import feature_from_config
+from .layers.embedding import FeatureEmbedding, vocabulary_mismatch
 from .losses import CounterfactualCVR, masked_loss, valid_mask
 from .metrics import Skipped, compute_task_metrics, flatten_metrics, group_auc_metrics, task_metrics
 from .optim import CombinedOptimizer, LazySparseAdam
@@ -441,6 +447,32 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         if "row_id" in batch:
             predictions["row_id"] = batch["row_id"]
         return predictions
+
+    # ------------------------------------------------------------- checkpoints
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose embedding tables were built for another vocabulary, naming the features.
+
+        Lightning calls this before ``load_state_dict`` (``trainer.fit(ckpt_path=...)``,
+        ``validate``/``test``/``predict`` with ``ckpt_path``, ``load_from_checkpoint``).
+        The checkpoint's feature specs (``hyper_parameters["model"]["init_args"]["features"]``)
+        are compared with ``self.model.features``, so the message names the very
+        feature. Without them (a model that is not plain data, or
+        ``load_from_checkpoint(path, model=...)``, whose ``model`` Lightning writes
+        over the checkpoint's) ``FeatureEmbedding`` checks the tables as they load
+        and names the features sharing a mismatched fused weight.
+        """
+        config = (checkpoint.get("hyper_parameters") or {}).get("model")
+        init_args = config.get("init_args") if isinstance(config, Mapping) else None
+        features = init_args.get("features") if isinstance(init_args, Mapping) else None
+        if not isinstance(features, (list, tuple)) or not isinstance(getattr(self.model, "features", None), tuple):
+            return
+        try:
+            saved = [feature_from_config(f) for f in features]
+        except (TypeError, ValueError):
+            return  # specs this version cannot read: the state dict's own checks apply
+        message = vocabulary_mismatch(saved, self.model.features)
+        if message is not None:
+            raise ValueError(message)
 
     # --------------------------------------------------------------- optimizer
     def optimized_parameters(self) -> list[nn.Parameter]:

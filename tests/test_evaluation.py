@@ -29,7 +29,7 @@ TASKS = [Task("click"), Task("conversion"), Task("dwell", kind="regression", wei
 
 
 def features(users: int = 20) -> list:
-    return [SparseFeature("user_id", users, 4), DenseFeature("x")]
+    return [SparseFeature("user_id", users, 4), SparseFeature("city", 7, 4), DenseFeature("x")]
 
 
 def tiny_module(users: int = 20, **kwargs) -> MultiTaskLightningModule:
@@ -52,7 +52,8 @@ def make_batches(n: int = 3, size: int = 32, seed: int = 0, conversion: str = "m
         }
         if conversion == "none":
             labels["conversion"] = torch.full((size,), -1.0)
-        batch = {"features": {"user_id": torch.randint(0, 20, (size,), generator=g), "x": torch.randn(size, generator=g)},
+        batch = {"features": {"user_id": torch.randint(0, 20, (size,), generator=g),
+                              "city": torch.randint(0, 7, (size,), generator=g), "x": torch.randn(size, generator=g)},
                  "labels": labels}
         if group:
             batch["group"] = batch["features"]["user_id"] % 4
@@ -236,3 +237,47 @@ def test_ddp_ranks_skip_the_same_metrics_on_synced_counts(tmp_path):
     assert set(runs["none", 0]["metrics"]) == {"val/click/auc", "val/click/logloss", "val/loss"}
     assert len(runs["none", 0]["warnings"]) == 1 and "task 'conversion'" in runs["none", 0]["warnings"][0]
     assert runs["none", 1]["warnings"] == []  # rank_zero_warn: rank 0 only
+
+
+def test_resume_into_a_grown_or_shrunk_vocabulary_names_the_feature(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    quiet_trainer(max_epochs=1, enable_checkpointing=True, callbacks=[checkpoint]).fit(
+        tiny_module(users=20), loader(make_batches(n=2)))
+    for users in (30, 12):
+        with pytest.raises(ValueError, match=rf"feature 'user_id': the checkpoint's table has 20 rows, the model's "
+                                             rf"{users} \(the vocabulary changed since the checkpoint was written"):
+            quiet_trainer(max_epochs=2).fit(tiny_module(users=users), loader(make_batches(n=2)),
+                                            ckpt_path=checkpoint.last_model_path)
+    # load_from_checkpoint(model=...) and a bare load_state_dict have no checkpoint feature specs to compare:
+    # the embedding layer names the features whose tables share the fused weight
+    grown = SharedBottom(features(30), TASKS, bottom_hidden=(8,), tower_hidden=(4,))
+    fused = (r"model.embedding.fused.dim4.weight has 27 rows, the model's 37: it holds the tables of the features "
+             r"'user_id' \(30\), 'city' \(7\)")
+    with pytest.raises(ValueError, match=fused):
+        MultiTaskLightningModule.load_from_checkpoint(checkpoint.last_model_path, model=grown)
+    saved = torch.load(checkpoint.last_model_path, weights_only=True)["state_dict"]
+    with pytest.raises(ValueError, match=fused):
+        tiny_module(users=30).load_state_dict(saved)
+    resumed = tiny_module(users=20)  # the same vocabulary still resumes
+    quiet_trainer(max_epochs=2).fit(resumed, loader(make_batches(n=2)), ckpt_path=checkpoint.last_model_path)
+    assert resumed.current_epoch == 2
+
+
+def test_embedding_layer_names_a_resized_sequence_table_and_an_earlier_layout_table():
+    from mtl_lightning.features import SequenceFeature
+    from mtl_lightning.layers import FeatureEmbedding
+
+    def layer(items: int, users: int) -> FeatureEmbedding:
+        return FeatureEmbedding([SparseFeature("user_id", users, 4), SequenceFeature("history", items, 5, 4)])
+
+    with pytest.raises(ValueError, match="feature 'history': the checkpoint's table has 12 rows, the model's 10"):
+        layer(10, 20).load_state_dict(layer(12, 20).state_dict())
+    one = lambda users: FeatureEmbedding([SparseFeature("user_id", users, 4)])  # noqa: E731  (a one-table weight)
+    with pytest.raises(ValueError, match="feature 'user_id': the checkpoint's table has 20 rows, the model's 30"):
+        one(30).load_state_dict(one(20).state_dict())
+    old_layout = {"tables.user_id.weight": torch.zeros(25, 4), "tables.history.weight": torch.zeros(10, 4)}
+    with pytest.raises(ValueError, match="feature 'user_id': the checkpoint's table has 25 rows, the model's 20"):
+        layer(10, 20).load_state_dict(old_layout)
+    target = layer(10, 20)
+    target.load_state_dict({"tables.user_id.weight": torch.ones(20, 4), "tables.history.weight": torch.ones(10, 4)})
+    assert torch.equal(target.table_weight("user_id"), torch.ones(20, 4))  # the earlier layout still loads

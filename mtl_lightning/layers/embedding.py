@@ -11,6 +11,37 @@ from torch import Tensor, nn
 from ..features import DenseFeature, Feature, SequenceFeature, SparseFeature, feature_from_config
 
 
+VOCABULARY_HINT = (
+    "the vocabulary changed since the checkpoint was written, e.g. vocab_size was inferred again from data with "
+    "more or fewer ids; to resume, build the model with the checkpoint's feature specs (its "
+    "hyper_parameters['model']['init_args']['features'], e.g. passed as ParquetDataModule(features=...)), "
+    "or start a new run (fit without ckpt_path) to train the new vocabulary"
+)
+
+
+def _table_rows(features: Sequence[Feature]) -> dict[str, int]:
+    """``{feature: vocab_size}`` of the features that own an embedding table (sparse or sequence, not shared)."""
+    return {f.name: f.vocab_size for f in features if not isinstance(f, DenseFeature) and not f.shared_with}
+
+
+def vocabulary_mismatch(checkpoint_features: Sequence[Feature | dict], model_features: Sequence[Feature | dict]
+                        ) -> str | None:
+    """A message naming every table-owning feature whose ``vocab_size`` differs between the two spec lists, or ``None``.
+
+    Features present in only one of the lists are not compared (they change
+    the state dict's keys or other layers' shapes, which loading reports).
+    """
+    before = _table_rows([feature_from_config(f) for f in checkpoint_features])
+    after = _table_rows([feature_from_config(f) for f in model_features])
+    changed = [
+        f"feature {name!r}: the checkpoint's table has {before[name]} rows, the model's {rows}"
+        for name, rows in after.items() if name in before and before[name] != rows
+    ]
+    if not changed:
+        return None
+    return f"the checkpoint does not fit the model's embedding tables: {'; '.join(changed)} ({VOCABULARY_HINT})"
+
+
 class _Block(NamedTuple):
     """Where a sparse feature's table lives: rows ``[offset, offset + vocab_size)`` of ``fused[key]``."""
 
@@ -74,7 +105,9 @@ class FeatureEmbedding(nn.Module):
     ``d``) and ``tables.<sequence>.weight``; this changed from the earlier
     ``tables.<feature>.weight`` per sparse table; checkpoints written before
     the fused layout still load (their tables are copied into the blocks).
-    Read a table through :meth:`table_weight` / :meth:`table_grad`, not
+    Loading a table of another size (the vocabulary changed since the
+    checkpoint was written) raises ``ValueError`` naming the feature(s) and
+    both sizes, not torch's bare ``size mismatch``. Read a table through :meth:`table_weight` / :meth:`table_grad`, not
     through the module tree.
 
     Set ``sparse = True`` (``MultiTaskLightningModule(sparse_embeddings=True)``
@@ -209,7 +242,15 @@ class FeatureEmbedding(nn.Module):
         Each such table is copied into its block of ``fused.dim<d>.weight``,
         provided every block of that weight is in the checkpoint (otherwise the
         keys are left for the usual missing/unexpected key report).
+
+        A table whose number of rows differs from the checkpoint's raises
+        ``ValueError`` naming the feature and both sizes (the vocabulary
+        changed since the checkpoint was written), instead of torch's bare
+        ``size mismatch``. A fused weight holds several features' tables, so
+        its message lists them all; ``MultiTaskLightningModule`` compares the
+        checkpoint's feature specs first and names the very feature.
         """
+        self._check_table_rows(state_dict, prefix)
         for key, holder in self.fused.items():
             fused_key = f"{prefix}fused.{key}.weight"
             owners = [name for name, block in self._blocks.items() if block.key == key]
@@ -220,6 +261,33 @@ class FeatureEmbedding(nn.Module):
             state_dict[fused_key] = torch.cat([p.to(holder.weight.dtype) for p in parts])
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+    def _check_table_rows(self, state_dict: Mapping[str, Tensor], prefix: str) -> None:
+        """Raise ``ValueError`` when a table of ``state_dict`` has another number of rows than this layer's."""
+        changed = []
+        for key, holder in self.fused.items():
+            value = state_dict.get(f"{prefix}fused.{key}.weight")
+            if isinstance(value, Tensor) and value.dim() == 2 and value.shape[0] != holder.num_embeddings:
+                owners = [name for name, block in self._blocks.items() if block.key == key]
+                if len(owners) == 1:  # the weight is that one feature's table
+                    changed.append(f"feature {owners[0]!r}: the checkpoint's table has {value.shape[0]} rows, the "
+                                   f"model's {holder.num_embeddings}")
+                    continue
+                blocks = ", ".join(f"{name!r} ({self._blocks[name].vocab_size})" for name in owners)
+                changed.append(
+                    f"the checkpoint's {prefix}fused.{key}.weight has {value.shape[0]} rows, the model's "
+                    f"{holder.num_embeddings}: it holds the tables of the features {blocks} (model vocab_size in "
+                    "parentheses), one or more of which have another vocab_size in the checkpoint"
+                )
+        sizes = {name: block.vocab_size for name, block in self._blocks.items()}  # the earlier layout's tables
+        sizes.update({name: table.num_embeddings for name, table in self.tables.items()})
+        for name, rows in sizes.items():
+            value = state_dict.get(f"{prefix}tables.{name}.weight")
+            if isinstance(value, Tensor) and value.dim() == 2 and value.shape[0] != rows:
+                changed.append(f"feature {name!r}: the checkpoint's table has {value.shape[0]} rows, the model's {rows}")
+        if changed:
+            raise ValueError(f"the checkpoint does not fit the model's embedding tables: {'; '.join(changed)} "
+                             f"({VOCABULARY_HINT})")
 
     def table_weight(self, name: str) -> Tensor:
         """The ``(vocab_size, d)`` table feature ``name`` reads (its owner's, with ``shared_with``).
