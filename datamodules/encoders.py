@@ -33,7 +33,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+
+from .files import open_file
+from .paths import DataFile
 
 FIT_READ_ROWS = 65_536
 _MERGE_EVERY = 16
@@ -115,6 +117,11 @@ class VocabularyEncoder(CategoricalEncoder):
 
     def partial_fit(self, values: pa.Array, where: str) -> None:
         values = _plain_array(values, self.column, where)
+        if self._counts and self._counts[0].schema.field("value").type != values.type:
+            raise ValueError(
+                f"{where}: categorical column {self.column!r} holds {values.type} values, but the training files "
+                f"read before it hold {self._counts[0].schema.field('value').type}; give it one type in every file"
+            )
         counted = pc.value_counts(values.drop_null())
         self._counts.append(pa.table({"value": counted.field("values"), "count": counted.field("counts")}))
         if len(self._counts) >= _MERGE_EVERY:
@@ -271,20 +278,20 @@ class DenseNormalizer:
         self.std = np.asarray(state["std"], dtype=np.float32)
 
 
-def iter_chunks(files: Iterable[Path], columns: Sequence[str], read_rows: int = FIT_READ_ROWS):
-    """``(path, pa.Table)`` chunks of at most ``read_rows`` rows, for the given columns of every file."""
-    for path in files:
-        parquet = pq.ParquetFile(path)
-        names = parquet.schema_arrow.names
-        missing = [c for c in columns if c not in names]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing} needed for fitting (columns: {names})")
-        for batch in parquet.iter_batches(batch_size=read_rows, columns=list(columns)):
-            yield path, pa.Table.from_batches([batch])
+def iter_chunks(files: Iterable[DataFile | Path], columns: Sequence[str], read_rows: int = FIT_READ_ROWS):
+    """``(path, pa.Table)`` chunks of at most ``read_rows`` rows, for the given columns (partitions too) of every file."""
+    for file in files:
+        with open_file(file) as parquet:
+            names = parquet.schema.names
+            missing = [c for c in columns if c not in names]
+            if missing:
+                raise ValueError(f"{parquet.path}: missing column(s) {missing} needed for fitting (columns: {names})")
+            for table in parquet.iter_batches(read_rows, list(columns)):
+                yield parquet.path, table
 
 
 def fit_preprocessing(
-    files: Sequence[Path],
+    files: Sequence[DataFile | Path],
     encoders: Mapping[str, CategoricalEncoder],
     normalizers: Mapping[str, DenseNormalizer],
     dense_values: Any,

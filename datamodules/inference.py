@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from mtl_lightning.features import DenseFeature, Feature, SequenceFeature, SparseFeature
 
 from .columns import _list_values
+from .files import check_unique, read_column, read_schema
 
 # An inferred id column is refused when its max id is this many times its number of distinct ids (and above
 # SPARSE_IDS_MIN_VOCAB): its table would be mostly rows no id uses (one id 9,999,999 among 50 users: 10M rows).
@@ -69,7 +70,8 @@ def infer_features(
     and ``ignore_label`` aside) looks like a label of another task and gets a
     warning naming it (list it in ``exclude=``/``labels=`` if it is one).
     """
-    schema = pq.read_schema(files[0])
+    schema = read_schema(files[0])  # with the partition columns; errors name the file
+    check_unique(schema, [name for name in schema.names if name not in exclude], files[0])
     features: list[Feature] = []
     stat_files = list(stat_files or files)
     for field in schema:
@@ -80,7 +82,7 @@ def infer_features(
         if pa.types.is_integer(ftype) or (is_list and pa.types.is_integer(ftype.value_type)):
             high, longest, distinct = 0, 0, 0
             for path in stat_files:
-                column = pq.read_table(path, columns=[name]).column(name)
+                column = read_column(path, name, like=(files[0], ftype))  # there, of the same kind, or an error
                 values = _list_values(column) if is_list else column
                 if len(values):
                     high = max(high, pc.max(values).as_py() or 0)

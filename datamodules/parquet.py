@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 import pyarrow as pa
-import pyarrow.parquet as pq
 from torch.utils.data import DataLoader
 
 from mtl_lightning.features import (
@@ -37,8 +35,9 @@ from mtl_lightning.tasks import Task, check_tasks
 from .batches import EpochDataLoader, ParquetBatches, _distributed
 from .columns import _dense_array
 from .encoders import CategoricalEncoder, DenseNormalizer, encoder_from_state, fit_preprocessing, make_encoder
+from .files import check_unique, open_file, read_schema
 from .inference import infer_features
-from .paths import PathSpec, resolve_paths
+from .paths import DataFile, PathSpec, resolve_paths
 from .store import ColumnStore, TableConverter, read_split
 from .streaming import ParquetStream, list_row_groups
 
@@ -171,6 +170,7 @@ class ParquetDataModule(L.LightningDataModule):
             raise ValueError(f"max_inferred_vocab must be >= 1, got {max_inferred_vocab}")
         self.max_inferred_vocab = max_inferred_vocab
         self.stores: dict[str, ColumnStore] = {}
+        self._checked: set[str] = set()  # splits whose footers passed _check_files
         self.streaming = streaming
         if shuffle_buffer < 1 or read_rows < 1:
             raise ValueError(f"shuffle_buffer and read_rows must be >= 1, got {shuffle_buffer} and {read_rows}")
@@ -191,7 +191,8 @@ class ParquetDataModule(L.LightningDataModule):
         self.keys = list(keys)
         self.group = group
 
-    def files(self, split: str) -> list[Path]:
+    def files(self, split: str) -> list[DataFile]:
+        """The data files of a split (``resolve_paths``: hidden names skipped, each file once, with its partitions)."""
         spec = self.paths[split]
         return [] if spec is None else resolve_paths(spec)
 
@@ -289,21 +290,69 @@ class ParquetDataModule(L.LightningDataModule):
             self.normalizers[name] = DenseNormalizer(name, int(s["dim"]))
             self.normalizers[name].load_state_dict(s)
         self.stores.clear()
+        self._checked.clear()
 
     # ---------------------------------------------------------------- group
     def _carried_keys(self) -> list[str]:
         """``keys`` plus the group column (read like a key, moved to ``batch["group"]`` by the hook below)."""
         return self.keys + ([self.group] if self.group and self.group not in self.keys else [])
 
-    def _check_group(self) -> None:
+    def _check_group(self, path: DataFile, schema: pa.Schema) -> None:
+        if self.group not in schema.names:
+            raise ValueError(f"{path}: missing group column {self.group!r} (columns: {schema.names})")
+        check_unique(schema, [self.group], path)
+        if not pa.types.is_integer(schema.field(self.group).type):
+            raise ValueError(f"{path}: group column {self.group!r} has type {schema.field(self.group).type}; "
+                             "it must hold integer ids (e.g. user ids)")
+
+    # ---------------------------------------------------------------- files
+    def _split_tasks(self, split: str, names: Sequence[Sequence[str]]) -> list[Task]:
+        """The tasks read in ``split``: all, but in the predict split only those whose label every file (``names``) has."""
+        if split != "predict":
+            return list(self.tasks)
+        return [t for t in self.tasks if all(t.label in columns for columns in names)]
+
+    def _check_files(self) -> None:
+        """Check the footer of every file of every given split, in one pass, before any batch is read.
+
+        Every file must open as Parquet and hold rows, and the group column be
+        an integer column. Once the features are known and the preprocessing
+        fitted, each file's schema (with its partition columns) must also pass
+        the split's converter, run on an empty table of that schema: the checks
+        (a missing column, a wrong type, a key's type changing between files,
+        a needed name twice in a file) are exactly those of reading, and no data
+        page is read. A split is checked once; without fitted encoders (a
+        checkpoint still to be loaded) only the footers are, and it is checked
+        again later.
+        """
+        ready = self.features is not None and self.preprocessing_fitted()
         for split in SPLITS:
-            for path in self.files(split):
-                schema = pq.read_schema(path)
-                if self.group not in schema.names:
-                    raise ValueError(f"{path}: missing group column {self.group!r} (columns: {schema.names})")
-                if not pa.types.is_integer(schema.field(self.group).type):
-                    raise ValueError(f"{path}: group column {self.group!r} has type {schema.field(self.group).type}; "
-                                     "it must hold integer ids (e.g. user ids)")
+            if self.paths[split] is None or split in self._checked:
+                continue
+            files = self.files(split)
+            schemas = []
+            for file in files:
+                with open_file(file) as reader:
+                    if reader.num_rows == 0:
+                        raise ValueError(f"{file}: file is empty (0 rows)")
+                    schemas.append(reader.schema)
+                if self.group:
+                    self._check_group(file, schemas[-1])
+            if not ready:
+                continue
+            convert = self._converter(split, self._split_tasks(split, [schema.names for schema in schemas]))
+            store = ColumnStore(convert.slots(schemas[0], files[0].path), 0)
+            for file, schema in zip(files, schemas):
+                present = [c for c in convert.columns if c in schema.names]  # the converter reports a missing one
+                check_unique(schema, present, file)
+                convert(schema.empty_table().select(present), file.path, 0, store=store)
+            self._checked.add(split)
+
+    def _converter(self, split: str, tasks: Sequence[Task]) -> TableConverter:
+        """The checks and conversion of the split's tables (streaming reads, footer checks)."""
+        return TableConverter(self.features, tasks, self.row_id, self._carried_keys(), self.encoders, self.normalizers,
+                              implied_labels=self.implied_labels if split != "predict" else None,
+                              ignore_label=self.ignore_label)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.group and isinstance(batch, dict) and "keys" in batch:
@@ -315,8 +364,7 @@ class ParquetDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_features()
-        if self.group:
-            self._check_group()
+        self._check_files()
         if not self.preprocessing_fitted() or self.streaming:
             # streams are opened by dataset(); unfitted encoders wait for load_state_dict (a checkpoint)
             return
@@ -354,18 +402,15 @@ class ParquetDataModule(L.LightningDataModule):
             raise ValueError(f"no {split} data was given to ParquetDataModule")
         self.prepare_features()
         self._require_fitted(split)
+        self._check_files()
         files = self.files(split)
-        tasks = list(self.tasks)
-        if split == "predict":  # labels are optional in the predict split: use those every file has
-            schemas = [set(pq.read_schema(path).names) for path in files]
-            tasks = [t for t in tasks if all(t.label in names for names in schemas)]
+        # labels are optional in the predict split: use those every file has
+        tasks = self._split_tasks(split, [read_schema(file).names for file in files] if split == "predict" else [])
         process_rank, process_world = _distributed()
         train = split == "train"
         return ParquetStream(
             list_row_groups(files),
-            TableConverter(self.features, tasks, self.row_id, self._carried_keys(), self.encoders, self.normalizers,
-                           implied_labels=self.implied_labels if split != "predict" else None,
-                           ignore_label=self.ignore_label),
+            self._converter(split, tasks),
             self.batch_size, shuffle=train and self.shuffle, shuffle_buffer=self.shuffle_buffer, seed=self.seed,
             drop_last=train and self.drop_last, pad_to_equal=train,
             rank=process_rank if rank is None else rank,

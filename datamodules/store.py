@@ -20,7 +20,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
@@ -31,6 +30,8 @@ from .columns import (
     _column, _dense_array, _key_dtype, _label_array, _sequence_array, _sparse_array, check_implied_labels, key_array,
 )
 from .encoders import CategoricalEncoder, DenseNormalizer, encode_table
+from .files import ParquetReader, open_file
+from .paths import DataFile, as_data_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,7 +283,7 @@ class TableConverter:
 
 
 def read_split(
-    files: Sequence[Path],
+    files: Sequence[DataFile | Path],
     features: Sequence[Feature],
     tasks: Sequence[Task],
     row_id: str | None = None,
@@ -303,10 +304,12 @@ def read_split(
     file has are read and ``implied_labels`` are not checked. ``ignore_label``
     is the label value that means "no label" (see ``columns._label_array``).
     """
-    files = [Path(path) for path in files]
-    parquets = [pq.ParquetFile(path) for path in files]
+    files = [as_data_file(file) for file in files]
+    parquets: list[ParquetReader] = []
     try:
-        schemas = [parquet.schema_arrow for parquet in parquets]
+        for file in files:  # read errors name the file (and column); partition columns are appended
+            parquets.append(open_file(file))
+        schemas = [parquet.schema for parquet in parquets]
         if not labels_required:
             tasks = [t for t in tasks if all(t.label in schema.names for schema in schemas)]
         for path, parquet in zip(files, parquets):
@@ -314,14 +317,14 @@ def read_split(
                 raise ValueError(f"{path}: file is empty (0 rows)")
         convert = TableConverter(features, tasks, row_id, keys, encoders, normalizers,
                                  implied_labels if labels_required else None, ignore_label=ignore_label)
-        store = ColumnStore(convert.slots(schemas[0], files[0]), sum(p.metadata.num_rows for p in parquets))
+        store = ColumnStore(convert.slots(schemas[0], files[0].path), sum(p.metadata.num_rows for p in parquets))
         at = 0
         for path, parquet, schema in zip(files, parquets, schemas):
             present = [c for c in convert.columns if c in schema.names]  # a missing column is reported by convert
             for group in range(parquet.num_row_groups):
-                table = parquet.read_row_group(group, columns=present)
+                table = parquet.read_row_group(group, present)
                 if table.num_rows:
-                    convert(table, path, at, store=store, at=at)
+                    convert(table, parquet.path, at, store=store, at=at)
                     at += table.num_rows
     finally:
         for parquet in parquets:

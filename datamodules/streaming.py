@@ -44,11 +44,11 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .files import open_file
+from .paths import DataFile, Partition, as_data_file
 from .store import ColumnStore, TableConverter
 
 Batch = dict[str, Any]
@@ -56,26 +56,32 @@ Batch = dict[str, Any]
 
 @dataclass(frozen=True)
 class RowGroup:
-    """One Parquet row group: its file, index in the file, first row's position in the split and size."""
+    """One Parquet row group: its file, index in the file, first row's position in the split, size and partitions."""
 
     path: Path
     index: int
     first_row: int
     num_rows: int
+    partitions: tuple[Partition, ...] = ()  # the file's Hive partition values (``DataFile.partitions``)
+
+    @property
+    def file(self) -> DataFile:
+        return DataFile(self.path, self.partitions)
 
 
-def list_row_groups(files: Sequence[Path]) -> list[RowGroup]:
+def list_row_groups(files: Sequence[DataFile | Path]) -> list[RowGroup]:
     """The row groups of ``files`` in file order, from the footers only."""
     groups: list[RowGroup] = []
     offset = 0
-    for path in files:
-        metadata = pq.read_metadata(path)
+    for file in map(as_data_file, files):
+        with open_file(file) as reader:
+            metadata = reader.metadata
         if metadata.num_rows == 0:
-            raise ValueError(f"{path}: file is empty (0 rows)")
+            raise ValueError(f"{file}: file is empty (0 rows)")
         for index in range(metadata.num_row_groups):
             size = metadata.row_group(index).num_rows
             if size:
-                groups.append(RowGroup(Path(path), index, offset, size))
+                groups.append(RowGroup(file.path, index, offset, size, file.partitions))
                 offset += size
     return groups
 
@@ -176,15 +182,15 @@ class ParquetStream(IterableDataset):
             if group.path != path:  # one open file at a time: a reader keeps buffers of what it read
                 if parquet is not None:
                     parquet.close()
-                parquet, path = pq.ParquetFile(group.path), group.path
-            names = set(parquet.schema_arrow.names)
+                parquet, path = open_file(group.file), group.path  # errors name the file (and column)
+            names = set(parquet.schema.names)  # with the partition columns
             columns = [c for c in wanted if c in names]  # a missing column is reported by the converter
             offset = 0
-            for record_batch in parquet.iter_batches(batch_size=self.read_rows, row_groups=[group.index], columns=columns):
+            for record_batch in parquet.iter_batches(self.read_rows, columns, row_groups=[group.index]):
                 size = record_batch.num_rows
                 a, b = max(lo - offset, 0), min(hi - offset, size)
                 if a < b:
-                    table = pa.Table.from_batches([record_batch.slice(a, b - a)])
+                    table = record_batch.slice(a, b - a)
                     chunk = self.convert(table, group.path, group.first_row + offset + a)
                     if slots is None:
                         slots = chunk.slots

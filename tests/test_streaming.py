@@ -303,7 +303,14 @@ def test_streaming_rejects_a_key_column_whose_type_changes_between_files(tmp_pat
         pq.write_table(table, tmp_path / f"part-{i}.parquet", row_group_size=300)
     dm = ParquetDataModule(predict=str(tmp_path), keys=["k"], streaming=True, shuffle_buffer=2000, read_rows=300,
                            **module_kwargs())
-    dm.setup("predict")
+    with pytest.raises(ValueError, match="key column 'k' has type double, but earlier files hold integers") as error:
+        dm.setup("predict")  # the footers tell: caught before any batch is read
+    assert "part-1.parquet" in str(error.value)
+    from datamodules.store import TableConverter
+    from datamodules.streaming import ParquetStream, list_row_groups
+
+    stream = ParquetStream(list_row_groups(dm.files("predict")), TableConverter(dm.features, [], keys=["k"]), 256,
+                           read_rows=300)  # no footer check: the stream's own check while reading
     with pytest.raises(ValueError, match=r"\('k', 'float64'\)\] differ from the files read before") as error:
-        list(dm.dataset("predict"))
+        list(stream)
     assert "part-1.parquet" in str(error.value)

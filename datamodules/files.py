@@ -1,0 +1,203 @@
+"""Opening the data files of a split: footers, schemas and reads, with the Hive partition columns appended.
+
+The second layer of the reader (``paths`` <- this module): every Parquet
+read of the data module -- the in-memory store, streaming, feature inference,
+encoder fitting and the footer checks at ``setup`` -- goes through
+``ParquetReader``, so
+
+* the partition values of a ``DataFile`` are part of its schema and are
+  appended to every table read from it as constant columns
+  (``pa.repeat`` of one scalar: no per-row Python);
+* an Arrow error (a footer that is not Parquet, scrambled or truncated pages)
+  becomes a ``ValueError`` naming the file, the column where there is one
+  (found by reading the failed columns one at a time, on the error path only)
+  and the problem; so does a column name that appears twice in a file, or a
+  column that is both in the file and a partition key of its folder.
+
+The errors are plain ``ValueError``s with one message argument, so they cross
+DataLoader worker processes intact (PyTorch re-raises ``type(message)``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .paths import DataFile, Partition, as_data_file
+
+READ_ERRORS = (pa.ArrowException, OSError)
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).strip()}"
+
+
+def partition_type(partition: Partition) -> pa.DataType:
+    return pa.int64() if partition.dtype == "int64" else pa.string()
+
+
+def check_unique(schema: pa.Schema, columns: Iterable[str], path: Path | DataFile) -> None:
+    """Refuse a column of ``columns`` that appears more than once in ``schema`` (Arrow cannot tell which one to read)."""
+    for name in columns:
+        count = len(schema.get_all_field_indices(name))
+        if count > 1:
+            raise ValueError(f"{path}: column {name!r} appears {count} times in the file; column names must be unique "
+                             "(rename or drop the copies)")
+
+
+def type_kind(arrow_type: pa.DataType) -> str:
+    """What a column holds, up to widths: ``integer``, ``floating``, ``string``, ``boolean``, ``list<...>``, or the type."""
+    if pa.types.is_dictionary(arrow_type):
+        arrow_type = arrow_type.value_type
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type):
+        return f"list<{type_kind(arrow_type.value_type)}>"
+    if pa.types.is_integer(arrow_type):
+        return "integer"
+    if pa.types.is_floating(arrow_type):
+        return "floating"
+    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
+        return "string"
+    if pa.types.is_boolean(arrow_type):
+        return "boolean"
+    return str(arrow_type)
+
+
+class ParquetReader:
+    """One open data file: its footer, its schema with the partition columns, and reads that append them.
+
+    Use as a context manager (or ``close()``): a reader keeps buffers of what it read.
+    """
+
+    def __init__(self, file: DataFile | str | Path) -> None:
+        self.file = as_data_file(file)
+        self.path = self.file.path
+        try:
+            self._parquet = pq.ParquetFile(self.path)
+            file_schema = self._parquet.schema_arrow
+        except READ_ERRORS as err:
+            raise ValueError(f"{self.path}: cannot read the Parquet footer ({_describe(err)}); the file is not "
+                             "Parquet, or is truncated or corrupt (rewrite it, or remove it from the split)") from err
+        self._partitions = {p.name: p for p in self.file.partitions}
+        for name in self._partitions:
+            if name in file_schema.names:
+                self.close()
+                raise ValueError(f"{self.path}: column {name!r} is both in the file and a partition key of its folder "
+                                 f"({name}=...); rename the column or the folder")
+        self.schema = pa.schema(list(file_schema) + [pa.field(p.name, partition_type(p)) for p in self.file.partitions])
+        self.metadata = self._parquet.metadata
+
+    def __enter__(self) -> "ParquetReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._parquet.close()
+
+    @property
+    def num_rows(self) -> int:
+        return self.metadata.num_rows
+
+    @property
+    def num_row_groups(self) -> int:
+        return self.metadata.num_row_groups
+
+    def _file_columns(self, columns: Sequence[str]) -> list[str]:
+        """The columns of ``columns`` stored in the file (partition columns are appended after reading)."""
+        check_unique(self.schema, columns, self.path)
+        missing = [c for c in columns if c not in self.schema.names]
+        if missing:
+            raise ValueError(f"{self.path}: missing column(s) {missing} (columns: {self.schema.names})")
+        return [c for c in columns if c not in self._partitions]
+
+    def _with_partitions(self, table: pa.Table, columns: Sequence[str]) -> pa.Table:
+        for name in columns:
+            partition = self._partitions.get(name)
+            if partition is not None:
+                kind = partition_type(partition)
+                table = table.append_column(pa.field(name, kind), pa.repeat(pa.scalar(partition.value, kind), table.num_rows))
+        return table
+
+    def _read_error(self, err: BaseException, columns: Sequence[str], row_groups: Sequence[int] | None) -> ValueError:
+        """A ``ValueError`` naming the file and, when one column alone fails to read, that column."""
+        culprit = columns[0] if len(columns) == 1 else None
+        if len(columns) > 1:  # the error path only: read the columns one at a time to name the broken one
+            groups = list(range(self.num_row_groups)) if row_groups is None else list(row_groups)
+            try:
+                with pq.ParquetFile(self.path) as parquet:
+                    for name in columns:
+                        try:
+                            parquet.read_row_groups(groups, columns=[name])
+                        except READ_ERRORS:
+                            culprit = name
+                            break
+            except READ_ERRORS:
+                pass
+        where = f"column {culprit!r}: " if culprit else ""
+        return ValueError(f"{self.path}: {where}cannot read the data ({_describe(err)}); the file is corrupt or "
+                          "truncated (rewrite it, or remove it from the split)")
+
+    def read_row_group(self, index: int, columns: Sequence[str]) -> pa.Table:
+        """Row group ``index``, the given columns (partition columns included)."""
+        stored = self._file_columns(columns)
+        try:
+            table = self._parquet.read_row_group(index, columns=stored)
+        except READ_ERRORS as err:
+            raise self._read_error(err, stored, [index]) from err
+        return self._with_partitions(table, columns)
+
+    def read(self, columns: Sequence[str]) -> pa.Table:
+        """The whole file, the given columns (partition columns included)."""
+        stored = self._file_columns(columns)
+        try:
+            table = self._parquet.read(columns=stored)
+        except READ_ERRORS as err:
+            raise self._read_error(err, stored, None) from err
+        return self._with_partitions(table, columns)
+
+    def iter_batches(
+        self, batch_size: int, columns: Sequence[str], row_groups: Sequence[int] | None = None
+    ) -> Iterator[pa.Table]:
+        """Tables of at most ``batch_size`` rows of the given row groups (all by default) and columns."""
+        stored = self._file_columns(columns)
+        groups = list(range(self.num_row_groups)) if row_groups is None else list(row_groups)
+        batches = self._parquet.iter_batches(batch_size=batch_size, row_groups=groups, columns=stored)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except READ_ERRORS as err:
+                raise self._read_error(err, stored, groups) from err
+            yield self._with_partitions(pa.Table.from_batches([batch]), columns)
+
+
+def open_file(file: DataFile | str | Path) -> ParquetReader:
+    """A ``ParquetReader`` of ``file`` (its footer read and checked)."""
+    return ParquetReader(file)
+
+
+def read_schema(file: DataFile | str | Path) -> pa.Schema:
+    """The schema of ``file`` with its partition columns, from the footer."""
+    with ParquetReader(file) as reader:
+        return reader.schema
+
+
+def read_column(file: DataFile | str | Path, name: str, like: tuple[DataFile | Path, pa.DataType] | None = None) -> pa.ChunkedArray:
+    """Column ``name`` of ``file``; with ``like=(other_file, type)``, it must exist and hold the same kind of values."""
+    with ParquetReader(file) as reader:
+        if like is not None:
+            other, expected = like
+            if name not in reader.schema.names:
+                raise ValueError(f"{reader.path}: missing column {name!r}, which {other} has "
+                                 f"(columns: {reader.schema.names})")
+            found = reader.schema.field(name).type if len(reader.schema.get_all_field_indices(name)) == 1 else None
+            if found is not None and type_kind(found) != type_kind(expected):
+                raise ValueError(f"{reader.path}: column {name!r} has type {found}, but {other} has {expected}; a "
+                                 "column must hold the same kind of values (integers, floats, strings, lists of "
+                                 "them) in every file")
+        return reader.read([name]).column(name)
