@@ -21,7 +21,9 @@ Two links spare the YAML from repeating itself: ``data.tasks`` becomes the
 architecture's ``tasks`` (when parsing), and the data module's feature specs
 (given, or inferred from the Parquet schema and a statistics pass) become the
 architecture's ``features`` once the data module is built — so vocabulary
-sizes are never written in a config.
+sizes are never written in a config. A third makes ``data.ignore_label`` (the
+label value that means "no label", checked by the reader) the module's
+``ignore_label``, so the two always agree: set it under ``data``.
 
 Configs and checkpoints are data. A ``class_path`` for ``model.model`` or
 ``model.weighting`` (in a YAML file, on the command line, or in the
@@ -192,6 +194,7 @@ class MultiTaskCLI(LightningCLI):
         parser.add_lightning_class_args(ParquetPredictionWriter, "prediction_writer")
         parser.set_defaults({"prediction_writer.output_dir": "predictions"})
         parser.link_arguments("data.tasks", "model.model.init_args.tasks", apply_on="parse")
+        parser.link_arguments("data.ignore_label", "model.ignore_label", apply_on="parse")
         parser.link_arguments("data", "model.model.init_args.features", compute_fn=_features_of,
                               apply_on="instantiate")
 

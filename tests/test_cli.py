@@ -129,3 +129,10 @@ def test_ddp_with_two_processes_on_cpu(tiny_paths, tmp_path):
     assert [p.name for p in checkpoints] == ["epoch=0-step=5.ckpt"]
     state = torch.load(checkpoints[0], weights_only=True, map_location="cpu")
     assert state["global_step"] == 5
+
+
+def test_data_ignore_label_is_the_modules(tiny_paths, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli([f"--config={CONFIGS / 'mmoe.yaml'}", *_data_args(tiny_paths), "--data.ignore_label=-2",
+                     *QUIET], run=False)
+    assert cli.datamodule.ignore_label == -2 and cli.model.hparams.ignore_label == -2
