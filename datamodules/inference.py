@@ -9,7 +9,6 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from mtl_lightning.features import DenseFeature, Feature, SequenceFeature, SparseFeature
 
@@ -96,7 +95,7 @@ def infer_features(
             else:
                 features.append(SparseFeature(name, vocab_size=high + 1, embedding_dim=embedding_dim))
         elif pa.types.is_floating(ftype):
-            if all(_looks_like_label(pq.read_table(path, columns=[name]).column(name), ignore_label)
+            if all(_looks_like_label(read_column(path, name, like=(files[0], ftype)), ignore_label)
                    for path in stat_files):
                 warnings.warn(
                     f"column {name!r} holds only 0/1 values, like a label; it is inferred as a dense feature. If it is "
