@@ -41,7 +41,10 @@ class (GAUC also when no group has both classes). ``<stage>/loss`` is the
 weighted sum over the tasks that have valid rows (not logged when none has).
 Each case is warned about once per task and split (the sanity check counts as
 a split of its own) for the module's lifetime; validation, training and
-``trainer.test`` go on with the other metrics. The decision uses label counts
+``trainer.test`` go on with the other metrics. A key skipped in an epoch is
+also dropped from ``trainer.callback_metrics``, where Lightning would otherwise
+keep an earlier epoch's value (possible when the split changes between
+epochs), so a callback monitoring it sees it missing rather than a stale number. The decision uses label counts
 summed over every rank, so under DDP all ranks log the same keys.
 
 Learning rates: ``lr``, ``sparse_lr`` and ``weight_decay`` must be finite and
@@ -402,6 +405,10 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
             logged[f"{stage}/loss"] = torch.as_tensor(sum(terms))
         for name, skip in skipped.items():
             self._warn_skipped(stage, name, skip, loss_skipped=not terms)
+        if self._trainer is not None:  # no stale value of an earlier epoch for callbacks to mistake for this one's
+            stale = [f"{stage}/{name}/{m}" for name, skip in skipped.items() for m in skip.metrics]
+            for key in stale + ([] if terms else [f"{stage}/loss"]):
+                self.trainer.callback_metrics.pop(key, None)
         self.log_dict(logged, sync_dist=False)
         metrics.reset()
 

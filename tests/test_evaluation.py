@@ -281,3 +281,27 @@ def test_embedding_layer_names_a_resized_sequence_table_and_an_earlier_layout_ta
     target = layer(10, 20)
     target.load_state_dict({"tables.user_id.weight": torch.ones(20, 4), "tables.history.weight": torch.ones(10, 4)})
     assert torch.equal(target.table_weight("user_id"), torch.ones(20, 4))  # the earlier layout still loads
+
+
+def test_a_metric_undefined_in_a_later_epoch_leaves_no_stale_value_for_callbacks():
+    import lightning as L
+
+    val = make_batches(n=2, seed=2)
+
+    class DropConversionLabels(L.Callback):  # the split changes after the first validation epoch
+        def on_validation_end(self, trainer, pl_module):
+            val[:] = make_batches(n=2, seed=2, conversion="none")
+
+    seen = []
+
+    class Record(L.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            seen.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+
+    trainer = quiet_trainer(max_epochs=2, num_sanity_val_steps=0, callbacks=[Record(), DropConversionLabels()])
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        trainer.fit(tiny_module(), loader(make_batches(n=2, seed=1)), loader(val))
+    assert "val/conversion/auc" in seen[0] and "val/conversion/logloss" in seen[0]
+    assert "val/conversion/auc" not in seen[1] and "val/conversion/logloss" not in seen[1]
+    assert seen[1]["val/loss"] != seen[0]["val/loss"] and "val/click/auc" in seen[1]
