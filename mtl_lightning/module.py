@@ -41,11 +41,13 @@ class (GAUC also when no group has both classes). ``<stage>/loss`` is the
 weighted sum over the tasks that have valid rows (not logged when none has).
 Each case is warned about once per task and split (the sanity check counts as
 a split of its own) for the module's lifetime; validation, training and
-``trainer.test`` go on with the other metrics. A key skipped in an epoch is
-also dropped from ``trainer.callback_metrics``, where Lightning would otherwise
-keep an earlier epoch's value (possible when the split changes between
-epochs), so a callback monitoring it sees it missing rather than a stale number. The decision uses label counts
-summed over every rank, so under DDP all ranks log the same keys.
+``trainer.test`` go on with the other metrics. The decision uses label counts
+summed over every rank, so under DDP all ranks log the same keys. A key
+skipped in an epoch is also dropped from ``trainer.callback_metrics``, where
+Lightning would otherwise keep an earlier epoch's value (possible when the
+split changes between epochs): a callback monitoring it finds it missing (a
+``ModelCheckpoint`` then says so) rather than a stale number. Monitor
+``val/loss`` to be safe from this.
 
 Learning rates: ``lr``, ``sparse_lr`` and ``weight_decay`` must be finite and
 >= 0; anything else raises ``ValueError`` when the module is built.
