@@ -284,7 +284,8 @@ class FeatureEmbedding(nn.Module):
         for name, rows in sizes.items():
             value = state_dict.get(f"{prefix}tables.{name}.weight")
             if isinstance(value, Tensor) and value.dim() == 2 and value.shape[0] != rows:
-                changed.append(f"feature {name!r}: the checkpoint's table has {value.shape[0]} rows, the model's {rows}")
+                changed.append(
+                    f"feature {name!r}: the checkpoint's table has {value.shape[0]} rows, the model's {rows}")
         if changed:
             raise ValueError(f"the checkpoint does not fit the model's embedding tables: {'; '.join(changed)} "
                              f"({VOCABULARY_HINT})")
