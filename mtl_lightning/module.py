@@ -154,6 +154,14 @@ def _check_sparse_strategy(strategy: Any) -> None:
         )
 
 
+# Top-level checkpoint entries that Lightning writes itself; the others that hold a mapping are the data
+# module's state (under its class name) and the like.
+_LIGHTNING_CHECKPOINT_KEYS = frozenset({
+    "state_dict", "loops", "callbacks", "optimizer_states", "lr_schedulers", "hyper_parameters",
+    "datamodule_hyper_parameters", "hparams_type", "hparams_name", "datamodule_hparams_name",
+})
+
+
 class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
     """Trains any ``MultiTaskArchitecture``.
 
@@ -470,6 +478,12 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         over the checkpoint's) ``FeatureEmbedding`` checks the tables as they load
         and names the features sharing a mismatched fused weight.
         """
+        # the data module's state saved beside the model (its fitted encoders and statistics), kept so that
+        # ``setup`` can hand it to a data module that fitted its own (see ``_adopt_checkpoint_datamodule_state``)
+        self._checkpoint_datamodule_states = {
+            key: value for key, value in checkpoint.items()
+            if isinstance(value, Mapping) and key not in _LIGHTNING_CHECKPOINT_KEYS
+        }
         config = (checkpoint.get("hyper_parameters") or {}).get("model")
         init_args = config.get("init_args") if isinstance(config, Mapping) else None
         features = init_args.get("features") if isinstance(init_args, Mapping) else None
@@ -490,11 +504,38 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         return [p for p in self.parameters() if id(p) not in private]
 
     def setup(self, stage: str) -> None:
+        self._adopt_checkpoint_datamodule_state()
         if self.hparams.get("sparse_embeddings") and self.trainer is not None:
             _check_sparse_strategy(self.trainer.strategy)
         if self.hparams.get("compile_model") and not getattr(self, "_compiled", False):
             self.model.compile()
             self._compiled = True
+
+    def _adopt_checkpoint_datamodule_state(self) -> None:
+        """Give the Trainer's data module the encoders/statistics this model was trained with, loudly.
+
+        A module loaded with ``load_from_checkpoint`` remembers the data module
+        state of its checkpoint (fitted categorical encoders, normalisation
+        statistics, feature specs). If the data module now attached fitted its own
+        (e.g. from a new ``train=`` split, because no ``ckpt_path`` was given)
+        and they differ, its ids and scales no longer mean what the model learnt:
+        the checkpoint's state is loaded into the data module (which re-reads its
+        splits) with a warning. Resuming with ``ckpt_path=`` restores the same
+        state through Lightning, so nothing changes there.
+        """
+        states = getattr(self, "_checkpoint_datamodule_states", None)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if not states or datamodule is None or not hasattr(datamodule, "load_state_dict"):
+            return
+        state = states.get(type(datamodule).__qualname__)
+        if not state or datamodule.state_dict() == state:
+            return
+        rank_zero_warn(
+            f"{type(datamodule).__name__}: its encoders/normalisation statistics differ from those this model was "
+            "trained with (saved in its checkpoint); using the checkpoint's, so ids and scales mean what the model "
+            "learnt. To train with new encoders, build a new model instead of loading this checkpoint."
+        )
+        datamodule.load_state_dict(state)
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
