@@ -395,8 +395,16 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         computed, skipped = compute_task_metrics(metrics, self.tasks)
         logged = flatten_metrics(stage, computed)
         for name, metric in (gauc or {}).items():
-            if not metric.update_called:
+            # whether any rank saw a group column: a rank with an empty shard (a split smaller than the
+            # world size) must still join the collective of compute() that the other ranks run
+            used = torch.tensor(float(metric.update_called), device=self.device)
+            if self._trainer is not None:
+                used = self.trainer.strategy.reduce(used, reduce_op="sum")
+            if not used:
                 continue
+            if not metric.update_called:  # typed empty states, so the gather matches the other ranks' dtypes
+                empty = torch.zeros(0, device=self.device)
+                metric.update(empty, empty, empty.long())
             if name in skipped:  # no valid row, or one class: no group can have both classes
                 skipped[name] = skipped[name]._replace(metrics=(*skipped[name].metrics, "gauc"))
             else:
