@@ -225,6 +225,24 @@ class FeatureEmbedding(nn.Module):
         """Every table weight (what a sparse optimizer updates): the fused weights, then the sequence tables."""
         return [holder.weight for holder in self._holders()]
 
+    def table_layout(self) -> dict[str, tuple[str, int, int]]:
+        """Where each table lives in ``state_dict``: ``{owner feature: (key, first row, rows)}``.
+
+        One entry per feature that owns a table (sparse or sequence, not
+        ``shared_with``), in spec order; ``key`` is relative to this layer
+        (``fused.dim<d>.weight`` or ``tables.<feature>.weight``) and the table
+        is rows ``[first row, first row + rows)`` of it. Used to move tables
+        between this layout and one tensor per table (TorchRec sharding).
+        """
+        layout = {}
+        for f in self.features:
+            if isinstance(f, DenseFeature) or f.shared_with:
+                continue
+            block = self._blocks.get(f.name)
+            layout[f.name] = ((f"fused.{block.key}.weight", block.offset, block.vocab_size) if block is not None
+                              else (f"tables.{f.name}.weight", 0, f.vocab_size))
+        return layout
+
     def _table_parameter(self, name: str) -> tuple[nn.Parameter, _Block | None]:
         """The weight holding the table feature ``name`` reads (following ``shared_with``) and its block in it."""
         if name not in self._table_of:

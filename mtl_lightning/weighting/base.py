@@ -98,6 +98,11 @@ class WeightingStrategy(Configurable, nn.Module, metaclass=ABCMeta):
     #: strategy refuses ``MultiTaskLightningModule(sparse_embeddings=True)``.
     needs_embedding_gradients: bool = False
 
+    #: Set by a Trainer strategy that updates parameters inside the backward pass (``TorchRecStrategy``'s
+    #: fused embedding optimizers): the returned loss must then back-propagate through the model itself,
+    #: not only through a surrogate of gradients computed beforehand (see ``GradNorm``).
+    backward_through_model: bool = False
+
     def __init__(self) -> None:
         nn.Module.__init__(self)
         self.task_names: list[str] = []

@@ -101,7 +101,10 @@ class GradNorm(WeightingStrategy):
         weighted = self._weighted_sum(self.weights, losses)  # sum_i w_i L_i with w fixed: the model's loss
         if not _requires_backward(losses):
             return weighted
-        task_gradients, model_gradient = self._gradients(per_task, weighted)
+        if self.backward_through_model:  # tables learn inside the backward pass: let it run through the model
+            task_gradients, model_gradient = self._task_gradients(per_task), None
+        else:
+            task_gradients, model_gradient = self._gradients(per_task, weighted)
         norms = distributed_mean(task_gradients).norm(dim=1)  # (T,) ||grad_W L_i|| of the global loss
         current = distributed_mean(losses.float())  # (T,)
         with torch.no_grad():
@@ -116,8 +119,21 @@ class GradNorm(WeightingStrategy):
         target = grad_norms.detach().mean() * inverse_rate ** self.alpha  # constant
         grad_loss = (grad_norms - target).abs().sum()
         self.last_grad_norms = grad_norms.detach()
-        return weighted.detach() + gradient_surrogate(self._parameters_list, model_gradient) \
-            + (grad_loss - grad_loss.detach())
+        model_loss = weighted if model_gradient is None else \
+            weighted.detach() + gradient_surrogate(self._parameters_list, model_gradient)
+        return model_loss + (grad_loss - grad_loss.detach())
+
+    def _task_gradients(self, losses: list[Tensor]) -> Tensor:
+        """``(T, |W|)`` per-task gradients on ``W``, one pass per task down to ``W`` only.
+
+        Used when ``backward_through_model`` is set (under ``TorchRecStrategy``,
+        whose fused optimizers update the tables during the backward pass):
+        the model's gradient then comes from Lightning's backward of the loss.
+        """
+        return torch.stack([
+            flat_gradient(torch.autograd.grad(loss, self._shared, retain_graph=True, allow_unused=True), self._shared)
+            for loss in losses
+        ])
 
     def _gradients(self, losses: list[Tensor], weighted: Tensor) -> tuple[Tensor, list[Tensor | None]]:
         """``(T, |W|)`` per-task gradients on ``W`` and the model's gradient, in ``T`` backward passes.
