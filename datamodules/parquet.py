@@ -417,13 +417,20 @@ class ParquetDataModule(L.LightningDataModule):
             world_size=process_world if world_size is None else world_size, read_rows=self.read_rows,
         )
 
+    def _epoch(self) -> int:
+        """The training epoch the train loader's next pass serves.
+
+        Lightning's own sampler epoch, the number of training epochs already run; unlike
+        ``trainer.current_epoch`` it is right when resuming from a checkpoint written at the end
+        of an epoch (by ModelCheckpoint, before the epoch counts as completed).
+        """
+        return self.trainer.fit_loop.epoch_progress.current.processed
+
     def _loader(self, split: str) -> DataLoader:
-        # Lightning's own sampler epoch: the number of training epochs already run. Unlike
-        # ``trainer.current_epoch`` it is right when resuming from a checkpoint written at the
-        # end of an epoch (by ModelCheckpoint, before the epoch counts as completed).
-        epoch_fn = (lambda: self.trainer.fit_loop.epoch_progress.current.processed) if self.trainer is not None else None
+        # The train loader's position is saved in checkpoints and restored: see datamodules.batches.
         return EpochDataLoader(
-            self.dataset(split), epoch_fn=epoch_fn, num_workers=self.num_workers, pin_memory=self.pin_memory,
+            self.dataset(split), epoch_fn=self._epoch if self.trainer is not None else None,
+            num_workers=self.num_workers, pin_memory=self.pin_memory,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -16,7 +16,9 @@ One epoch, for rank ``r`` of ``W`` and DataLoader worker ``k`` of ``K``:
    every rank runs exactly ``ceil(R/batch_size)`` steps -- uneven files or row
    groups can never make one rank wait for another. Evaluation and prediction
    splits cut ``[0, N)`` into blocks that differ by at most one row, with no
-   repetition: every row exactly once.
+   repetition: every row exactly once. A rank left without a row (a split
+   smaller than the world size) yields one batch of 0 rows, as in memory
+   (see ``datamodules.batches``).
 3. **Worker share.** The rank's ``nb`` batches (``ceil(R/B)``, or ``floor`` with
    ``drop_last``, which drops the last ``R mod B`` rows of each rank) are cut
    into ``K`` contiguous runs of whole batches; worker ``k`` reads the rows of
@@ -34,6 +36,16 @@ One epoch, for rank ``r`` of ``W`` and DataLoader worker ``k`` of ``K``:
 The order is a pure function of ``(seed, epoch, world_size, num_workers,
 batch_size, shuffle_buffer, read_rows)`` and the files, so resuming a run at
 epoch ``e`` replays epoch ``e``'s order exactly.
+
+Resuming mid-epoch (see ``datamodules.batches``): a worker's saved state is
+the epoch and the number ``n`` of batches it had yielded. With shuffling, the
+shuffle buffer is not saved but replayed: the worker reads, converts and
+permutes its rows as in the interrupted pass and skips the gathers of its
+first ``n`` batches, so it goes on with exactly the batches that pass would
+have yielded next. The cost is reading the worker's rows up to the position
+(about ``n * batch_size`` rows, plus up to ``shuffle_buffer``), without
+building or training on them. Without shuffling the worker seeks straight to
+its ``n``-th batch.
 """
 
 from __future__ import annotations
@@ -45,8 +57,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
 
+from .batches import EpochIterable, _worker
 from .files import open_file
 from .paths import DataFile, Partition, as_data_file
 from .store import ColumnStore, TableConverter
@@ -86,7 +98,7 @@ def list_row_groups(files: Sequence[DataFile | Path]) -> list[RowGroup]:
     return groups
 
 
-class ParquetStream(IterableDataset):
+class ParquetStream(EpochIterable):
     """Batches of a split streamed from its row groups; see the module docstring for order and sharding."""
 
     def __init__(
@@ -126,10 +138,12 @@ class ParquetStream(IterableDataset):
         self.world_size = world_size
         self.read_rows = read_rows
         self.num_rows = sum(g.num_rows for g in self.row_groups)
-        self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def order_key(self) -> dict[str, Any]:
+        return {"rows": self.num_rows, "row_groups": len(self.row_groups), "world_size": self.world_size,
+                "batch_size": self.batch_size, "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer,
+                "read_rows": self.read_rows, "seed": self.seed, "drop_last": self.drop_last,
+                "pad_to_equal": self.pad_to_equal}
 
     # ----------------------------------------------------------- sharding
     def rank_bounds(self) -> tuple[int, int]:
@@ -143,6 +157,8 @@ class ParquetStream(IterableDataset):
     def _num_batches(self) -> int:
         start, stop = self.rank_bounds()
         rows = stop - start
+        if rows == 0 and not self.pad_to_equal:  # an empty evaluation shard: one batch of 0 rows
+            return 1
         return rows // self.batch_size if self.drop_last else math.ceil(rows / self.batch_size)
 
     def __len__(self) -> int:
@@ -205,16 +221,30 @@ class ParquetStream(IterableDataset):
         if parquet is not None:
             parquet.close()
 
+    def _empty_batch(self) -> Batch:
+        """A batch of 0 rows with the split's columns: what a rank without a row of an evaluation split yields."""
+        first = self.row_groups[0]
+        with open_file(first.file) as reader:
+            return ColumnStore(self.convert.slots(reader.schema, first.path), 0).batch(slice(0, 0))
+
     def __iter__(self) -> Iterator[Batch]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker, workers = _worker()
         start, stop = self.worker_bounds(worker, workers)
+        skip = self._resume_position()  # batches of this pass already yielded (a restored position)
+        size, step = 0, self.batch_size
+        if not self.shuffle:  # batch j is positions [start + j*step, start + (j+1)*step): seek
+            start, skip = min(start + skip * step, stop), 0
         if start >= stop:
+            batches = self._num_batches()
+            if worker * batches // workers < (worker + 1) * batches // workers and not skip:  # an empty shard's batch
+                batch = self._empty_batch()
+                self._yielded += 1
+                yield batch
             return
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-        size, step = 0, self.batch_size
         capacity = max(self.shuffle_buffer, step) if self.shuffle else step
         pending: list[ColumnStore] = []
+        made = 0  # batches this pass has produced, skipped ones included
         for chunk in self._chunks(start, stop):
             pending.append(chunk)
             size += chunk.num_rows
@@ -224,12 +254,18 @@ class ParquetStream(IterableDataset):
             keep = capacity // 2 if self.shuffle else 0
             out = (size - keep) // step * step
             order = torch.from_numpy(rng.permutation(size)) if self.shuffle else torch.arange(size)
-            for lo in range(0, out, step):  # gathers: compact batches, never views of the buffer
-                yield buffer.batch(order[lo:lo + step])
+            # gathers: compact batches, never views of the buffer; a replay skips those of yielded batches
+            for lo in range(max(skip - made, 0) * step, out, step):
+                batch = buffer.batch(order[lo:lo + step])
+                self._yielded += 1
+                yield batch
+            made += out // step
             pending = [buffer.take(order[out:])]
             size -= out
         if size:
             buffer = ColumnStore.concat(pending)
             order = torch.from_numpy(rng.permutation(size)) if self.shuffle else torch.arange(size)
-            for lo in range(0, size, step):
-                yield buffer.batch(order[lo:lo + step])
+            for lo in range(max(skip - made, 0) * step, size, step):
+                batch = buffer.batch(order[lo:lo + step])
+                self._yielded += 1
+                yield batch

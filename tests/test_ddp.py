@@ -79,3 +79,29 @@ def test_ddp_validation_auc_over_all_ranks_equals_one_process_auc(ddp_run):
         assert auc(predictions, task) == pytest.approx(metrics[0][f"val/{task}/auc"], abs=1e-6)
         # one rank's half alone gives another number: the logged metric really is the synced one
         assert max(abs(auc(p, task) - metrics[0][f"val/{task}/auc"]) for p in per_rank) > 1e-4
+
+
+EMPTY_SHARD_SCRIPT = Path(__file__).parent / "scripts" / "ddp_empty_shard.py"
+
+
+def test_ddp_runs_with_a_one_row_val_and_predict_split(tmp_path):
+    """1 row on 2 ranks leaves one rank's evaluation shard empty: fit, validate and predict still run, once per row."""
+    data = tmp_path / "data"
+    for split, rows, seed in (("train", 100, 0), ("one", 1, 1)):
+        (data / split).mkdir(parents=True)
+        pq.write_table(make_table(rows, seed=seed), data / split / "part-0.parquet")
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, str(EMPTY_SHARD_SCRIPT), str(data), str(out)], capture_output=True,
+                            text=True, timeout=300, env=env)  # a hang (a rank skipping a collective) fails here
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    row = pq.read_table(data / "one" / "part-0.parquet").to_pylist()[0]
+    for mode in ("memory", "streaming"):
+        metrics = [json.loads((out / mode / f"metrics_rank{r}.json").read_text()) for r in range(2)]
+        assert metrics[0] == metrics[1]  # synced: the rank without a row logs the other rank's value
+        files = sorted((out / mode / "predictions").glob("*.parquet"))
+        predictions = pa.concat_tables([pq.read_table(f) for f in files]).to_pylist()
+        assert [(p["row_id"], p["user_id"]) for p in predictions] == [(0, row["user_id"])]  # the row, exactly once
+        p, y = predictions[0]["click"], float(row["click"])
+        logloss = -(y * np.log(p) + (1 - y) * np.log(1 - p))  # the one row's log-loss is the split's
+        assert metrics[0]["val/click/logloss"] == pytest.approx(logloss, abs=1e-5)
