@@ -32,8 +32,9 @@ class ParquetPredictionWriter(BasePredictionWriter):
     module carries in ``batch["keys"]`` (``ParquetDataModule(keys=[...])``),
     then one column per task with what ``predict_step`` returned for it
     (probabilities for binary tasks, values for regression). A file is
-    rewritten from scratch by every ``trainer.predict`` call; a rank that gets
-    no batch writes no file.
+    rewritten from scratch by every ``trainer.predict`` call; a rank whose
+    shard of the predict split is empty (a split smaller than the world size)
+    gets one batch of 0 rows from ``ParquetDataModule`` and writes a file of 0 rows.
     """
 
     def __init__(self, output_dir: str | Path, prefix: str = "predictions") -> None:
