@@ -333,19 +333,21 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         outputs = self.model(batch["features"])
         losses = self.compute_losses(outputs, batch["labels"])
         total = self.weighting([losses[t.name] for t in self.tasks])  # a list: see weighting/base.py
-        batch_size = len(next(iter(outputs.values())))
-        logged = {f"train/{name}/loss": loss.detach() for name, loss in losses.items()}
-        logged.update({f"train/{t.name}/weight": w for t, w in zip(self.tasks, self.weighting.last_weights.detach())})
         aux = self.model.auxiliary_loss(outputs, batch["labels"])
         if aux is not None:
             total = total + aux
-            logged["train/aux_loss"] = aux.detach()
         imputation = self.imputation_loss(outputs, batch["labels"])
         if imputation is not None:
             total = total + imputation
-            logged["train/imputation_loss"] = imputation.detach()
-        logged["train/loss"] = total.detach()
-        self._log_train_step(logged, batch_size, batch_idx)
+        if self._logs_this_step(batch_idx):
+            logged = {f"train/{name}/loss": loss.detach() for name, loss in losses.items()}
+            logged.update({f"train/{t.name}/weight": w for t, w in zip(self.tasks, self.weighting.last_weights.detach())})
+            if aux is not None:
+                logged["train/aux_loss"] = aux.detach()
+            if imputation is not None:
+                logged["train/imputation_loss"] = imputation.detach()
+            logged["train/loss"] = total.detach()
+            self.log_dict(logged, on_step=True, on_epoch=False, batch_size=len(next(iter(outputs.values()))))
         return total
 
     def on_train_epoch_start(self) -> None:
@@ -354,25 +356,30 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.weighting.before_optimizer_step()
 
-    def _log_train_step(self, logged: dict[str, Tensor], batch_size: int, batch_idx: int) -> None:
-        """``log_dict`` on the steps the logger writes (every ``Trainer(log_every_n_steps=...)``) and on
-        the last step of an epoch or of the run (so callbacks monitoring ``train/...`` always find it).
+    def _logs_this_step(self, batch_idx: int) -> bool:
+        """Whether the training step hands its values to ``log_dict``: on the steps the logger writes
+        (every ``Trainer(log_every_n_steps=...)``) and on the last step of an epoch or of the run (so
+        callbacks monitoring ``train/...`` always find it); never under ``Trainer(barebones=True)``,
+        where Lightning discards every ``self.log``.
 
         ``self.log`` costs Lightning about a millisecond per key and step on the CPU, and on-step values
-        of the other steps are never written, so they are not handed over at all (no per-step cost, and
-        no host sync: the values become numbers only when written).
+        of the other steps are never written, so on those steps the values are not even gathered (no
+        per-step cost, and no host sync: they become numbers only when written).
         """
         trainer = self._trainer
+        if trainer is not None and trainer.barebones:
+            return False
         stepped = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
         stepped = getattr(stepped, "_batches_that_stepped", None)
-        if trainer is not None and stepped is not None and not trainer.fast_dev_run:
-            last = (
-                trainer.is_last_batch or trainer.should_stop or batch_idx + 1 >= trainer.num_training_batches
-                or (trainer.max_steps > 0 and stepped + 1 >= trainer.max_steps)
-            )
-            if (stepped + 1) % trainer.log_every_n_steps and not last:
-                return
-        self.log_dict(logged, on_step=True, on_epoch=False, batch_size=batch_size)
+        if trainer is None or stepped is None or trainer.fast_dev_run:
+            return True
+        every = trainer.log_every_n_steps  # 0: the logger writes no step
+        if every and (stepped + 1) % every == 0:
+            return True
+        return bool(
+            trainer.is_last_batch or trainer.should_stop or batch_idx + 1 >= trainer.num_training_batches
+            or (trainer.max_steps > 0 and stepped + 1 >= trainer.max_steps)
+        )
 
     # -------------------------------------------------------------- evaluation
     def _update_metrics(self, metrics: nn.Module, batch: Batch, gauc: nn.ModuleDict | None = None) -> None:

@@ -31,6 +31,35 @@ def test_train_logs_only_on_written_steps(synthetic_paths, tmp_path):
     assert all(float(r["train/click/loss"]) > 0 for r in rows)
 
 
+def test_train_logs_only_the_last_step_when_the_logger_writes_none(synthetic_paths, tmp_path):
+    # log_every_n_steps=0: Lightning writes no on-step value, callbacks still find train/... at the end
+    torch.manual_seed(0)
+    module = MultiTaskLightningModule(MMoE(synthetic_features(), synthetic_tasks(), num_experts=2, expert_hidden=(8,),
+                                           tower_hidden=()))
+    calls = []
+    original = module.log_dict
+    module.log_dict = lambda values, **kw: (calls.append(sorted(values)), original(values, **kw))[1]
+    trainer = quiet_trainer(max_steps=6, limit_val_batches=0, logger=CSVLogger(tmp_path), log_every_n_steps=0)
+    trainer.fit(module, synthetic_datamodule(synthetic_paths, batch_size=256))
+    assert len(calls) == 1 and "train/loss" in calls[0]
+    assert float(trainer.callback_metrics["train/loss"]) > 0
+
+
+def test_barebones_trainer_trains_without_logging(synthetic_paths):
+    # Trainer(barebones=True) (Lightning's speed mode, log_every_n_steps=0) discards self.log: nothing is handed over
+    torch.manual_seed(0)
+    module = MultiTaskLightningModule(MMoE(synthetic_features(), synthetic_tasks(), num_experts=2, expert_hidden=(8,),
+                                           tower_hidden=()))
+    before = [p.detach().clone() for p in module.parameters()]
+    calls = []
+    module.log_dict = lambda values, **kw: calls.append(sorted(values))
+    trainer = quiet_trainer(max_steps=4, limit_val_batches=0, barebones=True, logger=None, enable_checkpointing=None,
+                            enable_progress_bar=None, enable_model_summary=None)
+    trainer.fit(module, synthetic_datamodule(synthetic_paths, batch_size=256))
+    assert trainer.global_step == 4 and calls == []
+    assert any(not torch.equal(b, p) for b, p in zip(before, module.parameters()))
+
+
 def test_compile_model_switch_compiles_in_place():
     model = MMoE(synthetic_features(), synthetic_tasks(), num_experts=2, expert_hidden=(8,), tower_hidden=())
     keys = set(model.state_dict())
