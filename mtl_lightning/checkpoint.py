@@ -11,6 +11,9 @@ instantiates subclasses of the expected base.
 * :class:`CheckpointLoading` is mixed into ``MultiTaskLightningModule`` so that
   ``MultiTaskLightningModule.load_from_checkpoint(path)`` (and therefore
   ``python -m mtl_lightning.export``) loads that way.
+  A checkpoint folder written by ``mtl_lightning.distributed.TorchRecStrategy``
+  (sharded tables) loads too: its tables are read whole into the plain
+  ``FeatureEmbedding`` layout (``mtl_lightning.distributed.checkpoint.consolidate``).
 * :class:`SafeCheckpointIO` does the same for the Trainer
   (``trainer.fit(ckpt_path=...)``, ``validate``/``test``/``predict``):
   ``Trainer(plugins=[SafeCheckpointIO()])``; the ``mtl-lightning`` CLI adds it
@@ -118,7 +121,15 @@ class CheckpointLoading:
         weights_only: bool = True,
         **kwargs: Any,
     ) -> Any:
-        if _is_local(checkpoint_path):
+        if _is_local(checkpoint_path) and Path(checkpoint_path).is_dir():
+            # a TorchRecStrategy checkpoint folder: its sharded tables, read whole into the plain layout
+            from .distributed.checkpoint import consolidated_file, is_sharded_checkpoint
+
+            if not is_sharded_checkpoint(checkpoint_path):
+                raise ValueError(f"checkpoint {checkpoint_path} is a folder but not one written by TorchRecStrategy "
+                                 "(no meta.pt and .metadata in it)")
+            checkpoint_path = consolidated_file(checkpoint_path)
+        elif _is_local(checkpoint_path):
             check_checkpoint_file(checkpoint_path)  # type: ignore[arg-type]
         name = checkpoint_path if _is_local(checkpoint_path) else getattr(checkpoint_path, "name", checkpoint_path)
         parent: Callable[..., Any] = super().load_from_checkpoint  # type: ignore[misc]

@@ -65,7 +65,8 @@ class _MetadataUnpickler(pickle.Unpickler):
         if module == "torch" and (name in _ALLOWED_TORCH or isinstance(getattr(torch, name, None), torch.dtype)):
             return getattr(torch, name)
         if (module, name) in {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-                              ("torch._utils", "_rebuild_device_tensor_from_numpy")}:
+                              ("torch.serialization", "_get_layout"),  # a layout name -> torch.strided etc.
+                              ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")}:
             return getattr(__import__(module, fromlist=[name]), name)
         raise pickle.UnpicklingError(f"Unsupported global: {module}.{name} (a checkpoint index holds only "
                                      "torch.distributed.checkpoint metadata)")
@@ -154,6 +155,7 @@ def consolidate(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     meta = read_meta(path)
+    stored_keys(path)  # reads DCP's index first: a refused one raises ValueError here, not inside DCP
     tables = meta["torchrec"]["tables"]
     whole = {t["key"]: torch.empty(t["rows"], t["dim"], dtype=getattr(torch, t.get("dtype", "float32")))
              for t in tables}

@@ -191,7 +191,8 @@ class TorchRecEmbedding(nn.Module):
         values, lengths, counts = [], [], {}
         for name in keys:
             ids = self._column(x, name)
-            FeatureEmbedding._check_ids(ids, self.tables[self._table_of[name]].rows, [name])
+            FeatureEmbedding._check_ids(ids if ids.dim() > 1 else ids.unsqueeze(1), self.tables[self._table_of[name]].rows,
+                                        [name])
             if name in self._skip_padding:
                 present = ids != 0  # (B,) or (B, L)
                 count = present.long() if ids.dim() == 1 else present.sum(dim=1)  # (B,)

@@ -60,7 +60,7 @@ from ..layers.embedding import FeatureEmbedding
 from ..weighting import GradientStrategy, WeightingStrategy
 from ._torchrec import require_torchrec
 from .checkpoint import FORMAT, is_sharded_checkpoint, load_sharded, read_meta, save_sharded, stored_keys
-from .embedding import TorchRecEmbedding, is_sharded_tensor, replace_feature_embeddings
+from .embedding import TableSpec, TorchRecEmbedding, is_sharded_tensor, replace_feature_embeddings, table_specs
 
 SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise", "data_parallel")
 CUDA_ONLY_SHARDING = ("row_wise", "table_row_wise")
@@ -206,6 +206,9 @@ class TorchRecStrategy(DDPStrategy):
             reason = refused_weighting(weighting, architecture)
             if reason is not None:
                 raise ValueError(reason)
+        if not already:  # the sharding and optimizer must fit the tables and the device: checked before any change
+            self._constraints([t for m in model.modules() if isinstance(m, FeatureEmbedding)
+                               for t in table_specs(m).values()])
         super().connect(model)
 
     def setup(self, trainer: L.Trainer) -> None:
@@ -283,41 +286,47 @@ class TorchRecStrategy(DDPStrategy):
         return dmp
 
     def _planner(self) -> Any:
-        from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+        from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+
+        tables = [t for layer in self._layers.values() for t in layer.tables.values()]
+        return EmbeddingShardingPlanner(
+            topology=Topology(world_size=self.world_size, compute_device=self.root_device.type,
+                              local_world_size=self.num_processes),
+            constraints=self._constraints(tables),
+        )
+
+    def _constraints(self, tables: list[TableSpec]) -> dict[str, Any]:
+        """The planner's constraints per table; ``ValueError`` for a sharding or optimizer the device lacks."""
+        from torchrec.distributed.planner import ParameterConstraints
 
         cuda = self.root_device.type == "cuda"
         offered = [t for t in SHARDING_TYPES if cuda or t not in CUDA_ONLY_SHARDING]
         fused_on_device = cuda or self.embedding_optimizer != "adam"
         constraints = {}
-        for layer in self._layers.values():
-            for table in layer.tables.values():
-                wanted = self._requested(table.name, table.readers)
-                if wanted is not None and wanted not in offered:
-                    raise ValueError(f"sharding {wanted!r} (table {table.name!r}) needs CUDA: TorchRec offers row-wise "
-                                     f"sharding only there; on {self.root_device.type} use one of {offered}")
-                if wanted == "data_parallel" and table.unpooled:
-                    raise ValueError(
-                        f"table {table.name!r} is read by a max-pooled sequence, which TorchRec serves from an "
-                        "EmbeddingCollection; its data_parallel sharding gives wrong shapes on CPU (TorchRec 1.8): "
-                        f"shard it table_wise or column_wise, e.g. sharding={{{table.name!r}: 'table_wise', ...}}")
-                if wanted not in (None, "data_parallel") and not fused_on_device:
-                    raise ValueError(
-                        f"embedding_optimizer='adam' has no fused kernel on {self.root_device.type} (fbgemm has fused "
-                        f"Adam on CUDA only), so table {table.name!r} cannot be sharded {wanted!r}; use "
-                        "rowwise_adagrad, adagrad or sgd, or sharding='data_parallel'")
-                if wanted is not None:
-                    types = [wanted]
-                else:
-                    types = [t for t in offered if (fused_on_device or t == "data_parallel")
-                             and not (table.unpooled and t == "data_parallel")]
-                kernels = (["dense"] if types == ["data_parallel"] else ["fused"] if "data_parallel" not in types
-                           else None)
-                constraints[table.name] = ParameterConstraints(sharding_types=types, compute_kernels=kernels)
-        return EmbeddingShardingPlanner(
-            topology=Topology(world_size=self.world_size, compute_device=self.root_device.type,
-                              local_world_size=self.num_processes),
-            constraints=constraints,
-        )
+        for table in tables:
+            wanted = self._requested(table.name, table.readers)
+            if wanted is not None and wanted not in offered:
+                raise ValueError(f"sharding {wanted!r} (table {table.name!r}) needs CUDA: TorchRec offers row-wise "
+                                 f"sharding only there; on {self.root_device.type} use one of {offered}")
+            if wanted == "data_parallel" and table.unpooled:
+                raise ValueError(
+                    f"table {table.name!r} is read by a max-pooled sequence, which TorchRec serves from an "
+                    "EmbeddingCollection; its data_parallel sharding gives wrong shapes on CPU (TorchRec 1.8): "
+                    f"shard it table_wise or column_wise, e.g. sharding={{{table.name!r}: 'table_wise', ...}}")
+            if wanted not in (None, "data_parallel") and not fused_on_device:
+                raise ValueError(
+                    f"embedding_optimizer='adam' has no fused kernel on {self.root_device.type} (fbgemm has fused "
+                    f"Adam on CUDA only), so table {table.name!r} cannot be sharded {wanted!r}; use "
+                    "rowwise_adagrad, adagrad or sgd, or sharding='data_parallel'")
+            if wanted is not None:
+                types = [wanted]
+            else:
+                types = [t for t in offered if (fused_on_device or t == "data_parallel")
+                         and not (table.unpooled and t == "data_parallel")]
+            kernels = (["dense"] if types == ["data_parallel"] else ["fused"] if "data_parallel" not in types
+                       else None)
+            constraints[table.name] = ParameterConstraints(sharding_types=types, compute_kernels=kernels)
+        return constraints
 
     def _requested(self, table: str, readers: tuple[str, ...]) -> str | None:
         if isinstance(self.sharding, str):
@@ -421,14 +430,20 @@ class TorchRecStrategy(DDPStrategy):
                     continue
                 state = self._table_optimizer.state.get(parameter, {})
                 table = layer.tables[key[len(path) + 1:]]
+                if not names:
+                    continue
+                if "step" not in state:  # Adam's state exists after its first step only: made here to be loaded into
+                    state["step"] = torch.zeros(())
+                    for torch_name in _TORCH_STATE[self.embedding_optimizer]:
+                        state[torch_name] = torch.zeros_like(parameter)
+                    self._table_optimizer.state[parameter] = state
                 for state_name, torch_name in zip(names, _TORCH_STATE[self.embedding_optimizer]):
-                    if torch_name not in state:
-                        state[torch_name] = torch.zeros_like(parameter)  # Adam's state exists after a step only
-                        self._table_optimizer.state[parameter] = state
                     value = state[torch_name]
                     if self.embedding_optimizer == "rowwise_adagrad":
                         value = value.view(table.rows)  # (rows, 1) in torchrec's RowWiseAdagrad, (rows,) fused
                     found[f"table_optimizer.{path}.{table.name}.{state_name}"] = value
+                # the step count (Adam's bias correction); fused kernels keep none a checkpoint can hold on CPU
+                found[f"table_optimizer.{path}.{table.name}.step"] = state["step"]
         return found
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -484,7 +499,9 @@ class TorchRecStrategy(DDPStrategy):
             rank_zero_warn(f"checkpoint {path}: its embedding tables were trained with {saved!r}, this strategy uses "
                            f"{self.embedding_optimizer!r}; the tables' optimizer state starts afresh")
         tensors = self._table_state(with_optimizer)
-        missing = sorted(set(tensors) - stored_keys(path))
+        stored = stored_keys(path)
+        tensors = {k: v for k, v in tensors.items() if k in stored or not k.endswith(".step")}  # from fused: none
+        missing = sorted(set(tensors) - stored)
         if missing:
             raise ValueError(f"checkpoint {path} lacks {missing}: it was written for other embedding tables (features "
                              "added or renamed since)")
