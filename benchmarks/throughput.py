@@ -20,12 +20,17 @@ backward, optimizer and logging all inside). Systems:
 
 * ``raw``: a minimal hand-written loop over column tensors already in memory
   (random batches by ``index_select``), the same architecture object, the same
-  masked losses, ``torch.optim.Adam``;
+  masked losses, with the settings a careful user picks: ``torch.optim.Adam``
+  with PyTorch's fused kernel (``fused=True``, CPU since PyTorch 2.4, and CUDA;
+  the default implementation where it is not available) and
+  ``zero_grad(set_to_none=True)``. Every ratio is taken to this loop;
+* ``raw-default-adam``: the same loop with ``torch.optim.Adam`` at its defaults
+  (not fused): the baseline of earlier tables, kept for continuity;
 * ``raw-sparse``: that loop with sparse embedding gradients and ``SparseAdam``
-  for the tables (Adam for the rest);
+  for the tables (fused Adam for the rest);
 * ``raw-frozen`` (MMoE): that loop with the embedding tables frozen (no table
-  gradient, no table update): not a way to train, but the ceiling any sparse or
-  fused embedding update can approach;
+  gradient, no table update; fused Adam for the rest): not a way to train, but
+  the ceiling any sparse or fused embedding update can approach;
 * ``mtl-lightning``: ``lightning.Trainer`` + ``ParquetDataModule`` +
   ``MultiTaskLightningModule`` (TensorBoard logger at its defaults; progress
   bar, checkpointing and validation off);
@@ -62,7 +67,8 @@ sys.path.insert(0, str(ROOT))
 
 import bench_data  # noqa: E402
 
-PROJECT_SYSTEMS = ["raw", "raw-sparse", "mtl-lightning", "mtl-lightning sparse"]
+PROJECT_SYSTEMS = ["raw", "raw-default-adam", "raw-sparse", "mtl-lightning", "mtl-lightning sparse"]
+MMOE_SYSTEMS = ["raw-frozen"]  # measured for MMoE only
 ANCHOR_SYSTEMS = ["torch-rechub", "nextrec"]
 
 
@@ -96,11 +102,16 @@ def build_model(model: str, features: list, tasks: list):
 
 
 class StepClock:
-    """Forward pre-hook: stamps the start of each training forward (syncing CUDA only at the two ends)."""
+    """Forward pre-hook: stamps the start of each training forward (syncing CUDA only at the two ends).
+
+    At the two ends of the timed steps it also reads the process's CPU time and minor page faults: on a
+    shared machine CPU time per step moves much less with other processes' load than wall time does.
+    """
 
     def __init__(self, warmup: int, steps: int, cuda: bool) -> None:
         self.warmup, self.steps, self.cuda = warmup, steps, cuda
         self.stamps: list[float] = []
+        self.usage: list[tuple[float, int]] = []
 
     def __call__(self, module, args) -> None:
         if not module.training:
@@ -109,12 +120,22 @@ class StepClock:
             import torch
 
             torch.cuda.synchronize()
+        if len(self.stamps) in (self.warmup, self.warmup + self.steps):
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            self.usage.append((usage.ru_utime + usage.ru_stime, usage.ru_minflt))
         self.stamps.append(time.perf_counter())
 
     def seconds(self) -> float:
         if len(self.stamps) <= self.warmup + self.steps:
             raise RuntimeError(f"only {len(self.stamps)} training steps ran; need {self.warmup + self.steps + 1}")
         return self.stamps[self.warmup + self.steps] - self.stamps[self.warmup]
+
+    def result(self, batch_size: int) -> dict[str, Any]:
+        """rows/s, and CPU milliseconds and minor page faults per timed step."""
+        seconds = self.seconds()
+        (cpu0, faults0), (cpu1, faults1) = self.usage
+        return {"rows_per_s": self.steps * batch_size / seconds, "cpu_ms_per_step": 1000 * (cpu1 - cpu0) / self.steps,
+                "wall_ms_per_step": 1000 * seconds / self.steps, "minor_faults_per_step": (faults1 - faults0) / self.steps}
 
 
 class GpuSampler:
@@ -154,7 +175,20 @@ def add_gpu_utilisation(result: dict[str, Any], sampler: GpuSampler | None, cloc
             result["gpu_util_pct"] = util
 
 
-def run_raw(args: argparse.Namespace, sparse: bool, frozen: bool = False) -> dict[str, Any]:
+def adam(params: list, fused: bool = True):
+    """``torch.optim.Adam(lr=1e-3)``: with the fused kernel where this PyTorch and device have it (a careful
+    user's choice), else (or with ``fused=False``) at its defaults."""
+    import torch
+
+    if fused:
+        try:
+            return torch.optim.Adam(params, lr=1e-3, fused=True)
+        except (RuntimeError, ValueError, TypeError):
+            pass
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+def run_raw(args: argparse.Namespace, sparse: bool, frozen: bool = False, fused: bool = True) -> dict[str, Any]:
     import torch
 
     from datamodules.store import read_split
@@ -173,13 +207,13 @@ def run_raw(args: argparse.Namespace, sparse: bool, frozen: bool = False) -> dic
                 m.sparse = True
         ids = {id(p) for p in tables}
         optimizers = [torch.optim.SparseAdam(tables, lr=1e-3),
-                      torch.optim.Adam([p for p in model.parameters() if id(p) not in ids], lr=1e-3)]
+                      adam([p for p in model.parameters() if id(p) not in ids], fused)]
     elif frozen:  # the ceiling of any embedding-update scheme: no table gradient and no table update at all
         for table in tables:
             table.requires_grad_(False)
-        optimizers = [torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)]
+        optimizers = [adam([p for p in model.parameters() if p.requires_grad], fused)]
     else:
-        optimizers = [torch.optim.Adam(model.parameters(), lr=1e-3)]
+        optimizers = [adam(list(model.parameters()), fused)]
     clock = StepClock(args.warmup, args.steps, device.type == "cuda")
     model.register_forward_pre_hook(clock)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
@@ -198,12 +232,13 @@ def run_raw(args: argparse.Namespace, sparse: bool, frozen: bool = False) -> dic
         loss.backward()
         for o in optimizers:
             o.step()
-    result = {"rows_per_s": args.steps * args.batch_size / clock.seconds()}
+    result = clock.result(args.batch_size)
     add_gpu_utilisation(result, sampler, clock)
     return result
 
 
-def run_lightning(args: argparse.Namespace, sparse: bool, compile_model: bool = False) -> dict[str, Any]:
+def run_lightning(args: argparse.Namespace, sparse: bool, compile_model: bool = False,
+                  barebones: bool = False) -> dict[str, Any]:
     import lightning as L
     import torch
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -230,14 +265,16 @@ def run_lightning(args: argparse.Namespace, sparse: bool, compile_model: bool = 
     except ModuleNotFoundError:
         logger = CSVLogger(logdir)
     sampler = GpuSampler() if gpu else None
+    # barebones: Lightning's own speed mode (no logger, callbacks, progress bar or summary), for its overhead
+    quiet: dict[str, Any] = (dict(barebones=True) if barebones else dict(
+        logger=logger, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False))
     trainer = L.Trainer(
         accelerator=args.accelerator, devices=1, precision=args.precision,
         max_steps=-1 if args.auc else args.warmup + args.steps + 1, max_epochs=1,
-        logger=logger, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1.0 if args.auc else 0,
+        num_sanity_val_steps=0, limit_val_batches=1.0 if args.auc else 0, **quiet,
     )
     trainer.fit(module, dm)
-    result: dict[str, Any] = {"rows_per_s": args.steps * args.batch_size / clock.seconds()}
+    result: dict[str, Any] = clock.result(args.batch_size)
     add_gpu_utilisation(result, sampler, clock)
     if args.auc:
         result["val_click_auc"] = float(trainer.callback_metrics["val/click/auc"])
@@ -277,28 +314,30 @@ def run_datapath(args: argparse.Namespace) -> dict[str, Any]:
     return {"rows_per_s": rows / (read + first), "read_rows_per_s": rows / read, "batch_rows_per_s": rows / second,
             "stream_rows_per_s": rows / stream_second, "stream_first_rows_per_s": rows / stream_first}
 
+# What each child measures: a function of the child's arguments returning at least ``{"rows_per_s": ...}``
+# (timed with ``StepClock``). Adding a system is one entry here plus its name in ``PROJECT_SYSTEMS`` (every
+# model) or ``MMOE_SYSTEMS`` (MMoE only); a system in neither runs when ``--systems`` names it.
+CHILD_SYSTEMS: dict[str, Any] = {
+    "raw": lambda args: run_raw(args, sparse=False),
+    "raw-default-adam": lambda args: run_raw(args, sparse=False, fused=False),
+    "raw-sparse": lambda args: run_raw(args, sparse=True),
+    "raw-frozen": lambda args: run_raw(args, sparse=False, frozen=True),
+    "mtl-lightning": lambda args: run_lightning(args, sparse=False),
+    "mtl-lightning sparse": lambda args: run_lightning(args, sparse=True),
+    "mtl-lightning compile": lambda args: run_lightning(args, sparse=False, compile_model=True),
+    "mtl-lightning barebones": lambda args: run_lightning(args, sparse=False, barebones=True),
+    "data path": run_datapath,
+}
+
+
 def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    system = args.child
-    if system == "raw":
-        result = run_raw(args, sparse=False)
-    elif system == "raw-sparse":
-        result = run_raw(args, sparse=True)
-    elif system == "raw-frozen":
-        result = run_raw(args, sparse=False, frozen=True)
-    elif system == "mtl-lightning":
-        result = run_lightning(args, sparse=False)
-    elif system == "mtl-lightning sparse":
-        result = run_lightning(args, sparse=True)
-    elif system == "mtl-lightning compile":
-        result = run_lightning(args, sparse=False, compile_model=True)
-    elif system == "data path":
-        result = run_datapath(args)
-    else:
-        raise SystemExit(f"unknown system {system!r}")
+    if args.child not in CHILD_SYSTEMS:
+        raise SystemExit(f"unknown system {args.child!r}; known: {', '.join(CHILD_SYSTEMS)}")
+    result = CHILD_SYSTEMS[args.child](args)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -315,7 +354,9 @@ def launch(command: list[str], label: str, timeout: float) -> dict[str, Any] | N
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             result = json.loads(line[len("RESULT "):])
-            print(f"  {label}: {result['rows_per_s']:,.0f} rows/s, peak RSS {result['peak_rss_mib']:,.0f} MiB"
+            print(f"  {label}: {result['rows_per_s']:,.0f} rows/s"
+                  + (f" ({result['cpu_ms_per_step']:.1f} ms CPU per step)" if "cpu_ms_per_step" in result else "")
+                  + f", peak RSS {result['peak_rss_mib']:,.0f} MiB"
                   + (f", val click AUC {result['val_click_auc']:.4f}" if "val_click_auc" in result else "")
                   + (f", GPU utilisation {result['gpu_util_pct']:.0f} %" if "gpu_util_pct" in result else "")
                   + f" ({time.perf_counter() - started:.0f} s)", flush=True)
@@ -412,10 +453,15 @@ def main() -> None:
     anchors = anchors_available(args.anchors_python)
     systems = {m: PROJECT_SYSTEMS + (["mtl-lightning compile"] if args.compile else []) for m in models}
     if "mmoe" in systems:
-        systems["mmoe"] = systems["mmoe"] + ["raw-frozen"] + anchors
+        systems["mmoe"] = systems["mmoe"] + MMOE_SYSTEMS + anchors
     if args.systems:
-        wanted = {"raw"} | {x.strip() for x in args.systems.split(",")}
-        systems = {m: [x for x in found if x in wanted] for m, found in systems.items()}
+        wanted = ["raw"] + [x.strip() for x in args.systems.split(",") if x.strip() and x.strip() != "raw"]
+        unknown = [x for x in wanted if x not in CHILD_SYSTEMS and x not in ANCHOR_SYSTEMS]
+        if unknown:
+            raise SystemExit(f"--systems: unknown {unknown}; known: {', '.join(list(CHILD_SYSTEMS) + ANCHOR_SYSTEMS)}")
+        extra = [x for x in wanted if x in CHILD_SYSTEMS and x != "data path"]  # opt-in systems, e.g. barebones
+        systems = {m: [x for x in found if x in wanted] + [x for x in extra if x not in found]
+                   for m, found in systems.items()}
     print(f"dataset: {args.rows:,} training rows ({paths['train']}); batch {args.batch_size}, "
           f"{args.warmup} warm-up + {args.steps} timed steps, {args.repeats} repetitions, {args.threads} threads, "
           f"{args.accelerator} {args.precision}", flush=True)
@@ -425,10 +471,13 @@ def main() -> None:
     for rep in range(args.repeats):
         print(f"repetition {rep + 1}/{args.repeats}", flush=True)
         for m in models:
-            for s in systems[m]:
+            # the systems take turns, in reverse order every other repetition, so that neither drift in the
+            # machine's load nor a position in the sequence favours one of them
+            for s in (systems[m] if rep % 2 == 0 else systems[m][::-1]):
                 command = anchor_command(args, s) if s in ANCHOR_SYSTEMS else child_command(args, s, m)
                 r = launch(command, f"{m} {s}", args.timeout)
                 if r is not None:
+                    r["repetition"] = rep
                     results[m][s].append(r)
         r = launch(child_command(args, "data path", "mmoe"), "data path", args.timeout)
         if r is not None:
@@ -461,28 +510,40 @@ def median(runs: list[dict[str, Any]], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
+def paired_ratios(runs: list[dict[str, Any]], raw_runs: list[dict[str, Any]]) -> list[float]:
+    """rows/s of each repetition over the raw loop's rows/s of the same repetition."""
+    raw = {r.get("repetition"): r["rows_per_s"] for r in raw_runs}
+    return [r["rows_per_s"] / raw[r.get("repetition")] for r in runs if r.get("repetition") in raw]
+
+
 def print_report(args, results, datapath, auc, seconds: float) -> None:
     print(f"\nMedians over {args.repeats} repetitions ({args.accelerator}, {args.precision}, {args.threads} threads, "
-          f"batch {args.batch_size}; total {seconds / 60:.1f} min)\n")
+          f"batch {args.batch_size}; total {seconds / 60:.1f} min). 'ratio to raw' divides the medians; "
+          "'per repetition' gives the range of each repetition's ratio to the raw loop run beside it; CPU ms is "
+          "the process's CPU time per training step (all threads)\n")
     gpu = any("gpu_util_pct" in r for by_system in results.values() for runs in by_system.values() for r in runs)
-    print("| model | system | train rows/s | ratio to raw | peak RSS MiB | RSS ratio to raw |"
+    print("| model | system | train rows/s | ratio to raw | per repetition | CPU ms/step | peak RSS MiB | RSS ratio to raw |"
           + (" GPU util % |" if gpu else ""))
-    print("|---|---|---:|---:|---:|---:|" + ("---:|" if gpu else ""))
+    print("|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else ""))
     for m, by_system in results.items():
-        raw_speed, raw_rss = median(by_system.get("raw", []), "rows_per_s"), median(by_system.get("raw", []),
-                                                                                         "peak_rss_mib")
+        raw_runs = by_system.get("raw", [])
+        raw_speed, raw_rss = median(raw_runs, "rows_per_s"), median(raw_runs, "peak_rss_mib")
         for s, runs in by_system.items():
             if not runs and args.repeats == 0:
                 continue
             speed, rss = median(runs, "rows_per_s"), median(runs, "peak_rss_mib")
             if speed is None:
-                print(f"| {m} | {s} | failed | | | |")
+                print(f"| {m} | {s} | failed | | | | | |")
                 continue
             spread = f" ({min(r['rows_per_s'] for r in runs):,.0f}–{max(r['rows_per_s'] for r in runs):,.0f})"
             ratio = f"{speed / raw_speed:.2f}" if raw_speed else ""
+            paired = paired_ratios(runs, raw_runs) if s != "raw" else []
+            per_rep = f"{min(paired):.2f}–{max(paired):.2f}" if len(paired) > 1 else ""
+            cpu = median(runs, "cpu_ms_per_step")
             rss_ratio = f"{rss / raw_rss:.2f}" if raw_rss else ""
             util = median(runs, "gpu_util_pct")
-            print(f"| {m} | {s} | {speed:,.0f}{spread if len(runs) > 1 else ''} | {ratio} | {rss:,.0f} | {rss_ratio} |"
+            print(f"| {m} | {s} | {speed:,.0f}{spread if len(runs) > 1 else ''} | {ratio} | {per_rep} | "
+                  f"{f'{cpu:.1f}' if cpu is not None else ''} | {rss:,.0f} | {rss_ratio} |"
                   + ((f" {util:.0f} |" if util is not None else " |") if gpu else ""))
     if datapath:
         print(f"\nData path alone (Parquet -> shuffled batches of {args.batch_size}, no model, 1 torch thread, "
