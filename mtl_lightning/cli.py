@@ -135,11 +135,17 @@ def check_checkpoint(path: str | Path) -> None:
     ``model`` and ``weighting`` class paths are checked as a YAML file's are.
     Raises ``ValueError``/``TypeError`` naming the file.
     """
-    path = check_checkpoint_file(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # the tensors are not read
-    except Exception as error:
-        raise ValueError(f"checkpoint {path} cannot be read with weights_only=True: {str(error).splitlines()[0]}") from None
+    from .distributed.checkpoint import is_sharded_checkpoint, read_meta
+
+    if is_sharded_checkpoint(path):  # a TorchRecStrategy folder: its meta.pt holds the hyper-parameters
+        checkpoint = read_meta(path)
+    else:
+        path = check_checkpoint_file(path)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # tensors are not read
+        except Exception as error:
+            raise ValueError(f"checkpoint {path} cannot be read with weights_only=True: "
+                             f"{str(error).splitlines()[0]}") from None
     hyper_parameters = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     try:
         check_class_paths(hyper_parameters, "model.")

@@ -349,3 +349,27 @@ def test_two_rank_checkpoint_in_one_process_sharded_plain_and_exported(two_ranks
     for k, name in enumerate(plain.model.output_names):
         torch.testing.assert_close(scripted[name], served[name])
         np.testing.assert_allclose(onnx_out[k], served[name].numpy(), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------- CLI
+def test_cli_trains_and_validates_with_the_strategy_by_class_path(tmp_path, monkeypatch):
+    from datamodules.synthetic import write_synthetic
+    from mtl_lightning.cli import build_cli
+
+    paths = write_synthetic(tmp_path / "data", (600, 200, 200))
+    monkeypatch.chdir(tmp_path)
+    common = ["--config", str(Path(__file__).parents[1] / "configs" / "mmoe.yaml"), f"--data.train={paths['train']}",
+              f"--data.val={paths['val']}", f"--data.test={paths['test']}", "--data.batch_size=200",
+              "--data.embedding_dim=4",
+              "--model.model.init_args.expert_hidden=[8]", "--model.model.init_args.tower_hidden=[4]",
+              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+              "--trainer.accelerator=cpu", "--trainer.devices=1",
+              "--trainer.strategy=mtl_lightning.distributed.TorchRecStrategy",
+              "--trainer.strategy.init_args.sharding=table_wise", "--trainer.strategy.init_args.embedding_lr=0.05"]
+    cli = build_cli(["fit", *common, "--trainer.max_epochs=1"])
+    assert type(cli.trainer.strategy).__name__ == "TorchRecStrategy" and cli.trainer.strategy.sharding == "table_wise"
+    checkpoint = next(Path(cli.trainer.log_dir).glob("checkpoints/*.ckpt"))
+    assert checkpoint.is_dir() and (checkpoint / "meta.pt").is_file()  # a folder: tables written by DCP
+    validated = build_cli(["validate", *common, f"--ckpt_path={checkpoint}", "--trainer.logger=false"])
+    auc = validated.trainer.callback_metrics["val/click/auc"]
+    assert torch.isclose(auc, cli.trainer.callback_metrics["val/click/auc"])  # the same weights
