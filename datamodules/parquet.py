@@ -1,19 +1,14 @@
 """``ParquetDataModule``: Parquet files to whole multi-task batches, with no per-row Python.
 
-Each split is read row group by row group with pyarrow, checked, and written
-into a ``ColumnStore``: a few row-major blocks, one per dtype (ids as int32,
-row ids and integer keys as int64, dense values and labels as float32), allocated
-once from the files' footers. A batch is built by indexing every block with a
-slice of a row permutation (``index_select``), so a batch costs one gather per
-block, whatever the number of columns. Batches are
-``{"features": {name: Tensor}, "labels": {task: Tensor}, "row_id": Tensor}``
-with int64 ids.
+Batches are ``{"features": {name: Tensor}, "labels": {task: Tensor}, "row_id": Tensor}``
+with int64 ids, gathered from a ``store.ColumnStore`` (in memory) or streamed
+(``streaming.ParquetStream``).
 
 The reader is split into layers with one direction of imports:
-``paths`` (which files) <- ``columns`` (checks) <- ``store`` (the column
-store) <- ``batches`` (in memory) / ``streaming`` <- this module (the
-``LightningDataModule``). The public names stay importable from here and from
-``datamodules``.
+``paths`` (which files) <- ``files`` (reading, errors naming the file);
+``columns`` (checks); both <- ``inference`` / ``store`` (the column store)
+<- ``batches`` (in memory) / ``streaming`` <- this module (the
+``LightningDataModule``). The public names are importable from ``datamodules``.
 """
 
 from __future__ import annotations
