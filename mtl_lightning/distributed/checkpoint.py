@@ -139,9 +139,10 @@ def load_sharded(path: str | Path, tensors: dict[str, Tensor], process_group: An
              no_dist=not dist.is_initialized() or process_group is None)
 
 
-def stored_keys(path: str | Path) -> set[str]:
-    """The tensor keys the folder's DCP index lists."""
-    return set(_reader(Path(path)).read_metadata().state_dict_metadata)
+def stored_keys(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """``{key: global shape}`` of the tensors the folder's DCP index lists."""
+    metadata = _reader(Path(path)).read_metadata().state_dict_metadata
+    return {key: tuple(getattr(value, "size", ())) for key, value in metadata.items()}
 
 
 def consolidate(path: str | Path) -> dict[str, Any]:

@@ -501,7 +501,15 @@ class TorchRecStrategy(DDPStrategy):
         tensors = self._table_state(with_optimizer)
         stored = stored_keys(path)
         tensors = {k: v for k, v in tensors.items() if k in stored or not k.endswith(".step")}  # from fused: none
-        missing = sorted(set(tensors) - stored)
+        reshaped = sorted(k for k, v in tensors.items() if k.startswith("table_optimizer.") and k in stored
+                          and tuple(v.shape) != stored[k])
+        if reshaped:  # row-wise accumulators are per column shard in TorchRec: another column split has others
+            rank_zero_warn(f"checkpoint {path}: the embedding optimizer's state of {reshaped} was written for another "
+                           "column split of those tables (row-wise accumulators are kept per column shard); it starts "
+                           "afresh, the tables themselves are loaded")
+            tensors = {k: v for k, v in tensors.items() if not k.startswith("table_optimizer.")}
+            with_optimizer = False
+        missing = sorted(set(tensors) - set(stored))
         if missing:
             raise ValueError(f"checkpoint {path} lacks {missing}: it was written for other embedding tables (features "
                              "added or renamed since)")
