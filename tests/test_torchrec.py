@@ -155,7 +155,10 @@ def test_gradnorm_trains_tables_and_weights_under_the_strategy():
             return sum(float(sum(module.compute_losses(module(b["features"]), b["labels"]).values())) for b in batches)
 
     before = task_losses()
-    trainer(strategy, max_epochs=3, use_distributed_sampler=False).fit(module, DataLoader(batches, batch_size=None))
+    run = trainer(strategy, max_epochs=3, use_distributed_sampler=False)
+    run.fit(module, DataLoader(batches, batch_size=None))
+    validated = run.validate(module, DataLoader(batches, batch_size=None), verbose=False)[0]  # the same sharded model
+    assert validated["val/loss"] < before / len(batches)
     assert module.weighting.backward_through_model
     weights = module.weighting.weights.detach()
     assert not torch.allclose(weights, torch.ones(3)) and float(weights.sum()) == pytest.approx(3.0)
@@ -366,9 +369,11 @@ def test_cli_trains_and_validates_with_the_strategy_by_class_path(tmp_path, monk
               "--trainer.accelerator=cpu", "--trainer.devices=1",
               "--trainer.strategy=mtl_lightning.distributed.TorchRecStrategy",
               "--trainer.strategy.init_args.sharding=table_wise", "--trainer.strategy.init_args.embedding_lr=0.05"]
-    cli = build_cli(["fit", *common, "--trainer.max_epochs=1"])
+    cli = build_cli(["fit", *common, "--trainer.max_epochs=2"])
     assert type(cli.trainer.strategy).__name__ == "TorchRecStrategy" and cli.trainer.strategy.sharding == "table_wise"
-    checkpoint = next(Path(cli.trainer.log_dir).glob("checkpoints/*.ckpt"))
+    checkpoints = list(Path(cli.trainer.log_dir).glob("checkpoints/*.ckpt"))
+    assert [c.name for c in checkpoints] == ["epoch=1-step=6.ckpt"]  # epoch 0's folder was removed when replaced
+    checkpoint = checkpoints[0]
     assert checkpoint.is_dir() and (checkpoint / "meta.pt").is_file()  # a folder: tables written by DCP
     validated = build_cli(["validate", *common, f"--ckpt_path={checkpoint}", "--trainer.logger=false"])
     auc = validated.trainer.callback_metrics["val/click/auc"]
