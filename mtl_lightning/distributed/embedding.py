@@ -106,7 +106,8 @@ class TorchRecEmbedding(nn.Module):
         require_torchrec()
         from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig, PoolingType
 
-        device = torch.device(device) if device is not None else layer.embedding_parameters()[0].device
+        tables = layer.embedding_parameters()
+        device = torch.device(device) if device is not None else tables[0].device if tables else torch.device("cpu")
         self.features: tuple[Feature, ...] = layer.features
         self.output_dim = layer.output_dim
         self.num_fields = layer.num_fields
