@@ -76,35 +76,11 @@ from .features import feature_from_config
 from .layers.embedding import FeatureEmbedding, vocabulary_mismatch
 from .losses import CounterfactualCVR, masked_loss, valid_mask
 from .metrics import Skipped, compute_task_metrics, flatten_metrics, group_auc_metrics, task_metrics
-from .optim import CombinedOptimizer, LazySparseAdam
+from .optim import build_optimizers, no_weight_decay, optimizer_class
 from .tasks import Task, check_tasks
 from .weighting import WeightingStrategy, create_weighting
 
 Batch = Mapping[str, Any]
-
-
-def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    classes = {n.lower(): getattr(torch.optim, n) for n in dir(torch.optim)
-               if isinstance(getattr(torch.optim, n), type) and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)}
-    if name.lower() not in classes:
-        raise ValueError(f"unknown optimizer {name!r}; any torch.optim class works, e.g. adam, adamw, sgd, adagrad")
-    return classes[name.lower()]
-
-
-def _build_optimizer(make: type[torch.optim.Optimizer], params: list[nn.Parameter], kwargs: dict[str, Any]):
-    """``make(params, **kwargs)``, with PyTorch's fused kernel for Adam/AdamW unless the user chose an implementation.
-
-    ``torch.optim.Adam``'s default on CPU updates one tensor at a time, op by
-    op; the fused kernel (``fused=True``, CPU since PyTorch 2.4, and CUDA) does
-    the same update in one pass per tensor. Where it is not available (older
-    PyTorch, another device or dtype) the default implementation is used.
-    """
-    if make in (torch.optim.Adam, torch.optim.AdamW) and not {"fused", "foreach"} & set(kwargs):
-        try:
-            return make(params, fused=True, **kwargs)
-        except (RuntimeError, ValueError, TypeError):
-            pass
-    return make(params, **kwargs)
 
 
 def _check_rate(name: str, value: Any, optional: bool = False) -> None:
@@ -173,12 +149,18 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
             Outputs that are not tasks get no loss of their own.
         lr, weight_decay: optimizer settings; finite numbers >= 0 (anything else
             raises ``ValueError`` here, before any step: SGD would otherwise
-            train with ``lr=nan`` and turn every parameter into NaN).
+            train with ``lr=nan`` and turn every parameter into NaN). Weight
+            decay applies to weight matrices only: biases, parameters with
+            fewer than 2 dimensions, normalisation layers, the embedding tables
+            (unless ``decay_embeddings``) and the weighting strategy's parameters
+            are in a group without it (``mtl_lightning.optim``).
+        decay_embeddings: let ``weight_decay`` apply to the embedding tables too
+            (not with ``sparse_embeddings``, whose SparseAdam has no weight decay).
         optimizer: a ``torch.optim`` class name (case-insensitive), default ``adam``.
-        optimizer_kwargs: extra keyword arguments for the optimizer. Adam and
-            AdamW use PyTorch's fused kernel (``fused=True``) where it exists
-            (CPU since PyTorch 2.4, CUDA), unless ``fused`` or ``foreach`` is
-            given here.
+        optimizer_kwargs: extra keyword arguments for the optimizer (not ``lr``
+            or ``weight_decay``). Adam and AdamW use PyTorch's fused kernel
+            (``fused=True``) where it exists (CPU since PyTorch 2.4, CUDA),
+            unless ``fused`` or ``foreach`` is given here.
         lr_scheduler: a ``torch.optim.lr_scheduler`` class name, or ``None``.
         lr_scheduler_kwargs: its keyword arguments; ``lr_scheduler_interval`` is
             ``"epoch"`` or ``"step"``.
@@ -229,6 +211,7 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         sparse_embeddings: bool = False,
         compile_model: bool = False,
         sparse_lr: float | None = None,
+        decay_embeddings: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(model, dict):
@@ -245,7 +228,12 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
             raise ValueError(f"tasks {missing} are not outputs of {type(model).__name__} (outputs: {model.output_names})")
         if self.counterfactual is not None:
             self._check_counterfactual()
-        _optimizer_class(optimizer)
+        optimizer_class(optimizer)
+        if decay_embeddings and sparse_embeddings:
+            raise ValueError("decay_embeddings=True cannot apply with sparse_embeddings=True: the tables' SparseAdam "
+                             "has no weight decay; use one or the other")
+        if {"lr", "weight_decay"} & set(optimizer_kwargs or {}):
+            raise ValueError("optimizer_kwargs may not hold lr or weight_decay; give them as the module's arguments")
         _check_rate("lr", lr)
         _check_rate("weight_decay", weight_decay)
         _check_rate("sparse_lr", sparse_lr, optional=True)
@@ -553,25 +541,14 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         datamodule.load_state_dict(state)
 
     def configure_optimizers(self) -> Any:
+        """The optimizer over ``optimized_parameters()`` with weight-decay groups (see ``mtl_lightning.optim``)."""
         hp = self.hparams
-        make = _optimizer_class(hp.optimizer)
-        kwargs = dict(lr=hp.lr, weight_decay=hp.weight_decay, **(hp.optimizer_kwargs or {}))
-        if hp.get("sparse_embeddings"):
-            tables = {id(p) for p in _embedding_tables(self.model)}
-            rest = [p for p in self.optimized_parameters() if id(p) not in tables]
-            adam = {k: v for k, v in (hp.optimizer_kwargs or {}).items() if k in ("betas", "eps")}
-            sparse_tables = [p for p in self.parameters() if id(p) in tables]
-            sparse_lr = hp.lr if hp.get("sparse_lr") is None else hp.sparse_lr  # 0.0 is a rate, not "unset"
-            parts: list[torch.optim.Optimizer] = [LazySparseAdam(sparse_tables, lr=sparse_lr, **adam)]
-            if rest:
-                parts.append(_build_optimizer(make, rest, kwargs))
-            optimizer: torch.optim.Optimizer = CombinedOptimizer(parts)
-        else:
-            optimizer = _build_optimizer(make, self.optimized_parameters(), kwargs)
-        if hp.lr_scheduler is None:
-            return optimizer
-        scheduler_cls = getattr(torch.optim.lr_scheduler, hp.lr_scheduler, None)
-        if scheduler_cls is None:
-            raise ValueError(f"unknown lr_scheduler {hp.lr_scheduler!r}; use a torch.optim.lr_scheduler class name")
-        scheduler = scheduler_cls(optimizer, **(hp.lr_scheduler_kwargs or {}))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": hp.lr_scheduler_interval}}
+        tables = {id(t) for t in _embedding_tables(self.model)} if hp.get("sparse_embeddings") else set()
+        sparse_tables = [p for p in self.parameters() if id(p) in tables]
+        return build_optimizers(
+            self.optimized_parameters(), optimizer=hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay,
+            optimizer_kwargs=hp.optimizer_kwargs,
+            no_decay=no_weight_decay(self, decay_embeddings=bool(hp.get("decay_embeddings")), exclude=[self.weighting]),
+            sparse_tables=sparse_tables, sparse_lr=hp.get("sparse_lr"), lr_scheduler=hp.lr_scheduler,
+            lr_scheduler_kwargs=hp.lr_scheduler_kwargs, lr_scheduler_interval=hp.lr_scheduler_interval,
+        )

@@ -1,5 +1,17 @@
-"""``CombinedOptimizer``: several optimizers stepped as one (SparseAdam for the tables, Adam for the rest);
-``LazySparseAdam``: ``torch.optim.SparseAdam``'s update computed with index operations.
+"""The training module's optimizer: built here (:func:`build_optimizers`, with weight-decay groups), and the parts
+it may be made of. ``CombinedOptimizer``: several optimizers stepped as one (SparseAdam for the tables, Adam for
+the rest); ``LazySparseAdam``: ``torch.optim.SparseAdam``'s update computed with index operations.
+
+Weight decay (:func:`no_weight_decay`): with ``weight_decay > 0`` the parameters are split into two groups, the
+usual rule (timm, nanoGPT, Hugging Face): ``weight_decay`` for weight matrices, ``0`` for every bias (a name
+with a part containing ``bias``: ``bias``, the expert bank's batched ``biases.0``, STAR's ``domain_bias``) and
+every parameter with fewer than 2 dimensions (normalisation scales, per-channel vectors, scalar gates), every
+parameter of a normalisation layer (``torch.nn``'s, or a module class named ``...Norm`` such as
+``PartitionedNorm``), the embedding tables (unless ``decay_embeddings=True``: decaying a table pulls the rows of
+rare ids towards zero at every step, whether the batch saw them or not) and the weighting strategy's own
+parameters (uncertainty weighting's ``log sigma^2`` would otherwise be pulled towards ``sigma = 1``). An empty
+group is left out. With ``weight_decay == 0`` there is one group, as before groups existed (so checkpoints
+written then still resume).
 
 Lightning's automatic optimization takes exactly one optimizer, and learning-rate
 schedulers and checkpoints expect one too. This class owns the parameter groups
@@ -11,10 +23,124 @@ and the state of its parts (the parts read and write the same dictionaries), so
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+#: Module types whose parameters never get weight decay.
+NORM_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+#: Module types holding embedding tables (no weight decay unless asked).
+EMBEDDING_LAYERS: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The ``torch.optim`` class called ``name`` (case-insensitive); ``ValueError`` naming a few otherwise."""
+    classes = {n.lower(): getattr(torch.optim, n) for n in dir(torch.optim)
+               if isinstance(getattr(torch.optim, n), type) and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)}
+    if name.lower() not in classes:
+        raise ValueError(f"unknown optimizer {name!r}; any torch.optim class works, e.g. adam, adamw, sgd, adagrad")
+    return classes[name.lower()]
+
+
+def make_optimizer(make: type[torch.optim.Optimizer], params: list[Any], kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+    """``make(params, **kwargs)``, with PyTorch's fused kernel for Adam/AdamW unless the user chose an implementation.
+
+    ``params`` is a list of parameters or of parameter-group dicts. ``torch.optim.Adam``'s
+    default on CPU updates one tensor at a time, op by op; the fused kernel (``fused=True``,
+    CPU since PyTorch 2.4, and CUDA) does the same update in one pass per tensor. Where it is
+    not available (older PyTorch, another device or dtype) the default implementation is used.
+    """
+    if make in (torch.optim.Adam, torch.optim.AdamW) and not {"fused", "foreach"} & set(kwargs):
+        try:
+            return make(params, fused=True, **kwargs)
+        except (RuntimeError, ValueError, TypeError):
+            pass
+    return make(params, **kwargs)
+
+
+def no_weight_decay(module: nn.Module, decay_embeddings: bool = False,
+                    exclude: Iterable[nn.Module] = ()) -> set[int]:
+    """``id``s of ``module``'s parameters that get no weight decay (see the module docstring for the rule).
+
+    ``exclude``: submodules whose every parameter is left undecayed (the weighting strategy).
+    """
+    found: set[int] = set()
+    for excluded in exclude:
+        found.update(id(p) for p in excluded.parameters())
+    for name, p in module.named_parameters():
+        if p.dim() < 2 or any("bias" in part for part in name.split(".")):
+            found.add(id(p))
+    for layer in module.modules():
+        norm = isinstance(layer, NORM_LAYERS) or type(layer).__name__.endswith("Norm")
+        if norm or (isinstance(layer, EMBEDDING_LAYERS) and not decay_embeddings):
+            found.update(id(p) for p in layer.parameters(recurse=False))
+    return found
+
+
+def decay_groups(parameters: Sequence[nn.Parameter], weight_decay: float, no_decay: set[int]) -> list[dict[str, Any]]:
+    """``[{"params": decayed, "weight_decay": weight_decay}, {"params": the rest, "weight_decay": 0.0}]``, empty ones left out."""
+    decayed = [p for p in parameters if id(p) not in no_decay]
+    undecayed = [p for p in parameters if id(p) in no_decay]
+    return [group for group in ({"params": decayed, "weight_decay": float(weight_decay)},
+                                {"params": undecayed, "weight_decay": 0.0}) if group["params"]]
+
+
+def build_optimizers(
+    parameters: Sequence[nn.Parameter],
+    *,
+    optimizer: str = "adam",
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    optimizer_kwargs: dict[str, Any] | None = None,
+    no_decay: set[int] | None = None,
+    sparse_tables: Sequence[nn.Parameter] = (),
+    sparse_lr: float | None = None,
+    lr_scheduler: str | None = None,
+    lr_scheduler_kwargs: dict[str, Any] | None = None,
+    lr_scheduler_interval: str = "epoch",
+) -> Any:
+    """What ``LightningModule.configure_optimizers`` returns: the optimizer, or ``{"optimizer", "lr_scheduler"}``.
+
+    ``parameters`` are trained by the ``torch.optim`` class ``optimizer`` (fused Adam/AdamW where
+    available, see :func:`make_optimizer`) with ``lr``, ``optimizer_kwargs`` and, when ``weight_decay > 0``,
+    two groups: ``weight_decay`` except for the ids in ``no_decay`` (see :func:`no_weight_decay`).
+    ``sparse_tables`` (a subset of ``parameters`` with sparse gradients) are trained by
+    :class:`LazySparseAdam` at ``sparse_lr`` (default ``lr``; ``betas``/``eps`` from ``optimizer_kwargs``,
+    no weight decay), the two stepped as one :class:`CombinedOptimizer`. ``lr_scheduler`` is a
+    ``torch.optim.lr_scheduler`` class name, stepped every ``lr_scheduler_interval`` (``"epoch"``/``"step"``).
+    """
+    make = optimizer_class(optimizer)
+    extra = dict(optimizer_kwargs or {})
+    if "weight_decay" in extra or "lr" in extra:
+        raise ValueError(f"optimizer_kwargs {sorted({'weight_decay', 'lr'} & set(extra))}: give lr and weight_decay "
+                         "as the module's own arguments (weight decay then follows the decay/no-decay groups)")
+    tables = {id(p) for p in sparse_tables}
+    dense = [p for p in parameters if id(p) not in tables]
+    if weight_decay > 0:
+        params: list[Any] = decay_groups(dense, weight_decay, no_decay or set())
+        kwargs = dict(lr=lr, **extra)
+    else:
+        params, kwargs = dense, dict(lr=lr, weight_decay=weight_decay, **extra)
+    if tables:
+        adam = {k: v for k, v in extra.items() if k in ("betas", "eps")}
+        parts: list[torch.optim.Optimizer] = [
+            LazySparseAdam([p for p in parameters if id(p) in tables], lr=lr if sparse_lr is None else sparse_lr, **adam)
+        ]  # sparse_lr=0.0 is a rate, not "unset"
+        if dense:
+            parts.append(make_optimizer(make, params, kwargs))
+        built: torch.optim.Optimizer = CombinedOptimizer(parts)
+    else:
+        built = make_optimizer(make, params, kwargs)
+    if lr_scheduler is None:
+        return built
+    scheduler_cls = getattr(torch.optim.lr_scheduler, lr_scheduler, None)
+    if scheduler_cls is None:
+        raise ValueError(f"unknown lr_scheduler {lr_scheduler!r}; use a torch.optim.lr_scheduler class name")
+    scheduler = scheduler_cls(built, **(lr_scheduler_kwargs or {}))
+    return {"optimizer": built, "lr_scheduler": {"scheduler": scheduler, "interval": lr_scheduler_interval}}
 
 
 def _evaluate(closure: Callable[[], Any] | None) -> Any:

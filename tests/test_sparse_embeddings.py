@@ -39,7 +39,7 @@ def test_sparse_gradients_and_optimizers():
     assert isinstance(sparse_adam, LazySparseAdam) and isinstance(rest, torch.optim.AdamW)  # a SparseAdam subclass
     assert [p for g in sparse_adam.param_groups for p in g["params"]] == embedding.embedding_parameters()
     assert embedding.embedding_parameters() == [embedding.fused["dim16"].weight]  # every table of this model: one weight
-    assert len(optimizer.param_groups) == 2 and rest.param_groups[0]["weight_decay"] == 0.1
+    assert len(optimizer.param_groups) == 3 and [g["weight_decay"] for g in rest.param_groups] == [0.1, 0.0]
     assert sparse_adam.param_groups[0]["lr"] == 0.01 == rest.param_groups[0]["lr"]  # sparse_lr defaults to lr
     faster = module(True, lr=0.01, sparse_lr=0.05).configure_optimizers().optimizers
     assert faster[0].param_groups[0]["lr"] == 0.05 and faster[1].param_groups[0]["lr"] == 0.01

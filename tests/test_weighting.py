@@ -8,9 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from mtl_lightning import Task
+from datamodules.synthetic import synthetic_features, synthetic_tasks
+from mtl_lightning import MultiTaskLightningModule, Task
+from mtl_lightning.architectures import MMoE
+from mtl_lightning.config import build
+from mtl_lightning.features import DenseFeature, SequenceFeature
 from mtl_lightning.weighting import (
-    DBMTL, DWA, RLW, STRATEGIES, GradNorm, PCGrad, Scheduled, Static, Uncertainty, create_weighting,
+    DBMTL, DWA, RLW, STRATEGIES, GradNorm, PCGrad, Scheduled, Static, Uncertainty, WeightingStrategy, create_weighting,
+    register_weighting,
 )
 from mtl_lightning.weighting.dwa import dwa_weights
 from mtl_lightning.weighting.pcgrad import project_conflicting
@@ -359,3 +364,53 @@ def test_create_weighting_by_name_dict_or_object():
     static.setup(tasks(2), nn.Module())
     with pytest.raises(ValueError, match="one loss per task"):
         static(torch.ones(3))
+
+
+def test_a_strategy_registers_itself_with_the_decorator():
+    import mtl_lightning.weighting as package
+
+    assert {"static", "gradnorm", "uncertainty", "dwa", "rlw", "pcgrad", "scheduled", "dbmtl"} <= set(STRATEGIES)
+    for name, cls in STRATEGIES.items():  # every registered class is importable from the package, under its name
+        assert cls.registry_name == name and getattr(package, cls.__name__) is cls and cls.__name__ in package.__all__
+
+    @register_weighting("halved")
+    class Halved(WeightingStrategy):
+        def total_loss(self, losses, per_task):
+            return self._weighted_sum(torch.full_like(losses, 0.5), losses)
+
+    try:
+        assert STRATEGIES["halved"] is Halved and isinstance(create_weighting("halved"), Halved)
+        assert isinstance(build({"class_path": "halved"}, WeightingStrategy, "weighting", registered=STRATEGIES), Halved)
+        with pytest.raises(ValueError, match="'halved' is already registered by Halved"):
+            register_weighting("halved")(type("Other", (Halved,), {}))
+        with pytest.raises(TypeError, match="decorates WeightingStrategy subclasses"):
+            register_weighting("module")(nn.Linear)
+    finally:
+        del STRATEGIES["halved"]
+
+
+def test_every_registered_strategy_runs_with_sparse_embeddings():
+    """``needs_embedding_gradients`` is false for every built-in strategy, and that is true: each takes a
+    training step with sparse table gradients (the gradient strategies densify, combine and hand back sparse)."""
+    features = synthetic_features(4)
+    batch = {}
+    generator = torch.Generator().manual_seed(0)
+    for f in features:
+        if isinstance(f, SequenceFeature):
+            batch[f.name] = torch.randint(0, f.vocab_size, (16, f.max_len), generator=generator)
+        elif isinstance(f, DenseFeature):
+            batch[f.name] = torch.randn(16, generator=generator)
+        else:
+            batch[f.name] = torch.randint(0, f.vocab_size, (16,), generator=generator)
+    labels = {"click": torch.tensor([0.0, 1.0] * 8), "conversion": torch.tensor([1.0, -1.0, 0.0, -1.0] * 4),
+              "dwell": torch.randn(16, generator=generator)}
+    for name in sorted(STRATEGIES):
+        torch.manual_seed(0)
+        model = MMoE(features, synthetic_tasks(), num_experts=2, expert_hidden=(8,), tower_hidden=(4,))
+        module = MultiTaskLightningModule(model, weighting=name, sparse_embeddings=True)
+        assert not module.weighting.needs_embedding_gradients
+        losses = module.compute_losses(model(batch), labels)
+        module.weighting([losses[t.name] for t in module.tasks]).backward()
+        (table,) = model.embedding.embedding_parameters()
+        assert table.grad.is_sparse and torch.isfinite(table.grad.coalesce().values()).all(), name
+        assert table.grad.coalesce().values().abs().sum() > 0, name

@@ -3,33 +3,26 @@
 ``create_weighting("gradnorm")``, ``create_weighting({"name": "gradnorm", "alpha": 1.5})``,
 ``create_weighting({"class_path": "mtl_lightning.weighting.GradNorm", "init_args": {...}})``
 or ``create_weighting(GradNorm(alpha=1.5))``. See ``base.py`` for the interface.
+
+A strategy is one file in this package whose class carries ``@register_weighting("name")``:
+importing this package imports every module in it, which registers every strategy in
+``STRATEGIES`` and makes each class importable from here (``from mtl_lightning.weighting
+import GradNorm``). Nothing here is edited by hand to add one.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
 from ..config import build
-from .base import GradientStrategy, WeightingStrategy, distributed_mean
-from .dbmtl import DBMTL
-from .dwa import DWA
-from .gradnorm import GradNorm
-from .pcgrad import PCGrad
-from .rlw import RLW
-from .scheduled import Scheduled
-from .static import Static
-from .uncertainty import Uncertainty
+from .base import STRATEGIES, GradientStrategy, WeightingStrategy, distributed_mean, register_weighting
 
-STRATEGIES: dict[str, type[WeightingStrategy]] = {
-    "static": Static,
-    "gradnorm": GradNorm,
-    "uncertainty": Uncertainty,
-    "dwa": DWA,
-    "rlw": RLW,
-    "pcgrad": PCGrad,
-    "scheduled": Scheduled,
-    "dbmtl": DBMTL,
-}
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")
+globals().update({cls.__name__: cls for cls in STRATEGIES.values()})
 
 
 def create_weighting(spec: str | dict[str, Any] | WeightingStrategy) -> WeightingStrategy:
@@ -55,6 +48,6 @@ def _strategy_class(name: str) -> type[WeightingStrategy]:
 
 
 __all__ = [
-    "WeightingStrategy", "GradientStrategy", "distributed_mean", "STRATEGIES", "create_weighting",
-    "Static", "GradNorm", "Uncertainty", "DWA", "RLW", "PCGrad", "Scheduled", "DBMTL",
+    "WeightingStrategy", "GradientStrategy", "distributed_mean", "register_weighting", "STRATEGIES",
+    "create_weighting", *sorted(cls.__name__ for cls in STRATEGIES.values()),
 ]

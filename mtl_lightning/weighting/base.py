@@ -37,7 +37,7 @@ ranks take the same decision and hold identical state.
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -46,6 +46,32 @@ from torch import Tensor, nn
 
 from ..config import Configurable
 from ..tasks import Task
+
+
+S = TypeVar("S", bound="type[WeightingStrategy]")
+
+#: Every registered strategy by name, filled by :func:`register_weighting` as each strategy's file is imported
+#: (``mtl_lightning.weighting`` imports every module of its package).
+STRATEGIES: dict[str, type[WeightingStrategy]] = {}
+
+
+def register_weighting(name: str) -> Callable[[S], S]:
+    """Class decorator registering a ``WeightingStrategy`` subclass under ``name`` (``weighting="name"``).
+
+    Sets ``cls.registry_name``, which also lets a config's ``class_path`` name it
+    (see ``mtl_lightning.config.resolve_class``). A name taken by another class raises ``ValueError``.
+    """
+
+    def decorator(cls: S) -> S:
+        if not (isinstance(cls, type) and issubclass(cls, WeightingStrategy)):
+            raise TypeError(f"register_weighting({name!r}) decorates WeightingStrategy subclasses, got {cls!r}")
+        if name in STRATEGIES and STRATEGIES[name] is not cls:
+            raise ValueError(f"weighting name {name!r} is already registered by {STRATEGIES[name].__name__}")
+        STRATEGIES[name] = cls
+        cls.registry_name = name
+        return cls
+
+    return decorator
 
 
 def distributed_mean(value: Tensor) -> Tensor:
@@ -93,9 +119,15 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 class WeightingStrategy(Configurable, nn.Module, metaclass=ABCMeta):
     """Base class: ``forward(per-task losses) -> loss to back-propagate``; see the module docstring for the hooks."""
 
-    #: ``True`` for a strategy that reads or changes per-task gradients of parameters that
-    #: include the embedding tables (e.g. PCGrad/MGDA over ``shared_parameters()``); such a
-    #: strategy refuses ``MultiTaskLightningModule(sparse_embeddings=True)``.
+    #: ``True`` for a strategy that needs *dense* per-task gradients of the embedding tables and
+    #: so cannot run when their gradients are sparse: ``MultiTaskLightningModule(sparse_embeddings=True)``
+    #: refuses it, and so does ``TorchRecStrategy`` (tables updated inside the backward pass).
+    #: No built-in strategy sets it. The ``GradientStrategy`` ones (PCGrad, DB-MTL, ...) read
+    #: per-task gradients of ``shared_parameters()``, tables included, but densify a sparse
+    #: per-task table gradient and hand the combination back sparse, so they run with
+    #: ``sparse_embeddings=True`` (tested for every registered name); ``TorchRecStrategy``
+    #: refuses them on its own check (their shared parameters include a table). Loss-only
+    #: strategies and GradNorm (last shared dense layer only) never touch table gradients.
     needs_embedding_gradients: bool = False
 
     #: Set by a Trainer strategy that updates parameters inside the backward pass (``TorchRecStrategy``'s
@@ -225,5 +257,5 @@ def _dense(gradient: Tensor | None, like: Tensor) -> Tensor:
     return gradient.to_dense() if gradient.is_sparse else gradient
 
 
-__all__ = ["WeightingStrategy", "GradientStrategy", "distributed_mean", "gradient_surrogate", "flat_gradient",
-           "trainable_parameters"]
+__all__ = ["WeightingStrategy", "GradientStrategy", "STRATEGIES", "register_weighting", "distributed_mean",
+           "gradient_surrogate", "flat_gradient", "trainable_parameters"]

@@ -22,9 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from ..tasks import Task
-from .base import GradientStrategy
+from .base import GradientStrategy, register_weighting
 
 
+@register_weighting("dbmtl")
 class DBMTL(GradientStrategy):
     """Lin et al. (2023) DB-MTL on the architecture's ``shared_parameters()``."""
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..tasks import Task
-from .base import WeightingStrategy, _requires_backward, distributed_mean
+from .base import WeightingStrategy, _requires_backward, distributed_mean, register_weighting
 
 
 def dwa_weights(previous: Tensor, before_previous: Tensor, temperature: float) -> Tensor:
@@ -30,6 +30,7 @@ def dwa_weights(previous: Tensor, before_previous: Tensor, temperature: float) -
     return len(ratio) * torch.softmax(ratio / temperature, dim=0)
 
 
+@register_weighting("dwa")
 class DWA(WeightingStrategy):
     """Liu et al. (CVPR 2019) Dynamic Weight Average over epoch-mean task losses."""
 

@@ -38,10 +38,12 @@ from torch import Tensor, nn
 
 from ..tasks import Task
 from .base import (
-    WeightingStrategy, _requires_backward, distributed_mean, flat_gradient, gradient_surrogate, trainable_parameters,
+    WeightingStrategy, _requires_backward, distributed_mean, flat_gradient, gradient_surrogate, register_weighting,
+    trainable_parameters,
 )
 
 
+@register_weighting("gradnorm")
 class GradNorm(WeightingStrategy):
     """GradNorm (Chen et al., ICML 2018) on the architecture's ``last_shared_parameters()``.
 

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .base import GradientStrategy
+from .base import GradientStrategy, register_weighting
 
 
 def project_conflicting(gradients: Tensor, orders: Sequence[Sequence[int]] | None = None) -> Tensor:
@@ -42,6 +42,7 @@ def project_conflicting(gradients: Tensor, orders: Sequence[Sequence[int]] | Non
     return projected.sum(dim=0)
 
 
+@register_weighting("pcgrad")
 class PCGrad(GradientStrategy):
     """Yu et al. (NeurIPS 2020) gradient surgery on the architecture's ``shared_parameters()``."""
 

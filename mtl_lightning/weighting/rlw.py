@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import WeightingStrategy, _requires_backward
+from .base import WeightingStrategy, _requires_backward, register_weighting
 
 
+@register_weighting("rlw")
 class RLW(WeightingStrategy):
     """Lin et al. (TMLR 2022) random loss weighting with softmax-of-normal weights."""
 

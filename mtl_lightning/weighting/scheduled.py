@@ -18,11 +18,12 @@ import torch
 from torch import Tensor, nn
 
 from ..tasks import Task
-from .base import WeightingStrategy
+from .base import WeightingStrategy, register_weighting
 
 UNITS = ("epoch", "step")
 
 
+@register_weighting("scheduled")
 class Scheduled(WeightingStrategy):
     """PLE's (Tang et al., RecSys 2020) per-task weight schedule ``w_k,0 * gamma_k^t``.
 

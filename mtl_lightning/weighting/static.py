@@ -7,9 +7,10 @@ from typing import Sequence
 from torch import Tensor, nn
 
 from ..tasks import Task
-from .base import WeightingStrategy
+from .base import WeightingStrategy, register_weighting
 
 
+@register_weighting("static")
 class Static(WeightingStrategy):
     """Fixed per-task weights taken from ``Task.weight``."""
 

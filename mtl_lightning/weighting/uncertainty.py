@@ -19,9 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from ..tasks import Task
-from .base import WeightingStrategy
+from .base import WeightingStrategy, register_weighting
 
 
+@register_weighting("uncertainty")
 class Uncertainty(WeightingStrategy):
     """Kendall et al. (CVPR 2018) uncertainty weighting, one learned ``log sigma^2`` per task."""
 
