@@ -337,8 +337,10 @@ def test_ips_and_dr_beat_click_only_training_on_the_entire_space(tmp_path):
         scores[mode] = F.binary_cross_entropy(cvr, truth).item()
     print("entire-space CVR log-loss against p_conversion: "
           + ", ".join(f"{mode} {value:.4f}" for mode, value in scores.items()))
-    assert scores["ips"] < scores["naive"] - 0.02
-    assert scores["dr"] < scores["naive"] - 0.02
+    # measured: naive 0.822, IPS 0.584, DR 0.561 (margins 0.24 and 0.26); IPS without its 1/ô factor
+    # reaches 0.795 (margin 0.03). The margin required sits between the two, far from both.
+    assert scores["ips"] < scores["naive"] - 0.12
+    assert scores["dr"] < scores["naive"] - 0.12
 
 
 # ------------------------------------------------------------------ label conventions

@@ -118,6 +118,28 @@ def test_gradnorm_update_equals_manual_computation():
     assert not torch.allclose(w_manual.detach(), torch.ones(2))
 
 
+@pytest.mark.parametrize("alpha, expected", [(0.5, (1.826189, 3.652378)), (2.0, (0.461993, 7.391894))])
+def test_gradnorm_target_is_mean_norm_times_inverse_rate_to_the_alpha(alpha, expected):
+    """``target_i = G_bar * r_i^alpha`` by hand (the weights stay 1: no optimizer step in between).
+
+    W = [[1, -2], [0.5, 3]]: L1 = c1 sum(W^2) (||grad|| = 2 c1 ||W|| = 2 c1 sqrt(14.25)) and
+    L2 = 0.1 c2 sum(W)^2 (grad 0.2 c2 * 2.5 everywhere, ||grad|| = c2). Step 1 (c = 1, 1) gives L(0) =
+    (14.25, 0.625); step 2 (c = 0.5, 2): L / L(0) = (0.5, 2), r = (0.4, 1.6), G = (sqrt(14.25), 2).
+    """
+    W = nn.Parameter(torch.tensor([[1.0, -2.0], [0.5, 3.0]]))
+    model = nn.Module()
+    model.W = W
+    model.last_shared_parameters = lambda: [W]
+    gradnorm = GradNorm(alpha=alpha)
+    gradnorm.setup(tasks(2), model)
+    for c1, c2 in [(1.0, 1.0), (0.5, 2.0)]:
+        gradnorm(torch.stack([c1 * (W ** 2).sum(), 0.1 * c2 * W.sum() ** 2]))
+    g_bar = (math.sqrt(14.25) + 2.0) / 2
+    torch.testing.assert_close(gradnorm.last_grad_norms, torch.tensor([math.sqrt(14.25), 2.0]))
+    torch.testing.assert_close(gradnorm.last_targets, torch.tensor([g_bar * 0.4 ** alpha, g_bar * 1.6 ** alpha]))
+    torch.testing.assert_close(gradnorm.last_targets, torch.tensor(expected))
+
+
 class SparseToy(Toy):
     """``Toy`` reading a sparse-gradient embedding of ids (a shared parameter that is not ``W``)."""
 

@@ -25,8 +25,8 @@ norm of the global gradient and every rank holds identical weights. With
 ``grad_w L_grad`` and ``w`` is updated once per optimizer step.
 
 Checkpointed state: ``weights``, the initial-loss sums and counts, the step
-count and the weights' Adam state. ``last_grad_norms`` holds the ``G_i`` of the
-latest step.
+count and the weights' Adam state. ``last_grad_norms`` holds the ``G_i`` and
+``last_targets`` the targets ``G_bar * r_i^alpha`` of the latest step.
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ class GradNorm(WeightingStrategy):
         self.register_buffer("initial_loss_count", torch.zeros(self.num_tasks, dtype=torch.long))
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("last_grad_norms", torch.zeros(self.num_tasks), persistent=False)
+        self.register_buffer("last_targets", torch.zeros(self.num_tasks), persistent=False)
         self.optimizer = torch.optim.Adam([self.weights], lr=self.lr)
 
     def private_parameters(self) -> list[nn.Parameter]:
@@ -121,6 +122,7 @@ class GradNorm(WeightingStrategy):
         target = grad_norms.detach().mean() * inverse_rate ** self.alpha  # constant
         grad_loss = (grad_norms - target).abs().sum()
         self.last_grad_norms = grad_norms.detach()
+        self.last_targets = target
         model_loss = weighted if model_gradient is None else \
             weighted.detach() + gradient_surrogate(self._parameters_list, model_gradient)
         return model_loss + (grad_loss - grad_loss.detach())
