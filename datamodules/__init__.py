@@ -3,9 +3,10 @@
 from .encoders import DenseNormalizer, HashingEncoder, VocabularyEncoder
 from .parquet import ParquetBatches, ParquetDataModule, infer_features, read_split, resolve_paths
 from .paths import DataFile
+from .storage import RetryPolicy
 from .streaming import ParquetStream
 
 __all__ = [
     "ParquetDataModule", "ParquetBatches", "ParquetStream", "VocabularyEncoder", "HashingEncoder", "DenseNormalizer",
-    "infer_features", "read_split", "resolve_paths", "DataFile",
+    "infer_features", "read_split", "resolve_paths", "DataFile", "RetryPolicy",
 ]

@@ -16,12 +16,19 @@ encoder fitting and the footer checks at ``setup`` -- goes through
 
 The errors are plain ``ValueError``s with one message argument, so they cross
 DataLoader worker processes intact (PyTorch re-raises ``type(message)``).
+
+A remote file (``DataFile.storage``, see ``datamodules.storage``) is opened
+through its filesystem with ``pre_buffer=True`` (the column chunks a read
+needs are fetched in a few coalesced ranged requests), and every open and read
+is retried on transient errors: a read that fails part-way is done again on a
+newly opened file (``iter_batches`` goes on after the batches it already
+yielded); a file that keeps failing raises a ``ValueError`` naming it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,6 +36,7 @@ import pyarrow.parquet as pq
 from .paths import DataFile, Partition, as_data_file
 
 READ_ERRORS = (pa.ArrowException, OSError)
+T = TypeVar("T")
 
 
 def _describe(err: BaseException) -> str:
@@ -74,8 +82,9 @@ class ParquetReader:
     def __init__(self, file: DataFile | str | Path) -> None:
         self.file = as_data_file(file)
         self.path = self.file.path
+        self._source: Any = None  # the remote file object ``_parquet`` reads (closed with it)
         try:
-            self._parquet = pq.ParquetFile(self.path)
+            self._parquet = self._open()
             file_schema = self._parquet.schema_arrow
         except READ_ERRORS as err:
             raise ValueError(f"{self.path}: cannot read the Parquet footer ({_describe(err)}); the file is not "
@@ -89,6 +98,51 @@ class ParquetReader:
         self.schema = pa.schema(list(file_schema) + [pa.field(p.name, partition_type(p)) for p in self.file.partitions])
         self.metadata = self._parquet.metadata
 
+    def _open(self) -> pq.ParquetFile:
+        """The file's ``ParquetFile`` (footer read); a remote file is opened through its storage, with retries."""
+        storage = self.file.storage
+        if storage is None:
+            return pq.ParquetFile(self.path)
+        uri = str(self.path)
+
+        def open_remote() -> pq.ParquetFile:
+            source = storage.open_input(uri)
+            try:
+                parquet = pq.ParquetFile(source, pre_buffer=True)
+            except BaseException:
+                source.close()
+                raise
+            self._close_source()
+            self._source = source
+            return parquet
+
+        return storage.call(uri, "reading the Parquet footer", open_remote)
+
+    def _close_source(self) -> None:
+        if self._source is not None:
+            try:
+                self._source.close()
+            except READ_ERRORS:
+                pass
+            self._source = None
+
+    def _retried(self, action: str, read: Callable[[], T]) -> T:
+        """``read()`` (on ``self._parquet``), for a remote file tried again on a newly opened file after a transient error."""
+        storage = self.file.storage
+        if storage is None:
+            return read()
+        first = True
+
+        def attempt() -> T:
+            nonlocal first
+            if not first:  # a failed read may leave the file object mid-request: start from a new one
+                self._parquet.close()
+                self._parquet = self._open()
+            first = False
+            return read()
+
+        return storage.call(str(self.path), action, attempt)
+
     def __enter__(self) -> "ParquetReader":
         return self
 
@@ -97,6 +151,7 @@ class ParquetReader:
 
     def close(self) -> None:
         self._parquet.close()
+        self._close_source()
 
     @property
     def num_rows(self) -> int:
@@ -125,17 +180,19 @@ class ParquetReader:
     def _read_error(self, err: BaseException, columns: Sequence[str], row_groups: Sequence[int] | None) -> ValueError:
         """A ``ValueError`` naming the file and, when one column alone fails to read, that column."""
         culprit = columns[0] if len(columns) == 1 else None
+        if isinstance(err, ValueError) and not isinstance(err, pa.ArrowException):
+            return err  # a remote read that kept failing: its message names the file already
         if len(columns) > 1:  # the error path only: read the columns one at a time to name the broken one
             groups = list(range(self.num_row_groups)) if row_groups is None else list(row_groups)
             try:
-                with pq.ParquetFile(self.path) as parquet:
+                with ParquetReader(self.file) as reader:
                     for name in columns:
                         try:
-                            parquet.read_row_groups(groups, columns=[name])
+                            reader._parquet.read_row_groups(groups, columns=[name])
                         except READ_ERRORS:
                             culprit = name
                             break
-            except READ_ERRORS:
+            except (*READ_ERRORS, ValueError):
                 pass
         where = f"column {culprit!r}: " if culprit else ""
         return ValueError(f"{self.path}: {where}cannot read the data ({_describe(err)}); the file is corrupt or "
@@ -145,8 +202,9 @@ class ParquetReader:
         """Row group ``index``, the given columns (partition columns included)."""
         stored = self._file_columns(columns)
         try:
-            table = self._parquet.read_row_group(index, columns=stored)
-        except READ_ERRORS as err:
+            table = self._retried(f"reading row group {index}",
+                                  lambda: self._parquet.read_row_group(index, columns=stored))
+        except (*READ_ERRORS, ValueError) as err:
             raise self._read_error(err, stored, [index]) from err
         return self._with_partitions(table, columns)
 
@@ -154,8 +212,8 @@ class ParquetReader:
         """The whole file, the given columns (partition columns included)."""
         stored = self._file_columns(columns)
         try:
-            table = self._parquet.read(columns=stored)
-        except READ_ERRORS as err:
+            table = self._retried("reading the file", lambda: self._parquet.read(columns=stored))
+        except (*READ_ERRORS, ValueError) as err:
             raise self._read_error(err, stored, None) from err
         return self._with_partitions(table, columns)
 
@@ -165,14 +223,38 @@ class ParquetReader:
         """Tables of at most ``batch_size`` rows of the given row groups (all by default) and columns."""
         stored = self._file_columns(columns)
         groups = list(range(self.num_row_groups)) if row_groups is None else list(row_groups)
-        batches = self._parquet.iter_batches(batch_size=batch_size, row_groups=groups, columns=stored)
+        # a remote file is read one row group at a time: pre_buffer fetches all the row groups of one call at once
+        runs = [[g] for g in groups] if self.file.storage is not None else [groups]
+        for run in runs:
+            yield from self._iter_run(batch_size, columns, stored, run)
+
+    def _iter_run(self, batch_size: int, columns: Sequence[str], stored: list[str], groups: list[int]
+                  ) -> Iterator[pa.Table]:
+        batches: Iterator[pa.RecordBatch] | None = None
+        done = 0  # batches yielded: a retry on a new file skips them (the batches of one file are always the same)
+
+        def next_batch() -> pa.RecordBatch | None:
+            nonlocal batches
+            if batches is None:
+                batches = self._parquet.iter_batches(batch_size=batch_size, row_groups=groups, columns=stored)
+                for _ in range(done):
+                    next(batches)
+            try:
+                return next(batches)
+            except StopIteration:
+                return None
+            except BaseException:
+                batches = None
+                raise
+
         while True:
             try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            except READ_ERRORS as err:
+                batch = self._retried(f"reading row groups {groups}", next_batch)
+            except (*READ_ERRORS, ValueError) as err:
                 raise self._read_error(err, stored, groups) from err
+            if batch is None:
+                return
+            done += 1
             yield self._with_partitions(pa.Table.from_batches([batch]), columns)
 
 

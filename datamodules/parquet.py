@@ -33,6 +33,7 @@ from .encoders import CategoricalEncoder, DenseNormalizer, encoder_from_state, f
 from .files import check_unique, open_file, read_schema
 from .inference import infer_features
 from .paths import DataFile, PathSpec, resolve_paths
+from .storage import RetryPolicy
 from .store import ColumnStore, TableConverter, read_split
 from .streaming import ParquetStream, list_row_groups
 
@@ -44,7 +45,9 @@ class ParquetDataModule(L.LightningDataModule):
     """Parquet splits to multi-task batches.
 
     Args:
-        train, val, test, predict: a file, a folder, a glob, or a list of them.
+        train, val, test, predict: a file, a folder, a glob, or a list of them;
+            each may be a local path or a URI (``s3://bucket/logs/day=2026-11-*/``,
+            ``gs://``, ``hdfs://``, ``abfs://``...), see ``datamodules.storage``.
         tasks: the tasks; each task's label is read from column ``Task.label``
             (labels are optional in the predict split).
         features: feature specs; ``None`` infers them (``infer_features``) from
@@ -101,6 +104,15 @@ class ParquetDataModule(L.LightningDataModule):
             whose max id is more than 100 times its number of distinct ids, is
             refused with a message suggesting ``categorical=`` (vocabulary or
             ``num_buckets`` hashing). Given ``features`` are not limited.
+        storage_options: options of the fsspec filesystem that reads URIs
+            (as in pandas: s3fs's ``key``, ``secret``, ``endpoint_url``,
+            ``client_kwargs``...; gcsfs's ``token``; adlfs's ``account_name``...).
+        filesystem: a ready ``pyarrow.fs.FileSystem`` (e.g.
+            ``pyarrow.fs.S3FileSystem(endpoint_override=...)``) or fsspec
+            filesystem that reads every URI instead (then no ``storage_options``).
+        retries: how remote listings and reads are retried on transient errors
+            (a ``RetryPolicy``, or just its number of attempts); a file that
+            keeps failing is named in a ``ValueError``. Local reads are not retried.
 
     The inferred features are logged at INFO (``rank_zero_info``) when they are inferred.
 
@@ -138,9 +150,16 @@ class ParquetDataModule(L.LightningDataModule):
         ignore_label: float | None = -1,
         labels: Sequence[str] = (),
         max_inferred_vocab: int = 1 << 24,
+        storage_options: Mapping[str, Any] | None = None,
+        filesystem: Any = None,
+        retries: RetryPolicy | int = RetryPolicy(),
     ) -> None:
         super().__init__()
         self.paths = {"train": train, "val": val, "test": test, "predict": predict}
+        self.storage_options = dict(storage_options or {})
+        self.filesystem = filesystem
+        self.retries = retries if isinstance(retries, RetryPolicy) else RetryPolicy(attempts=int(retries))
+        self._remote_files: dict[str, list[DataFile]] = {}  # listed once per split
         if all(v is None for v in self.paths.values()):
             raise ValueError("ParquetDataModule needs at least one of train, val, test, predict")
         self.tasks = check_tasks(tasks)
@@ -187,9 +206,20 @@ class ParquetDataModule(L.LightningDataModule):
         self.group = group
 
     def files(self, split: str) -> list[DataFile]:
-        """The data files of a split (``resolve_paths``: hidden names skipped, each file once, with its partitions)."""
+        """The data files of a split (``resolve_paths``: hidden names skipped, each file once, with its partitions).
+
+        A split with URIs is listed once (the first call) and keeps that list:
+        every pass over it reads the same files, and the store is not listed again.
+        """
         spec = self.paths[split]
-        return [] if spec is None else resolve_paths(spec)
+        if spec is None:
+            return []
+        if split in self._remote_files:
+            return self._remote_files[split]
+        files = resolve_paths(spec, self.storage_options, self.filesystem, self.retries)
+        if any(file.storage is not None for file in files):
+            self._remote_files[split] = files
+        return files
 
     def infer(self) -> list[Feature]:
         """Feature specs inferred from the data (the statistics pass covers every given split)."""

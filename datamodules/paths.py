@@ -23,6 +23,15 @@ Folders are discovered the way pyarrow datasets and Spark read them:
   and other text in others is an error naming the file. Folders above the
   given folder, and the folders of an explicitly named file, are not
   partitions (as ``pyarrow.dataset`` without a ``partition_base_dir``).
+
+The same rules hold for URIs (``s3://bucket/logs/day=*/``, ``gs://``,
+``hdfs://``, ``abfs://``...; see ``datamodules.storage``): a URI is a file
+or a folder as its filesystem lists it (an object store's "folder" is a key
+prefix), a glob is expanded folder level by folder level from its fixed prefix
+(one listing per matched folder, never a listing of the whole bucket; ``**``
+lists below the folder it starts in; a URI with ``*``, ``?`` or ``[`` is always
+a glob), and the ``DataFile`` of a remote file
+has its URI as ``path`` and its ``Storage``. Listings are retried like reads.
 """
 
 from __future__ import annotations
@@ -30,9 +39,14 @@ from __future__ import annotations
 import glob as globlib
 import re
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 from urllib.parse import unquote
+
+import pyarrow.fs as pafs
+
+from .storage import RetryPolicy, Storage, local_path, uri_scheme
 
 PathSpec = str | Path | Sequence[str | Path]
 
@@ -55,11 +69,14 @@ class DataFile:
     """One Parquet file of a split and the Hive partition values of the folders it lies in.
 
     Formats as its path (``f"{file}"``) and is path-like (``os.fspath``), so it
-    goes wherever a path does.
+    goes wherever a path does. A remote file's ``path`` is its URI (a ``str``)
+    and ``storage`` the filesystem it is read through; a local file has
+    ``storage=None``.
     """
 
-    path: Path
+    path: Path | str
     partitions: tuple[Partition, ...] = ()
+    storage: Storage | None = None
 
     def __str__(self) -> str:
         return str(self.path)
@@ -69,18 +86,23 @@ class DataFile:
 
 
 def as_data_file(file: DataFile | str | Path) -> DataFile:
-    """``file`` as a ``DataFile`` (a plain path has no partitions)."""
-    return file if isinstance(file, DataFile) else DataFile(Path(file))
+    """``file`` as a ``DataFile`` (a plain path or URI has no partitions; a URI is read with default options)."""
+    if isinstance(file, DataFile):
+        return file
+    if uri_scheme(file) is not None:
+        return DataFile(str(file), (), Storage(str(file)))
+    return DataFile(Path(local_path(file) if isinstance(file, str) else file))
 
 
 RawPartitions = tuple[tuple[str, str | None], ...]
+Found = tuple[Path | str, RawPartitions]
 
 
 def _hidden(parts: Sequence[str]) -> bool:
     return any(part.startswith(("_", ".")) for part in parts)
 
 
-def _raw_partitions(folders: Sequence[str], path: Path) -> RawPartitions:
+def _raw_partitions(folders: Sequence[str], path: Path | str) -> RawPartitions:
     """``(key, value)`` of the ``key=value`` names among ``folders`` (the folders between the root and the file)."""
     found: dict[str, str | None] = {}
     for folder in folders:
@@ -127,9 +149,10 @@ def _glob(pattern: str) -> list[tuple[Path, RawPartitions]]:
     return files
 
 
-def _typed(files: list[tuple[Path, RawPartitions]]) -> list[DataFile]:
+def _typed(files: list[Found], storages: Mapping[str, Storage] | None = None) -> list[DataFile]:
+    # ``storages``: the Storage of each remote file, by URI
     """``DataFile``s whose partition values have one type per key over the split: int64 if all are integers, else string."""
-    first: dict[str, tuple[bool, Path, str]] = {}  # key -> (is integer, first file with a value, that value)
+    first: dict[str, tuple[bool, Path | str, str]] = {}  # key -> (is integer, first file with a value, that value)
     for path, raw in files:
         for key, value in raw:
             if value is None:
@@ -150,20 +173,139 @@ def _typed(files: list[tuple[Path, RawPartitions]]) -> list[DataFile]:
             integer = key in first and first[key][0]
             partitions.append(Partition(key, int(value) if integer and value is not None else value,
                                         "int64" if integer else "string"))
-        typed.append(DataFile(path, tuple(partitions)))
+        storage = (storages or {}).get(path) if isinstance(path, str) else None
+        typed.append(DataFile(path, tuple(partitions), storage))
     return typed
 
 
-def resolve_paths(spec: PathSpec) -> list[DataFile]:
+# ------------------------------------------------------------------ remote
+def _name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _relative(root: str, path: str) -> tuple[str, ...]:
+    """The names of ``path`` below folder ``root`` (filesystem paths)."""
+    rest = path[len(root):] if root else path
+    return tuple(part for part in rest.split("/") if part)
+
+
+def _remote_discover(storage: Storage, folder: str, root: str) -> tuple[list[Found], int]:
+    """Like ``_discover``: the ``*.parquet`` files below filesystem folder ``folder`` (one recursive listing)."""
+    files, skipped = [], 0
+    entries = storage.list(storage.uri(folder), recursive=True)
+    for info in sorted((i for i in entries if i.type == pafs.FileType.File and i.path.endswith(".parquet")),
+                       key=lambda i: i.path):
+        parts = _relative(root, info.path)
+        if _hidden(parts):
+            skipped += 1
+        else:
+            uri = storage.uri(info.path)
+            files.append((uri, _raw_partitions(parts[:-1], uri)))
+    return files, skipped
+
+
+def _match(parts: Sequence[str], pattern: Sequence[str]) -> bool:
+    """Whether names ``parts`` match glob parts ``pattern`` (``**``: zero or more names, as ``glob(recursive=True)``)."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_match(parts[k:], pattern[1:]) for k in range(len(parts) + 1))
+    return bool(parts) and fnmatchcase(parts[0], pattern[0]) and _match(parts[1:], pattern[1:])
+
+
+def _remote_glob(storage: Storage, pattern: str) -> list[Found]:
+    """Like ``_glob`` for a URI: expanded level by level with one listing per matched folder; see the module docstring."""
+    path = storage.path(pattern)
+    parts = path.split("/")
+    fixed = next((i for i, part in enumerate(parts) if _WILDCARD.search(part)), len(parts))
+    root = "/".join(parts[:fixed])
+    rest = parts[fixed:]
+    level: list[tuple[str, pafs.FileType | None]] = [(root, pafs.FileType.Directory)]
+    matches: list[tuple[str, pafs.FileType]] = []
+    for i, part in enumerate(rest):
+        if part == "**":  # everything below each folder reached so far, matched against the rest of the pattern
+            for folder, _ in level:
+                entries = storage.list(storage.uri(folder), recursive=True)
+                matches += [(e.path, e.type) for e in entries if _match(_relative(folder, e.path), rest[i:])]
+                if _match((), rest[i:]):
+                    matches.append((folder, pafs.FileType.Directory))
+            level = []
+            break
+        last = i == len(rest) - 1
+        next_level: list[tuple[str, pafs.FileType | None]] = []
+        for folder, kind in level:
+            if kind not in (pafs.FileType.Directory, None):
+                continue
+            if not _WILDCARD.search(part):
+                next_level.append((f"{folder}/{part}" if folder else part, None))
+                continue
+            for entry in storage.list(storage.uri(folder), recursive=False):
+                if fnmatchcase(_name(entry.path), part) and (last or entry.type == pafs.FileType.Directory):
+                    next_level.append((entry.path, entry.type))
+        level = next_level
+    for candidate, kind in level:
+        matches.append((candidate, kind if kind is not None else storage.info(storage.uri(candidate)).type))
+    files: list[Found] = []
+    for found, kind in sorted(set(matches)):
+        below = _relative(root, found)
+        if _hidden(below):
+            continue
+        if kind == pafs.FileType.Directory:
+            files.extend(_remote_discover(storage, found, root)[0])
+        elif kind == pafs.FileType.File:
+            uri = storage.uri(found)
+            files.append((uri, _raw_partitions(below[:-1], uri)))
+    return files
+
+
+def _remote(item: str, storage: Storage) -> list[Found]:
+    """The files of one URI item: a glob (a URI with ``*``, ``?`` or ``[``), a file or a folder."""
+    if _WILDCARD.search(item):
+        files = _remote_glob(storage, item)
+        if not files:
+            raise ValueError(f"{item}: no file or folder matches the glob (names starting with '_' or '.' below its "
+                             "fixed folders are skipped)")
+        return files
+    info = storage.info(item)
+    if info.type == pafs.FileType.Directory:
+        folder = storage.path(item)
+        files, skipped = _remote_discover(storage, folder, folder)
+        if not files:
+            hidden = f" ({skipped} under hidden names starting with '_' or '.' are skipped)" if skipped else ""
+            raise ValueError(f"{item}: folder holds no .parquet file{hidden}")
+        return files
+    if info.type == pafs.FileType.File:
+        return [(storage.uri(storage.path(item)), ())]
+    raise ValueError(f"{item}: no such file or folder")
+
+
+def resolve_paths(
+    spec: PathSpec,
+    storage_options: Mapping[str, Any] | None = None,
+    filesystem: Any = None,
+    retry: RetryPolicy | None = None,
+) -> list[DataFile]:
     """The data files of a split: from a file, a folder (every ``*.parquet`` below it, sorted), a glob, or a list of those.
 
     Hidden names (``_*``, ``.*``) below a folder or a glob's fixed prefix are
     skipped, a file reached twice is kept once (where first met), and
     ``key=value`` folders become partition columns; see the module docstring.
+    Items may be URIs (``s3://...``), read through ``filesystem`` or fsspec
+    with ``storage_options`` and retried with ``retry`` (``datamodules.storage``).
     """
     items = [spec] if isinstance(spec, (str, Path)) else list(spec)
-    found: list[tuple[Path, RawPartitions]] = []
+    found: list[Found] = []
+    storages: dict[str, Storage] = {}  # by scheme and host: one client per filesystem
+    by_uri: dict[str, Storage] = {}
     for item in items:
+        if uri_scheme(item) is not None:
+            probe = Storage(str(item), storage_options, filesystem, retry)
+            storage = storages.setdefault(probe.key, probe)
+            files = _remote(str(item), storage)
+            by_uri.update((uri, storage) for uri, _ in files)
+            found.extend(files)
+            continue
+        item = local_path(item) if isinstance(item, str) else item
         path = Path(item)
         if path.is_dir():
             files, skipped = _discover(path, path)
@@ -179,7 +321,7 @@ def resolve_paths(spec: PathSpec) -> list[DataFile]:
                 raise ValueError(f"{item}: no such file, folder or matching glob (names starting with '_' or '.' "
                                  "below its fixed folders are skipped)")
             found.extend(files)
-    unique: dict[Path, tuple[Path, RawPartitions]] = {}
+    unique: dict[Path | str, Found] = {}
     for path, raw in found:
-        unique.setdefault(path.resolve(), (path, raw))
-    return _typed(list(unique.values()))
+        unique.setdefault(path if isinstance(path, str) else path.resolve(), (path, raw))
+    return _typed(list(unique.values()), by_uri)

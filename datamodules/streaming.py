@@ -61,6 +61,7 @@ import torch
 from .batches import EpochIterable, _worker
 from .files import open_file
 from .paths import DataFile, Partition, as_data_file
+from .storage import Storage
 from .store import ColumnStore, TableConverter
 
 Batch = dict[str, Any]
@@ -70,15 +71,16 @@ Batch = dict[str, Any]
 class RowGroup:
     """One Parquet row group: its file, index in the file, first row's position in the split, size and partitions."""
 
-    path: Path
+    path: Path | str  # a URI for a remote file
     index: int
     first_row: int
     num_rows: int
     partitions: tuple[Partition, ...] = ()  # the file's Hive partition values (``DataFile.partitions``)
+    storage: Storage | None = None  # where a remote file is read from (``DataFile.storage``)
 
     @property
     def file(self) -> DataFile:
-        return DataFile(self.path, self.partitions)
+        return DataFile(self.path, self.partitions, self.storage)
 
 
 def list_row_groups(files: Sequence[DataFile | Path]) -> list[RowGroup]:
@@ -93,7 +95,7 @@ def list_row_groups(files: Sequence[DataFile | Path]) -> list[RowGroup]:
         for index in range(metadata.num_row_groups):
             size = metadata.row_group(index).num_rows
             if size:
-                groups.append(RowGroup(file.path, index, offset, size, file.partitions))
+                groups.append(RowGroup(file.path, index, offset, size, file.partitions, file.storage))
                 offset += size
     return groups
 

@@ -7,6 +7,12 @@ predictions of a split larger than memory never pile up (call
 writes its own file; together the files hold every row of the predict split
 exactly once (the Parquet data module shards the predict split without
 repetition).
+
+``output_dir`` may be a URI (``s3://bucket/predictions/day=2026-11-02``,
+``gs://``, ``hdfs://``...): the files are written through the same
+filesystems as ``ParquetDataModule`` reads (fsspec with ``storage_options=``,
+or a ``pyarrow.fs.FileSystem`` given as ``filesystem=``); an object store
+receives each file when it is closed, at the end of ``trainer.predict``.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
+
+from datamodules.storage import Storage, local_path, uri_scheme
 
 # The writer reads row ids from the batch, not from sampler indices, which an IterableDataset does not have.
 warnings.filterwarnings("ignore", message=r".*Couldn't infer the batch indices fetched from your dataloader.*")
@@ -37,16 +45,25 @@ class ParquetPredictionWriter(BasePredictionWriter):
     gets one batch of 0 rows from ``ParquetDataModule`` and writes a file of 0 rows.
     """
 
-    def __init__(self, output_dir: str | Path, prefix: str = "predictions") -> None:
+    def __init__(
+        self,
+        output_dir: str | Path,
+        prefix: str = "predictions",
+        storage_options: Mapping[str, Any] | None = None,
+        filesystem: Any = None,
+    ) -> None:
         super().__init__(write_interval="batch")
-        self.output_dir = Path(output_dir)
+        self._storage = Storage(str(output_dir), storage_options, filesystem) if uri_scheme(output_dir) else None
+        self.output_dir: Path | str = str(output_dir).rstrip("/") if self._storage else Path(local_path(str(output_dir)))
         self.prefix = prefix
-        self._writers: dict[int, pq.ParquetWriter] = {}
-        self.paths: list[Path] = []
+        self._writers: dict[int, tuple[pq.ParquetWriter, Any]] = {}
+        self.paths: list[Path | str] = []
 
-    def path(self, rank: int, dataloader_idx: int = 0) -> Path:
+    def path(self, rank: int, dataloader_idx: int = 0) -> Path | str:
+        """The file of ``rank`` (a URI when ``output_dir`` is one)."""
         suffix = f"-dataloader{dataloader_idx}" if dataloader_idx else ""
-        return self.output_dir / f"{self.prefix}-rank{rank:05d}{suffix}.parquet"
+        name = f"{self.prefix}-rank{rank:05d}{suffix}.parquet"
+        return f"{self.output_dir}/{name}" if self._storage else Path(self.output_dir) / name
 
     @staticmethod
     def _table(prediction: Mapping[str, Any], batch: Any) -> pa.Table:
@@ -85,17 +102,22 @@ class ParquetPredictionWriter(BasePredictionWriter):
         dataloader_idx: int,
     ) -> None:
         table = self._table(prediction, batch)
-        writer = self._writers.get(dataloader_idx)
-        if writer is None:
+        if dataloader_idx not in self._writers:
             path = self.path(trainer.global_rank, dataloader_idx)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            writer = self._writers[dataloader_idx] = pq.ParquetWriter(path, table.schema)
+            if self._storage is not None:
+                sink = self._storage.open_output(str(path))
+                self._writers[dataloader_idx] = (pq.ParquetWriter(sink, table.schema), sink)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._writers[dataloader_idx] = (pq.ParquetWriter(path, table.schema), None)
             self.paths.append(path)
-        writer.write_table(table)
+        self._writers[dataloader_idx][0].write_table(table)
 
     def _close(self) -> None:
-        for writer in self._writers.values():
+        for writer, sink in self._writers.values():
             writer.close()
+            if sink is not None:
+                sink.close()  # an object store receives the file now
         self._writers = {}
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -34,3 +34,13 @@ def quiet_trainer(**kwargs) -> L.Trainer:
     )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1, started once per session (``tests/s3_server.py``)."""
+    from s3_server import S3Server
+
+    server = S3Server()
+    yield server
+    server.stop()
