@@ -1,8 +1,8 @@
 """``TorchRecStrategy`` against DDP with replicated tables, 2 CPU processes (gloo), side by side in one run.
 
-    .venv/bin/python benchmarks/torchrec.py                     # memory (4 tables of 1M x 64) + quality
-    .venv/bin/python benchmarks/torchrec.py --table-rows 2000000  # the issue's 2M x 64 (~23 GB for DDP's 2 ranks)
-    .venv/bin/python benchmarks/torchrec.py --quick             # small tables, short runs (a smoke run)
+    .venv/bin/python benchmarks/sharded_embeddings.py                     # memory (4 tables of 1M x 64) + quality
+    .venv/bin/python benchmarks/sharded_embeddings.py --table-rows 2000000  # the issue's 2M x 64 (~23 GB for DDP's 2 ranks)
+    .venv/bin/python benchmarks/sharded_embeddings.py --quick             # small tables, short runs (a smoke run)
 
 Two experiments, each a pair of 2-process ``Trainer(accelerator="cpu", devices=2)``
 runs (each run is a fresh child process that Lightning re-launches once for
@@ -39,7 +39,7 @@ Training throughput (rows/s over both ranks, training steps after the first
 out) is reported for every run as an extra column. One repetition: on a shared
 machine read it as indicative. Not a test: nothing is asserted.
 
-Writes the tables to ``--output`` (default ``benchmarks/results/torchrec.md``) and prints them.
+Writes the tables to ``--output`` (default ``benchmarks/results/sharded_embeddings.md``) and prints them.
 """
 
 from __future__ import annotations
@@ -58,8 +58,6 @@ from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# run as a script, this folder is sys.path[0], and this file would shadow the ``torchrec`` package
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(ROOT))
 
 import lightning as L  # noqa: E402
@@ -319,7 +317,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--only", choices=["memory", "quality"], help="run one experiment")
-    parser.add_argument("--output", type=Path, default=HERE / "results" / "torchrec.md")
+    parser.add_argument("--output", type=Path, default=HERE / "results" / "sharded_embeddings.md")
     args = parser.parse_args()
     if args.child is not None:
         run_child(args.child)
@@ -365,7 +363,7 @@ def main() -> None:
             quality_runs[system] = launch(dict(spec, system=system), work)
     memory_runs = {k: memory_runs[k] for k in ("ddp", "torchrec") if k in memory_runs}
 
-    command = " ".join(["python benchmarks/torchrec.py", *sys.argv[1:]])
+    command = " ".join(["python benchmarks/sharded_embeddings.py", *sys.argv[1:]])
     lines = [
         "# TorchRecStrategy against DDP: table memory and quality (2 CPU processes, gloo)",
         "",
