@@ -436,3 +436,117 @@ def test_every_registered_strategy_runs_with_sparse_embeddings():
         (table,) = model.embedding.embedding_parameters()
         assert table.grad.is_sparse and torch.isfinite(table.grad.coalesce().values()).all(), name
         assert table.grad.coalesce().values().abs().sum() > 0, name
+
+
+# ------------------------------------------------------------------------- MGDA
+def assert_kkt(gram: torch.Tensor, alpha: torch.Tensor, tol: float = 1e-10) -> None:
+    """KKT conditions of ``min_{alpha in simplex} alpha^T M alpha``: with ``v = alpha^T M alpha``,
+    ``(M alpha)_i = v`` where ``alpha_i > 0`` and ``(M alpha)_i >= v`` everywhere."""
+    gram, alpha = gram.double(), alpha.double()
+    value, m_alpha = alpha @ gram @ alpha, gram @ alpha
+    scale = gram.diagonal().max()
+    assert alpha.min() >= 0 and abs(float(alpha.sum()) - 1) <= max(tol, 1e-12)
+    assert (m_alpha >= value - tol * scale).all(), (m_alpha, value)
+    assert ((m_alpha - value).abs()[alpha > 0] <= tol * scale).all(), (m_alpha, value, alpha)
+
+
+def test_mgda_min_norm_point_of_two_conflicting_gradients():
+    from mtl_lightning.weighting.mgda import MGDA
+
+    strategy = MGDA()
+    strategy.setup(tasks(2), Toy())
+    g = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    # alpha_1 = (g2.g2 - g1.g2) / |g1 - g2|^2 = (2 + 1) / 5: d = 0.6 (1, 0) + 0.4 (-1, 1) = (0.2, 0.4),
+    # and d.g1 = d.g2 = 0.2 = |d|^2 (the min-norm point is equally far along both)
+    torch.testing.assert_close(strategy.combine(g), torch.tensor([0.2, 0.4]))
+    torch.testing.assert_close(strategy.last_weights, torch.tensor([0.6, 0.4]))
+    # one gradient inside the other's half-space: the shorter one is the min-norm point, alpha = (0, 1)
+    torch.testing.assert_close(strategy.combine(torch.tensor([[2.0, 0.0], [1.0, 1.0]])), torch.tensor([1.0, 1.0]))
+    torch.testing.assert_close(strategy.last_weights, torch.tensor([0.0, 1.0]))
+    # l2 normalisation: unit vectors (1, 0) and (-1, 1)/sqrt 2 weigh 1/2 each; the raw gradients are combined
+    l2 = MGDA(normalization="l2")
+    l2.setup(tasks(2), Toy())
+    torch.testing.assert_close(l2.combine(torch.tensor([[2.0, 0.0], [-1.0, 1.0]])), torch.tensor([0.5, 0.5]))
+    loss = MGDA(normalization="loss")  # g / L: (1, 0) and (-1, 1) again, so 0.6 and 0.4 of the raw (2, 0), (-2, 2)
+    loss.setup(tasks(2), Toy())
+    torch.testing.assert_close(loss.combine(torch.tensor([[2.0, 0.0], [-2.0, 2.0]]), torch.tensor([2.0, 2.0])),
+                               torch.tensor([0.4, 0.8]))
+
+
+@pytest.mark.parametrize("num_tasks, dim", [(3, 5), (4, 3), (6, 2), (5, 40)])
+def test_mgda_weights_satisfy_the_kkt_conditions(num_tasks, dim):
+    from mtl_lightning.weighting.mgda import min_norm_weights
+
+    generator = torch.Generator().manual_seed(num_tasks * dim)
+    for trial in range(20):
+        g = torch.randn(num_tasks, dim, generator=generator, dtype=torch.float64)
+        if trial % 2:  # a common component: the min-norm point is away from 0, often on a face
+            g += 3 * torch.randn(1, dim, generator=generator, dtype=torch.float64)
+        if trial % 5 == 0:
+            g[1] = 2 * g[0]  # parallel gradients: a degenerate Gram matrix
+        gram = g @ g.T
+        assert_kkt(gram, min_norm_weights(gram))
+
+
+def test_mgda_sets_the_combined_shared_gradient_and_own_task_gradients():
+    from mtl_lightning.weighting.mgda import MGDA, min_norm_weights
+
+    torch.manual_seed(0)
+    model = Toy(num_tasks=3)
+    strategy = MGDA()
+    strategy.setup(tasks(3), model)
+    x = torch.randn(64, 8)
+    out = model(x)
+    losses = [((out[0] - 1) ** 2).mean(), ((out[1] + 1) ** 2).mean(), ((out[2] - x[:, 0]) ** 2).mean()]
+    shared = model.shared_parameters()
+    per_task = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(l, shared, retain_graph=True)])
+                            for l in losses])
+    heads = [torch.autograd.grad(losses[i], list(model.heads[i].parameters()), retain_graph=True) for i in range(3)]
+    total = strategy(losses)
+    assert total.item() == pytest.approx(sum(l.item() for l in losses))
+    total.backward()
+    alpha = min_norm_weights(per_task @ per_task.T)
+    assert_kkt(per_task @ per_task.T, strategy.last_weights.double(), tol=1e-6)
+    torch.testing.assert_close(flat_grad(shared), alpha.float() @ per_task)
+    for i in range(3):
+        for p, g in zip(model.heads[i].parameters(), heads[i]):
+            torch.testing.assert_close(p.grad, g)
+
+
+def test_mgda_upper_bound_weighs_the_representation_gradients():
+    """MGDA-UB on Toy's shared layer output Z: the shared layer gets J_Z^T sum_i alpha_i grad_Z L_i with alpha the
+    min-norm weights of the grad_Z L_i; every head gets its own loss's gradient."""
+    from mtl_lightning.weighting.mgda import MGDA, min_norm_weights
+
+    torch.manual_seed(0)
+    model = Toy(num_tasks=3)
+    strategy = MGDA(upper_bound=True, representation="shared")
+    strategy.setup(tasks(3), model)
+    x = torch.randn(32, 8)
+
+    def losses_and_z():
+        z = model.shared(x)
+        h = torch.relu(z)
+        outs = [head(h).squeeze(-1) for head in model.heads]
+        return [((outs[0] - 1) ** 2).mean(), ((outs[1] + 1) ** 2).mean(), ((outs[2] - x[:, 0]) ** 2).mean()], z
+
+    losses, z = losses_and_z()
+    rows = [torch.autograd.grad(l, z, retain_graph=True)[0] for l in losses]
+    flat = torch.stack([r.reshape(-1) for r in rows])
+    alpha = min_norm_weights(flat @ flat.T).float()
+    expected_shared = torch.autograd.grad(z, model.shared_parameters(), grad_outputs=sum(a * r for a, r in zip(alpha, rows)),
+                                          retain_graph=True)
+    heads = [torch.autograd.grad(losses[i], list(model.heads[i].parameters()), retain_graph=True) for i in range(3)]
+    model.zero_grad()
+    out = model(x)  # the forward hook captures Z
+    strategy([((out[0] - 1) ** 2).mean(), ((out[1] + 1) ** 2).mean(), ((out[2] - x[:, 0]) ** 2).mean()]).backward()
+    torch.testing.assert_close(strategy.last_weights, alpha)
+    for p, g in zip(model.shared_parameters(), expected_shared):
+        torch.testing.assert_close(p.grad, g)
+    for i in range(3):
+        for p, g in zip(model.heads[i].parameters(), heads[i]):
+            torch.testing.assert_close(p.grad, g)
+    with pytest.raises(ValueError, match="needs representation"):
+        MGDA(upper_bound=True)
+    with pytest.raises(ValueError, match="not a submodule"):
+        MGDA(upper_bound=True, representation="nope").setup(tasks(3), model)

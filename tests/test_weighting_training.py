@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(num_experts=2, expert_hidden=(16,), tower_hidden=(8,))
 SPECS = {name: name for name in STRATEGIES}
 SPECS["scheduled"] = {"name": "scheduled", "gamma": {"dwell": 0.5}}  # a schedule that actually moves
+SPECS["mgda_ub"] = {"name": "mgda", "upper_bound": True, "representation": "experts"}  # on the expert outputs
 
 
 def _module(dm, weighting, seed: int = 0, **kwargs) -> MultiTaskLightningModule:
@@ -31,16 +32,20 @@ def _module(dm, weighting, seed: int = 0, **kwargs) -> MultiTaskLightningModule:
 
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_every_strategy_trains_mmoe(synthetic_paths, name):
+    """3 epochs of 8 steps, small MMoE (epochs, so that DWA's and the schedule's weights move)."""
     dm = synthetic_datamodule(synthetic_paths, batch_size=512)
     dm.setup("fit")
-    module = _module(dm, SPECS[name], lr=3e-3, size=dict(num_experts=3, expert_hidden=(64, 32), tower_hidden=(16,)))
-    trainer = quiet_trainer(max_epochs=3, limit_train_batches=14, check_val_every_n_epoch=3)
+    module = _module(dm, SPECS[name], lr=1e-2, size=dict(num_experts=2, expert_hidden=(32,), tower_hidden=(8,)))
+    trainer = quiet_trainer(max_epochs=3, limit_train_batches=8, limit_val_batches=4, num_sanity_val_steps=0,
+                            check_val_every_n_epoch=3)
     trainer.fit(module, dm)
     metrics = trainer.callback_metrics
-    assert metrics["val/click/auc"] >= 0.70
+    print(f"{name}: val/click/auc {float(metrics['val/click/auc']):.3f} "
+          f"val/conversion/auc {float(metrics['val/conversion/auc']):.3f}")
+    assert metrics["val/click/auc"] >= 0.74 and metrics["val/conversion/auc"] >= 0.62  # measured: >= 0.77, 0.68
     weights = torch.stack([metrics[f"train/{t}/weight"] for t in ("click", "conversion", "dwell")])
-    assert torch.isfinite(weights).all() and (weights > 0).all()
-    if name in ("gradnorm", "uncertainty", "dwa", "rlw", "scheduled", "dbmtl"):
+    assert torch.isfinite(weights).all() and (weights >= 0).all()
+    if name in ("gradnorm", "uncertainty", "dwa", "rlw", "scheduled", "dbmtl", "mgda", "mgda_ub"):
         assert not torch.allclose(weights, torch.ones(3)), weights  # the weights did move
 
 

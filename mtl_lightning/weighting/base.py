@@ -224,8 +224,12 @@ class GradientStrategy(WeightingStrategy):
         return float(self.tasks[index].weight) * loss
 
     @abstractmethod
-    def combine(self, gradients: Tensor) -> Tensor:
-        """The shared parameters' update direction ``(P,)`` from the per-task gradients ``(T, P)``."""
+    def combine(self, gradients: Tensor, losses: Tensor | None = None) -> Tensor:
+        """The shared parameters' update direction ``(P,)`` from the per-task gradients ``(T, P)``.
+
+        ``losses`` are the per-task losses ``(T,)`` (float32, averaged across DDP ranks, no graph)
+        for strategies that read them (MGDA's loss normalisation); ``None`` when called directly.
+        """
 
     def total_loss(self, losses: Tensor, per_task: list[Tensor]) -> Tensor:
         self.last_weights = self._task_weights().to(losses)
@@ -244,7 +248,7 @@ class GradientStrategy(WeightingStrategy):
             for k, g in enumerate(grads[len(self._shared):]):
                 if g is not None:
                     specific_sum[k] = g if specific_sum[k] is None else specific_sum[k] + g
-        combined = self.combine(distributed_mean(torch.stack(shared_rows)))  # (P,)
+        combined = self.combine(distributed_mean(torch.stack(shared_rows)), distributed_mean(losses.float()))  # (P,)
         shared_grads = torch.split(combined, [p.numel() for p in self._shared])
         shared_grads = [g.view_as(p).to_sparse(sparse_dim=1) if k in sparse else g.view_as(p)
                         for k, (g, p) in enumerate(zip(shared_grads, self._shared))]

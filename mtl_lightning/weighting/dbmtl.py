@@ -45,7 +45,7 @@ class DBMTL(GradientStrategy):
     def objective(self, index: int, loss: Tensor) -> Tensor:
         return torch.log(loss + self.eps)
 
-    def combine(self, gradients: Tensor) -> Tensor:
+    def combine(self, gradients: Tensor, losses: Tensor | None = None) -> Tensor:
         self.num_steps += 1
         decay = self.beta / float(self.num_steps) ** self.beta_sigma
         self.gradient_average.copy_(gradients + decay * (self.gradient_average - gradients))

@@ -51,7 +51,7 @@ class PCGrad(GradientStrategy):
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
 
-    def combine(self, gradients: Tensor) -> Tensor:
+    def combine(self, gradients: Tensor, losses: Tensor | None = None) -> Tensor:
         orders = [torch.randperm(self.num_tasks, generator=self.generator).tolist() for _ in range(self.num_tasks)]
         return project_conflicting(gradients, orders)
 
