@@ -13,6 +13,23 @@ that a ``SparseFeature`` can embed:
   process and run); nulls get id ``0``. Nothing is learnt, so unseen values
   need no special case. ``num_ids = num_buckets``.
 
+Incremental training (``ParquetDataModule(grow_vocabulary=True)``): a
+vocabulary restored from a checkpoint grows on the next train split
+(``VocabularyEncoder.grow``). Every value keeps its id; a value not in the
+vocabulary that the new split holds at least ``min_freq`` times gets a new id
+after the existing ones (most frequent first, ties by value). With
+``max_size``, the vocabulary never holds more than ``max_size`` values: when
+the newcomers do not fit, existing values and newcomers are ranked together by
+their count -- cumulative over every split trained on for an existing value
+(the vocabulary keeps these counts), the new split's for a newcomer -- with
+existing values first on ties, then lower ids / more frequent newcomers; the
+top ``max_size`` stay. An existing value that falls out is evicted (it maps
+to the out-of-vocabulary id 0 from then on, and its count is forgotten) and its
+id is given to an admitted newcomer (the smallest freed id to the most frequent
+newcomer), whose embedding row the model then starts afresh. ``grow`` returns,
+for each id of the grown vocabulary, the id the same value had before, or -1
+for a new value: what the model needs to resize its tables.
+
 ``DenseNormalizer`` stores a per-dimension mean and standard deviation of
 dense columns computed on the training split and maps ``x -> (x - mean) / std``
 (a constant column keeps ``std = 1``).
@@ -103,6 +120,7 @@ class VocabularyEncoder(CategoricalEncoder):
         self.min_freq = int(min_freq)
         self.max_size = None if max_size is None else int(max_size)
         self.values: pa.Array | None = None  # kept values in id order (id = position + 1)
+        self.counts: np.ndarray | None = None  # int64, each value's count over the splits fitted or grown on
         self._counts: list[pa.Table] = []
 
     @property
@@ -142,7 +160,55 @@ class VocabularyEncoder(CategoricalEncoder):
         if self.max_size is not None:
             kept = kept.slice(0, self.max_size)
         self.values = kept["value"].combine_chunks() if kept.num_rows else pa.array([], value_type)
+        self.counts = kept["count"].to_numpy().astype(np.int64) if kept.num_rows else np.zeros(0, np.int64)
         self._counts = []
+
+    def grow(self) -> np.ndarray:
+        """Extend the vocabulary with what ``partial_fit`` counted since (a new train split); see the module docstring.
+
+        Returns ``sources``: for each id ``j`` of the grown vocabulary (``0`` to
+        ``num_ids - 1``), the id its value had before, or ``-1`` for a value
+        that is new to that id (a newcomer, possibly in an evicted value's id).
+        ``sources[0] == 0``: the out-of-vocabulary id stays.
+        """
+        if self.values is None or self.counts is None:
+            raise ValueError(f"the vocabulary of column {self.column!r} is not fitted yet; nothing to grow")
+        old = len(self.values)
+        counts = self.counts.copy()
+        if self._counts:
+            merged = self._merge()
+            if merged.schema.field("value").type != self.values.type:
+                raise TypeError(f"categorical column {self.column!r} holds {merged.schema.field('value').type} "
+                                f"values in the new train split but its vocabulary holds {self.values.type}")
+            position = pc.index_in(merged["value"], value_set=self.values)
+            known = position.is_valid()
+            known_np = known.to_numpy(zero_copy_only=False)
+            np.add.at(counts, position.to_numpy(zero_copy_only=False)[known_np].astype(np.int64),
+                      merged["count"].to_numpy()[known_np])
+            new = merged.filter(pc.and_(pc.invert(known), pc.greater_equal(merged["count"], self.min_freq)))
+            new = new.sort_by([("count", "descending"), ("value", "ascending")])
+        else:
+            new = pa.table({"value": pa.array([], self.values.type), "count": pa.array([], pa.int64())})
+        self._counts = []
+        new_values = new["value"].combine_chunks() if new.num_rows else pa.array([], self.values.type)
+        new_counts = new["count"].to_numpy().astype(np.int64) if new.num_rows else np.zeros(0, np.int64)
+        if self.max_size is None or old + len(new_values) <= self.max_size:
+            ids = np.arange(old + len(new_values))  # position in old values + new values
+        else:  # rank every value, existing first on ties, then by id / by the newcomers' order
+            pool_counts = np.concatenate([counts, new_counts])
+            newcomer = np.concatenate([np.zeros(old, np.int64), np.ones(len(new_values), np.int64)])
+            position = np.arange(old + len(new_values))
+            kept = np.sort(np.lexsort((position, newcomer, -pool_counts))[: self.max_size])
+            stay = kept[kept < old]
+            admitted = kept[kept >= old]  # in the newcomers' order (count desc, value asc)
+            free = np.setdiff1d(np.arange(old), stay)  # evicted ids, ascending
+            slots = np.concatenate([free, np.arange(old, old + max(len(admitted) - len(free), 0))])
+            ids = np.arange(max(old, len(stay) + len(admitted)))
+            ids[slots[: len(admitted)]] = admitted
+        pool = pa.concat_arrays([self.values, new_values]) if len(new_values) else self.values
+        self.values = pool.take(pa.array(ids, pa.int64())) if len(ids) else pa.array([], self.values.type)
+        self.counts = np.concatenate([counts, new_counts])[ids]
+        return np.concatenate([[0], np.where(ids < old, ids + 1, -1)]).astype(np.int64)
 
     def transform(self, values: pa.Array | pa.ChunkedArray, where: str) -> np.ndarray:
         if self.values is None:
@@ -159,15 +225,18 @@ class VocabularyEncoder(CategoricalEncoder):
     def state_dict(self) -> dict[str, Any]:
         if self.values is None:
             raise ValueError(f"the vocabulary of column {self.column!r} is not fitted yet")
+        counts = self.counts if self.counts is not None else np.zeros(len(self.values), np.int64)
         return {
             "kind": self.kind, "min_freq": self.min_freq, "max_size": self.max_size,
-            "value_type": str(self.values.type), "values": self.values.to_pylist(),
+            "value_type": str(self.values.type), "values": self.values.to_pylist(), "counts": counts.tolist(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         value_type = {"string": pa.string(), "int64": pa.int64()}[state["value_type"]]
         self.min_freq, self.max_size = int(state["min_freq"]), state["max_size"]
         self.values = pa.array(state["values"], value_type)
+        # a state written before counts were kept: every count 0 (ranked by id when a cap evicts)
+        self.counts = np.asarray(state.get("counts") or [0] * len(self.values), dtype=np.int64)
 
 
 class HashingEncoder(CategoricalEncoder):
@@ -318,6 +387,22 @@ def fit_preprocessing(
         encoder.finish_fit()
     for normalizer in to_normalize.values():
         normalizer.finish_fit()
+
+
+def grow_vocabularies(
+    files: Sequence[DataFile | Path], encoders: Mapping[str, CategoricalEncoder], read_rows: int = FIT_READ_ROWS,
+) -> dict[str, np.ndarray]:
+    """One streaming pass over ``files`` growing every fitted vocabulary (``VocabularyEncoder.grow``).
+
+    Returns ``{column: sources}`` (see ``grow``) for every vocabulary; hashing encoders need nothing.
+    """
+    growing = {name: e for name, e in encoders.items() if isinstance(e, VocabularyEncoder)}
+    if not growing:
+        return {}
+    for path, table in iter_chunks(files, list(growing), read_rows):
+        for name, encoder in growing.items():
+            encoder.partial_fit(table.column(name), str(path))
+    return {name: encoder.grow() for name, encoder in growing.items()}
 
 
 def encode_table(table: pa.Table, encoders: Mapping[str, CategoricalEncoder], where: Any) -> pa.Table:

@@ -13,13 +13,17 @@ The reader is split into layers with one direction of imports:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
+import numpy as np
 import pyarrow as pa
+import torch
 from torch.utils.data import DataLoader
 
 from mtl_lightning.features import (
@@ -29,11 +33,14 @@ from mtl_lightning.tasks import Task, check_tasks
 
 from .batches import EpochDataLoader, ParquetBatches, _distributed
 from .columns import _dense_array
-from .encoders import CategoricalEncoder, DenseNormalizer, encoder_from_state, fit_preprocessing, make_encoder
+from .encoders import (
+    CategoricalEncoder, DenseNormalizer, VocabularyEncoder, encoder_from_state, fit_preprocessing, grow_vocabularies,
+    make_encoder,
+)
 from .files import check_unique, open_file, read_schema
 from .inference import infer_features
 from .paths import DataFile, PathSpec, resolve_paths
-from .storage import RetryPolicy
+from .storage import RetryPolicy, uri_scheme
 from .store import ColumnStore, TableConverter, read_split
 from .streaming import ParquetStream, list_row_groups
 
@@ -113,6 +120,19 @@ class ParquetDataModule(L.LightningDataModule):
         retries: how remote listings and reads are retried on transient errors
             (a ``RetryPolicy``, or just its number of attempts); a file that
             keeps failing is named in a ``ValueError``. Local reads are not retried.
+        grow_vocabulary: incremental training. The vocabularies restored from
+            a checkpoint (``load_checkpoint_state``) grow on this train split:
+            existing values keep their ids, new ones get new ids (with
+            ``max_size``, the rarest are evicted and their ids reused); see
+            ``datamodules.encoders``. ``MultiTaskLightningModule`` then grows
+            its tables when ``trainer.fit(..., ckpt_path=...)`` loads that
+            checkpoint. Without it a restored vocabulary is used as it is.
+        allow_retraining: train on partitions the checkpoint has already
+            trained on (with a warning) instead of refusing; see
+            ``load_state_dict``.
+
+    Normalisation statistics restored from a checkpoint are kept as they are
+    (the first day's): a model's inputs keep the scale it learnt on.
 
     The inferred features are logged at INFO (``rank_zero_info``) when they are inferred.
 
@@ -153,6 +173,8 @@ class ParquetDataModule(L.LightningDataModule):
         storage_options: Mapping[str, Any] | None = None,
         filesystem: Any = None,
         retries: RetryPolicy | int = RetryPolicy(),
+        grow_vocabulary: bool = False,
+        allow_retraining: bool = False,
     ) -> None:
         super().__init__()
         self.paths = {"train": train, "val": val, "test": test, "predict": predict}
@@ -160,6 +182,14 @@ class ParquetDataModule(L.LightningDataModule):
         self.filesystem = filesystem
         self.retries = retries if isinstance(retries, RetryPolicy) else RetryPolicy(attempts=int(retries))
         self._remote_files: dict[str, list[DataFile]] = {}  # listed once per split
+        self.grow_vocabulary = grow_vocabulary
+        self.allow_retraining = allow_retraining
+        self._grow_from: dict[str, Any] | None = None  # a restored state whose vocabularies are still to grow
+        self._grown_from: dict[str, Any] | None = None  # the restored state the vocabularies grew from
+        self._row_sources: dict[str, tuple[int, np.ndarray]] = {}  # column -> (ids before, sources), see grow
+        self._trained_partitions: list[str] = []  # partitions the restored checkpoint had trained on
+        self._train_partitions: list[str] | None = None
+        self._partition_record: dict[str, list[str]] | None = None  # a restored record, kept without a train split
         if all(v is None for v in self.paths.values()):
             raise ValueError("ParquetDataModule needs at least one of train, val, test, predict")
         self.tasks = check_tasks(tasks)
@@ -263,6 +293,13 @@ class ParquetDataModule(L.LightningDataModule):
                 self.files("train"), self.encoders, self.normalizers,
                 lambda column, name, path: _dense_array(column, dense[name], path), read_rows=max(self.read_rows, 65_536),
             )
+        if self._grow_from is not None and self.paths["train"] is not None:
+            before = {name: e.num_ids for name, e in self.encoders.items() if isinstance(e, VocabularyEncoder)}
+            sources = grow_vocabularies(self.files("train"), self.encoders, read_rows=max(self.read_rows, 65_536))
+            self._row_sources = {name: (before[name], rows) for name, rows in sources.items()}
+            self._grown_from, self._grow_from = self._grow_from, None
+            self.stores.clear()
+            self._checked.clear()
         if all(e.fitted for e in self.encoders.values()):
             self._resolve_categorical_features()
 
@@ -292,30 +329,150 @@ class ParquetDataModule(L.LightningDataModule):
             )
 
     def state_dict(self) -> dict[str, Any]:
-        """Resolved feature specs, fitted encoders and normalisation statistics (plain data, saved in checkpoints)."""
-        if not (self.encoders or self.normalizers) or not self.preprocessing_fitted():
-            return {}
-        return {
-            "features": [feature_to_config(f) for f in self.features or []],
-            "encoders": {name: e.state_dict() for name, e in self.encoders.items()},
-            "normalization": {name: z.state_dict() for name, z in self.normalizers.items()},
-        }
+        """Resolved feature specs, fitted encoders and normalisation statistics (plain data, saved in checkpoints).
+
+        With a train split, also ``"partitions"``: ``{"trained": [...], "training": [...]}``, the
+        partitions the checkpoint's earlier runs trained on and those of this run's train split
+        (``train_partitions``: ``".../day=2026-11-02"`` folders, or files).
+        """
+        state: dict[str, Any] = {}
+        if (self.encoders or self.normalizers) and self.preprocessing_fitted():
+            state = {
+                "features": [feature_to_config(f) for f in self.features or []],
+                "encoders": {name: e.state_dict() for name, e in self.encoders.items()},
+                "normalization": {name: z.state_dict() for name, z in self.normalizers.items()},
+            }
+        if self.paths["train"] is not None:
+            state["partitions"] = {"trained": list(self._trained_partitions), "training": self.train_partitions()}
+        elif self._partition_record is not None:  # no train split: the restored record goes on unchanged
+            state["partitions"] = self._partition_record
+        return state
+
+    def train_partitions(self) -> list[str]:
+        """The partitions of the train split, sorted: each file's deepest ``key=value`` folder, else the file.
+
+        E.g. ``s3://logs/impressions/day=2026-11-02`` for every file below that
+        folder, however the split names it (the folder, a glob, the files); local
+        paths are absolute.
+        """
+        if self._train_partitions is None:
+            keys = set()
+            for file in self.files("train"):
+                path = str(file.path) if file.storage is not None else Path(file.path).resolve().as_posix()
+                parts = path.split("/")
+                hive = [i for i, part in enumerate(parts[:-1]) if "=" in part]
+                keys.add("/".join(parts[: hive[-1] + 1]) if hive else path)
+            self._train_partitions = sorted(keys)
+        return self._train_partitions
+
+    @staticmethod
+    def _preprocessing(state: Mapping[str, Any]) -> dict[str, Any]:
+        return {key: value for key, value in state.items() if key != "partitions"}
+
+    def same_preprocessing(self, state: Mapping[str, Any]) -> bool:
+        """Whether ``state`` (a checkpoint's) maps values as this data module does: the same encoders and statistics,
+        or those it grew from (``grow_vocabulary``). The partition record is not compared."""
+        mine = self._preprocessing(self.state_dict())
+        theirs = self._preprocessing(state)
+        grown_from = self._preprocessing(self._grown_from) if self._grown_from is not None else None
+        return theirs == mine or (grown_from is not None and theirs == grown_from)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Adopt a checkpoint's features, encoders and statistics; splits read with another mapping are re-read."""
-        if not state_dict or state_dict == self.state_dict():
+        """Adopt a checkpoint's features, encoders and statistics; splits read with another mapping are re-read.
+
+        With a train split, the checkpoint's partition record is checked first:
+        a train split holding a partition the checkpoint's earlier runs trained
+        on, or overlapping the partitions of the run that wrote it without being
+        exactly those (resuming that run), is refused with a ``ValueError``
+        naming them (``allow_retraining=True``: a warning). With
+        ``grow_vocabulary`` the restored vocabularies grow on the train split at
+        the next ``setup``; a state this data module already grew from is not
+        loaded again (Lightning restores it on ``fit(ckpt_path=...)``).
+        """
+        if not state_dict:
             return
-        features = [feature_from_config(dict(f)) for f in state_dict["features"]]
+        resuming = self._check_partitions(state_dict.get("partitions"))
+        preprocessing = self._preprocessing(state_dict)
+        if self._grown_from is not None and preprocessing == self._preprocessing(self._grown_from):
+            return  # the state these vocabularies grew from: they include it
+        if not preprocessing or preprocessing == self._preprocessing(self.state_dict()):
+            return
+        features = [feature_from_config(dict(f)) for f in preprocessing["features"]]
         if self.features is not None and self.preprocessing_fitted() and features != self.features:
             warnings.warn("the checkpoint's feature specs differ from the data module's; using the checkpoint's")
         self.features = features
-        self.encoders = {name: encoder_from_state(name, s) for name, s in state_dict["encoders"].items()}
+        self.encoders = {name: encoder_from_state(name, s) for name, s in preprocessing["encoders"].items()}
         self.normalizers = {}
-        for name, s in state_dict["normalization"].items():
+        for name, s in preprocessing["normalization"].items():
             self.normalizers[name] = DenseNormalizer(name, int(s["dim"]))
             self.normalizers[name].load_state_dict(s)
         self.stores.clear()
         self._checked.clear()
+        self._row_sources, self._grown_from = {}, None
+        if self.grow_vocabulary and not resuming and any(isinstance(e, VocabularyEncoder) for e in self.encoders.values()):
+            self._grow_from = copy.deepcopy(dict(state_dict))
+
+    def _check_partitions(self, record: Mapping[str, Sequence[str]] | None) -> bool:
+        """Check the train split against a checkpoint's partition record; ``True`` when it resumes the run that wrote it."""
+        if record and self.paths["train"] is None:
+            self._partition_record = {key: list(value) for key, value in record.items()}
+        if not record or self.paths["train"] is None:
+            return False
+        trained, training, now = set(record.get("trained", ())), set(record.get("training", ())), self.train_partitions()
+        resuming = set(now) == training
+        again = sorted(set(now) & (trained if resuming else trained | training))
+        if again:
+            message = (f"the checkpoint has already trained on the partition(s) {again} of this train split; training "
+                       "on them again counts their rows twice")
+            if not self.allow_retraining:
+                raise ValueError(f"{message}. Give a train split of new partitions (the next day), resume the run "
+                                 "that wrote the checkpoint with exactly its train split, or pass "
+                                 "ParquetDataModule(allow_retraining=True) to train on them anyway")
+            warnings.warn(message + " (allow_retraining=True)")
+        if not resuming:
+            self._trained_partitions = sorted(trained | training)
+        else:
+            self._trained_partitions = sorted(trained)
+        return resuming
+
+    def load_checkpoint_state(self, checkpoint: str | Path) -> None:
+        """Adopt the data module state saved in a Lightning checkpoint file (a path or a URI), before ``setup``.
+
+        For incremental training: the previous day's vocabularies, statistics and
+        partition record, so that ``setup`` grows the vocabularies on this train
+        split (``grow_vocabulary=True``) and ``features`` has the grown sizes to
+        build the model with. The file is read with ``torch.load(weights_only=True)``
+        (a URI through fsspec, credentials from the environment as for Lightning's
+        own checkpoint I/O).
+        """
+        name = str(checkpoint)
+        try:
+            if uri_scheme(name) is not None:
+                import fsspec
+
+                with fsspec.open(name, "rb") as stream:
+                    loaded = torch.load(stream, map_location="cpu", weights_only=True)
+            else:
+                loaded = torch.load(name, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(f"checkpoint {name}: cannot read it ({type(err).__name__}: {err})") from err
+        key = type(self).__qualname__
+        if not isinstance(loaded, dict) or key not in loaded:
+            raise ValueError(f"checkpoint {name} holds no {key} state (it was not written by a fit with this data "
+                             "module); nothing to continue from")
+        self.load_state_dict(loaded[key])
+
+    def embedding_row_sources(self) -> dict[str, tuple[int, np.ndarray]]:
+        """How the vocabularies grew since the restored state: ``{feature: (ids before, sources)}``.
+
+        ``sources[j]`` is the id the value of new id ``j`` had in the restored
+        state, or ``-1`` (a new value: its embedding row starts afresh).
+        ``MultiTaskLightningModule`` reads this when it loads the checkpoint
+        the state came from, to grow its tables the same way. Empty unless
+        ``grow_vocabulary`` grew something.
+        """
+        return {name: (before, rows) for name, (before, rows) in self._row_sources.items()
+                if len(rows) != before or not np.array_equal(rows, np.arange(before))}
 
     # ---------------------------------------------------------------- group
     def _carried_keys(self) -> list[str]:

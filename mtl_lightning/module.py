@@ -60,6 +60,7 @@ rows than the checkpoint's (the inferred vocabulary grew or shrank) raises
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from typing import Any, Mapping, Sequence
@@ -73,7 +74,7 @@ from .architectures.base import MultiTaskArchitecture
 from .checkpoint import CheckpointLoading
 from .config import build
 from .features import feature_from_config
-from .layers.embedding import FeatureEmbedding, vocabulary_mismatch
+from .layers.embedding import FeatureEmbedding, grown_rows, vocabulary_mismatch
 from .losses import CounterfactualCVR, masked_loss, valid_mask
 from .metrics import Skipped, compute_task_metrics, flatten_metrics, group_auc_metrics, task_metrics
 from .optim import build_optimizers, no_weight_decay, optimizer_class
@@ -480,6 +481,15 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         ``load_from_checkpoint(path, model=...)``, whose ``model`` Lightning writes
         over the checkpoint's) ``FeatureEmbedding`` checks the tables as they load
         and names the features sharing a mismatched fused weight.
+
+        The one change of size that loads: incremental training. When the
+        Trainer's data module grew vocabularies since the state saved in this
+        checkpoint (``ParquetDataModule(grow_vocabulary=True)``, which declares
+        it through ``embedding_row_sources()``), the checkpoint's tables are
+        grown the same way before they load: every existing id keeps its
+        trained row, a new id's row stays as this model initialised it, and the
+        optimizer state of those weights (Adam's moments...) is resized alike,
+        zero for new rows, when the Trainer restores it.
         """
         # the data module's state saved beside the model (its fitted encoders and statistics), kept so that
         # ``setup`` can hand it to a data module that fitted its own (see ``_adopt_checkpoint_datamodule_state``)
@@ -487,6 +497,7 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
             key: value for key, value in checkpoint.items()
             if isinstance(value, Mapping) and key not in _LIGHTNING_CHECKPOINT_KEYS
         }
+        grown = self._grow_tables(checkpoint)  # incremental training: vocabularies the data module grew
         config = (checkpoint.get("hyper_parameters") or {}).get("model")
         init_args = config.get("init_args") if isinstance(config, Mapping) else None
         features = init_args.get("features") if isinstance(init_args, Mapping) else None
@@ -496,9 +507,84 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
             saved = [feature_from_config(f) for f in features]
         except (TypeError, ValueError):
             return  # specs this version cannot read: the state dict's own checks apply
+        saved = [dataclasses.replace(f, vocab_size=grown[f.name][1])
+                 if f.name in grown and getattr(f, "vocab_size", None) == grown[f.name][0] else f for f in saved]
         message = vocabulary_mismatch(saved, self.model.features)
         if message is not None:
             raise ValueError(message)
+
+    def _grow_tables(self, checkpoint: dict[str, Any]) -> dict[str, tuple[int, int]]:
+        """Grow the checkpoint's embedding tables as the data module grew its vocabularies; ``{feature: (before, after)}``.
+
+        Only a growth the Trainer's data module declares is applied (its
+        ``embedding_row_sources()``: for each grown feature, the table size
+        before and each new id's old id or -1), and only to weights whose rows
+        in the checkpoint are exactly the sizes before. The optimizer state of
+        those weights is resized by ``_grow_optimizer_states`` once the
+        optimizers exist (before Lightning restores them).
+        """
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        declare = getattr(datamodule, "embedding_row_sources", None)
+        growth = declare() if callable(declare) else {}
+        state = checkpoint.get("state_dict")
+        if not growth or not isinstance(state, dict):
+            return {}
+        sources = {name: (int(before), torch.as_tensor(index, dtype=torch.long))
+                   for name, (before, index) in growth.items()}
+        done: dict[str, tuple[int, int]] = {}
+        self._table_growth: dict[str, tuple[Tensor, int]] = {}
+        for prefix, layer in self.named_modules():
+            if not isinstance(layer, FeatureEmbedding):
+                continue
+            mine = {name: value for name, value in sources.items() if name in layer.table_layout()}
+            if not mine:
+                continue
+            plan = grown_rows(layer, mine)
+            if any(not isinstance(state.get(f"{prefix}.{key}"), Tensor) or state[f"{prefix}.{key}"].shape[0] != rows
+                   for key, (_, rows) in plan.items()):
+                continue  # not the checkpoint these vocabularies grew from: the size checks report it
+            for key, (index, _) in plan.items():
+                name = f"{prefix}.{key}"
+                saved = state[name]
+                weight = self.get_parameter(name).detach().to(device=saved.device, dtype=saved.dtype).clone()
+                keep = index >= 0
+                weight[keep] = saved[index[keep]]  # new rows: as this model initialised them
+                state[name] = weight
+                self._table_growth[name] = (index, saved.shape[0])
+            done.update({name: (before, len(index)) for name, (before, index) in mine.items()})
+        if self._table_growth:
+            self._growing_checkpoint = checkpoint
+            self._grow_optimizer_states()
+        return done
+
+    def _grow_optimizer_states(self) -> None:
+        """Resize the checkpoint's optimizer state of grown tables (old rows moved with them, new rows zero)."""
+        growth = getattr(self, "_table_growth", None)
+        checkpoint = getattr(self, "_growing_checkpoint", None)
+        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        if not growth or checkpoint is None or not optimizers:
+            return  # the optimizers are made later: on_fit_start calls this again
+        names = {id(p): name for name, p in self.named_parameters()}
+        for optimizer, saved in zip(optimizers, checkpoint.get("optimizer_states") or []):
+            position = 0  # torch numbers the parameters across param_groups, in order
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    name = names.get(id(parameter))
+                    entry = saved.get("state", {}).get(position)
+                    if name in growth and isinstance(entry, dict):
+                        index, rows = growth[name]
+                        keep = index >= 0
+                        for key, value in entry.items():
+                            if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == rows:
+                                value = value.to_dense() if value.is_sparse else value
+                                resized = value.new_zeros((len(index), *value.shape[1:]))
+                                resized[keep] = value[index[keep].to(value.device)]
+                                entry[key] = resized
+                    position += 1
+        self._table_growth, self._growing_checkpoint = {}, None
+
+    def on_fit_start(self) -> None:
+        self._grow_optimizer_states()  # a checkpoint whose tables grew, loaded before the optimizers existed
 
     # --------------------------------------------------------------- optimizer
     def optimized_parameters(self) -> list[nn.Parameter]:
@@ -531,7 +617,8 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         if not states or datamodule is None or not hasattr(datamodule, "load_state_dict"):
             return
         state = states.get(type(datamodule).__qualname__)
-        if not state or datamodule.state_dict() == state:
+        same = getattr(datamodule, "same_preprocessing", None)  # ParquetDataModule: ignores its partition record
+        if not state or (same(state) if callable(same) else datamodule.state_dict() == state):
             return
         rank_zero_warn(
             f"{type(datamodule).__name__}: its encoders/normalisation statistics differ from those this model was "

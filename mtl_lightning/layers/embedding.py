@@ -15,7 +15,8 @@ VOCABULARY_HINT = (
     "the vocabulary changed since the checkpoint was written, e.g. vocab_size was inferred again from data with "
     "more or fewer ids; to resume, build the model with the checkpoint's feature specs (its "
     "hyper_parameters['model']['init_args']['features'], e.g. passed as ParquetDataModule(features=...)), "
-    "or start a new run (fit without ckpt_path) to train the new vocabulary"
+    "or start a new run (fit without ckpt_path) to train the new vocabulary; for day-by-day training, let "
+    "ParquetDataModule(grow_vocabulary=True) grow it (README: Incremental training)"
 )
 
 
@@ -415,3 +416,41 @@ class FeatureEmbedding(nn.Module):
             ]
             return fields[0] if len(fields) == 1 else torch.cat(fields, dim=1)  # (B, F, d)
         raise ValueError(f"view must be 'flat' or 'field', got {view!r}")
+
+
+def grown_rows(layer: FeatureEmbedding, sources: Mapping[str, tuple[int, Tensor]]) -> dict[str, tuple[Tensor, int]]:
+    """How the table weights of ``layer`` take the rows of a checkpoint written before some vocabularies grew.
+
+    ``sources`` maps a table-owning feature whose vocabulary grew to
+    ``(rows before, index)``: ``index[j]`` is the row of that feature's old
+    table that its row ``j`` takes, or ``-1`` for a new row (``index`` has the
+    feature's current ``vocab_size`` entries). Returns, for every weight of the
+    layer holding such a table (its ``state_dict`` key relative to the layer),
+    ``(rows, checkpoint rows)``: ``rows[r]`` is the row of the checkpoint's
+    weight that row ``r`` of the layer's weight takes, or ``-1``; blocks of the
+    features that did not grow keep their rows. Incremental training
+    (``MultiTaskLightningModule`` on loading a checkpoint) copies the old rows
+    there and leaves the ``-1`` rows as the layer initialised them.
+    """
+    blocks: dict[str, list[tuple[int, str, int]]] = {}
+    for owner, (key, first, rows) in layer.table_layout().items():
+        blocks.setdefault(key, []).append((first, owner, rows))
+    grown: dict[str, tuple[Tensor, int]] = {}
+    for key, parts in blocks.items():
+        if not any(owner in sources for _, owner, _ in parts):
+            continue
+        pieces, old_first = [], 0
+        for _, owner, rows in sorted(parts):
+            if owner in sources:
+                before, index = sources[owner]
+                index = torch.as_tensor(index, dtype=torch.long)
+                if len(index) != rows or int(index.max()) >= before:
+                    raise ValueError(f"feature {owner!r}: its table has {rows} rows, but the vocabulary growth gives "
+                                     f"{len(index)} rows taken from a table of {before}")
+                pieces.append(torch.where(index >= 0, index + old_first, -1))
+                old_first += before
+            else:
+                pieces.append(torch.arange(old_first, old_first + rows))
+                old_first += rows
+        grown[key] = (torch.cat(pieces), old_first)
+    return grown
