@@ -550,3 +550,48 @@ def test_mgda_upper_bound_weighs_the_representation_gradients():
         MGDA(upper_bound=True)
     with pytest.raises(ValueError, match="not a submodule"):
         MGDA(upper_bound=True, representation="nope").setup(tasks(3), model)
+
+
+# ----------------------------------------------------------------------- CAGrad
+def test_cagrad_update_of_two_conflicting_gradients_by_hand():
+    """g1 = (1, 0), g2 = (-1, 1), c = 0.5: g0 = (0, 0.5), ||g0|| = 0.5. With w = (x, 1 - x),
+    F(x) = 0.5 (1 - x) + 0.25 sqrt(5x^2 - 6x + 2) has F'(x) = 0 at x = 1 (the other root, 0.2, is spurious):
+    g_w = g1, lambda = c ||g0|| / ||g_w|| = 0.25, d = g0 + 0.25 g1 = (0.25, 0.5), and d.g1 = d.g2 = 0.25."""
+    from mtl_lightning.weighting.cagrad import CAGrad
+
+    g = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    for rescale, divisor in ((0, 1.0), (1, 1.25), (2, 1.5)):
+        strategy = CAGrad(c=0.5, rescale=rescale)
+        strategy.setup(tasks(2), Toy())
+        torch.testing.assert_close(strategy.combine(g), torch.tensor([0.25, 0.5]) / divisor)
+        torch.testing.assert_close(strategy.last_weights, torch.tensor([0.75, 0.5]) / divisor)  # 1/2 + 0.25 w
+    plain = CAGrad(c=0.0, rescale=0)  # c = 0: gradient descent on the average loss
+    plain.setup(tasks(2), Toy())
+    torch.testing.assert_close(plain.combine(g), torch.tensor([0.0, 0.5]))
+    with pytest.raises(ValueError, match="rescale"):
+        CAGrad(rescale=3)
+
+
+@pytest.mark.parametrize("num_tasks, dim", [(3, 5), (4, 3), (6, 2), (5, 40)])
+def test_cagrad_weights_satisfy_the_kkt_conditions(num_tasks, dim):
+    """``grad F(w)_i = lambda`` where ``w_i > 0`` and ``>= lambda`` everywhere, for
+    ``F(w) = w^T M b + c ||g0|| sqrt(w^T M w + 1e-8)``, on random (and degenerate) gradients."""
+    from mtl_lightning.weighting.cagrad import cagrad_weights
+
+    generator = torch.Generator().manual_seed(num_tasks * dim)
+    for trial in range(12):
+        g = torch.randn(num_tasks, dim, generator=generator, dtype=torch.float64)
+        if trial % 2:
+            g += 3 * torch.randn(1, dim, generator=generator, dtype=torch.float64)
+        if trial % 5 == 0:
+            g[1] = 2 * g[0]
+        gram = g @ g.T
+        for c in (0.1, 0.4, 0.9):
+            w = cagrad_weights(gram, c)
+            b = torch.full((num_tasks,), 1 / num_tasks, dtype=torch.float64)
+            coefficient = c * math.sqrt(float(b @ gram @ b) + 1e-8) + 1e-8
+            gradient = gram @ b + coefficient * (gram @ w) / math.sqrt(float(w @ gram @ w) + 1e-8)
+            level, scale = float(gradient @ w), float(gram.diagonal().max())
+            assert w.min() >= 0 and abs(float(w.sum()) - 1) < 1e-12
+            assert (gradient >= level - 1e-7 * scale).all()
+            assert ((gradient - level).abs()[w > 1e-9] <= 1e-7 * scale).all(), (c, w, gradient)
