@@ -595,3 +595,79 @@ def test_cagrad_weights_satisfy_the_kkt_conditions(num_tasks, dim):
             assert w.min() >= 0 and abs(float(w.sum()) - 1) < 1e-12
             assert (gradient >= level - 1e-7 * scale).all()
             assert ((gradient - level).abs()[w > 1e-9] <= 1e-7 * scale).all(), (c, w, gradient)
+
+
+# ------------------------------------------------------------------------- IMTL
+def test_imtl_g_weights_of_two_conflicting_gradients_by_hand():
+    """g1 = (1, 0), g2 = (-1, 1): D = g1 - g2 = (2, -1), U = u1 - u2 = (1 + 1/sqrt2, -1/sqrt2);
+    alpha_2 = g1.U / D.U = (1 + 1/sqrt2) / (2 + 3/sqrt2) = sqrt2 - 1, alpha_1 = 2 - sqrt2;
+    g = (3 - 2 sqrt2, sqrt2 - 1), whose projections on u1 and u2 are both 3 - 2 sqrt2."""
+    from mtl_lightning.weighting.imtl import IMTL
+
+    strategy = IMTL(mode="gradient")
+    strategy.setup(tasks(2), Toy())
+    r = math.sqrt(2)
+    combined = strategy.combine(torch.tensor([[1.0, 0.0], [-1.0, 1.0]]))
+    torch.testing.assert_close(combined, torch.tensor([3 - 2 * r, r - 1]))
+    torch.testing.assert_close(strategy.last_weights, torch.tensor([2 - r, r - 1]))
+    torch.testing.assert_close(combined @ torch.tensor([-1.0, 1.0]) / r, torch.tensor(3 - 2 * r))
+
+
+def test_imtl_g_projections_on_every_unit_gradient_are_equal():
+    from mtl_lightning.weighting.imtl import imtl_g_weights
+
+    generator = torch.Generator().manual_seed(0)
+    for num_tasks, dim in ((3, 6), (4, 10), (5, 5)):
+        g = torch.randn(num_tasks, dim, generator=generator, dtype=torch.float64)
+        alpha = imtl_g_weights(g @ g.T)
+        combined = alpha @ g
+        projections = (g / g.norm(dim=1, keepdim=True)) @ combined
+        torch.testing.assert_close(projections, projections[0].expand(num_tasks), rtol=1e-10, atol=1e-12)
+        assert abs(float(alpha.sum()) - 1) < 1e-12
+
+
+def test_imtl_l_value_and_scale_gradient_by_hand():
+    from mtl_lightning.weighting.imtl import IMTL
+
+    strategy = IMTL(mode="loss")
+    strategy.setup(tasks(2), Toy())
+    with torch.no_grad():
+        strategy.log_scales.copy_(torch.tensor([math.log(2.0), 0.0]))
+    losses = torch.tensor([0.5, 2.0], requires_grad=True)
+    total = strategy(losses)
+    assert total.item() == pytest.approx(2 * 0.5 - math.log(2.0) + 2.0)  # sum_t e^s L - s
+    total.backward()
+    torch.testing.assert_close(strategy.log_scales.grad, torch.tensor([0.0, 1.0]))  # e^s L - 1
+    torch.testing.assert_close(losses.grad, torch.tensor([2.0, 1.0]))  # e^s
+
+
+def test_imtl_h_combines_gradients_of_the_scaled_losses():
+    from mtl_lightning.weighting.imtl import IMTL, imtl_g_weights
+
+    torch.manual_seed(0)
+    model = Toy(num_tasks=3)
+    strategy = IMTL()
+    strategy.setup(tasks(3), model)
+    with torch.no_grad():
+        strategy.log_scales.copy_(torch.tensor([0.5, -0.3, 0.1]))
+    scales = torch.exp(strategy.log_scales.detach())
+    x = torch.randn(64, 8)
+    out = model(x)
+    losses = [((out[0] - 1) ** 2).mean(), ((out[1] + 1) ** 2).mean(), ((out[2] - x[:, 0]) ** 2).mean()]
+    shared = model.shared_parameters()
+    per_task = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(scales[i] * l, shared,
+                                                                                  retain_graph=True)])
+                            for i, l in enumerate(losses)])
+    heads = [torch.autograd.grad(scales[i] * losses[i], list(model.heads[i].parameters()), retain_graph=True)
+             for i in range(3)]
+    total = strategy(losses)
+    value = sum(float(s) * l.item() for s, l in zip(scales, losses)) - strategy.log_scales.sum().item()
+    assert total.item() == pytest.approx(value, rel=1e-6)
+    total.backward()
+    alpha = imtl_g_weights(per_task @ per_task.T)
+    torch.testing.assert_close(flat_grad(shared), alpha.float() @ per_task)
+    torch.testing.assert_close(strategy.last_weights, (alpha * scales.double()).float())
+    for i in range(3):
+        for p, g in zip(model.heads[i].parameters(), heads[i]):
+            torch.testing.assert_close(p.grad, g)
+    torch.testing.assert_close(strategy.log_scales.grad, scales * torch.stack([l.detach() for l in losses]) - 1)
