@@ -130,6 +130,10 @@ class ParquetDataModule(L.LightningDataModule):
         allow_retraining: train on partitions the checkpoint has already
             trained on (with a warning) instead of refusing; see
             ``load_state_dict``.
+        continue_from: a checkpoint (path or URI) whose data module state is
+            loaded before the features are prepared, as ``load_checkpoint_state``
+            does; the way to continue from yesterday's checkpoint from a config
+            (``mtl-lightning fit --data.continue_from ... --ckpt_path ...``).
 
     Normalisation statistics restored from a checkpoint are kept as they are
     (the first day's): a model's inputs keep the scale it learnt on.
@@ -175,6 +179,7 @@ class ParquetDataModule(L.LightningDataModule):
         retries: RetryPolicy | int = RetryPolicy(),
         grow_vocabulary: bool = False,
         allow_retraining: bool = False,
+        continue_from: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.paths = {"train": train, "val": val, "test": test, "predict": predict}
@@ -184,6 +189,7 @@ class ParquetDataModule(L.LightningDataModule):
         self._remote_files: dict[str, list[DataFile]] = {}  # listed once per split
         self.grow_vocabulary = grow_vocabulary
         self.allow_retraining = allow_retraining
+        self.continue_from = continue_from  # loaded once, by the first prepare_features
         self._grow_from: dict[str, Any] | None = None  # a restored state whose vocabularies are still to grow
         self._grown_from: dict[str, Any] | None = None  # the restored state the vocabularies grew from
         self._row_sources: dict[str, tuple[int, np.ndarray]] = {}  # column -> (ids before, sources), see grow
@@ -262,6 +268,9 @@ class ParquetDataModule(L.LightningDataModule):
                               max_vocab=self.max_inferred_vocab, ignore_label=self.ignore_label)
 
     def prepare_features(self) -> list[Feature]:
+        if self.continue_from is not None:
+            checkpoint, self.continue_from = self.continue_from, None
+            self.load_checkpoint_state(checkpoint)
         if self.features is None:
             self.features = self.infer()
             rank_zero_info("ParquetDataModule inferred features: " + ", ".join(

@@ -9,6 +9,7 @@ trains, the model answers for day-1 rows exactly as day 1's model did.
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -171,8 +172,7 @@ def test_day_two_grows_the_vocabulary_from_day_one_through_s3(s3_server, days):
         allowed = data(s3_server, f"{days}/logs/{DAY1}/", allow_retraining=True)
         with pytest.warns(UserWarning, match="already trained on"):
             allowed.load_checkpoint_state(checkpoint2)
-        day3 = data(s3_server, f"{days}/logs/{DAY3}/")
-        day3.load_checkpoint_state(checkpoint2)
+        day3 = data(s3_server, f"{days}/logs/{DAY3}/", continue_from=checkpoint2)  # as a config would give it
         day3.setup("fit")
         assert day3.state_dict()["partitions"] == {"trained": [folder(DAY1), folder(DAY2)],
                                                    "training": [folder(DAY3)]}
@@ -210,3 +210,29 @@ def test_grown_rows_keep_old_rows_and_leave_new_ones_fresh():
     assert rows.tolist() == [0, 1, 2, 3, 4, 5, 6, -1, 8, -1, -1, 9, 10, 11]
     with pytest.raises(ValueError, match="feature 'shop': its table has 6 rows, but the vocabulary growth gives 5"):
         grown_rows(layer, {"shop": (4, torch.tensor([0, 1, 2, 3, -1]))})
+
+
+def test_the_command_line_continues_from_yesterdays_checkpoint(tmp_path, monkeypatch):
+    from mtl_lightning.cli import build_cli
+
+    for day, shops, first in ((DAY1, range(20), 0), (DAY2, range(10, 30), 1000)):
+        (tmp_path / "logs" / day).mkdir(parents=True)
+        pq.write_table(day_table(300, shops, first), tmp_path / "logs" / day / "part-00000.parquet")
+    monkeypatch.chdir(tmp_path)
+    common = ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "mmoe.yaml"), "--data.row_id=rid",
+              "--data.categorical=[shop]", "--data.grow_vocabulary=true", "--data.batch_size=100",
+              "--data.embedding_dim=4", "--data.test=null", "--trainer.accelerator=cpu",
+              "--trainer.enable_progress_bar=false",
+              "--trainer.enable_model_summary=false", "--trainer.logger=false"]
+    first = build_cli(["fit", *common, f"--data.train=logs/{DAY1}", f"--data.val=logs/{DAY1}",
+                       "--trainer.max_epochs=1", "--trainer.default_root_dir=day1"])
+    checkpoint = next((tmp_path / "day1").rglob("*.ckpt"))
+    second = build_cli(["fit", *common, f"--data.train=logs/{DAY2}", f"--data.val=logs/{DAY2}",
+                        f"--data.continue_from={checkpoint}", f"--ckpt_path={checkpoint}", "--trainer.max_epochs=2",
+                        "--trainer.default_root_dir=day2"])
+    sizes = [{f.name: getattr(f, "vocab_size", None) for f in cli.model.model.features}["shop"]
+             for cli in (first, second)]
+    assert sizes == [21, 31]  # the model of day 2 was built with the grown vocabulary
+    assert second.trainer.global_step == 2 * first.trainer.global_step  # day 2's epoch, after day 1's
+    vocabulary = [cli.datamodule.encoders["shop"].values.to_pylist() for cli in (first, second)]
+    assert vocabulary[1][:20] == vocabulary[0]
