@@ -671,3 +671,56 @@ def test_imtl_h_combines_gradients_of_the_scaled_losses():
         for p, g in zip(model.heads[i].parameters(), heads[i]):
             torch.testing.assert_close(p.grad, g)
     torch.testing.assert_close(strategy.log_scales.grad, scales * torch.stack([l.detach() for l in losses]) - 1)
+
+
+# --------------------------------------------------------------------- GradDrop
+def test_graddrop_keeps_the_sign_drawn_per_coordinate():
+    """g1 = (1, 0, 2, -1), g2 = (-1, 1, -1, -1): sum (0, 1, 1, -2), sum of |.| (2, 1, 3, 2), so the purity
+    P = (1/2, 1, 2/3, 0). The seed-0 float64 draws are U = (0.9701, 0.7078, 0.4594, 0.9207): coordinate 0
+    keeps the negative gradients (P < U), 1 and 2 the positive ones, 3 the negative ones."""
+    from mtl_lightning.weighting.graddrop import GradDrop, sign_dropout_masks
+
+    g = torch.tensor([[1.0, 0.0, 2.0, -1.0], [-1.0, 1.0, -1.0, -1.0]])
+    uniform = torch.rand(4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(uniform, torch.tensor([0.9701, 0.7078, 0.4594, 0.9207], dtype=torch.float64),
+                               atol=1e-4, rtol=0)
+    masks = sign_dropout_masks(g, uniform.float())
+    assert masks.tolist() == [[False, False, True, True], [True, True, False, True]]
+    strategy = GradDrop(seed=0)
+    strategy.setup(tasks(2), Toy())
+    torch.testing.assert_close(strategy.combine(g), torch.tensor([-1.0, 1.0, 2.0, -2.0]))
+    leaky = GradDrop(leak=0.5, seed=0)  # half of every dropped gradient passes
+    leaky.setup(tasks(2), Toy())
+    torch.testing.assert_close(leaky.combine(g), torch.tensor([-0.5, 1.0, 1.5, -2.0]))
+    restored = GradDrop(seed=0)  # the generator continues where it was
+    restored.setup(tasks(2), Toy())
+    restored.load_state_dict(strategy.state_dict())
+    torch.testing.assert_close(restored.combine(g), strategy.combine(g), rtol=0, atol=0)
+
+
+def test_graddrop_on_the_representation_masks_each_unit_for_the_whole_batch():
+    from mtl_lightning.weighting.graddrop import GradDrop, sign_dropout_masks
+
+    torch.manual_seed(0)
+    model = Toy(num_tasks=2)
+    strategy = GradDrop(representation="shared", seed=3)
+    strategy.setup(tasks(2), model)
+    x = torch.randn(16, 8)
+    z = model.shared(x)
+    h = torch.relu(z)
+    losses = [((model.heads[0](h).squeeze(-1) - 1) ** 2).mean(), ((model.heads[1](h).squeeze(-1) + 1) ** 2).mean()]
+    rows = torch.stack([torch.autograd.grad(l, z, retain_graph=True)[0] for l in losses])  # (2, 16, 4)
+    signed = (rows * torch.sign(z.detach())).sum(dim=1)  # (2, 4): the batch sums with the sign correction
+    uniform = torch.rand(4, generator=torch.Generator().manual_seed(3), dtype=torch.float64).float()
+    new = (sign_dropout_masks(signed, uniform)[:, None].float() * rows).sum(dim=0)  # (16, 4)
+    assert not torch.allclose(new, rows.sum(dim=0))  # some unit dropped a sign
+    expected = torch.autograd.grad(z, model.shared_parameters(), grad_outputs=new, retain_graph=True)
+    heads = [torch.autograd.grad(losses[i], list(model.heads[i].parameters()), retain_graph=True) for i in range(2)]
+    model.zero_grad()
+    out = model(x)
+    strategy([((out[0] - 1) ** 2).mean(), ((out[1] + 1) ** 2).mean()]).backward()
+    for p, g in zip(model.shared_parameters(), expected):
+        torch.testing.assert_close(p.grad, g)
+    for i in range(2):
+        for p, g in zip(model.heads[i].parameters(), heads[i]):
+            torch.testing.assert_close(p.grad, g)

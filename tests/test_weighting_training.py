@@ -23,6 +23,7 @@ TINY = dict(num_experts=2, expert_hidden=(16,), tower_hidden=(8,))
 SPECS = {name: name for name in STRATEGIES}
 SPECS["scheduled"] = {"name": "scheduled", "gamma": {"dwell": 0.5}}  # a schedule that actually moves
 SPECS["mgda_ub"] = {"name": "mgda", "upper_bound": True, "representation": "experts"}  # on the expert outputs
+SPECS["graddrop_z"] = {"name": "graddrop", "representation": "experts"}  # at the expert outputs, as in the paper
 
 
 def _module(dm, weighting, seed: int = 0, **kwargs) -> MultiTaskLightningModule:
@@ -130,7 +131,8 @@ def test_gradnorm_under_ddp_keeps_ranks_identical(tmp_path):
 
 # every strategy that takes a decision from the batch (per-task gradients, losses, random draws); GradNorm has
 # its own test above
-DDP_SPECS = {name: SPECS[name] for name in ("mgda", "mgda_ub", "cagrad", "imtl", "pcgrad", "dbmtl", "rlw", "dwa")}
+DDP_SPECS = {name: SPECS[name] for name in ("mgda", "mgda_ub", "cagrad", "imtl", "graddrop", "graddrop_z", "pcgrad",
+                                             "dbmtl", "rlw", "dwa")}
 
 
 def test_strategies_under_ddp_keep_ranks_identical(tmp_path):

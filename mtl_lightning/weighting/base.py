@@ -255,6 +255,55 @@ class GradientStrategy(WeightingStrategy):
         return value.detach() + gradient_surrogate(parameters, [*shared_grads, *specific_sum])
 
 
+class RepresentationCapture:
+    """The output ``Z`` of one submodule of the architecture (kept by a forward hook), for strategies that act on
+    the per-task gradients of a shared representation (MGDA-UB, GradDrop) instead of the shared parameters.
+
+    ``path`` is the submodule's dotted name (``"experts"`` for MMoE, ``"bottom"`` for a shared bottom); its
+    output must be one tensor that every task reads. Only outputs that require gradients are kept.
+    """
+
+    def __init__(self, model: nn.Module, path: str, owner: str) -> None:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"{owner}: representation={path!r} is not a submodule of {type(model).__name__}") from None
+        self.path, self.owner = path, owner
+        self.output: Tensor | None = None
+        module.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, inputs: object, output: object) -> None:
+        if not isinstance(output, Tensor):
+            raise TypeError(f"{self.owner}: representation {self.path!r} must return one tensor, got "
+                            f"{type(output).__name__}")
+        self.output = output if output.requires_grad else None
+
+    def take(self) -> Tensor:
+        """The representation of this step's forward pass (then forgotten)."""
+        output, self.output = self.output, None
+        if output is None:
+            raise ValueError(f"{self.owner}: representation {self.path!r} did not run with gradients in this step's "
+                             "forward pass")
+        return output
+
+    @staticmethod
+    def gradients(objectives: Sequence[Tensor], representation: Tensor) -> list[Tensor]:
+        """``grad_Z o_i`` for every objective (zeros where one does not read ``Z``): backward passes down to ``Z`` only."""
+        rows = [torch.autograd.grad(o, representation, retain_graph=True, allow_unused=True)[0] for o in objectives]
+        return [torch.zeros_like(representation) if g is None else g for g in rows]
+
+    @staticmethod
+    def surrogate(representation: Tensor, gradients: Sequence[Tensor], combined: Tensor) -> Tensor:
+        """A tensor of value 0 whose backward sends ``combined - sum_i gradients[i]`` into ``Z``.
+
+        Added to ``sum_i o_i``, the parameters upstream of ``Z`` receive ``J_Z^T combined`` and
+        every parameter downstream (each task's tower) its own objective's gradient.
+        """
+        correction = combined.float() - torch.stack([g.float() for g in gradients]).sum(dim=0)
+        inner = (representation * correction.to(representation.dtype)).sum()
+        return inner - inner.detach()
+
+
 def _dense(gradient: Tensor | None, like: Tensor) -> Tensor:
     if gradient is None:
         return torch.zeros_like(like)
@@ -262,4 +311,4 @@ def _dense(gradient: Tensor | None, like: Tensor) -> Tensor:
 
 
 __all__ = ["WeightingStrategy", "GradientStrategy", "STRATEGIES", "register_weighting", "distributed_mean",
-           "gradient_surrogate", "flat_gradient", "trainable_parameters"]
+           "gradient_surrogate", "flat_gradient", "trainable_parameters", "RepresentationCapture"]

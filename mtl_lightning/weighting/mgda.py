@@ -56,7 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from ..tasks import Task
-from .base import GradientStrategy, _requires_backward, distributed_mean, register_weighting
+from .base import GradientStrategy, RepresentationCapture, _requires_backward, distributed_mean, register_weighting
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
@@ -150,23 +150,12 @@ class MGDA(GradientStrategy):
         self.representation = representation
         self.max_iter = int(max_iter)
         self.tol = float(tol)
-        self._captured: Tensor | None = None
+        self._representation: RepresentationCapture | None = None
 
     def setup(self, tasks: Sequence[Task], model: nn.Module) -> None:
         super().setup(tasks, model)
         if self.upper_bound:
-            try:
-                module = model.get_submodule(self.representation)  # type: ignore[arg-type]
-            except AttributeError:
-                raise ValueError(f"MGDA: representation={self.representation!r} is not a submodule of "
-                                 f"{type(model).__name__}") from None
-            module.register_forward_hook(self._capture)
-
-    def _capture(self, module: nn.Module, inputs: object, output: object) -> None:
-        if not isinstance(output, Tensor):
-            raise TypeError(f"MGDA upper_bound: {self.representation!r} must return one tensor, got "
-                            f"{type(output).__name__}")
-        self._captured = output if output.requires_grad else None
+            self._representation = RepresentationCapture(model, self.representation, "MGDA")  # type: ignore[arg-type]
 
     def solve(self, gram: Tensor, losses: Tensor | None) -> Tensor:
         """``alpha`` from the raw Gram matrix (normalised here); sets ``last_weights``."""
@@ -180,23 +169,19 @@ class MGDA(GradientStrategy):
         return alpha.to(gradients) @ gradients
 
     def total_loss(self, losses: Tensor, per_task: list[Tensor]) -> Tensor:
-        if not self.upper_bound:
+        if self._representation is None:
             return super().total_loss(losses, per_task)
-        representation, self._captured = self._captured, None
         objectives = [self.objective(i, loss) for i, loss in enumerate(per_task)]
         value = torch.stack(objectives).sum()
         if not _requires_backward(losses):
+            self._representation.output = None
             return value
-        if representation is None:
-            raise ValueError(f"MGDA upper_bound: {self.representation!r} did not run with gradients in this step's "
-                             "forward pass")
-        rows = [torch.autograd.grad(o, representation, retain_graph=True, allow_unused=True)[0] for o in objectives]
-        rows = [torch.zeros_like(representation) if g is None else g for g in rows]
+        representation = self._representation.take()
+        rows = RepresentationCapture.gradients(objectives, representation)
         flat = torch.stack([g.reshape(-1).float() for g in rows])  # (T, B * ...)
         alpha = self.solve(distributed_mean(flat @ flat.T), distributed_mean(losses.float())).to(flat)
-        correction = sum(((a - 1) * g.float() for a, g in zip(alpha, rows)), torch.zeros_like(rows[0], dtype=torch.float))
-        inner = (representation * correction.to(representation.dtype)).sum()
-        return value + (inner - inner.detach())
+        combined = sum((a * g.float() for a, g in zip(alpha, rows)), torch.zeros_like(rows[0], dtype=torch.float))
+        return value + RepresentationCapture.surrogate(representation, rows, combined)
 
 
 __all__ = ["MGDA", "min_norm_weights", "gradient_normalizers"]
