@@ -724,3 +724,34 @@ def test_graddrop_on_the_representation_masks_each_unit_for_the_whole_batch():
     for i in range(2):
         for p, g in zip(model.heads[i].parameters(), heads[i]):
             torch.testing.assert_close(p.grad, g)
+
+
+# ------------------------------------------------------------------------- FAMO
+def test_famo_weights_and_logit_update_by_hand():
+    """xi = (0, log 3): z = (1/4, 3/4); L = (0.5, 2): c = 0.25/0.5 + 0.75/2 = 0.875 and
+    w = z / (c L) = (4/7, 3/7), the gradient of sum_i z_i log L_i / c. Next step L = (0.25, 1.8):
+    delta = (log 2, log(2/1.8)), J^T delta = z (delta - z.delta) = (0.110210, -0.110210); Adam's first
+    step (lr 0.025, weight decay 0.01 adds 0.01 xi to the gradient) moves each logit by -lr sign(g)."""
+    from mtl_lightning.weighting.famo import FAMO
+
+    strategy = FAMO()
+    strategy.setup(tasks(2), Toy())
+    with torch.no_grad():
+        strategy.logits.copy_(torch.tensor([0.0, math.log(3.0)]))
+    first = torch.tensor([0.5, 2.0], requires_grad=True)
+    total = strategy(first)
+    total.backward()
+    torch.testing.assert_close(first.grad, torch.tensor([4 / 7, 3 / 7]))
+    torch.testing.assert_close(strategy.last_weights, torch.tensor([4 / 7, 3 / 7]))
+    assert total.item() == pytest.approx(1 / 0.875, rel=1e-6)
+    z = torch.tensor([0.25, 0.75])
+    delta = torch.tensor([math.log(2.0), math.log(2.0 / 1.8)])
+    torch.testing.assert_close(z * (delta - z @ delta), torch.tensor([0.110210, -0.110210]), atol=1e-6, rtol=0)
+    strategy.before_optimizer_step()  # the first step only records L(theta_1)
+    torch.testing.assert_close(strategy.logits.detach(), torch.tensor([0.0, math.log(3.0)]))
+    strategy(torch.tensor([0.25, 1.8], requires_grad=True)).backward()
+    strategy.before_optimizer_step()
+    torch.testing.assert_close(strategy.logits.detach(), torch.tensor([-0.025, math.log(3.0) + 0.025]))
+    # a task without a valid row (exact-zero loss) gets weight 0 and is left out of c: c = z_2 / L_2, w_2 = 1
+    strategy(torch.tensor([0.0, 2.0], requires_grad=True))
+    torch.testing.assert_close(strategy.last_weights, torch.tensor([0.0, 1.0]))

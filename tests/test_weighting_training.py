@@ -47,8 +47,19 @@ def test_every_strategy_trains_mmoe(synthetic_paths, name):
     assert metrics["val/click/auc"] >= 0.74 and metrics["val/conversion/auc"] >= 0.62  # measured: >= 0.77, 0.68
     weights = torch.stack([metrics[f"train/{t}/weight"] for t in ("click", "conversion", "dwell")])
     assert torch.isfinite(weights).all() and (weights >= 0).all()
-    if name in ("gradnorm", "uncertainty", "dwa", "rlw", "scheduled", "dbmtl", "mgda", "mgda_ub", "cagrad", "imtl"):
+    if name in ("gradnorm", "uncertainty", "dwa", "rlw", "scheduled", "dbmtl", "mgda", "mgda_ub", "cagrad", "imtl", "famo"):
         assert not torch.allclose(weights, torch.ones(3)), weights  # the weights did move
+
+
+def _tensors(state: object, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor in a (nested) state dict, keyed by its path."""
+    if isinstance(state, torch.Tensor):
+        return {prefix: state}
+    if isinstance(state, dict):
+        return {k: v for key, value in state.items() for k, v in _tensors(value, f"{prefix}.{key}").items()}
+    if isinstance(state, (list, tuple)):
+        return {k: v for i, value in enumerate(state) for k, v in _tensors(value, f"{prefix}.{i}").items()}
+    return {}
 
 
 @pytest.mark.parametrize("name", sorted(set(SPECS) - {"static"}))
@@ -70,11 +81,10 @@ def test_resume_is_exact(synthetic_paths, tmp_path, name):
     resumed_trainer = quiet_trainer(max_steps=7, **settings)
     resumed_trainer.fit(resumed, dm, ckpt_path=path)
 
-    expected, actual = straight.state_dict(), resumed.state_dict()
+    expected, actual = _tensors(straight.state_dict()), _tensors(resumed.state_dict())
     assert expected.keys() == actual.keys()
-    for key in expected:
-        if isinstance(expected[key], torch.Tensor):
-            torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
+    for key in expected:  # parameters, buffers and the strategies' extra state (generators, Adam moments)
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
     if name == "gradnorm":
         assert int(resumed.weighting.num_steps) == 7
         assert not torch.allclose(resumed.weighting.weights, torch.ones(3))
@@ -131,8 +141,8 @@ def test_gradnorm_under_ddp_keeps_ranks_identical(tmp_path):
 
 # every strategy that takes a decision from the batch (per-task gradients, losses, random draws); GradNorm has
 # its own test above
-DDP_SPECS = {name: SPECS[name] for name in ("mgda", "mgda_ub", "cagrad", "imtl", "graddrop", "graddrop_z", "pcgrad",
-                                             "dbmtl", "rlw", "dwa")}
+DDP_SPECS = {name: SPECS[name] for name in ("mgda", "mgda_ub", "cagrad", "imtl", "graddrop", "graddrop_z", "famo",
+                                             "pcgrad", "dbmtl", "rlw", "dwa")}
 
 
 def test_strategies_under_ddp_keep_ranks_identical(tmp_path):
