@@ -755,3 +755,43 @@ def test_famo_weights_and_logit_update_by_hand():
     # a task without a valid row (exact-zero loss) gets weight 0 and is left out of c: c = z_2 / L_2, w_2 = 1
     strategy(torch.tensor([0.0, 2.0], requires_grad=True))
     torch.testing.assert_close(strategy.last_weights, torch.tensor([0.0, 1.0]))
+
+
+# ---------------------------------------------------------------------- GradVac
+def test_gradvac_raises_the_similarity_to_its_moving_target():
+    """g1 = (1, 0), g2 = (-1, 1), beta = 0.5. Step 1 (targets 0): PCGrad's projection, (0.5, 0.5) + (0, 1), and
+    the targets become 0.5 cos(g1, g2) = -0.353553. Step 2: rho = -0.707107 < -0.353553, so
+    g1 += g2 |g1| (phi sqrt(1 - rho^2) - rho sqrt(1 - phi^2)) / (|g2| sqrt(1 - phi^2)) = 0.311018 g2 and
+    g2 += g1 * 0.622036: (0.688982, 0.311018) + (-0.377964, 1); each now has cosine phi with the other."""
+    from mtl_lightning.weighting.gradvac import GradVac
+
+    strategy = GradVac(beta=0.5)
+    strategy.setup(tasks(2), Toy())
+    g = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    torch.testing.assert_close(strategy.combine(g), torch.tensor([0.5, 1.5]))
+    phi = -0.5 / math.sqrt(2)
+    torch.testing.assert_close(strategy.targets[:, :, 0], torch.tensor([[0.0, phi], [phi, 0.0]]))
+    combined = strategy.combine(g)
+    torch.testing.assert_close(combined, torch.tensor([0.688982 - 0.377964, 0.311018 + 1.0]), atol=1e-6, rtol=0)
+    g1 = torch.tensor([0.688982, 0.311018])
+    assert float(g1 @ g[1] / (g1.norm() * g[1].norm())) == pytest.approx(phi, abs=1e-6)
+    torch.testing.assert_close(strategy.targets[0, 1, 0], torch.tensor(0.5 * phi - 0.5 / math.sqrt(2)))
+    agreeing = GradVac()  # similarities above the target: nothing changes
+    agreeing.setup(tasks(2), Toy())
+    torch.testing.assert_close(agreeing.combine(torch.tensor([[1.0, 0.0], [1.0, 1.0]])), torch.tensor([2.0, 1.0]))
+
+
+def test_gradvac_per_parameter_keeps_one_target_per_tensor():
+    from mtl_lightning.weighting.gradvac import GradVac
+
+    model = Toy()  # shared: weight (4 x 8) and bias (4)
+    strategy = GradVac(granularity="parameter")
+    strategy.setup(tasks(2), model)
+    assert strategy.targets.shape == (2, 2, 2)
+    weight = torch.zeros(2, 32)
+    weight[0, 0], weight[1, 0] = 1.0, 1.0  # the weight gradients agree ...
+    bias = torch.tensor([[1.0, 0.0, 0.0, 0.0], [-1.0, 1.0, 0.0, 0.0]])  # ... the bias gradients conflict
+    combined = strategy.combine(torch.cat([weight, bias], dim=1))
+    torch.testing.assert_close(combined[:32], weight.sum(0))
+    torch.testing.assert_close(combined[32:], torch.tensor([0.5, 1.5, 0.0, 0.0]))
+    torch.testing.assert_close(strategy.targets[0, 1], torch.tensor([0.5, -0.5 / math.sqrt(2)]))

@@ -142,7 +142,7 @@ def test_gradnorm_under_ddp_keeps_ranks_identical(tmp_path):
 # every strategy that takes a decision from the batch (per-task gradients, losses, random draws); GradNorm has
 # its own test above
 DDP_SPECS = {name: SPECS[name] for name in ("mgda", "mgda_ub", "cagrad", "imtl", "graddrop", "graddrop_z", "famo",
-                                             "pcgrad", "dbmtl", "rlw", "dwa")}
+                                             "gradvac", "pcgrad", "dbmtl", "rlw", "dwa")}
 
 
 def test_strategies_under_ddp_keep_ranks_identical(tmp_path):
