@@ -795,3 +795,44 @@ def test_gradvac_per_parameter_keeps_one_target_per_tensor():
     torch.testing.assert_close(combined[:32], weight.sum(0))
     torch.testing.assert_close(combined[32:], torch.tensor([0.5, 1.5, 0.0, 0.0]))
     torch.testing.assert_close(strategy.targets[0, 1], torch.tensor([0.5, -0.5 / math.sqrt(2)]))
+
+
+# --------------------------------------------------------------------- Nash-MTL
+def test_nash_mtl_bargaining_solution_of_two_gradients_by_hand():
+    """g1 = (1, 0), g2 = (-1, 1): M = [[1, -1], [-1, 2]]. alpha1 (alpha1 - alpha2) = 1 and
+    alpha2 (2 alpha2 - alpha1) = 1 give alpha1 = sqrt2 alpha2, alpha2 = 1 / sqrt(2 - sqrt2) = 1.306563:
+    d = (alpha1 - alpha2, alpha2) = (0.541196, 1.306563), with d.g_i = 1 / alpha_i and |d|^2 = T = 2."""
+    from mtl_lightning.weighting.nash_mtl import NashMTL
+
+    strategy = NashMTL()
+    strategy.setup(tasks(2), Toy())
+    g = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    alpha2 = 1 / math.sqrt(2 - math.sqrt(2))
+    d = strategy.combine(g)
+    torch.testing.assert_close(strategy.last_weights, torch.tensor([math.sqrt(2) * alpha2, alpha2]))
+    torch.testing.assert_close(d, torch.tensor([0.541196, 1.306563]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(g @ d, 1 / strategy.last_weights)
+    scaled = NashMTL()  # a task's gradient ten times larger: its alpha ten times smaller, the same update
+    scaled.setup(tasks(2), Toy())
+    torch.testing.assert_close(scaled.combine(g * torch.tensor([[10.0], [1.0]])), d)
+
+
+def test_nash_mtl_solves_the_bargaining_condition_and_reuses_weights():
+    from mtl_lightning.weighting.nash_mtl import NashMTL, nash_weights
+
+    generator = torch.Generator().manual_seed(0)
+    for num_tasks, dim in ((3, 5), (4, 4), (5, 30)):
+        g = torch.randn(num_tasks, dim, generator=generator, dtype=torch.float64)
+        gram = g @ g.T
+        alpha = nash_weights(gram)
+        assert (alpha > 0).all()
+        torch.testing.assert_close(gram @ alpha, 1 / alpha, rtol=1e-9, atol=1e-9)
+    strategy = NashMTL(update_weights_every=2)
+    strategy.setup(tasks(2), Toy())
+    first = strategy.combine(torch.tensor([[1.0, 0.0], [-1.0, 1.0]]))
+    weights = strategy.last_weights.clone()
+    strategy.combine(torch.tensor([[3.0, 0.0], [0.0, 1.0]]))  # step 2: alpha reused
+    torch.testing.assert_close(strategy.last_weights, weights)
+    strategy.combine(torch.tensor([[3.0, 0.0], [0.0, 1.0]]))  # step 3: solved again, alpha_i = 1 / |g_i|
+    torch.testing.assert_close(strategy.last_weights, torch.tensor([1 / 3, 1.0]))
+    assert first.norm().item() == pytest.approx(math.sqrt(2), rel=1e-6)
