@@ -836,3 +836,40 @@ def test_nash_mtl_solves_the_bargaining_condition_and_reuses_weights():
     strategy.combine(torch.tensor([[3.0, 0.0], [0.0, 1.0]]))  # step 3: solved again, alpha_i = 1 / |g_i|
     torch.testing.assert_close(strategy.last_weights, torch.tensor([1 / 3, 1.0]))
     assert first.norm().item() == pytest.approx(math.sqrt(2), rel=1e-6)
+
+
+# ------------------------------------------------------------------ Aligned-MTL
+def test_aligned_mtl_update_of_two_gradients_by_hand():
+    """g1 = (1, 0), g2 = (-1, 1): G G^T = [[1, -1], [-1, 2]] has eigenvalues (3 +- sqrt5) / 2 = 2.618034, 0.381966;
+    B = sqrt(0.381966) (v1 v1^T / sqrt(2.618034) + v2 v2^T / sqrt(0.381966)) = [[0.829180, 0.276393],
+    [0.276393, 0.552786]], alpha = B 1 = (1.105573, 0.829180), update (0.276393, 0.829180). The aligned rows
+    B G = (0.552786, 0.276393), (-0.276393, 0.552786) are orthogonal, both of norm sqrt(0.381966)."""
+    from mtl_lightning.weighting.aligned_mtl import AlignedMTL, alignment_matrix
+
+    strategy = AlignedMTL()
+    strategy.setup(tasks(2), Toy())
+    g = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    torch.testing.assert_close(strategy.combine(g), torch.tensor([0.276393, 0.829180]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(strategy.last_weights, torch.tensor([1.105573, 0.829180]), atol=1e-6, rtol=0)
+    aligned = alignment_matrix(g @ g.T).float() @ g
+    torch.testing.assert_close(aligned, torch.tensor([[0.552786, 0.276393], [-0.276393, 0.552786]]), atol=1e-6, rtol=0)
+    # Task.weight weighs the aligned gradients: w = (2, 1) gives B w applied to the raw gradients
+    weighted = AlignedMTL()
+    weighted.setup([Task("t0", kind="regression", weight=2.0), Task("t1", kind="regression")], Toy())
+    expected = (torch.tensor([[0.829180, 0.276393], [0.276393, 0.552786]]) @ torch.tensor([2.0, 1.0])) @ g
+    torch.testing.assert_close(weighted.combine(g * torch.tensor([[2.0], [1.0]])), expected, atol=1e-5, rtol=0)
+
+
+def test_aligned_mtl_equalises_the_singular_values():
+    from mtl_lightning.weighting.aligned_mtl import alignment_matrix
+
+    generator = torch.Generator().manual_seed(0)
+    scales = torch.tensor([[1.0], [5.0], [0.2], [3.0]], dtype=torch.float64)  # badly conditioned on purpose
+    for num_tasks, dim in ((3, 8), (4, 20)):
+        g = torch.randn(num_tasks, dim, generator=generator, dtype=torch.float64) * scales[:num_tasks]
+        aligned = alignment_matrix(g @ g.T) @ g
+        smallest = torch.linalg.eigvalsh(g @ g.T).min()
+        torch.testing.assert_close(aligned @ aligned.T, smallest * torch.eye(num_tasks, dtype=torch.float64))
+    rank_one = torch.tensor([[1.0, 2.0], [2.0, 4.0]], dtype=torch.float64)  # parallel gradients: rank 1
+    aligned = alignment_matrix(rank_one @ rank_one.T) @ rank_one
+    torch.testing.assert_close(aligned, rank_one, atol=1e-9, rtol=0)  # B projects onto the one direction, scale kept

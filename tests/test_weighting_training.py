@@ -47,7 +47,8 @@ def test_every_strategy_trains_mmoe(synthetic_paths, name):
     assert metrics["val/click/auc"] >= 0.74 and metrics["val/conversion/auc"] >= 0.62  # measured: >= 0.77, 0.68
     weights = torch.stack([metrics[f"train/{t}/weight"] for t in ("click", "conversion", "dwell")])
     assert torch.isfinite(weights).all() and (weights >= 0).all()
-    if name in ("gradnorm", "uncertainty", "dwa", "rlw", "scheduled", "dbmtl", "mgda", "mgda_ub", "cagrad", "imtl", "famo", "nash_mtl"):
+    if name in ("gradnorm", "uncertainty", "dwa", "rlw", "scheduled", "dbmtl", "mgda", "mgda_ub", "cagrad", "imtl", "famo", "nash_mtl",
+                "aligned_mtl"):
         assert not torch.allclose(weights, torch.ones(3)), weights  # the weights did move
 
 
@@ -142,7 +143,7 @@ def test_gradnorm_under_ddp_keeps_ranks_identical(tmp_path):
 # every strategy that takes a decision from the batch (per-task gradients, losses, random draws); GradNorm has
 # its own test above
 DDP_SPECS = {name: SPECS[name] for name in ("mgda", "mgda_ub", "cagrad", "imtl", "graddrop", "graddrop_z", "famo",
-                                             "gradvac", "nash_mtl", "pcgrad", "dbmtl", "rlw", "dwa")}
+                                             "gradvac", "nash_mtl", "aligned_mtl", "pcgrad", "dbmtl", "rlw", "dwa")}
 
 
 def test_strategies_under_ddp_keep_ranks_identical(tmp_path):
