@@ -873,3 +873,32 @@ def test_aligned_mtl_equalises_the_singular_values():
     rank_one = torch.tensor([[1.0, 2.0], [2.0, 4.0]], dtype=torch.float64)  # parallel gradients: rank 1
     aligned = alignment_matrix(rank_one @ rank_one.T) @ rank_one
     torch.testing.assert_close(aligned, rank_one, atol=1e-9, rtol=0)  # B projects onto the one direction, scale kept
+
+
+# -------------------------------------------------------------------------- GLS
+def test_gls_is_the_geometric_mean_with_its_gradient():
+    """L = (0.5, 2, 4): (0.5 * 2 * 4)^(1/3) = 4^(1/3) = 1.587401, dL/dL_i = L / (3 L_i) = (1.058267, 0.264567,
+    0.132283). Task weights (2, 1, 1) make the exponents (1/2, 1/4, 1/4): 0.5^0.5 2^0.25 4^0.25 = 1.189207."""
+    from mtl_lightning.weighting.gls import GLS
+
+    strategy = GLS()
+    strategy.setup(tasks(3), nn.Module())
+    losses = torch.tensor([0.5, 2.0, 4.0], requires_grad=True)
+    total = strategy(losses)
+    assert total.item() == pytest.approx(4 ** (1 / 3), rel=1e-6)
+    total.backward()
+    torch.testing.assert_close(losses.grad, torch.tensor([1.058267, 0.264567, 0.132283]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(strategy.last_weights, losses.grad)
+    weighted = GLS()
+    weighted.setup([Task("a", weight=2.0), Task("b"), Task("c")], nn.Module())
+    losses = torch.tensor([0.5, 2.0, 4.0], requires_grad=True)
+    total = weighted(losses)
+    assert total.item() == pytest.approx(0.5 ** 0.5 * 2 ** 0.25 * 4 ** 0.25, rel=1e-6)
+    total.backward()
+    torch.testing.assert_close(losses.grad, total.detach() * torch.tensor([0.5 / 0.5, 0.25 / 2, 0.25 / 4]))
+    # an exact-zero loss (no valid row) is left out: sqrt(2 * 4), finite gradients, and 0 for the empty task
+    losses = torch.tensor([0.0, 2.0, 4.0], requires_grad=True)
+    total = strategy(losses)
+    assert total.item() == pytest.approx(8 ** 0.5, rel=1e-6)
+    total.backward()
+    assert torch.isfinite(losses.grad).all() and losses.grad[0] == 0
