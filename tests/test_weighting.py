@@ -902,3 +902,34 @@ def test_gls_is_the_geometric_mean_with_its_gradient():
     assert total.item() == pytest.approx(8 ** 0.5, rel=1e-6)
     total.backward()
     assert torch.isfinite(losses.grad).all() and losses.grad[0] == 0
+
+
+# ------------------------------------------------------------------------- STCH
+def test_stch_warmup_nadir_and_smooth_tchebycheff_by_hand():
+    """warmup_epochs=1. Epoch 0: sum log L; L = (0.5, 3) gives log 0.5 + log 3 = 0.405465, weights 1/L.
+    Epoch 1: the same, while the nadir is measured: mean of (1, 2) and (1, 2) -> n = (1, 2).
+    Epoch 2, mu = 1: l = log(L / n) = (log 0.5, log 1.5); 2 log(e^l1 + e^l2) = 2 log 2 and the weights
+    2 softmax(l) / L = 2 (0.25, 0.75) / (0.5, 3) = (1, 0.5). mu = 0.5: log(0.25 + 2.25) = log 2.5,
+    softmax(l / mu) = (0.1, 0.9), weights 2 (0.1 / 0.5, 0.9 / 3) = (0.4, 0.6)."""
+    from mtl_lightning.weighting.stch import STCH
+
+    for mu, value, weights in ((1.0, 2 * math.log(2.0), (1.0, 0.5)), (0.5, math.log(2.5), (0.4, 0.6))):
+        strategy = STCH(mu=mu, warmup_epochs=1)
+        strategy.setup(tasks(2), nn.Module())
+        strategy.begin_epoch(0)
+        first = torch.tensor([0.5, 3.0], requires_grad=True)
+        assert strategy(first).item() == pytest.approx(math.log(0.5) + math.log(3.0), rel=1e-6)
+        torch.testing.assert_close(strategy.last_weights, torch.tensor([2.0, 1 / 3]))
+        strategy.begin_epoch(1)
+        for _ in range(2):
+            strategy(torch.tensor([1.0, 2.0], requires_grad=True))
+        strategy.begin_epoch(2)
+        torch.testing.assert_close(strategy.nadir, torch.tensor([1.0, 2.0]))
+        losses = torch.tensor([0.5, 3.0], requires_grad=True)
+        total = strategy(losses)
+        assert total.item() == pytest.approx(value, rel=1e-6)
+        total.backward()
+        torch.testing.assert_close(losses.grad, torch.tensor(weights))
+        torch.testing.assert_close(strategy.last_weights, torch.tensor(weights))
+        state = strategy.state_dict()
+        assert {"epoch", "nadir_sum", "nadir_count", "nadir"} <= set(state)

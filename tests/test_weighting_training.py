@@ -24,6 +24,7 @@ SPECS = {name: name for name in STRATEGIES}
 SPECS["scheduled"] = {"name": "scheduled", "gamma": {"dwell": 0.5}}  # a schedule that actually moves
 SPECS["mgda_ub"] = {"name": "mgda", "upper_bound": True, "representation": "experts"}  # on the expert outputs
 SPECS["graddrop_z"] = {"name": "graddrop", "representation": "experts"}  # at the expert outputs, as in the paper
+SPECS["stch"] = {"name": "stch", "warmup_epochs": 0}  # the nadir from epoch 0, STCH from epoch 1 on
 FIXED_WEIGHTS = {"static", "pcgrad", "graddrop", "graddrop_z", "gradvac"}  # these log Task.weight
 SIGNED_WEIGHTS = {"imtl", "aligned_mtl"}  # closed forms whose coefficients may be negative
 
@@ -146,8 +147,8 @@ def test_gradnorm_under_ddp_keeps_ranks_identical(tmp_path):
 # every strategy that takes a decision from the batch (per-task gradients, losses, random draws); GradNorm has
 # its own test above
 DDP_SPECS = {name: SPECS[name] for name in ("mgda", "mgda_ub", "cagrad", "imtl", "graddrop", "graddrop_z", "famo",
-                                             "gradvac", "nash_mtl", "aligned_mtl", "gls", "pcgrad", "dbmtl", "rlw",
-                                             "dwa")}
+                                             "gradvac", "nash_mtl", "aligned_mtl", "gls", "stch", "pcgrad", "dbmtl",
+                                             "rlw", "dwa")}
 
 
 def test_strategies_under_ddp_keep_ranks_identical(tmp_path):

@@ -107,6 +107,24 @@ def gradient_surrogate(parameters: Sequence[nn.Parameter], gradients: Sequence[T
     return inner - inner.detach()
 
 
+def scalarize(losses: Tensor, function: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """``function`` of the rank-averaged losses as a loss to back-propagate, and its weights ``dF/dL_i``.
+
+    For a strategy whose total is a nonlinear function ``F`` of the task losses (GLS's geometric mean,
+    STCH's log-sum-exp): ``F`` and its weights are evaluated at the losses averaged across DDP ranks
+    (the losses themselves outside DDP), and the returned tensor has the value ``F(L_bar)`` and the
+    gradient ``sum_i dF/dL_i grad L_i``, which DDP's gradient average turns into the gradient of ``F``
+    at the global batch's losses (not an average of every rank's own ``F``). Returns ``(loss, weights)``.
+    """
+    mean = distributed_mean(losses.float())
+    with torch.enable_grad():
+        point = mean.clone().requires_grad_(True)
+        value = function(point)
+        (weights,) = torch.autograd.grad(value, point)
+    surrogate = (weights.to(losses.dtype) * (losses - losses.detach())).sum()
+    return value.detach().to(losses.dtype) + surrogate, weights
+
+
 def flat_gradient(gradients: Sequence[Tensor | None], parameters: Sequence[nn.Parameter]) -> Tensor:
     """One float32 vector from per-parameter gradients (``None``: zeros; sparse: densified)."""
     return torch.cat([_dense(g, p).reshape(-1).float() for g, p in zip(gradients, parameters)])
@@ -311,4 +329,4 @@ def _dense(gradient: Tensor | None, like: Tensor) -> Tensor:
 
 
 __all__ = ["WeightingStrategy", "GradientStrategy", "STRATEGIES", "register_weighting", "distributed_mean",
-           "gradient_surrogate", "flat_gradient", "trainable_parameters", "RepresentationCapture"]
+           "gradient_surrogate", "flat_gradient", "trainable_parameters", "RepresentationCapture", "scalarize"]

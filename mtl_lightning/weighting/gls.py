@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import WeightingStrategy, distributed_mean, register_weighting
+from .base import WeightingStrategy, register_weighting, scalarize
 
 
 @register_weighting("gls")
@@ -30,16 +30,17 @@ class GLS(WeightingStrategy):
     """Chennupati et al. (CVPRW 2019) geometric mean of the task losses."""
 
     def total_loss(self, losses: Tensor, per_task: list[Tensor]) -> Tensor:
-        mean = distributed_mean(losses.float())  # (T,) the global batch's losses (these losses outside DDP)
-        present = mean != 0
-        exponents = self._task_weights().to(mean) * present
-        exponents = exponents / exponents.sum().clamp(min=1e-30)
-        safe = torch.where(present, mean, torch.ones_like(mean))
-        value = torch.exp((exponents * torch.log(safe)).sum())
-        weights = value * exponents / safe  # dL/dL_i at the global losses
-        self.last_weights = weights
-        # value: the global geometric mean; gradient: sum_i w_i grad L_i, which DDP's average makes dL/dtheta
-        return value.to(losses.dtype) + (weights.to(losses.dtype) * (losses - losses.detach())).sum()
+        task_weights = self._task_weights()
+
+        def geometric_mean(point: Tensor) -> Tensor:
+            present = point.detach() != 0
+            exponents = task_weights.to(point) * present
+            exponents = exponents / exponents.sum().clamp(min=1e-30)
+            safe = torch.where(present, point, torch.ones_like(point))  # no log(0), not even in the unused branch
+            return torch.exp((exponents * torch.log(safe)).sum())
+
+        total, self.last_weights = scalarize(losses, geometric_mean)
+        return total
 
 
 __all__ = ["GLS"]
