@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -22,10 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(num_experts=2, expert_hidden=(16,), tower_hidden=(8,))
 SPECS = {name: name for name in STRATEGIES}
 SPECS["scheduled"] = {"name": "scheduled", "gamma": {"dwell": 0.5}}  # a schedule that actually moves
-SPECS["mgda_ub"] = {"name": "mgda", "upper_bound": True, "representation": "experts"}  # on the expert outputs
-SPECS["graddrop_z"] = {"name": "graddrop", "representation": "experts"}  # at the expert outputs, as in the paper
 SPECS["stch"] = {"name": "stch", "warmup_epochs": 0}  # the nadir from epoch 0, STCH from epoch 1 on
-FIXED_WEIGHTS = {"static", "pcgrad", "graddrop", "graddrop_z", "gradvac"}  # these log Task.weight
+# variants on a shared representation (the expert outputs): in the DDP test, and in test_weighting.py's formulas
+VARIANTS = {"mgda_ub": {"name": "mgda", "upper_bound": True, "representation": "experts"},
+            "graddrop_z": {"name": "graddrop", "representation": "experts"}}
+FIXED_WEIGHTS = {"static", "pcgrad", "graddrop", "gradvac"}  # these log Task.weight
 SIGNED_WEIGHTS = {"imtl", "aligned_mtl"}  # closed forms whose coefficients may be negative
 
 
@@ -33,27 +35,6 @@ def _module(dm, weighting, seed: int = 0, **kwargs) -> MultiTaskLightningModule:
     torch.manual_seed(seed)
     size = kwargs.pop("size", TINY)
     return MultiTaskLightningModule(MMoE(dm.features, synthetic_tasks(), **size), weighting=weighting, **kwargs)
-
-
-@pytest.mark.parametrize("name", sorted(SPECS))
-def test_every_strategy_trains_mmoe(synthetic_paths, name):
-    """3 epochs of 8 steps, small MMoE (epochs, so that DWA's and the schedule's weights move)."""
-    dm = synthetic_datamodule(synthetic_paths, batch_size=512)
-    dm.setup("fit")
-    module = _module(dm, SPECS[name], lr=1e-2, size=dict(num_experts=2, expert_hidden=(32,), tower_hidden=(8,)))
-    trainer = quiet_trainer(max_epochs=3, limit_train_batches=8, limit_val_batches=4, num_sanity_val_steps=0,
-                            check_val_every_n_epoch=3)
-    trainer.fit(module, dm)
-    metrics = trainer.callback_metrics
-    print(f"{name}: val/click/auc {float(metrics['val/click/auc']):.3f} "
-          f"val/conversion/auc {float(metrics['val/conversion/auc']):.3f}")
-    assert metrics["val/click/auc"] >= 0.74 and metrics["val/conversion/auc"] >= 0.62  # measured: >= 0.77, 0.68
-    weights = torch.stack([metrics[f"train/{t}/weight"] for t in ("click", "conversion", "dwell")])
-    assert torch.isfinite(weights).all()
-    if name not in SIGNED_WEIGHTS:
-        assert (weights >= 0).all(), weights
-    if name not in FIXED_WEIGHTS:
-        assert not torch.allclose(weights, torch.ones(3)), weights  # the weights did move
 
 
 def _tensors(state: object, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -67,38 +48,57 @@ def _tensors(state: object, prefix: str = "") -> dict[str, torch.Tensor]:
     return {}
 
 
-@pytest.mark.parametrize("name", sorted(set(SPECS) - {"static"}))
-def test_resume_is_exact(synthetic_paths, tmp_path, name):
-    """k steps, save, restore, more steps == an uninterrupted run (model, strategy state, optimizer)."""
+class _SaveAfterEpoch(L.Callback):
+    """Writes a checkpoint at the end of training epoch ``epoch`` (0-based), as ``ModelCheckpoint`` would."""
+
+    def __init__(self, epoch: int, path: Path) -> None:
+        self.epoch, self.path = epoch, path
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.save_checkpoint(self.path)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_every_strategy_trains_mmoe_and_resumes_exactly(synthetic_paths, tmp_path, name):
+    """3 epochs of 6 steps of a small MMoE (epochs, so that DWA's and the schedule's weights move) learn the
+    synthetic signal; resumed from the checkpoint written after its second epoch, a new run (another seed) ends
+    bit for bit where the uninterrupted one ends (model, strategy state and extra state: generators, Adam
+    moments, solver warm starts)."""
     dm = synthetic_datamodule(synthetic_paths, batch_size=512)
     dm.setup("fit")
-    settings = dict(limit_train_batches=3, limit_val_batches=0)  # 3 steps per epoch
+    size = dict(num_experts=2, expert_hidden=(32,), tower_hidden=(8,))
+    settings = dict(limit_train_batches=6, limit_val_batches=4, num_sanity_val_steps=0, check_val_every_n_epoch=3)
+    path = tmp_path / "epoch2.ckpt"
+    straight = _module(dm, SPECS[name], lr=1e-2, size=size)
+    trainer = quiet_trainer(max_epochs=3, callbacks=[_SaveAfterEpoch(1, path)], **settings)
+    trainer.fit(straight, dm)
+    metrics = trainer.callback_metrics
+    print(f"{name}: val/click/auc {float(metrics['val/click/auc']):.3f} "
+          f"val/conversion/auc {float(metrics['val/conversion/auc']):.3f}")
+    # measured: click >= 0.73 (MGDA; static 0.78), conversion >= 0.67 (chance 0.5)
+    assert metrics["val/click/auc"] >= 0.70 and metrics["val/conversion/auc"] >= 0.62
+    weights = torch.stack([metrics[f"train/{t}/weight"] for t in ("click", "conversion", "dwell")])
+    assert torch.isfinite(weights).all()
+    if name not in SIGNED_WEIGHTS:
+        assert (weights >= 0).all(), weights
+    if name not in FIXED_WEIGHTS:
+        assert not torch.allclose(weights, torch.ones(3)), weights  # the weights did move
+    if name == "static":
+        return
 
-    straight = _module(dm, SPECS[name], lr=1e-2)
-    quiet_trainer(max_steps=7, **settings).fit(straight, dm)
-
-    first = _module(dm, SPECS[name], lr=1e-2)
-    trainer = quiet_trainer(max_steps=6, **settings)
-    trainer.fit(first, dm)
-    path = tmp_path / "k.ckpt"
-    trainer.save_checkpoint(path)
-    resumed = _module(dm, SPECS[name], lr=1e-2, seed=1)  # different init: everything comes from the checkpoint
-    resumed_trainer = quiet_trainer(max_steps=7, **settings)
-    resumed_trainer.fit(resumed, dm, ckpt_path=path)
-
+    resumed = _module(dm, SPECS[name], lr=1e-2, seed=1, size=size)  # different init: all from the checkpoint
+    quiet_trainer(max_epochs=3, **settings).fit(resumed, dm, ckpt_path=path)
     expected, actual = _tensors(straight.state_dict()), _tensors(resumed.state_dict())
     assert expected.keys() == actual.keys()
-    for key in expected:  # parameters, buffers and the strategies' extra state (generators, Adam moments)
+    for key in expected:  # parameters, buffers and the strategies' extra state
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
     if name == "gradnorm":
-        assert int(resumed.weighting.num_steps) == 7
+        assert int(resumed.weighting.num_steps) == 18
         assert not torch.allclose(resumed.weighting.weights, torch.ones(3))
-        adam = resumed.weighting.optimizer.state_dict()["state"][0]
-        torch.testing.assert_close(adam["exp_avg"], straight.weighting.optimizer.state_dict()["state"][0]["exp_avg"])
         restored = MultiTaskLightningModule.load_from_checkpoint(path)  # no arguments: rebuilt from hparams
-        assert isinstance(restored.weighting, GradNorm)
-        torch.testing.assert_close(restored.weighting.weights, first.weighting.weights)
-        torch.testing.assert_close(restored.weighting.initial_losses, first.weighting.initial_losses)
+        assert isinstance(restored.weighting, GradNorm) and int(restored.weighting.num_steps) == 12
+        torch.testing.assert_close(restored.weighting.initial_losses, straight.weighting.initial_losses)
 
 
 @pytest.mark.parametrize("name", ["gradnorm", "pcgrad"])
@@ -125,35 +125,16 @@ def test_trainer_flags_bf16_clipping_and_accumulation(synthetic_paths, name):
         assert all(p is not gradnorm.weights for g in model_optimizer.param_groups for p in g["params"])
 
 
-def test_gradnorm_under_ddp_keeps_ranks_identical(tmp_path):
-    data = write_synthetic(tmp_path / "data", (2048, 16, 16))
-    out = tmp_path / "out"
-    out.mkdir()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "scripts" / "ddp_gradnorm.py"), str(data["train"].parent), str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    assert ranks[0]["num_steps"] == ranks[1]["num_steps"] == 6
-    torch.testing.assert_close(ranks[0]["weights"], ranks[1]["weights"], rtol=0, atol=0)
-    torch.testing.assert_close(ranks[0]["initial_losses"], ranks[1]["initial_losses"], rtol=0, atol=0)
-    torch.testing.assert_close(ranks[0]["model"], ranks[1]["model"], rtol=0, atol=0)
-    assert torch.isclose(ranks[0]["weights"].sum(), torch.tensor(3.0))
-    assert not torch.allclose(ranks[0]["weights"], torch.ones(3))
-
-
-# every strategy that takes a decision from the batch (per-task gradients, losses, random draws); GradNorm has
-# its own test above
-DDP_SPECS = {name: SPECS[name] for name in ("mgda", "mgda_ub", "cagrad", "imtl", "graddrop", "graddrop_z", "famo",
-                                             "gradvac", "nash_mtl", "aligned_mtl", "gls", "stch", "pcgrad", "dbmtl",
-                                             "rlw", "dwa")}
+# every strategy that takes a decision from the batch (per-task gradients, losses, random draws)
+DDP_SPECS = {name: {**SPECS, **VARIANTS}[name] for name in (
+    "mgda", "mgda_ub", "cagrad", "imtl", "graddrop", "graddrop_z", "famo", "gradvac", "nash_mtl", "aligned_mtl", "gls",
+    "stch", "pcgrad", "dbmtl", "rlw", "dwa")}
+DDP_SPECS["gradnorm"] = {"name": "gradnorm", "alpha": 1.5, "lr": 0.05}
 
 
 def test_strategies_under_ddp_keep_ranks_identical(tmp_path):
-    """Two CPU processes, each strategy 4 steps over 2 epochs: every rank ends with the same strategy state,
-    the same last weights and the same model, bit for bit."""
+    """Two CPU processes (one launch), each strategy 2 steps over 2 epochs: every rank ends with the same strategy
+    state, the same last weights and the same model, bit for bit (GradNorm: the same L(0), weights, Adam state)."""
     data = write_synthetic(tmp_path / "data", (1024, 16, 16))
     out = tmp_path / "out"
     out.mkdir()
@@ -172,6 +153,10 @@ def test_strategies_under_ddp_keep_ranks_identical(tmp_path):
             torch.testing.assert_close(first["state"][key], second["state"][key], rtol=0, atol=0, msg=f"{label} {key}")
         torch.testing.assert_close(first["weights"], second["weights"], rtol=0, atol=0, msg=label)
         torch.testing.assert_close(first["model"], second["model"], rtol=0, atol=0, msg=label)
+    gradnorm = ranks[0]["gradnorm"]["state"]
+    assert int(gradnorm["num_steps"]) == 2 and gradnorm["initial_loss_count"].tolist() == [1, 1, 1]
+    assert torch.isclose(gradnorm["weights"].sum(), torch.tensor(3.0))
+    assert not torch.allclose(gradnorm["weights"], torch.ones(3))
 
 
 def test_gradnorm_config_runs_from_the_command_line(tmp_path, monkeypatch):

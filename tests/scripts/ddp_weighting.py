@@ -32,7 +32,7 @@ def main(data_dir: Path, out_dir: Path, specs: dict) -> None:
                                tasks=tasks, batch_size=128)
         model = MMoE(dm.features, tasks, num_experts=2, expert_hidden=(8,), tower_hidden=(4,))
         module = MultiTaskLightningModule(model, lr=1e-2, weighting=spec)
-        trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=2, limit_train_batches=2,
+        trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=2, limit_train_batches=1,
                             limit_val_batches=0, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False)
         trainer.fit(module, dm)
