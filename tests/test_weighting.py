@@ -933,3 +933,25 @@ def test_stch_warmup_nadir_and_smooth_tchebycheff_by_hand():
         torch.testing.assert_close(strategy.last_weights, torch.tensor(weights))
         state = strategy.state_dict()
         assert {"epoch", "nadir_sum", "nadir_count", "nadir"} <= set(state)
+
+
+# --------------------------------------------------------------------- FairGrad
+def test_fairgrad_allocation_by_hand_and_its_condition():
+    """g1 = (1, 0), g2 = (0, 2): M = diag(1, 4), so M w = w^(-1/alpha) decouples: w_i = M_ii^(-alpha/(alpha+1)).
+    alpha = 1: w = (1, 1/2), d = (1, 1), both tasks gain 1 (Nash-MTL's solution too); alpha = 2:
+    w = (1, 4^(-2/3)) = (1, 0.396850), d = (1, 0.793701): the gains (1, 1.587401) = w^(-1/2)."""
+    from mtl_lightning.weighting.fairgrad import FairGrad, fair_weights
+
+    g = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    for alpha, weights in ((1.0, (1.0, 0.5)), (2.0, (1.0, 4 ** (-2 / 3)))):
+        strategy = FairGrad(alpha=alpha)
+        strategy.setup(tasks(2), Toy())
+        d = strategy.combine(g)
+        torch.testing.assert_close(strategy.last_weights, torch.tensor(weights))
+        torch.testing.assert_close(g @ d, strategy.last_weights ** (-1 / alpha))
+    generator = torch.Generator().manual_seed(1)
+    for alpha in (0.5, 1.0, 3.0):
+        h = torch.randn(4, 7, generator=generator, dtype=torch.float64)
+        w = fair_weights(h @ h.T, alpha)
+        assert (w > 0).all()
+        torch.testing.assert_close((h @ h.T) @ w, w ** (-1 / alpha), rtol=1e-9, atol=1e-9)

@@ -40,34 +40,13 @@ from torch import Tensor, nn
 
 from ..tasks import Task
 from .base import GradientStrategy, register_weighting
+from .fairgrad import fair_weights
 
 
 def nash_weights(gram: Tensor, start: Tensor | None = None, max_iter: int = 100, tol: float = 1e-10) -> Tensor:
-    """The solution ``beta > 0`` of ``M beta = 1 / beta`` for ``M = gram`` (Newton on ``1/2 b^T M b - sum log b``)."""
-    M = gram.detach().double().cpu()
-    num = M.shape[0]
-    beta = torch.ones(num, dtype=torch.float64) if start is None else start.detach().double().cpu().clone()
-    if not bool((beta > 0).all()):
-        beta = torch.ones(num, dtype=torch.float64)
-
-    def objective(b: Tensor) -> float:
-        return float(0.5 * b @ M @ b - torch.log(b).sum())
-
-    for _ in range(max_iter):
-        residual = M @ beta - 1 / beta
-        if float(residual.norm()) <= tol * math.sqrt(num):
-            break
-        move = -torch.linalg.solve(M + torch.diag(1 / beta ** 2), residual)
-        step, current, slope = 1.0, objective(beta), float(residual @ move)
-        while step > 1e-12:
-            candidate = beta + step * move
-            if bool((candidate > 0).all()) and objective(candidate) <= current + 1e-4 * step * slope:
-                break
-            step /= 2
-        else:
-            break
-        beta = candidate
-    return beta
+    """The solution ``beta > 0`` of ``M beta = 1 / beta`` for ``M = gram`` (Newton on ``1/2 b^T M b - sum log b``):
+    FairGrad's ``alpha = 1`` (``fairgrad.fair_weights``)."""
+    return fair_weights(gram, 1.0, start, max_iter, tol)
 
 
 @register_weighting("nash_mtl")
