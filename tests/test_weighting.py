@@ -955,3 +955,35 @@ def test_fairgrad_allocation_by_hand_and_its_condition():
         w = fair_weights(h @ h.T, alpha)
         assert (w > 0).all()
         torch.testing.assert_close((h @ h.T) @ w, w ** (-1 / alpha), rtol=1e-9, atol=1e-9)
+
+
+# ----------------------------------------------------------------------- UPGrad
+def test_upgrad_projections_of_two_conflicting_gradients_by_hand():
+    """g1 = (1, 0), g2 = (-1, 1). g1/2 = (0.5, 0) has <g2, .> = -0.5: projected onto <g2, x> = 0 it becomes
+    (0.25, 0.25) = 0.5 g1 + 0.25 g2; g2/2 = (-0.5, 0.5) has <g1, .> = -0.5: (0, 0.5) = 0.5 g1 + 0.5 g2.
+    w = (1, 0.75), update (0.25, 0.75), which conflicts with neither task (gains 0.25 and 0.5)."""
+    from mtl_lightning.weighting.upgrad import UPGrad
+
+    strategy = UPGrad(reg_eps=1e-12)
+    strategy.setup(tasks(2), Toy())
+    g = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    torch.testing.assert_close(strategy.combine(g), torch.tensor([0.25, 0.75]))
+    torch.testing.assert_close(strategy.last_weights, torch.tensor([1.0, 0.75]))
+    agreeing = torch.tensor([[1.0, 0.0], [1.0, 1.0]])  # no conflict: the average
+    torch.testing.assert_close(strategy.combine(agreeing), agreeing.mean(0))
+
+
+def test_upgrad_update_conflicts_with_no_task_and_nnls_meets_its_kkt_conditions():
+    from mtl_lightning.weighting.upgrad import nonnegative_least_squares, upgrad_weights
+
+    generator = torch.Generator().manual_seed(0)
+    for num_tasks, dim in ((3, 5), (5, 4), (6, 30)):
+        g = torch.randn(num_tasks, dim, generator=generator, dtype=torch.float64)
+        weights = upgrad_weights(g @ g.T, reg_eps=1e-12)
+        assert (g @ (weights @ g) >= -1e-9).all()  # every task gains (or keeps) from the update
+        assert (weights >= 1 / num_tasks - 1e-12).all()
+        A, b = torch.randn(7, num_tasks, generator=generator, dtype=torch.float64), torch.randn(7, generator=generator,
+                                                                                                dtype=torch.float64)
+        x = nonnegative_least_squares(A, b)
+        gradient = A.T @ (A @ x - b)  # KKT: x >= 0, gradient >= 0, and gradient = 0 where x > 0
+        assert (x >= 0).all() and (gradient >= -1e-9).all() and (gradient[x > 0].abs() <= 1e-9).all()
