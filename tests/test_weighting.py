@@ -987,3 +987,32 @@ def test_upgrad_update_conflicts_with_no_task_and_nnls_meets_its_kkt_conditions(
         x = nonnegative_least_squares(A, b)
         gradient = A.T @ (A @ x - b)  # KKT: x >= 0, gradient >= 0, and gradient = 0 where x > 0
         assert (x >= 0).all() and (gradient >= -1e-9).all() and (gradient[x > 0].abs() <= 1e-9).all()
+
+
+# ------------------------------------------------------------------ MetaBalance
+def test_metabalance_scales_auxiliary_gradients_towards_the_target_norm():
+    """One shared tensor (a 2-vector), target t0, r = 0.7, beta = 0.9. Step 1: g_t = (3, 4), g_a = (0, 1):
+    averages 0.1 * 5 = 0.5 and 0.1; g_a <- 0.7 * 5 g_a + 0.3 g_a = (0, 3.8); sum (3, 7.8). Step 2 with
+    g_a = (0, 2): averages 0.95 and 0.29, ratio 3.275862: g_a <- (0.7 * 3.275862 + 0.3) (0, 2) = (0, 5.186207)."""
+    from mtl_lightning.weighting.metabalance import MetaBalance
+
+    model = nn.Module()
+    model.shared = nn.Parameter(torch.zeros(2))
+    model.shared_parameters = lambda: [model.shared]
+    strategy = MetaBalance()
+    strategy.setup(tasks(2), model)
+    torch.testing.assert_close(strategy.combine(torch.tensor([[3.0, 4.0], [0.0, 1.0]])), torch.tensor([3.0, 7.8]))
+    torch.testing.assert_close(strategy.last_weights, torch.tensor([1.0, 3.8]))
+    combined = strategy.combine(torch.tensor([[3.0, 4.0], [0.0, 2.0]]))
+    torch.testing.assert_close(combined, torch.tensor([3.0, 4.0 + 5.186207]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(strategy.norm_averages[:, 0], torch.tensor([0.95, 0.29]))
+    # the target may be any task; per shared tensor (Toy's weight and bias) the averages are kept apart
+    toy = Toy()
+    by_name = MetaBalance(target="t1", relax_factor=1.0)
+    by_name.setup(tasks(2), toy)
+    g = torch.zeros(2, 36)
+    g[0, 0], g[1, 0], g[0, 32], g[1, 32] = 4.0, 1.0, 1.0, 2.0  # weight block: norms 4, 1; bias block: 1, 2
+    combined = by_name.combine(g)
+    assert combined[0].item() == pytest.approx(4.0 * 0.25 + 1.0) and combined[32].item() == pytest.approx(2.0 + 2.0)
+    with pytest.raises(ValueError, match="target 'nope' is not a task"):
+        MetaBalance(target="nope").setup(tasks(2), toy)
