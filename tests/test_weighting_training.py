@@ -61,22 +61,22 @@ class _SaveAfterEpoch(L.Callback):
 
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_every_strategy_trains_mmoe_and_resumes_exactly(synthetic_paths, tmp_path, name):
-    """3 epochs of 6 steps of a small MMoE (epochs, so that DWA's and the schedule's weights move) learn the
+    """3 epochs of 4 steps of a small MMoE (epochs, so that DWA's and the schedule's weights move) learn the
     synthetic signal; resumed from the checkpoint written after its second epoch, a new run (another seed) ends
     bit for bit where the uninterrupted one ends (model, strategy state and extra state: generators, Adam
     moments, solver warm starts)."""
     dm = synthetic_datamodule(synthetic_paths, batch_size=512)
     dm.setup("fit")
     size = dict(num_experts=2, expert_hidden=(32,), tower_hidden=(8,))
-    settings = dict(limit_train_batches=6, limit_val_batches=4, num_sanity_val_steps=0, check_val_every_n_epoch=3)
+    settings = dict(limit_train_batches=4, limit_val_batches=4, num_sanity_val_steps=0, check_val_every_n_epoch=3)
     path = tmp_path / "epoch2.ckpt"
-    straight = _module(dm, SPECS[name], lr=1e-2, size=size)
+    straight = _module(dm, SPECS[name], lr=2e-2, size=size)
     trainer = quiet_trainer(max_epochs=3, callbacks=[_SaveAfterEpoch(1, path)], **settings)
     trainer.fit(straight, dm)
     metrics = trainer.callback_metrics
     print(f"{name}: val/click/auc {float(metrics['val/click/auc']):.3f} "
           f"val/conversion/auc {float(metrics['val/conversion/auc']):.3f}")
-    # measured: click >= 0.73 (MGDA; static 0.78), conversion >= 0.67 (chance 0.5)
+    # measured: click >= 0.74 (MGDA; static 0.80), conversion >= 0.68 (chance 0.5)
     assert metrics["val/click/auc"] >= 0.70 and metrics["val/conversion/auc"] >= 0.62
     weights = torch.stack([metrics[f"train/{t}/weight"] for t in ("click", "conversion", "dwell")])
     assert torch.isfinite(weights).all()
@@ -87,17 +87,17 @@ def test_every_strategy_trains_mmoe_and_resumes_exactly(synthetic_paths, tmp_pat
     if name == "static":
         return
 
-    resumed = _module(dm, SPECS[name], lr=1e-2, seed=1, size=size)  # different init: all from the checkpoint
+    resumed = _module(dm, SPECS[name], lr=2e-2, seed=1, size=size)  # different init: all from the checkpoint
     quiet_trainer(max_epochs=3, **settings).fit(resumed, dm, ckpt_path=path)
     expected, actual = _tensors(straight.state_dict()), _tensors(resumed.state_dict())
     assert expected.keys() == actual.keys()
     for key in expected:  # parameters, buffers and the strategies' extra state
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
     if name == "gradnorm":
-        assert int(resumed.weighting.num_steps) == 18
+        assert int(resumed.weighting.num_steps) == 12
         assert not torch.allclose(resumed.weighting.weights, torch.ones(3))
         restored = MultiTaskLightningModule.load_from_checkpoint(path)  # no arguments: rebuilt from hparams
-        assert isinstance(restored.weighting, GradNorm) and int(restored.weighting.num_steps) == 12
+        assert isinstance(restored.weighting, GradNorm) and int(restored.weighting.num_steps) == 8
         torch.testing.assert_close(restored.weighting.initial_losses, straight.weighting.initial_losses)
 
 
