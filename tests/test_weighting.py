@@ -1016,3 +1016,50 @@ def test_metabalance_scales_auxiliary_gradients_towards_the_target_norm():
     assert combined[0].item() == pytest.approx(4.0 * 0.25 + 1.0) and combined[32].item() == pytest.approx(2.0 + 2.0)
     with pytest.raises(ValueError, match="target 'nope' is not a task"):
         MetaBalance(target="nope").setup(tasks(2), toy)
+
+
+# ------------------------------------------------------------------------- MoCo
+def test_moco_tracks_gradients_and_takes_one_projected_step():
+    """g1 = (1, 0), g2 = (-1, 1). Step 1: beta_1 = 0.5, y = g / 2; Y Y^T lambda0 = [[0.25, -0.25], [-0.25, 0.5]]
+    (0.5, 0.5) = (0, 0.125); lambda0 - 0.1 (0, 0.125) = (0.5, 0.4875), projected (+0.00625 each) = (0.50625,
+    0.49375); update Y^T lambda = (0.00625, 0.246875). Step 2: beta_2 = 0.5 / sqrt2: y = g/2 + 0.353553 g/2."""
+    from mtl_lightning.weighting.moco import MoCo, project_to_simplex
+
+    strategy = MoCo()
+    strategy.setup(tasks(2), Toy())
+    strategy.tracked = torch.zeros(2, 2)  # Toy's shared layer has 36 parameters; this test uses 2-vectors
+    g = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    torch.testing.assert_close(strategy.combine(g), torch.tensor([0.00625, 0.246875]))
+    torch.testing.assert_close(strategy.last_weights, torch.tensor([0.50625, 0.49375]))
+    strategy.combine(g)
+    torch.testing.assert_close(strategy.tracked, g * (0.5 + 0.5 * 0.5 / math.sqrt(2)))
+    torch.testing.assert_close(project_to_simplex(torch.tensor([0.5, 2.0, -1.0])), torch.tensor([0.0, 1.0, 0.0]))
+    torch.testing.assert_close(project_to_simplex(torch.tensor([0.4, 0.3, 0.1])), torch.tensor([0.4667, 0.3667, 0.1667]),
+                               atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------- ExcessMTL
+def test_excess_mtl_risks_and_exponentiated_weights_by_hand():
+    """Two tasks on a 2-vector, eta = 0.5. Step 1: g1 = (2, 0), g2 = (0, 1): S = g^2, e = g^2 / sqrt(g^2 + 1e-7)
+    summed: e(0) = (2, 1) (to 1e-7), weights stay 1. Step 2: g1 = (2, 0), g2 = (0, 2): S1 = (8, 0), S2 = (0, 5),
+    e = (4 / sqrt8, 4 / sqrt5) = (1.414214, 1.788854), ratios (0.707107, 1.788854); lambda = exp(0.5 ratio)
+    = (1.424119, 2.445934), normalised to sum 2: (0.735969, 1.264031)."""
+    from mtl_lightning.weighting.excess_mtl import ExcessMTL
+
+    model = nn.Module()
+    model.shared = nn.Parameter(torch.zeros(2))
+    model.shared_parameters = lambda: [model.shared]
+    strategy = ExcessMTL(step_size=0.5)
+    strategy.setup(tasks(2), model)
+    strategy.update(strategy.excess_risks(torch.tensor([[2.0, 0.0], [0.0, 1.0]])))
+    torch.testing.assert_close(strategy.initial_risks, torch.tensor([2.0, 1.0]))
+    torch.testing.assert_close(strategy.weights, torch.ones(2))
+    risks = strategy.excess_risks(torch.tensor([[2.0, 0.0], [0.0, 2.0]]))
+    torch.testing.assert_close(risks, torch.tensor([4 / math.sqrt(8), 4 / math.sqrt(5)]))
+    strategy.update(risks)
+    torch.testing.assert_close(strategy.weights, torch.tensor([0.735969, 1.264031]), atol=1e-6, rtol=0)
+    # in the module: the loss is sum_i lambda_i L_i, so every parameter sees the weights
+    x = model.shared
+    losses = [((x - torch.tensor([1.0, 0.0])) ** 2).sum(), ((x - torch.tensor([0.0, 1.0])) ** 2).sum()]
+    total = strategy(losses)
+    torch.testing.assert_close(total, (strategy.weights * torch.stack([l.detach() for l in losses])).sum())
