@@ -38,14 +38,15 @@ EMBEDDING_LAYERS: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     """The ``torch.optim`` class called ``name`` (case-insensitive); ``ValueError`` naming a few otherwise."""
-    classes = {n.lower(): getattr(torch.optim, n) for n in dir(torch.optim)
-               if isinstance(getattr(torch.optim, n), type) and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)}
+    found = {n: getattr(torch.optim, n) for n in dir(torch.optim)}
+    classes = {n.lower(): c for n, c in found.items() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)}
     if name.lower() not in classes:
         raise ValueError(f"unknown optimizer {name!r}; any torch.optim class works, e.g. adam, adamw, sgd, adagrad")
     return classes[name.lower()]
 
 
-def make_optimizer(make: type[torch.optim.Optimizer], params: list[Any], kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+def make_optimizer(make: type[torch.optim.Optimizer], params: list[Any],
+                   kwargs: dict[str, Any]) -> torch.optim.Optimizer:
     """``make(params, **kwargs)``, with PyTorch's fused kernel for Adam/AdamW unless the user chose an implementation.
 
     ``params`` is a list of parameters or of parameter-group dicts. ``torch.optim.Adam``'s
@@ -81,7 +82,8 @@ def no_weight_decay(module: nn.Module, decay_embeddings: bool = False,
 
 
 def decay_groups(parameters: Sequence[nn.Parameter], weight_decay: float, no_decay: set[int]) -> list[dict[str, Any]]:
-    """``[{"params": decayed, "weight_decay": weight_decay}, {"params": the rest, "weight_decay": 0.0}]``, empty ones left out."""
+    """``[{"params": decayed, "weight_decay": weight_decay}, {"params": the rest, "weight_decay": 0.0}]``
+    (an empty group left out)."""
     decayed = [p for p in parameters if id(p) not in no_decay]
     undecayed = [p for p in parameters if id(p) in no_decay]
     return [group for group in ({"params": decayed, "weight_decay": float(weight_decay)},
@@ -126,9 +128,9 @@ def build_optimizers(
         params, kwargs = dense, dict(lr=lr, weight_decay=weight_decay, **extra)
     if tables:
         adam = {k: v for k, v in extra.items() if k in ("betas", "eps")}
-        parts: list[torch.optim.Optimizer] = [
-            LazySparseAdam([p for p in parameters if id(p) in tables], lr=lr if sparse_lr is None else sparse_lr, **adam)
-        ]  # sparse_lr=0.0 is a rate, not "unset"
+        table_lr = lr if sparse_lr is None else sparse_lr  # sparse_lr=0.0 is a rate, not "unset"
+        parts: list[torch.optim.Optimizer] = [LazySparseAdam([p for p in parameters if id(p) in tables], lr=table_lr,
+                                                             **adam)]
         if dense:
             parts.append(make_optimizer(make, params, kwargs))
         built: torch.optim.Optimizer = CombinedOptimizer(parts)

@@ -402,7 +402,8 @@ def test_a_strategy_registers_itself_with_the_decorator():
 
     try:
         assert STRATEGIES["halved"] is Halved and isinstance(create_weighting("halved"), Halved)
-        assert isinstance(build({"class_path": "halved"}, WeightingStrategy, "weighting", registered=STRATEGIES), Halved)
+        built = build({"class_path": "halved"}, WeightingStrategy, "weighting", registered=STRATEGIES)
+        assert isinstance(built, Halved)
         with pytest.raises(ValueError, match="'halved' is already registered by Halved"):
             register_weighting("halved")(type("Other", (Halved,), {}))
         with pytest.raises(TypeError, match="decorates WeightingStrategy subclasses"):
@@ -534,8 +535,8 @@ def test_mgda_upper_bound_weighs_the_representation_gradients():
     rows = [torch.autograd.grad(l, z, retain_graph=True)[0] for l in losses]
     flat = torch.stack([r.reshape(-1) for r in rows])
     alpha = min_norm_weights(flat @ flat.T).float()
-    expected_shared = torch.autograd.grad(z, model.shared_parameters(), grad_outputs=sum(a * r for a, r in zip(alpha, rows)),
-                                          retain_graph=True)
+    combined = sum(a * r for a, r in zip(alpha, rows))
+    expected_shared = torch.autograd.grad(z, model.shared_parameters(), grad_outputs=combined, retain_graph=True)
     heads = [torch.autograd.grad(losses[i], list(model.heads[i].parameters()), retain_graph=True) for i in range(3)]
     model.zero_grad()
     out = model(x)  # the forward hook captures Z
@@ -1034,8 +1035,8 @@ def test_moco_tracks_gradients_and_takes_one_projected_step():
     strategy.combine(g)
     torch.testing.assert_close(strategy.tracked, g * (0.5 + 0.5 * 0.5 / math.sqrt(2)))
     torch.testing.assert_close(project_to_simplex(torch.tensor([0.5, 2.0, -1.0])), torch.tensor([0.0, 1.0, 0.0]))
-    torch.testing.assert_close(project_to_simplex(torch.tensor([0.4, 0.3, 0.1])), torch.tensor([0.4667, 0.3667, 0.1667]),
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(project_to_simplex(torch.tensor([0.4, 0.3, 0.1])),
+                               torch.tensor([0.4667, 0.3667, 0.1667]), atol=1e-4, rtol=0)
 
 
 # ------------------------------------------------------------------- ExcessMTL

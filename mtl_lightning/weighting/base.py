@@ -306,7 +306,7 @@ class RepresentationCapture:
 
     @staticmethod
     def gradients(objectives: Sequence[Tensor], representation: Tensor) -> list[Tensor]:
-        """``grad_Z o_i`` for every objective (zeros where one does not read ``Z``): backward passes down to ``Z`` only."""
+        """``grad_Z o_i`` per objective (zeros where one does not read ``Z``), by backward passes down to ``Z`` only."""
         rows = [torch.autograd.grad(o, representation, retain_graph=True, allow_unused=True)[0] for o in objectives]
         return [torch.zeros_like(representation) if g is None else g for g in rows]
 

@@ -61,7 +61,7 @@ class ExcessMTL(WeightingStrategy):
         self.register_buffer("weights", torch.ones(self.num_tasks))
 
     def excess_risks(self, gradients: Tensor) -> Tensor:
-        """``e_i = g_i^T diag(1 / sqrt(S_i + 1e-7)) g_i`` after adding ``g_i^2`` to the sums ``S_i``; updates the sums."""
+        """``e_i = g_i^T diag(1 / sqrt(S_i + 1e-7)) g_i`` after adding ``g_i^2`` to the sums ``S_i`` (updated)."""
         self.squared_sums += gradients ** 2
         return (gradients ** 2 / torch.sqrt(self.squared_sums + 1e-7)).sum(dim=1)
 

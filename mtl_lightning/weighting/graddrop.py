@@ -88,8 +88,10 @@ class GradDrop(GradientStrategy):
             self._representation.output = None
             return value
         representation = self._representation.take()
-        rows = torch.stack([g.float() for g in RepresentationCapture.gradients(objectives, representation)])  # (T, B, ...)
-        signed = distributed_mean((rows * torch.sign(representation.detach().float())).sum(dim=1))  # (T, ...) batch sums
+        gradients = RepresentationCapture.gradients(objectives, representation)
+        rows = torch.stack([g.float() for g in gradients])  # (T, B, ...)
+        signs = torch.sign(representation.detach().float())
+        signed = distributed_mean((rows * signs).sum(dim=1))  # (T, ...): the sign-corrected batch sums
         masks = sign_dropout_masks(signed, self._uniform(signed.shape[1:], signed))[:, None]  # (T, 1, ...)
         combined = ((self.leak + (1 - self.leak) * masks.float()) * rows).sum(dim=0)
         return value + RepresentationCapture.surrogate(representation, list(rows), combined)

@@ -41,7 +41,7 @@ EPS = 1e-8
 
 def vaccinate(gradients: Tensor, targets: Tensor, beta: float, orders: Sequence[Sequence[int]] | None = None,
               groups: Sequence[int] | None = None) -> Tensor:
-    """GradVac's combined gradient ``sum_i g_i^PC`` from ``(T, P)`` gradients; updates ``targets`` ``(T, T, K)`` in place.
+    """GradVac's combined gradient ``sum_i g_i^PC`` from ``(T, P)`` gradients; updates ``targets`` ``(T, T, K)``.
 
     ``groups`` are the sizes of the ``K`` consecutive slices the vaccine treats apart (default: one);
     ``orders[i]`` the order in which task ``i`` visits the others (default ``0..T-1``).
@@ -60,7 +60,8 @@ def vaccinate(gradients: Tensor, targets: Tensor, beta: float, orders: Sequence[
                 phi = targets[i, j, k]
                 if rho < phi:
                     root_phi = (1 - phi ** 2).clamp(min=0).sqrt()
-                    scale = norm_i * (phi * (1 - rho ** 2).clamp(min=0).sqrt() - rho * root_phi) / (norm_j * root_phi + EPS)
+                    root_rho = (1 - rho ** 2).clamp(min=0).sqrt()
+                    scale = norm_i * (phi * root_rho - rho * root_phi) / (norm_j * root_phi + EPS)
                     projected[i, start:end] = g_i + scale * g_j
                 targets[i, j, k] = (1 - beta) * phi + beta * rho
     return projected.sum(dim=0)

@@ -73,7 +73,8 @@ class MoCo(GradientStrategy):
         step = float(self.num_steps)
         tracked = self.tracked.to(gradients)
         tracked = tracked - self.beta / step ** self.beta_sigma * (tracked - gradients)
-        gram = tracked @ tracked.T + self.rho * torch.eye(self.num_tasks, device=gradients.device, dtype=gradients.dtype)
+        identity = torch.eye(self.num_tasks, device=gradients.device, dtype=gradients.dtype)
+        gram = tracked @ tracked.T + self.rho * identity
         weights = self.weights.to(gradients)
         weights = project_to_simplex(weights - self.gamma / step ** self.gamma_sigma * (gram @ weights))
         self.tracked.copy_(tracked)
