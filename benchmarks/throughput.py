@@ -486,6 +486,8 @@ def main() -> None:
                         help="python of the virtualenv with nextrec and torch-rechub (make bench-anchors)")
     parser.add_argument("--auc", action=argparse.BooleanOptionalAction, default=True,
                         help="also train MMoE dense and sparse for one epoch (--auc-rows) and compare val click AUC")
+    parser.add_argument("--datapath", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure the data path alone, once per repetition")
     parser.add_argument("--auc-rows", type=int, default=200_000, help="training rows of the AUC check's dataset")
     parser.add_argument("--sparse-lr", type=float, default=None, help="sparse_lr of the sparse systems")
     parser.add_argument("--auc-sparse-lr", type=float, default=0.005,
@@ -555,7 +557,7 @@ def main() -> None:
                 if r is not None:
                     r["repetition"] = rep
                     results[m][s].append(r)
-        r = launch(child_command(args, "data path", "mmoe"), "data path", args.timeout)
+        r = launch(child_command(args, "data path", "mmoe"), "data path", args.timeout) if args.datapath else None
         if r is not None:
             datapath.append(r)
 
