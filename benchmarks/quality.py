@@ -8,7 +8,7 @@ architecture that can be built for two binary tasks is trained through
 test AUC of the best validation checkpoint is reported as mean ± std over
 seeds, next to the single-task references and published PaddleRec numbers.
 
-Multi-scenario architectures (those taking ``domain_feature``) get a domain
+Multi-scenario architectures (``multi_scenario = True``) get a domain
 derived from the census column ``sex`` (2 domains: its two values, ids 0 and 1),
 kept as a feature too.
 Architectures whose outputs are not the given tasks (ESMM/ESCM model a
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import inspect
 import multiprocessing
 import statistics
 import sys
@@ -75,11 +74,8 @@ def build_model(name: str, features: list, tasks: list):
     """The architecture with its default hyper-parameters, a domain for multi-scenario ones, or a reason to skip."""
     cls = registry.get(name)
     kwargs = {}
-    parameters = inspect.signature(cls.__init__).parameters
-    if "domain_feature" in parameters:
-        kwargs["domain_feature"] = "domain"
-        if "num_domains" in parameters:
-            kwargs["num_domains"] = 2
+    if cls.multi_scenario:
+        kwargs.update(domain_feature="domain", num_domains=2)
     try:
         model = cls(features=features, tasks=tasks, **kwargs)
     except (ValueError, TypeError) as error:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 
 import pytest
 import torch
@@ -42,14 +41,14 @@ TASKS_FOR = {
     "escm": [Task("ctr", label="click"), Task("cvr", label="conversion"), Task("ctcvr", label="purchase")],
     "aitm": [Task("click"), Task("purchase"), Task("repurchase")],
 }
-# Multi-scenario architectures (constructor takes ``domain_feature``) get a 3-domain sparse feature.
+# Multi-scenario architectures (``multi_scenario = True``) get a 3-domain sparse feature.
 DOMAIN = SparseFeature("domain", 3, 4)
 
 
 def arguments(name: str) -> dict:
     """Features, tasks and small hyper-parameters for the registered architecture ``name``."""
     kwargs = dict(features=FEATURES, tasks=TASKS_FOR.get(name, TASKS), **SMALL.get(name, {}))
-    if "domain_feature" in inspect.signature(registry.get(name)).parameters:
+    if registry.get(name).multi_scenario:
         kwargs.update(features=[*FEATURES, DOMAIN], domain_feature="domain", num_domains=3)
     return kwargs
 
@@ -113,6 +112,31 @@ def test_every_architecture_rebuilds_from_its_config(name):
     x = feature_batch(8)
     for task, out in model(x).items():
         torch.testing.assert_close(clone(x)[task], out)
+
+
+MULTI_SCENARIO_NAMES = [n for n in registry.names() if registry.get(n).multi_scenario]
+
+
+@pytest.mark.parametrize("name", MULTI_SCENARIO_NAMES)
+def test_multi_scenario_architectures_keep_and_read_their_domain(name):
+    torch.manual_seed(0)
+    model = registry.create(name, **arguments(name)).eval()
+    assert (model.domain_feature, model.num_domains) == ("domain", 3)
+    x = feature_batch(12)
+    shifted = {**x, "domain": (x["domain"] + 1) % 3}  # the same rows in another scenario
+    with torch.no_grad():
+        before, after = model(x), model(shifted)
+    assert any(not torch.allclose(before[t], after[t]) for t in model.task_names), f"{name} ignores its domain"
+
+
+def test_multi_scenario_flag_needs_domain_arguments():
+    assert {"star", "hmoe", "pepnet"} <= set(MULTI_SCENARIO_NAMES) and not SharedBottom.multi_scenario
+    with pytest.raises(TypeError, match=r"must take domain_feature= and num_domains=; it lacks \['num_domains'\]"):
+        class NoDomainCount(SharedBottom):  # noqa: F841
+            multi_scenario = True
+
+            def __init__(self, features, tasks, domain_feature: str = "domain") -> None:
+                super().__init__(features, tasks)
 
 
 def test_registry_names_and_unknown_name():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 
 import numpy as np
 import onnx
@@ -37,7 +36,7 @@ FUNNEL = {
 @pytest.mark.parametrize("name", registry.names())
 def test_onnx_and_torchscript_match_pytorch(name, tmp_path):
     arguments = FUNNEL.get(name, dict(tasks=synthetic_tasks()))
-    if "domain_feature" in inspect.signature(registry.get(name)).parameters:
+    if registry.get(name).multi_scenario:
         arguments["domain_feature"] = "city"  # multi-scenario: the synthetic data's city plays the domain
     model = _spread(registry.create(name, features=synthetic_features(embedding_dim=8), **arguments))
     onnx_path = export_onnx(model, tmp_path / f"{name}.onnx")  # traced on the default 4-row example

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtl_lightning import DenseFeature, SparseFeature, Task
+from mtl_lightning import DenseFeature, SparseFeature, Task, registry
 from mtl_lightning.architectures import APG, HMoE, PEPNet, POSOMLP, POSOMMoE, STAR, CrossStitch, SNRAver, SNRTrans
 from mtl_lightning.architectures.apg import APGLinear
 from mtl_lightning.architectures.star import StarLinear
@@ -328,9 +328,9 @@ def test_per_domain_parameters_learn_only_from_their_domain(name):
                     assert grad_view.abs().sum() == 0, f"{name}: {label} gets gradient from domain {d}"
 
 
-@pytest.mark.parametrize("name", ["star", "hmoe", "pepnet"])
+@pytest.mark.parametrize("name", [n for n in registry.names() if registry.get(n).multi_scenario])
 def test_domain_feature_is_checked(name):
-    cls = {"star": STAR, "hmoe": HMoE, "pepnet": PEPNet}[name]
+    cls = registry.get(name)
     model = cls(FEATURES, TASKS, num_domains=2)
     x = batch(6)  # ids 0, 1, 2
     with pytest.raises(ValueError, match=r"domain feature 'domain' has id 2, outside \[0, 2\)"):

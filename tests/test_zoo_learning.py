@@ -60,7 +60,7 @@ def train_on_scenarios(paths, name: str) -> tuple[float, list[float]]:
                            tasks=scenario_tasks(), batch_size=512)
     dm.setup("fit")
     kwargs = dict(SCENARIO[name])
-    if name != "shared_bottom":
+    if registry.get(name).multi_scenario:
         kwargs.update(domain_feature="domain", num_domains=NUM_DOMAINS)
     model = registry.create(name, features=dm.features, tasks=scenario_tasks(), **kwargs)
     module = MultiTaskLightningModule(model, lr=3e-3)
@@ -86,8 +86,9 @@ def shared_bottom_per_domain(scenario_paths):
     return per_domain
 
 
-@pytest.mark.parametrize("name", ["star", "hmoe", "pepnet"])
+@pytest.mark.parametrize("name", [n for n in registry.names() if registry.get(n).multi_scenario])
 def test_multi_scenario_beats_shared_bottom_per_domain(scenario_paths, shared_bottom_per_domain, name):
+    assert name in SCENARIO, f"add small settings for the multi-scenario architecture {name!r} to SCENARIO"
     auc, per_domain = train_on_scenarios(scenario_paths, name)
     assert auc >= 0.70
     baseline = sum(shared_bottom_per_domain) / NUM_DOMAINS

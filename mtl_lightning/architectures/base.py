@@ -13,7 +13,8 @@ and which layer is the last shared one (``last_shared_parameters``, GradNorm's
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
-from typing import Iterable, Mapping, Sequence
+import inspect
+from typing import ClassVar, Iterable, Mapping, Sequence
 
 from torch import Tensor, nn
 
@@ -25,6 +26,20 @@ from ..tasks import Task, check_tasks
 
 class MultiTaskArchitecture(Configurable, nn.Module, metaclass=ABCMeta):
     """Base class: keeps ``features`` and ``tasks`` and defines the hooks the training module uses."""
+
+    #: ``True`` for a multi-scenario (multi-domain) architecture: its constructor takes ``domain_feature=`` (the
+    #: sparse feature holding the scenario id) and ``num_domains=``, and an instance keeps both under those names.
+    #: Tests, benchmarks and per-scenario evaluation read this flag, never the constructor's parameter names.
+    multi_scenario: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("multi_scenario", False):
+            parameters = inspect.signature(cls.__init__).parameters
+            missing = [name for name in ("domain_feature", "num_domains") if name not in parameters]
+            if missing:
+                raise TypeError(f"{cls.__name__} sets multi_scenario = True, so its __init__ must take "
+                                f"domain_feature= and num_domains=; it lacks {missing}")
 
     def __init__(self, features: Sequence[Feature | dict], tasks: Sequence[Task | dict]) -> None:
         nn.Module.__init__(self)

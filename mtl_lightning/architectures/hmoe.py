@@ -48,6 +48,8 @@ from .base import MultiTaskArchitecture, parameters_of
 class HMoE(MultiTaskArchitecture):
     """embedding -> shared experts; per task and scenario a gate and a tower; per task a stacked gate per scenario."""
 
+    multi_scenario = True
+
     def __init__(
         self,
         features: Sequence[Feature | dict],

@@ -46,6 +46,8 @@ from .base import MultiTaskArchitecture, parameters_of
 class PEPNet(MultiTaskArchitecture):
     """embedding -> EPNet (domain gate on the general embedding) -> per-task towers gated by PPNet."""
 
+    multi_scenario = True
+
     def __init__(
         self,
         features: Sequence[Feature | dict],

@@ -64,6 +64,8 @@ class StarLinear(nn.Module):
 class STAR(MultiTaskArchitecture):
     """embedding -> partitioned norm -> star-topology layers -> per-task star output + auxiliary network."""
 
+    multi_scenario = True
+
     def __init__(
         self,
         features: Sequence[Feature | dict],
