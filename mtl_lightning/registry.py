@@ -2,12 +2,17 @@
 
 ``@register("mmoe")`` on a class adds it; ``create("mmoe", features=..., tasks=...)``
 builds one; ``names()`` lists what is registered. A new architecture is one
-file in ``mtl_lightning/architectures`` plus one ``@register`` line.
+file in ``mtl_lightning/architectures`` plus one ``@register`` line: importing
+the package imports every module file in it (:func:`import_submodules`), so no
+import list is kept by hand (the same holds for ``mtl_lightning/weighting``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+import importlib
+import pkgutil
+from types import ModuleType
+from typing import Any, Callable, Iterable, TypeVar
 
 T = TypeVar("T")
 _ARCHITECTURES: dict[str, type] = {}
@@ -24,6 +29,18 @@ def register(name: str) -> Callable[[type[T]], type[T]]:
         return cls
 
     return decorator
+
+
+def import_submodules(package: str, path: Iterable[str], skip: Iterable[str] = ()) -> list[ModuleType]:
+    """Import every module file of ``package`` (its ``__path__``), except the names in ``skip``, in name order.
+
+    A package's ``__init__`` calls it so that each module's decorators
+    (``@register``, ``@register_weighting``) run on import: adding an
+    architecture or a strategy is adding one file.
+    """
+    skipped = set(skip)
+    found = sorted(m.name for m in pkgutil.iter_modules(list(path)) if m.name not in skipped)
+    return [importlib.import_module(f"{package}.{name}") for name in found]
 
 
 def _load() -> None:

@@ -208,3 +208,37 @@ def test_field_view_and_bad_specs():
         Task("t", kind="multiclass")
     with pytest.raises(ValueError, match="unique"):
         SharedBottom(FEATURES, [Task("a"), Task("a")])
+
+
+def test_ple_with_one_level_is_cgc():
+    """CGC (Tang et al., RecSys 2020) is PLE with ``num_levels=1``: task gates over own + shared experts, no shared gate."""
+    torch.manual_seed(0)
+    model = PLE(FEATURES, TASKS[:2], num_levels=1, num_specific_experts=2, num_shared_experts=1, expert_hidden=(6,),
+                tower_hidden=())
+    assert len(model.levels) == 1 and model.levels[0].shared_gate is None
+    x = feature_batch(7)
+    emb = model.embedding(x)
+    level = model.levels[0]
+    shared = level.shared(emb)  # (B, 1, 6)
+    for name in model.task_names:
+        experts = torch.cat([level.specific[name](emb), shared], dim=1)  # own experts first, then the shared one
+        gate = torch.softmax(level.task_gates[name].linear(emb), dim=-1)  # (B, 3)
+        mixed = (gate.unsqueeze(-1) * experts).sum(1)
+        torch.testing.assert_close(model(x)[name], model.towers[name](mixed).squeeze(-1))
+
+
+def test_mmoe_with_one_gate_is_omoe():
+    """OMoE (the one-gate baseline of Ma et al., KDD 2018) is MMoE with ``single_gate=True``."""
+    torch.manual_seed(0)
+    model = MMoE(FEATURES, TASKS[:2], num_experts=3, expert_hidden=(6,), tower_hidden=(), single_gate=True)
+    assert list(model.gates) == ["shared"]
+    x = feature_batch(5)
+    emb = model.embedding(x)
+    mixed = (torch.softmax(model.gates["shared"].linear(emb), -1).unsqueeze(-1) * model.experts(emb)).sum(1)
+    for name in model.task_names:  # every tower reads the same mixture
+        torch.testing.assert_close(model(x)[name], model.towers[name](mixed).squeeze(-1))
+    shared = {id(p) for p in model.shared_parameters()}
+    assert all(id(p) in shared for p in model.gates.parameters())  # the one gate serves every task
+    multi = MMoE(FEATURES, TASKS[:2], num_experts=3, expert_hidden=(6,), tower_hidden=())
+    assert sorted(multi.gates) == ["click", "conversion"]
+    assert not any(id(p) in {id(q) for q in multi.shared_parameters()} for p in multi.gates.parameters())

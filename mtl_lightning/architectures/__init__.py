@@ -1,21 +1,18 @@
-"""Architectures: one file per paper, each registered by name (see ``mtl_lightning.registry``)."""
+"""Architectures: one file per paper, each registered by name (see ``mtl_lightning.registry``).
 
-from .aitm import AITM
-from .apg import APG
+Importing this package imports every module file in it, which registers every
+architecture and makes each registered class importable from here
+(``from mtl_lightning.architectures import MMoE``). A new architecture is one
+new file with an ``@register("name")`` class; nothing here is edited by hand
+(``docs/contributing.md`` has the checklist).
+"""
+
+from __future__ import annotations
+
+from ..registry import _ARCHITECTURES, import_submodules
 from .base import MultiTaskArchitecture
-from .cross_stitch import CrossStitch
-from .escm import ESCM
-from .esmm import ESMM
-from .hmoe import HMoE
-from .mmoe import MMoE
-from .pepnet import PEPNet
-from .ple import PLE
-from .poso import POSOMLP, POSOMMoE
-from .shared_bottom import SharedBottom
-from .snr import SNRAver, SNRTrans
-from .star import STAR
 
-__all__ = [
-    "MultiTaskArchitecture", "SharedBottom", "MMoE", "PLE", "ESMM", "ESCM", "AITM", "SNRTrans", "SNRAver",
-    "CrossStitch", "HMoE", "PEPNet", "POSOMLP", "POSOMMoE", "APG", "STAR",
-]
+import_submodules(__name__, __path__, skip=("base",))
+globals().update({cls.__name__: cls for cls in _ARCHITECTURES.values()})
+
+__all__ = ["MultiTaskArchitecture", *sorted(cls.__name__ for cls in _ARCHITECTURES.values())]

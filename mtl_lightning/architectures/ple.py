@@ -12,6 +12,10 @@ shared experts of the next level. The last level has no shared gate (it would
 feed nothing). At level 1 every input is the shared embedding. Each task's
 tower reads its last-level gate output.
 
+``num_levels=1`` is CGC (Customized Gate Control), the single-level model of
+the same paper: one level of task and shared experts whose task gates feed
+the towers directly (no shared gate).
+
 Choices where the paper is open: every expert has the same ``expert_hidden``
 shape at every level (the input of level l > 1 is a gate output of width
 ``expert_hidden[-1]``); gates are single linear layers with softmax.

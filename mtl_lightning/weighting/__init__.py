@@ -12,16 +12,13 @@ import GradNorm``). Nothing here is edited by hand to add one.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any
 
 from ..config import build
+from ..registry import import_submodules
 from .base import STRATEGIES, GradientStrategy, WeightingStrategy, distributed_mean, register_weighting
 
-for _module in pkgutil.iter_modules(__path__):
-    if _module.name != "base":
-        importlib.import_module(f"{__name__}.{_module.name}")
+import_submodules(__name__, __path__, skip=("base",))
 globals().update({cls.__name__: cls for cls in STRATEGIES.values()})
 
 
