@@ -49,13 +49,19 @@ def _sparse_array(column: pa.ChunkedArray, feature: SparseFeature, path: Path) -
     return column.to_numpy().astype(np.int64, copy=False)
 
 
+_FILL_ADVICE = ("to fill missing values pass ParquetDataModule(fill_missing={{{name!r}: 0.0}}) (a constant) or "
+                "fill_missing={{{name!r}: 'mean'}} (the train split's mean), and missing_indicator=True to add a 0/1 "
+                "feature {name}_missing")
+
+
 def _dense_array(column: pa.ChunkedArray, feature: DenseFeature, path: Path) -> np.ndarray:
     ctype = column.type
     if feature.dim == 1:
         if not (pa.types.is_floating(ctype) or pa.types.is_integer(ctype)):
             raise ValueError(f"{path}: column {feature.name!r} is a DenseFeature but has type {ctype}; it must be numeric")
         if column.null_count:
-            raise ValueError(f"{path}: column {feature.name!r} has {column.null_count} null values")
+            raise ValueError(f"{path}: column {feature.name!r} has {column.null_count} null values; "
+                             + _FILL_ADVICE.format(name=feature.name))
         values = column.to_numpy().astype(np.float32, copy=False)
     else:
         if not (pa.types.is_list(ctype) or pa.types.is_fixed_size_list(ctype) or pa.types.is_large_list(ctype)):
@@ -67,7 +73,9 @@ def _dense_array(column: pa.ChunkedArray, feature: DenseFeature, path: Path) -> 
         values = flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(column), feature.dim)
     if not np.isfinite(values).all():
         bad = int((~np.isfinite(values)).reshape(len(values), -1).any(axis=1).sum())
-        raise ValueError(f"{path}: column {feature.name!r} has NaN or infinite values in {bad} rows")
+        advice = (" " + _FILL_ADVICE.format(name=feature.name)) if feature.dim == 1 and not np.isinf(values).any() else ""
+        raise ValueError(f"{path}: column {feature.name!r} has NaN or infinite values in {bad} rows;{advice or ' '}"
+                         + ("" if advice else "a dense feature must be finite"))
     return values
 
 

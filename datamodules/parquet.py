@@ -34,8 +34,8 @@ from mtl_lightning.tasks import Task, check_tasks
 from .batches import EpochDataLoader, ParquetBatches, _distributed
 from .columns import _dense_array
 from .encoders import (
-    CategoricalEncoder, DenseNormalizer, VocabularyEncoder, encoder_from_state, fit_preprocessing, grow_vocabularies,
-    make_encoder,
+    CategoricalEncoder, DenseNormalizer, MissingFiller, VocabularyEncoder, encoder_from_state, filler_from_state,
+    fit_preprocessing, grow_vocabularies, make_encoder, make_fillers,
 )
 from .files import check_unique, open_file, read_schema
 from .inference import infer_features
@@ -85,6 +85,14 @@ class ParquetDataModule(L.LightningDataModule):
             given in ``features`` for the column keeps its other fields).
         normalize: ``True`` standardises every dense feature, a list of names
             only those, with mean and standard deviation from the train split.
+        fill_missing: ``{column: value}`` for dense features (one value per
+            row) that may hold missing values (null or NaN): ``value`` is a
+            number, or ``"mean"`` for the mean of the values present in the
+            train split. Without it a missing value is refused. A normalised
+            column's statistics are those of the values present.
+        missing_indicator: ``True`` (every column of ``fill_missing``) or a
+            list of them: each gets a dense 0/1 feature ``<column>_missing``
+            (1.0 where the value was missing), added to the features.
         keys: numeric columns carried as ``batch["keys"]`` (written next to the
             predictions by ``ParquetPredictionWriter``).
         group: an integer column (e.g. ``user_id``, which may also be a
@@ -180,6 +188,8 @@ class ParquetDataModule(L.LightningDataModule):
         grow_vocabulary: bool = False,
         allow_retraining: bool = False,
         continue_from: str | Path | None = None,
+        fill_missing: Mapping[str, float | str] | None = None,
+        missing_indicator: bool | Sequence[str] = False,
     ) -> None:
         super().__init__()
         self.paths = {"train": train, "val": val, "test": test, "predict": predict}
@@ -238,6 +248,7 @@ class ParquetDataModule(L.LightningDataModule):
             raise TypeError(f"normalize must be True/False or a list of dense column names, got {normalize!r}")
         self.normalize = normalize if isinstance(normalize, bool) else list(normalize)
         self.normalizers: dict[str, DenseNormalizer] = {}
+        self.fillers: dict[str, MissingFiller] = make_fillers(fill_missing, missing_indicator)
         self.keys = list(keys)
         self.group = group
 
@@ -264,8 +275,10 @@ class ParquetDataModule(L.LightningDataModule):
         exclude = {t.label for t in self.tasks} | ({self.row_id} if self.row_id else set()) | self.exclude
         exclude |= set(self.categorical) | set(self.keys)
         exclude |= {column for pair in self.implied_labels.items() for column in pair} | set(self.labels)
-        return infer_features([first], exclude, self.embedding_dim, stat_files=all_files,
-                              max_vocab=self.max_inferred_vocab, ignore_label=self.ignore_label)
+        inferred = infer_features([first], exclude | set(self.fillers), self.embedding_dim, stat_files=all_files,
+                                  max_vocab=self.max_inferred_vocab, ignore_label=self.ignore_label)
+        # a column to fill is a dense feature, whatever its numeric type (an integer age with nulls is not an id)
+        return inferred + [DenseFeature(name) for name in self.fillers if name not in exclude]
 
     def prepare_features(self) -> list[Feature]:
         if self.continue_from is not None:
@@ -276,7 +289,7 @@ class ParquetDataModule(L.LightningDataModule):
             rank_zero_info("ParquetDataModule inferred features: " + ", ".join(
                 f"{f.name} ({type(f).__name__}" + (f", vocab_size={f.vocab_size})" if hasattr(f, "vocab_size") else ")")
                 for f in self.features))
-        if self.encoders or self.normalize:
+        if self.encoders or self.normalize or self.fillers:
             self._prepare_preprocessing()
         return self.features
 
@@ -286,12 +299,32 @@ class ParquetDataModule(L.LightningDataModule):
 
     def preprocessing_fitted(self) -> bool:
         """Whether every categorical encoder and dense normaliser has its mapping."""
-        return all(e.fitted for e in self.encoders.values()) and all(n.fitted for n in self.normalizers.values())
+        return (all(e.fitted for e in self.encoders.values()) and all(n.fitted for n in self.normalizers.values())
+                and all(f.fitted for f in self.fillers.values()))
+
+    def _indicator_names(self) -> set[str]:
+        return {f.indicator_name for f in self.fillers.values() if f.indicator}
+
+    def _prepare_fillers(self, dense: Mapping[str, DenseFeature]) -> None:
+        """Check the filled columns and add their missing-indicator features."""
+        names = {f.name for f in self.features or []}
+        for name, filler in self.fillers.items():
+            if name not in dense or dense[name].dim != 1:
+                raise ValueError(
+                    f"fill_missing names {name!r}, which is not a dense feature of one value per row (dense: "
+                    f"{sorted(n for n, f in dense.items() if f.dim == 1)}); missing categorical values need no "
+                    "filling: with categorical=... a null gets the out-of-vocabulary id 0"
+                )
+            if filler.indicator and filler.indicator_name not in names:
+                self.features = [*(self.features or []), DenseFeature(filler.indicator_name)]
 
     def _prepare_preprocessing(self) -> None:
         """Create the normalisers, fit what is unfitted on the train split, then give encoded columns their vocab sizes."""
         dense = self._dense_features()
-        wanted = list(dense) if self.normalize is True else ([] if self.normalize is False else self.normalize)
+        self._prepare_fillers(dense)
+        indicators = self._indicator_names()
+        wanted = ([n for n in dense if n not in indicators] if self.normalize is True
+                  else ([] if self.normalize is False else self.normalize))
         for name in wanted:
             if name not in dense:
                 raise ValueError(f"normalize names {name!r}, which is not a dense feature (dense: {sorted(dense)})")
@@ -301,6 +334,7 @@ class ParquetDataModule(L.LightningDataModule):
             fit_preprocessing(
                 self.files("train"), self.encoders, self.normalizers,
                 lambda column, name, path: _dense_array(column, dense[name], path), read_rows=max(self.read_rows, 65_536),
+                fillers=self.fillers,
             )
         if self._grow_from is not None and self.paths["train"] is not None:
             before = {name: e.num_ids for name, e in self.encoders.items() if isinstance(e, VocabularyEncoder)}
@@ -331,6 +365,7 @@ class ParquetDataModule(L.LightningDataModule):
         if not self.preprocessing_fitted():
             unfitted = [n for n, e in self.encoders.items() if not e.fitted]
             unfitted += [n for n, z in self.normalizers.items() if not z.fitted]
+            unfitted += [n for n, z in self.fillers.items() if not z.fitted]
             raise ValueError(
                 f"cannot read the {split} split: the encoders/statistics of {unfitted} are not fitted; give train=... "
                 "to fit them, or restore them from a checkpoint (trainer.predict/validate/test(..., ckpt_path=...), "
@@ -345,12 +380,14 @@ class ParquetDataModule(L.LightningDataModule):
         (``train_partitions``: ``".../day=2026-11-02"`` folders, or files).
         """
         state: dict[str, Any] = {}
-        if (self.encoders or self.normalizers) and self.preprocessing_fitted():
+        if (self.encoders or self.normalizers or self.fillers) and self.preprocessing_fitted():
             state = {
                 "features": [feature_to_config(f) for f in self.features or []],
                 "encoders": {name: e.state_dict() for name, e in self.encoders.items()},
                 "normalization": {name: z.state_dict() for name, z in self.normalizers.items()},
             }
+            if self.fillers:
+                state["fill_missing"] = {name: f.state_dict() for name, f in self.fillers.items()}
         if self.paths["train"] is not None:
             state["partitions"] = {"trained": list(self._trained_partitions), "training": self.train_partitions()}
         elif self._partition_record is not None:  # no train split: the restored record goes on unchanged
@@ -415,6 +452,7 @@ class ParquetDataModule(L.LightningDataModule):
         for name, s in preprocessing["normalization"].items():
             self.normalizers[name] = DenseNormalizer(name, int(s["dim"]))
             self.normalizers[name].load_state_dict(s)
+        self.fillers = {name: filler_from_state(name, s) for name, s in preprocessing.get("fill_missing", {}).items()}
         self.stores.clear()
         self._checked.clear()
         self._row_sources, self._grown_from = {}, None
@@ -543,7 +581,7 @@ class ParquetDataModule(L.LightningDataModule):
         """The checks and conversion of the split's tables (streaming reads, footer checks)."""
         return TableConverter(self.features, tasks, self.row_id, self._carried_keys(), self.encoders, self.normalizers,
                               implied_labels=self.implied_labels if split != "predict" else None,
-                              ignore_label=self.ignore_label)
+                              ignore_label=self.ignore_label, fillers=self.fillers)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.group and isinstance(batch, dict) and "keys" in batch:
@@ -567,7 +605,7 @@ class ParquetDataModule(L.LightningDataModule):
                 self.stores[split] = read_split(
                     self.files(split), self.features, self.tasks, self.row_id, labels_required=split != "predict",
                     keys=self._carried_keys(), implied_labels=self.implied_labels, encoders=self.encoders,
-                    normalizers=self.normalizers, ignore_label=self.ignore_label,
+                    normalizers=self.normalizers, ignore_label=self.ignore_label, fillers=self.fillers,
                 )
 
     def dataset(

@@ -29,7 +29,7 @@ from mtl_lightning.tasks import Task
 from .columns import (
     _column, _dense_array, _key_dtype, _label_array, _sequence_array, _sparse_array, check_implied_labels, key_array,
 )
-from .encoders import CategoricalEncoder, DenseNormalizer, encode_table
+from .encoders import CategoricalEncoder, DenseNormalizer, MissingFiller, encode_table, fill_table
 from .files import ParquetReader, open_file
 from .paths import DataFile, as_data_file
 
@@ -203,8 +203,11 @@ class TableConverter:
         normalizers: Mapping[str, DenseNormalizer] | None = None,
         implied_labels: Mapping[str, str] | None = None,
         ignore_label: float | None = -1,
+        fillers: Mapping[str, MissingFiller] | None = None,
     ) -> None:
         self.features = list(features)
+        self.fillers = dict(fillers or {})
+        self._indicators = {f.indicator_name for f in self.fillers.values() if f.indicator}
         self.ignore_label = ignore_label
         self.implied_labels = dict(implied_labels or {})
         self.tasks = list(tasks)
@@ -215,7 +218,8 @@ class TableConverter:
 
     @property
     def columns(self) -> list[str]:
-        names = [f.name for f in self.features] + [t.label for t in self.tasks] + self.keys
+        names = [f.name for f in self.features if f.name not in self._indicators]  # indicators come from their column
+        names += [t.label for t in self.tasks] + self.keys
         names += [c for pair in self.implied_labels.items() for c in pair]
         return list(dict.fromkeys(names + ([self.row_id] if self.row_id else [])))
 
@@ -245,6 +249,7 @@ class TableConverter:
         when there is no row id column).
         """
         table = encode_table(table, self.encoders, path)
+        table = fill_table(table, self.fillers, path)
         if self.implied_labels:  # counted in this table
             check_implied_labels(table, self.implied_labels, path)
         if store is None:
@@ -293,6 +298,8 @@ def read_split(
     encoders: Mapping[str, CategoricalEncoder] | None = None,
     normalizers: Mapping[str, DenseNormalizer] | None = None,
     ignore_label: float | None = -1,
+    fillers: Mapping[str, MissingFiller] | None = None,
+    progress: Any = None,
 ) -> ColumnStore:
     """Read and check every row group of every file of a split into one ``ColumnStore``.
 
@@ -303,6 +310,7 @@ def read_split(
     files). With ``labels_required=False`` (prediction) only the labels every
     file has are read and ``implied_labels`` are not checked. ``ignore_label``
     is the label value that means "no label" (see ``columns._label_array``).
+    ``fillers`` fill missing dense values; ``progress(rows)``, if given, is called after each row group.
     """
     files = [as_data_file(file) for file in files]
     parquets: list[ParquetReader] = []
@@ -316,7 +324,8 @@ def read_split(
             if parquet.metadata.num_rows == 0:
                 raise ValueError(f"{path}: file is empty (0 rows)")
         convert = TableConverter(features, tasks, row_id, keys, encoders, normalizers,
-                                 implied_labels if labels_required else None, ignore_label=ignore_label)
+                                 implied_labels if labels_required else None, ignore_label=ignore_label,
+                                 fillers=fillers)
         store = ColumnStore(convert.slots(schemas[0], files[0].path), sum(p.metadata.num_rows for p in parquets))
         at = 0
         for path, parquet, schema in zip(files, parquets, schemas):
@@ -326,6 +335,8 @@ def read_split(
                 if table.num_rows:
                     convert(table, parquet.path, at, store=store, at=at)
                     at += table.num_rows
+                if progress is not None:
+                    progress(table.num_rows)
     finally:
         for parquet in parquets:
             parquet.close()
