@@ -31,14 +31,27 @@ value, so an unknown id is served as such; with ids encoded elsewhere, reserve
 id 0 for "unknown" to get the same. PyTorch code (``predict_step``) keeps
 refusing such ids.
 
+Preprocessing. Next to ``model.onnx`` / ``model.pt`` both exports write
+``model.preprocessing.json``: the model's feature specs (its inputs, in order)
+and, given the data module (``datamodule=``: a ``ParquetDataModule`` or its
+``state_dict()``), what it fitted on the train split -- vocabularies, hashing
+parameters, normalisation statistics and missing-value fills.
+``datamodules.serving.Preprocessor`` applies that file to raw rows (strings,
+nulls, NaN) with the data module's own converter, so served outputs equal
+``trainer.predict``'s. ``export_torchscript`` also writes
+``model.preprocessing.pt``, the same transform as a TorchScript module
+(:class:`ScriptedPreprocessing`), where every encoder is a vocabulary (string
+hashing is pandas' SipHash, which TorchScript does not have; with a hashed
+column only the JSON file is written, and a warning says so).
+
 Example::
 
     from mtl_lightning.export import export_onnx, export_torchscript
     module = MultiTaskLightningModule.load_from_checkpoint("last.ckpt")
-    export_onnx(module, "model.onnx")          # onnxruntime: sess.run(None, {"user_id": ids, ...})
-    export_torchscript(module, "model.pt")     # torch.jit.load("model.pt")({"user_id": ids, ...})
+    export_onnx(module, "model.onnx", datamodule=dm)       # onnxruntime: sess.run(None, {"user_id": ids, ...})
+    export_torchscript(module, "model.pt", datamodule=dm)  # torch.jit.load("model.pt")({"user_id": ids, ...})
 
-or from a checkpoint on the command line::
+or from a checkpoint on the command line (the checkpoint holds the data module's state)::
 
     python -m mtl_lightning.export path/to/last.ckpt --onnx model.onnx --torchscript model.pt
 """
@@ -46,15 +59,16 @@ or from a checkpoint on the command line::
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .architectures.base import MultiTaskArchitecture
-from .features import DenseFeature, Feature, SequenceFeature, SparseFeature
+from .features import DenseFeature, Feature, SequenceFeature, SparseFeature, feature_from_config
 
 
 def _architecture(model: nn.Module) -> MultiTaskArchitecture:
@@ -129,10 +143,120 @@ class _PositionalServingModel(ServingModel):
         return tuple(outputs[name] for name in self.binary)
 
 
+def preprocessing_path(path: str | Path, suffix: str = ".json") -> Path:
+    """Where an export writes its preprocessing: ``model.onnx`` -> ``model.preprocessing.json`` (or ``.pt``)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.preprocessing{suffix}")
+
+
+def _data_state(datamodule: Any) -> dict[str, Any]:
+    if datamodule is None:
+        return {}
+    if isinstance(datamodule, Mapping):
+        return dict(datamodule)
+    if callable(getattr(datamodule, "state_dict", None)):
+        return dict(datamodule.state_dict())
+    raise TypeError(f"datamodule must be a ParquetDataModule or its state_dict(), got {type(datamodule).__name__}")
+
+
+def write_preprocessing(model: nn.Module, path: str | Path, datamodule: Any = None) -> Path:
+    """Write ``model.preprocessing.json`` next to the model file ``path``; see the module docstring."""
+    from datamodules.serving import preprocessing_state
+
+    state = preprocessing_state(_architecture(model).features, _data_state(datamodule))
+    target = preprocessing_path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(state))
+    return target
+
+
+class ScriptedPreprocessing(nn.Module):
+    """Raw columns -> the model's inputs, as a TorchScript module (what ``datamodules.serving.Preprocessor`` does).
+
+    ``forward(strings: Dict[str, List[Optional[str]]], numbers: Dict[str, Tensor]) -> Dict[str, Tensor]``:
+    ``strings`` holds the raw string columns of the vocabulary-encoded features
+    (``None`` = null), ``numbers`` every other column: integer categorical
+    columns (``(B,)`` int64, encoded by their vocabulary), integer ids given as
+    they are (``(B,)``), dense columns (``(B,)`` or ``(B, dim)``, NaN = missing
+    where ``fill_missing`` filled it in training) and sequences, already padded
+    (``(B, max_len)`` int64). Vocabularies, fills, indicators and normalisation
+    are applied as in training; unknown values and ids get id 0.
+    """
+
+    def __init__(self, preprocessing: Mapping[str, Any]) -> None:
+        super().__init__()
+        features = [feature_from_config(dict(f)) for f in preprocessing["features"]]
+        encoders = dict(preprocessing.get("encoders", {}))
+        hashed = sorted(name for name, e in encoders.items() if e["kind"] != "vocabulary")
+        if hashed:
+            raise ValueError(f"columns {hashed} are hashed: the TorchScript preprocessing supports vocabularies only "
+                             "(use datamodules.serving.Preprocessor, which applies every encoder)")
+        fills = dict(preprocessing.get("fill_missing", {}))
+        indicator_of = {n + "_missing": n for n, f in fills.items() if f["indicator"]}
+        normalization = dict(preprocessing.get("normalization", {}))
+        attribute = torch.jit.Attribute  # typed attributes: TorchScript cannot infer the type of an empty dict
+        self.string_vocab = attribute({n: {v: i + 1 for i, v in enumerate(e["values"])}
+                                       for n, e in encoders.items() if e["value_type"] == "string"},
+                                      Dict[str, Dict[str, int]])
+        self.int_vocab = attribute({n: {int(v): i + 1 for i, v in enumerate(e["values"])}
+                                    for n, e in encoders.items() if e["value_type"] != "string"}, Dict[str, Dict[int, int]])
+        self.fill_value = attribute({n: float(f["value"]) for n, f in fills.items()}, Dict[str, float])
+        self.indicator_of = attribute(indicator_of, Dict[str, str])
+        self.mean = attribute({n: torch.tensor(z["mean"], dtype=torch.float32) for n, z in normalization.items()},
+                              Dict[str, Tensor])
+        self.std = attribute({n: torch.tensor(z["std"], dtype=torch.float32) for n, z in normalization.items()},
+                             Dict[str, Tensor])
+        self.dense = attribute([f.name for f in features if isinstance(f, DenseFeature) and f.name not in indicator_of],
+                               List[str])
+        self.id_limit = attribute({f.name: int(f.vocab_size) for f in features
+                                   if isinstance(f, SparseFeature) and f.name not in encoders}, Dict[str, int])
+        self.passed = attribute([f.name for f in features if isinstance(f, SequenceFeature)], List[str])
+
+    def forward(self, strings: Dict[str, List[Optional[str]]], numbers: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        out: Dict[str, Tensor] = {}
+        for name, vocab in self.string_vocab.items():
+            ids: List[int] = []
+            for value in strings[name]:
+                if value is None:
+                    ids.append(0)
+                else:
+                    ids.append(vocab.get(value, 0))
+            out[name] = torch.tensor(ids, dtype=torch.long)
+        for name, ivocab in self.int_vocab.items():
+            raw: List[int] = numbers[name].tolist()
+            ids = torch.jit.annotate(List[int], [])
+            for value in raw:
+                ids.append(ivocab.get(value, 0))
+            out[name] = torch.tensor(ids, dtype=torch.long)
+        for name, limit in self.id_limit.items():
+            given = numbers[name].long()
+            out[name] = torch.where((given >= 0) & (given < limit), given, torch.zeros_like(given))
+        for name in self.dense:
+            values = numbers[name].to(torch.float32)
+            if name in self.fill_value:
+                missing = torch.isnan(values)
+                values = torch.where(missing, torch.full_like(values, self.fill_value[name]), values)
+                if name + "_missing" in self.indicator_of:
+                    out[name + "_missing"] = missing.to(torch.float32)
+            if bool(torch.isnan(values).any()):
+                raise ValueError("column " + name + " has missing values and no fill_missing in training")
+            if name in self.mean:
+                values = (values - self.mean[name]) / self.std[name]
+            out[name] = values
+        for name in self.passed:
+            out[name] = numbers[name].long()
+        return out
+
+
 def export_onnx(
-    model: nn.Module, path: str | Path, example: Mapping[str, Tensor] | None = None, opset_version: int = 17
+    model: nn.Module, path: str | Path, example: Mapping[str, Tensor] | None = None, opset_version: int = 17,
+    datamodule: Any = None,
 ) -> Path:
-    """Write ``model`` (architecture or Lightning module) as ONNX to ``path``; see the module docstring."""
+    """Write ``model`` (architecture or Lightning module) as ONNX to ``path`` and its preprocessing beside it.
+
+    ``datamodule``: the ``ParquetDataModule`` it was trained with (or its ``state_dict()``); see the module docstring.
+    """
+    write_preprocessing(model, path, datamodule)
     serving = _PositionalServingModel(model).eval()
     example = dict(example) if example is not None else example_features(serving.model.features)
     missing = [n for n in serving.feature_names if n not in example]
@@ -156,8 +280,22 @@ def export_onnx(
     return path
 
 
-def export_torchscript(model: nn.Module, path: str | Path, example: Mapping[str, Tensor] | None = None) -> Path:
-    """Trace ``model`` (architecture or Lightning module) and save it as TorchScript to ``path``."""
+def export_torchscript(
+    model: nn.Module, path: str | Path, example: Mapping[str, Tensor] | None = None, datamodule: Any = None
+) -> Path:
+    """Trace ``model`` (architecture or Lightning module) and save it as TorchScript to ``path``, its preprocessing beside it.
+
+    ``datamodule``: the ``ParquetDataModule`` it was trained with (or its ``state_dict()``); see the module docstring.
+    """
+    state = json.loads(write_preprocessing(model, path, datamodule).read_text())
+    scripted_path = preprocessing_path(path, ".pt")
+    hashed = sorted(name for name, e in state["encoders"].items() if e["kind"] != "vocabulary")
+    if hashed:
+        scripted_path.unlink(missing_ok=True)
+        warnings.warn(f"{scripted_path} not written: columns {hashed} are hashed, which the TorchScript preprocessing "
+                      f"cannot do; serve with datamodules.serving.Preprocessor and {preprocessing_path(path)}")
+    else:
+        torch.jit.script(ScriptedPreprocessing(state)).save(str(scripted_path))
     serving = ServingModel(model)
     # a frozen copy: the saved module's outputs then do not require gradients (the given model is left as it is)
     serving = copy.deepcopy(serving).eval().requires_grad_(False)
@@ -186,13 +324,20 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.onnx or args.torchscript):
         parser.error("give --onnx and/or --torchscript")
     module = MultiTaskLightningModule.load_from_checkpoint(args.checkpoint, map_location="cpu")
+    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    data_state = checkpoint.get("ParquetDataModule") if isinstance(checkpoint, dict) else None
     if args.onnx:
-        print(f"ONNX: {export_onnx(module, args.onnx, opset_version=args.opset)}")
+        print(f"ONNX: {export_onnx(module, args.onnx, opset_version=args.opset, datamodule=data_state)}")
+        print(f"preprocessing: {preprocessing_path(args.onnx)}")
     if args.torchscript:
-        print(f"TorchScript: {export_torchscript(module, args.torchscript)}")
+        print(f"TorchScript: {export_torchscript(module, args.torchscript, datamodule=data_state)}")
+        print(f"preprocessing: {preprocessing_path(args.torchscript)}"
+              + (f", {preprocessing_path(args.torchscript, '.pt')}"
+                 if preprocessing_path(args.torchscript, ".pt").exists() else ""))
 
 
-__all__ = ["export_onnx", "export_torchscript", "ServingModel", "example_features", "id_limits"]
+__all__ = ["export_onnx", "export_torchscript", "ServingModel", "ScriptedPreprocessing", "example_features", "id_limits",
+           "preprocessing_path", "write_preprocessing"]
 
 
 if __name__ == "__main__":
