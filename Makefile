@@ -8,7 +8,7 @@ TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.2"
 # TorchRec (mtl_lightning.distributed.TorchRecStrategy) and its fbgemm kernels, the release built for torch 2.13:
 # the CPU build without an NVIDIA GPU, the CUDA one with. Installed with --no-deps: torchrec's own requirements pull
 # the CUDA fbgemm (several hundred MB, sharing the fbgemm_gpu folder with the CPU build) and pin torchmetrics==1.0.3;
-# the pure-Python packages it imports come from pyproject's `torchrec` extra. Another torch: see README.
+# the pure-Python packages it imports come from pyproject's `torchrec` extra. Another torch: see docs/distributed.md.
 FBGEMM_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "fbgemm-gpu==1.8.0" || echo "fbgemm-gpu-cpu==1.8.0")
 TORCHREC_SPEC := torchrec==1.8.0
 
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,torchrec]"
 	if $(PY) -c "import sys, torch; sys.exit(not torch.__version__.startswith('2.13.'))"; then \
 		$(PY) -m pip install -q --no-deps "$(FBGEMM_SPEC)" "$(TORCHREC_SPEC)"; \
-	else echo "TorchRec not installed: $(FBGEMM_SPEC) is built for torch 2.13 (README: Sharded embeddings)"; fi
+	else echo "TorchRec not installed: $(FBGEMM_SPEC) is built for torch 2.13 (docs/distributed.md: Sharded embeddings)"; fi
 	touch $(STAMP)
 
 demo: $(STAMP)

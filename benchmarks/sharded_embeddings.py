@@ -328,7 +328,7 @@ def main() -> None:
     from mtl_lightning.distributed import torchrec_available
 
     if not torchrec_available():
-        raise SystemExit("TorchRec is not installed: `make setup` (or see README, Sharded embeddings: Install)")
+        raise SystemExit("TorchRec is not installed: `make setup` (or see docs/distributed.md, Sharded embeddings: Install)")
     table_bytes = 4 * args.table_rows * args.table_dim * 4
     need = 2 * 5 * table_bytes  # DDP, per rank: weights, Adam's two moments, gradients, DDP's gradient buckets
     try:

@@ -2,7 +2,7 @@
 
 Prints training rows/s, the validation metrics and checks that the prediction
 files hold every row of the predict split once. The Trainer flags are the ones
-the README gives for GPUs:
+docs/distributed.md gives for GPUs:
 
     .venv/bin/python benchmarks/streaming_train.py                                  # auto accelerator, 1 device
     .venv/bin/python benchmarks/streaming_train.py --strategy ddp --devices 2       # 2 GPUs (or 2 CPU processes)

@@ -180,8 +180,8 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
             the rows a batch touches are read and updated;
             ``betas``/``eps`` come from ``optimizer_kwargs`` when given; the
             other parameters use ``optimizer``). It pays when updating the
-            tables is a large part of a step; on the README's 2-core CPU
-            benchmark it is not faster than dense training with fused Adam.
+            tables is a large part of a step; on the 2-core CPU
+            benchmark (docs/performance.md) it is not faster than dense training with fused Adam.
             The tables get no weight decay. Works with
             checkpoints and with DDP on the gloo backend (sparse gradients are
             all-reduced); refused for other distributed backends and strategies

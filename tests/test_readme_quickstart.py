@@ -13,7 +13,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def quickstart_code() -> str:
     text = README.read_text()
-    section = text[text.index("## In Python"):]
+    section = text[text.index("## Python quickstart"):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 

@@ -16,7 +16,7 @@ VOCABULARY_HINT = (
     "more or fewer ids; to resume, build the model with the checkpoint's feature specs (its "
     "hyper_parameters['model']['init_args']['features'], e.g. passed as ParquetDataModule(features=...)), "
     "or start a new run (fit without ckpt_path) to train the new vocabulary; for day-by-day training, let "
-    "ParquetDataModule(grow_vocabulary=True) grow it (README: Incremental training)"
+    "ParquetDataModule(grow_vocabulary=True) grow it (docs/object-stores.md: Incremental training)"
 )
 
 
