@@ -131,7 +131,7 @@ def test_every_architecture_trains_under_the_strategy(name):
 
 
 # ------------------------------------------------------------------ weighting
-@pytest.mark.parametrize("weighting", ["pcgrad", "dbmtl"])
+@pytest.mark.parametrize("weighting", ["pcgrad", "dbmtl", "excess_mtl", "modo"])
 def test_weighting_on_per_task_table_gradients_is_refused(weighting):
     from mtl_lightning.distributed import TorchRecStrategy
 

@@ -18,6 +18,7 @@ from mtl_lightning.weighting import (
     register_weighting,
 )
 from mtl_lightning.weighting.dwa import dwa_weights
+from mtl_lightning.weighting.moco import project_to_simplex
 from mtl_lightning.weighting.pcgrad import project_conflicting
 
 
@@ -1064,3 +1065,248 @@ def test_excess_mtl_risks_and_exponentiated_weights_by_hand():
     losses = [((x - torch.tensor([1.0, 0.0])) ** 2).sum(), ((x - torch.tensor([0.0, 1.0])) ** 2).sum()]
     total = strategy(losses)
     torch.testing.assert_close(total, (strategy.weights * torch.stack([l.detach() for l in losses])).sum())
+
+
+# ------------------------------------------------------- double sampling (MoDo, SDMGrad)
+class DictToy(Toy):
+    """Toy whose forward returns ``{task: (B,)}``, as an architecture does (the sampled strategies hook it)."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {f"t{i}": out for i, out in enumerate(super().forward(x))}
+
+
+def _sample_split_case(strategy, num_rows: int = 12):
+    """A DictToy step with two MSE tasks; returns the model, the losses' inputs and each row's sample."""
+    torch.manual_seed(0)
+    model = DictToy()
+    strategy.setup(tasks(2), model)
+    x, y = torch.randn(num_rows, 8), torch.randn(2, num_rows)
+    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(0))  # the strategy's first draw
+    groups = torch.empty(num_rows, dtype=torch.long)
+    groups[order] = torch.arange(num_rows) % 3
+    return model, x, y, groups
+
+
+def _group_gradients(model, x, y, groups) -> torch.Tensor:
+    """(3, T, P): the gradient of each task's MSE on each group's rows alone (for a mean loss, what the strategy's
+    B/|s|-scaled share of the batch gradient equals)."""
+    shared = model.shared_parameters()
+    rows = torch.zeros(3, 2, 36)
+    for s in range(3):
+        out = model(x[groups == s])
+        for i in range(2):
+            loss = ((out[f"t{i}"] - y[i][groups == s]) ** 2).mean()
+            rows[s, i] = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, shared, retain_graph=True)])
+    return rows
+
+
+def test_modo_weight_step_and_update_by_hand():
+    """gamma = 0.1, rho = 0.1, lambda0 = (0.5, 0.5), G1 = [[1, 0], [0, 1]], G2 = [[1, 0], [-1, 1]], G3 = [[2, 0], [0, -1]]:
+    G2^T lambda = (0, 0.5), G1 (0, 0.5) = (0, 0.5), + rho lambda = (0.05, 0.55); lambda - 0.1 (0.05, 0.55) = (0.495,
+    0.445), projected (+0.03 each) = (0.525, 0.475); the update G3^T lambda = (1.05, -0.475)."""
+    from mtl_lightning.weighting.modo import MoDo
+
+    strategy = MoDo(gamma=0.1, rho=0.1)
+    strategy.setup(tasks(2), DictToy())
+    samples = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [-1.0, 1.0]], [[2.0, 0.0], [0.0, -1.0]]])
+    torch.testing.assert_close(strategy.combine_samples(samples), torch.tensor([1.05, -0.475]))
+    torch.testing.assert_close(strategy.weights, torch.tensor([0.525, 0.475]))
+    torch.testing.assert_close(strategy.last_weights, torch.tensor([0.525, 0.475]))
+    with pytest.raises(ValueError, match="gamma > 0"):
+        MoDo(gamma=0.0)
+
+
+def test_modo_splits_the_batch_into_three_samples_in_the_module_step():
+    """In a step: the three samples are the rows of a seeded permutation cut in turn; lambda moves with the first
+    two groups' gradients, the shared layer gets the third's G3^T lambda, each head its own full-batch gradient;
+    the generator is extra state, so the next split is reproducible."""
+    from mtl_lightning.weighting.modo import MoDo
+
+    strategy = MoDo(gamma=0.5, rho=0.1)
+    model, x, y, groups = _sample_split_case(strategy)
+    samples = _group_gradients(model, x, y, groups)
+    lam = torch.full((2,), 0.5)
+    lam = project_to_simplex(lam - 0.5 * (samples[0] @ (samples[1].T @ lam) + 0.1 * lam))
+    out = model(x)
+    losses = [((out[f"t{i}"] - y[i]) ** 2).mean() for i in range(2)]
+    heads = [torch.autograd.grad(losses[i], list(model.heads[i].parameters()), retain_graph=True) for i in range(2)]
+    state = strategy.state_dict()
+    total = strategy(losses)
+    assert total.item() == pytest.approx(sum(l.item() for l in losses))
+    total.backward()
+    torch.testing.assert_close(strategy.weights, lam)
+    assert not torch.allclose(lam, torch.full((2,), 0.5))
+    torch.testing.assert_close(flat_grad(model.shared_parameters()), lam @ samples[2], atol=1e-6, rtol=1e-5)
+    for i in range(2):
+        for p, g in zip(model.heads[i].parameters(), heads[i]):
+            torch.testing.assert_close(p.grad, g)
+    again = MoDo(gamma=0.5, rho=0.1)
+    again.setup(tasks(2), DictToy())
+    again.load_state_dict(state)  # the generator before the step: the same split
+    assert torch.equal(again.groups(12), groups)
+    with pytest.raises(ValueError, match="batch of 2 rows is too small"):
+        strategy.groups(2)
+
+
+def test_sdmgrad_inner_steps_and_direction_by_hand():
+    """g = [[1, 0], [-1, 1]] as both xi and xi': GG = [[1, -1], [-1, 2]], scale = mean(1, sqrt2)^2 = 1.457107;
+    lambda = 0.3, lr = 1, momentum 0.5, w0 = (0.5, 0.5). Step 1: grad = GG w / s + 0.3 mean_j(GG)_ij / s = (0, 0.446090);
+    w - grad = (0.5, 0.053910) -> projected (0.723045, 0.276955). Step 2: grad = (0.306148, -0.013131), buffer = 0.5
+    (0, 0.446090) + grad = (0.306148, 0.209914), w - buffer = (0.416897, 0.067041) -> (0.674928, 0.325072).
+    Direction from zeta: coefficients (w + 0.3 / 2) / 1.3."""
+    from mtl_lightning.weighting.sdmgrad import SDMGrad, sdmgrad_inner
+
+    g = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+    start = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    one = sdmgrad_inner(g @ g.T, start, 0.3, num_steps=1, lr=1.0)
+    torch.testing.assert_close(one, torch.tensor([0.723045, 0.276955], dtype=torch.float64), atol=1e-6, rtol=0)
+    two = sdmgrad_inner(g @ g.T, start, 0.3, num_steps=2, lr=1.0)
+    torch.testing.assert_close(two, torch.tensor([0.674928, 0.325072], dtype=torch.float64), atol=1e-6, rtol=0)
+    strategy = SDMGrad(regularization=0.3, num_steps=2, lr=1.0)
+    strategy.setup(tasks(2), DictToy())
+    zeta = torch.tensor([[2.0, 0.0], [0.0, 4.0]])
+    coefficients = (two.float() + 0.15) / 1.3
+    torch.testing.assert_close(strategy.combine_samples(torch.stack([zeta, g.float(), g.float()])),
+                               torch.tensor([2 * coefficients[0], 4 * coefficients[1]]))
+    torch.testing.assert_close(strategy.last_weights, coefficients)
+    torch.testing.assert_close(strategy.weights, two)  # warm start for the next step
+    # lambda -> large: the average gradient; many steps with lambda = 0: MGDA's min-norm point (0.6, 0.4)
+    torch.testing.assert_close(sdmgrad_inner(g @ g.T, start, 0.0, num_steps=500, lr=0.1, momentum=0.0),
+                               torch.tensor([0.6, 0.4], dtype=torch.float64), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="regularization >= 0"):
+        SDMGrad(regularization=-1.0)
+
+
+def test_sdmgrad_in_the_module_step_uses_xi_for_w_and_zeta_for_the_update():
+    from mtl_lightning.weighting.sdmgrad import SDMGrad, sdmgrad_inner
+
+    strategy = SDMGrad()
+    model, x, y, groups = _sample_split_case(strategy, num_rows=15)
+    samples = _group_gradients(model, x, y, groups)
+    w = sdmgrad_inner((samples[1] @ samples[2].T).double(), torch.full((2,), 0.5, dtype=torch.float64), 0.3)
+    coefficients = ((w + 0.15) / 1.3).float()
+    out = model(x)
+    strategy([((out[f"t{i}"] - y[i]) ** 2).mean() for i in range(2)]).backward()
+    torch.testing.assert_close(strategy.weights, w)
+    torch.testing.assert_close(flat_grad(model.shared_parameters()), coefficients @ samples[0], atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------- PE-LTR
+def test_pe_ltr_pec_solver_and_exact_solver_by_hand():
+    """Orthogonal gradients with M = diag(1, 4, 2), c = (0, 0.5, 0). Relaxed: omega ~ 1/M_ii = (4, 1, 2)/7, so
+    omega_hat = omega - c = (8, -5, 4)/14; projected onto {x >= 0, sum x = 0.5}: minus 5/28 -> (11/28, 0, 3/28); PEC:
+    (11/28, 1/2, 3/28). Exact: omega_2 = 1/2 at its bound and omega_1 + omega_3 = 1/2 with omega_1 = 2 omega_3:
+    (1/3, 1/2, 1/6), a smaller norm (7/6 < 1.1773) that PEC's projection misses."""
+    from mtl_lightning.weighting.pe_ltr import exact_weights, pec_weights
+
+    gram = torch.diag(torch.tensor([1.0, 4.0, 2.0], dtype=torch.float64))
+    c = torch.tensor([0.0, 0.5, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(pec_weights(gram, c), torch.tensor([11 / 28, 0.5, 3 / 28], dtype=torch.float64))
+    torch.testing.assert_close(exact_weights(gram, c), torch.tensor([1 / 3, 0.5, 1 / 6], dtype=torch.float64))
+    # two conflicting gradients (1, 0), (-1, 1): the min-norm point (0.6, 0.4) is feasible for c = (0.1, 0.1) and both
+    # solvers return it; for c = (0.1, 0.5) the relaxed omega_hat = (0.5, -0.1) is projected to (0.4, 0): (0.5, 0.5)
+    g = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+    for solve in (pec_weights, exact_weights):
+        torch.testing.assert_close(solve(g @ g.T, torch.tensor([0.1, 0.1])), torch.tensor([0.6, 0.4], dtype=torch.float64))
+        torch.testing.assert_close(solve(g @ g.T, torch.tensor([0.1, 0.5])), torch.tensor([0.5, 0.5], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("num_tasks, dim", [(3, 5), (4, 3), (5, 40)])
+def test_pe_ltr_exact_weights_satisfy_the_kkt_conditions(num_tasks, dim):
+    """KKT of min ||G^T omega||^2 on {omega >= c, sum omega = 1}: with v = G G^T omega, v_i = min_j v_j wherever
+    omega_i > c_i, and v_i >= min_j v_j everywhere (equivalently, MGDA's conditions on the shifted problem)."""
+    from mtl_lightning.weighting.pe_ltr import exact_weights
+
+    generator = torch.Generator().manual_seed(num_tasks * dim)
+    for trial in range(10):
+        g = torch.randn(num_tasks, dim, generator=generator, dtype=torch.float64)
+        if trial % 2:
+            g += 3 * torch.randn(1, dim, generator=generator, dtype=torch.float64)
+        c = torch.rand(num_tasks, generator=generator, dtype=torch.float64)
+        c = c / c.sum() * 0.8 * float(torch.rand((), generator=generator))
+        omega = exact_weights(g @ g.T, c)
+        v = g @ g.T @ omega
+        scale = float((g @ g.T).diagonal().max())
+        assert (omega >= c - 1e-12).all() and abs(float(omega.sum()) - 1) < 1e-12
+        free = omega > c + 1e-12
+        assert free.any() and (v[free] - v.min() <= 1e-9 * scale).all(), (omega, c, v)
+
+
+def test_pe_ltr_steps_with_the_current_weights_then_solves_the_next():
+    from mtl_lightning.weighting.pe_ltr import PELTR, pec_weights
+
+    model = nn.Module()
+    model.shared = nn.Parameter(torch.zeros(2))
+    model.shared_parameters = lambda: [model.shared]
+    strategy = PELTR(lower_bounds={"t1": 0.5})
+    strategy.setup([Task("t0", kind="regression"), Task("t1", kind="regression", weight=2.0)], model)
+    x = model.shared
+    losses = [((x - torch.tensor([1.0, 0.0])) ** 2).sum() / 2, ((x - torch.tensor([0.0, 1.0])) ** 2).sum() / 2]
+    total = strategy(losses)
+    torch.testing.assert_close(strategy.last_weights, torch.tensor([0.5, 1.0]))  # omega = 1/T, times Task.weight
+    total.backward()
+    torch.testing.assert_close(x.grad, torch.tensor([-0.5, -1.0]))  # 0.5 (x - e1) + 1.0 (x - e2) at x = 0
+    g = torch.tensor([[-1.0, 0.0], [0.0, -2.0]], dtype=torch.float64)  # gradients of 1 * L_0 and 2 * L_1 at 0
+    torch.testing.assert_close(strategy.weights, pec_weights(g @ g.T, torch.tensor([0.0, 0.5])))
+    torch.testing.assert_close(strategy.weights, torch.tensor([0.5, 0.5], dtype=torch.float64))  # 0.8, 0.2 -> bound
+    with pytest.raises(ValueError, match="sum to less than 1"):
+        PELTR(lower_bounds=0.5).setup(tasks(2), model)
+    with pytest.raises(ValueError, match=r"unknown tasks \['nope'\]"):
+        PELTR(lower_bounds={"nope": 0.1}).setup(tasks(2), model)
+    with pytest.raises(ValueError, match="solver must be one of"):
+        PELTR(solver="slsqp")
+
+
+# ---------------------------------------------------- per-task gradients of the shared parameters
+# the strategies whose per-task gradients reach the shared parameters (embedding tables included) in a step
+TAKES_SHARED = {"aligned_mtl", "cagrad", "dbmtl", "excess_mtl", "fairgrad", "graddrop", "gradvac", "imtl",
+                "metabalance", "mgda", "moco", "modo", "nash_mtl", "pcgrad", "pe_ltr", "sdmgrad", "upgrad"}
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_takes_shared_gradients_is_true_of_the_code_and_decides_the_torchrec_refusal(name, monkeypatch):
+    """For every registered strategy: a spy on torch.autograd.grad records whether a step takes per-task gradients
+    with respect to an embedding table (at least one call per task); that must equal ``takes_shared_gradients`` (and the hand-written list), and
+    ``refused_weighting`` (TorchRecStrategy's check) refuses exactly those. MGDA-UB and GradDrop on a representation,
+    and IMTL-L alone, take no table gradient and are not refused."""
+    from mtl_lightning.distributed import refused_weighting
+
+    features = synthetic_features(4)
+    generator = torch.Generator().manual_seed(0)
+    batch = {f.name: (torch.randint(0, f.vocab_size, (16, f.max_len), generator=generator)
+                      if isinstance(f, SequenceFeature) else torch.randn(16, generator=generator)
+                      if isinstance(f, DenseFeature) else torch.randint(0, f.vocab_size, (16,), generator=generator))
+             for f in features}
+    labels = {"click": torch.tensor([0.0, 1.0] * 8), "conversion": torch.tensor([1.0, 0.0, 0.0, 1.0] * 4),
+              "dwell": torch.randn(16, generator=generator)}
+    specs = {name: name}
+    if name == "mgda":
+        specs["mgda_ub"] = {"name": "mgda", "upper_bound": True, "representation": "experts"}
+    if name == "graddrop":
+        specs["graddrop_z"] = {"name": "graddrop", "representation": "experts"}
+    if name == "imtl":
+        specs["imtl_l"] = {"name": "imtl", "mode": "loss"}
+    for label, spec in specs.items():
+        torch.manual_seed(0)
+        model = MMoE(features, synthetic_tasks(), num_experts=2, expert_hidden=(8,), tower_hidden=(4,))
+        module = MultiTaskLightningModule(model, weighting=spec)
+        tables = {id(p) for p in model.embedding.embedding_parameters()}
+        seen = []
+        real_grad = torch.autograd.grad
+
+        def spy(outputs, inputs, *args, **kwargs):
+            listed = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+            seen.append(any(id(t) in tables for t in listed))
+            return real_grad(outputs, inputs, *args, **kwargs)
+
+        monkeypatch.setattr(torch.autograd, "grad", spy)
+        losses = module.compute_losses(model(batch), labels)
+        module.weighting([losses[t.name] for t in module.tasks]).backward()
+        monkeypatch.setattr(torch.autograd, "grad", real_grad)
+        takes = module.weighting.takes_shared_gradients
+        per_task = sum(seen) >= len(module.tasks)  # one gradient per task (GradNorm: one of its weighted total)
+        assert takes == per_task == (label in TAKES_SHARED), (label, takes, seen)
+        reason = refused_weighting(module.weighting, model)
+        assert (reason is not None) == takes, label
+        if takes:
+            assert "per-task gradients" in reason and type(module.weighting).__name__ in reason

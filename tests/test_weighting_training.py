@@ -128,7 +128,8 @@ def test_trainer_flags_bf16_clipping_and_accumulation(synthetic_paths, name):
 # every strategy that takes a decision from the batch (per-task gradients, losses, random draws)
 DDP_SPECS = {name: {**SPECS, **VARIANTS}[name] for name in (
     "mgda", "mgda_ub", "cagrad", "imtl", "graddrop", "graddrop_z", "famo", "gradvac", "nash_mtl", "aligned_mtl", "gls",
-    "stch", "fairgrad", "upgrad", "metabalance", "moco", "excess_mtl", "pcgrad", "dbmtl", "rlw", "dwa")}
+    "stch", "fairgrad", "upgrad", "metabalance", "moco", "excess_mtl", "sdmgrad", "modo", "pe_ltr", "pcgrad", "dbmtl",
+    "rlw", "dwa")}
 DDP_SPECS["gradnorm"] = {"name": "gradnorm", "alpha": 1.5, "lr": 0.05}
 
 

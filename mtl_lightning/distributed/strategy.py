@@ -30,8 +30,9 @@ process fed the ``N`` batches at once (for losses that are means over rows).
 Limits: only the fused optimizers (``embedding_optimizer``), at a constant
 ``embedding_lr`` (learning-rate schedulers act on the dense optimizer);
 gradient clipping and accumulation do not reach the sharded tables (they are
-updated at every backward); loss-weighting strategies that combine per-task
-gradients of the tables (PCGrad, DB-MTL: ``GradientStrategy``) are refused;
+updated at every backward); weighting strategies that take per-task gradients
+of the shared parameters when those include a table (``takes_shared_gradients``:
+PCGrad, MGDA, ExcessMTL, PE-LTR, ...) are refused;
 ``sparse_embeddings=True`` is refused (the fused optimizers replace it).
 ``row_wise``/``table_row_wise`` sharding and fused Adam exist in TorchRec only
 on CUDA.
@@ -57,7 +58,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import load_checkpoint
 from ..layers.embedding import FeatureEmbedding
-from ..weighting import GradientStrategy, WeightingStrategy
+from ..weighting import WeightingStrategy
 from ._torchrec import require_torchrec
 from .checkpoint import FORMAT, is_sharded_checkpoint, load_sharded, read_meta, save_sharded, stored_keys
 from .embedding import TableSpec, TorchRecEmbedding, is_sharded_tensor, replace_feature_embeddings, table_specs
@@ -83,13 +84,14 @@ def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
 def refused_weighting(weighting: WeightingStrategy, model: nn.Module) -> str | None:
     """Why ``weighting`` cannot run under ``TorchRecStrategy`` (it needs per-task gradients of tables), or ``None``."""
     tables = {id(p) for m in model.modules() if isinstance(m, FeatureEmbedding) for p in m.embedding_parameters()}
-    shared = model.shared_parameters() if isinstance(weighting, GradientStrategy) else []
+    shared = model.shared_parameters() if weighting.takes_shared_gradients else []
     if weighting.needs_embedding_gradients or any(id(p) in tables for p in shared):
         return (
-            f"weighting {type(weighting).__name__!r} combines per-task gradients of the architecture's shared "
+            f"weighting {type(weighting).__name__!r} takes per-task gradients of the architecture's shared "
             "parameters, embedding tables included; under TorchRecStrategy the tables are updated inside the backward "
             "pass by a fused optimizer and have no per-task gradients. Use a loss-weighting strategy (static, "
-            "gradnorm, uncertainty, dwa, rlw, scheduled) or DDPStrategy for this one"
+            "gradnorm, uncertainty, dwa, rlw, scheduled, famo, gls, stch), MGDA-UB or GradDrop on a representation, "
+            "or DDPStrategy for this one"
         )
     return None
 

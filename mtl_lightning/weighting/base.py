@@ -37,7 +37,7 @@ ranks take the same decision and hold identical state.
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
-from typing import Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -140,13 +140,20 @@ class WeightingStrategy(Configurable, nn.Module, metaclass=ABCMeta):
     #: ``True`` for a strategy that needs *dense* per-task gradients of the embedding tables and
     #: so cannot run when their gradients are sparse: ``MultiTaskLightningModule(sparse_embeddings=True)``
     #: refuses it, and so does ``TorchRecStrategy`` (tables updated inside the backward pass).
-    #: No built-in strategy sets it. The ``GradientStrategy`` ones (PCGrad, DB-MTL, ...) read
-    #: per-task gradients of ``shared_parameters()``, tables included, but densify a sparse
-    #: per-task table gradient and hand the combination back sparse, so they run with
-    #: ``sparse_embeddings=True`` (tested for every registered name); ``TorchRecStrategy``
-    #: refuses them on its own check (their shared parameters include a table). Loss-only
-    #: strategies and GradNorm (last shared dense layer only) never touch table gradients.
+    #: No built-in strategy sets it: the ones that read per-task gradients of ``shared_parameters()``
+    #: (``takes_shared_gradients``) densify a sparse per-task table gradient and hand their combination
+    #: back sparse, so they run with ``sparse_embeddings=True`` (tested for every registered name).
     needs_embedding_gradients: bool = False
+
+    #: ``True`` for a strategy that takes per-task gradients of the architecture's ``shared_parameters()``
+    #: (``torch.autograd.grad`` of each task's loss with respect to them), which include the embedding
+    #: tables of most architectures: every ``GradientStrategy`` on its shared parameters (not MGDA-UB or
+    #: GradDrop on a representation, not IMTL-L alone), ExcessMTL, PE-LTR, MoDo and SDMGrad.
+    #: ``TorchRecStrategy`` refuses such a strategy when a table is among the shared parameters (its
+    #: tables are updated inside the backward pass and have no per-task gradients). Loss-only strategies,
+    #: FAMO and GradNorm (last shared dense layer) leave it ``False``; tests/test_weighting.py checks the
+    #: attribute against the gradients every registered strategy actually takes.
+    takes_shared_gradients: bool = False
 
     #: Set by a Trainer strategy that updates parameters inside the backward pass (``TorchRecStrategy``'s
     #: fused embedding optimizers): the returned loss must then back-propagate through the model itself,
@@ -225,6 +232,8 @@ class GradientStrategy(WeightingStrategy):
     passes (one per task) instead of one. A shared embedding with sparse
     gradients is combined densely and handed back sparse (its non-zero rows).
     """
+
+    takes_shared_gradients = True
 
     def setup(self, tasks: Sequence[Task], model: nn.Module) -> None:
         super().setup(tasks, model)
@@ -322,11 +331,126 @@ class RepresentationCapture:
         return inner - inner.detach()
 
 
+class SampledGradientStrategy(WeightingStrategy):
+    """A strategy that needs per-task gradients of the shared parameters on several *independent* samples of
+    the same step (MoDo's and SDMGrad's double sampling), from the one batch Lightning hands the module.
+
+    The batch's rows are split into ``num_samples`` disjoint groups by a random permutation from the
+    strategy's own generator (seeded, checkpointed as extra state, the same on every DDP rank); the
+    groups are the samples (each about ``B / num_samples`` rows, so ``batch_size`` is the paper's samples
+    together). Group ``s``'s gradient of task ``i`` is ``B / |s|`` times the part of the batch gradient
+    that its rows contribute, ``g_i^(s) = (B / |s|) J_s^T dL_i/dy_s`` (``y`` the architecture's outputs,
+    captured by a forward hook): over random partitions an unbiased estimate of the batch gradient, and
+    ``sum_s |s| / B g_i^(s)`` is the batch gradient ``g_i`` exactly. That costs ``T`` backward passes from
+    the losses to the outputs (cheap) and ``num_samples * T`` from the outputs down to the shared
+    parameters. Under DDP the ``(S, T, P)`` gradients are averaged across ranks (sample ``s`` is then the
+    union of every rank's group ``s``), so every rank decides alike.
+
+    ``combine_samples(G) -> (P,)`` gives the shared parameters' update; every other parameter gets the
+    gradient of ``sum_i o_i`` on the whole batch (``o_i = Task.weight_i L_i``; each tower its own task's).
+    """
+
+    takes_shared_gradients = True
+    num_samples: int = 3
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self._outputs: dict[str, Tensor] | None = None
+
+    def setup(self, tasks: Sequence[Task], model: nn.Module) -> None:
+        super().setup(tasks, model)
+        shared = [p for p in model.shared_parameters() if p.requires_grad]  # type: ignore[operator]
+        if not shared:
+            raise ValueError(f"{type(self).__name__} needs shared parameters; "
+                             f"{type(model).__name__}.shared_parameters() returned none")
+        self._shared = shared
+        self.num_shared = sum(p.numel() for p in shared)
+        model.register_forward_hook(self._keep_outputs)
+
+    def _keep_outputs(self, module: nn.Module, inputs: object, output: object) -> None:
+        if not isinstance(output, dict) or not all(isinstance(v, Tensor) for v in output.values()):
+            raise TypeError(f"{type(self).__name__} reads the architecture's outputs, a dict of tensors; got "
+                            f"{type(output).__name__}")
+        kept = {name: value for name, value in output.items() if value.requires_grad}
+        self._outputs = kept or None
+
+    def groups(self, num_rows: int) -> Tensor:
+        """Each row's sample ``(num_rows,)`` in ``[0, num_samples)``: a random permutation cut in turn (sizes differ
+        by at most one); draws from the strategy's generator."""
+        if num_rows < self.num_samples:
+            raise ValueError(f"{type(self).__name__} splits every batch into {self.num_samples} samples; a batch "
+                             f"of {num_rows} rows is too small")
+        order = torch.randperm(num_rows, generator=self.generator)
+        groups = torch.empty(num_rows, dtype=torch.long)
+        groups[order] = torch.arange(num_rows) % self.num_samples
+        return groups
+
+    @abstractmethod
+    def combine_samples(self, gradients: Tensor) -> Tensor:
+        """The shared parameters' update ``(P,)`` from per-sample, per-task gradients ``(S, T, P)``; sets
+        ``last_weights``."""
+
+    def sample_gradients(self, objectives: Sequence[Tensor], outputs: dict[str, Tensor]
+                         ) -> tuple[Tensor, Tensor, set[int]]:
+        """``(S, T, P)`` per-sample gradients (float32, this rank's rows), this rank's batch gradients ``(T, P)``
+        (``sum_s |s| / B`` of them) and the indices of the shared parameters whose gradients are sparse."""
+        tensors = list(outputs.values())
+        num_rows = tensors[0].shape[0] if tensors[0].dim() else 0
+        if any(t.dim() == 0 or t.shape[0] != num_rows for t in tensors):
+            raise ValueError(f"{type(self).__name__}: every architecture output must have the batch's rows as its "
+                             f"first dimension, got shapes {[tuple(t.shape) for t in tensors]}")
+        groups = self.groups(num_rows).to(tensors[0].device)
+        counts = torch.bincount(groups, minlength=self.num_samples).tolist()
+        sparse: set[int] = set()
+        rows = torch.zeros(self.num_samples, len(objectives), self.num_shared, device=tensors[0].device)
+        for i, objective in enumerate(objectives):
+            upstream = torch.autograd.grad(objective, tensors, retain_graph=True, allow_unused=True)
+            used = [(t, u) for t, u in zip(tensors, upstream) if u is not None]
+            if not used:
+                continue
+            for s in range(self.num_samples):
+                factor = (groups == s).to(used[0][1].dtype) * (num_rows / counts[s])  # (B,)
+                grads = torch.autograd.grad(
+                    [t for t, _ in used], self._shared, retain_graph=True, allow_unused=True,
+                    grad_outputs=[u * factor.view(-1, *([1] * (u.dim() - 1))) for _, u in used])
+                sparse.update(k for k, g in enumerate(grads) if g is not None and g.is_sparse)
+                rows[s, i] = flat_gradient(grads, self._shared)
+        shares = torch.tensor(counts, dtype=rows.dtype, device=rows.device) / num_rows  # (S,)
+        return rows, torch.einsum("s,stp->tp", shares, rows), sparse
+
+    def total_loss(self, losses: Tensor, per_task: list[Tensor]) -> Tensor:
+        objectives = [float(t.weight) * loss for t, loss in zip(self.tasks, per_task)]
+        value = torch.stack(objectives).sum()
+        outputs, self._outputs = self._outputs, None
+        if not _requires_backward(losses):
+            self.last_weights = self._task_weights().to(losses)
+            return value
+        if outputs is None:
+            raise ValueError(f"{type(self).__name__}: the architecture did not run with gradients in this step's "
+                             "forward pass (its outputs are read through a forward hook set up by setup(tasks, model))")
+        rows, batch_gradients, sparse = self.sample_gradients(objectives, outputs)
+        combined = self.combine_samples(distributed_mean(rows))  # (P,)
+        # ``value`` back-propagates sum_i g_i into the shared parameters; the surrogate turns that into ``combined``
+        correction = torch.split(combined.to(batch_gradients) - batch_gradients.sum(dim=0),
+                                 [p.numel() for p in self._shared])
+        correction = [g.view_as(p).to_sparse(sparse_dim=1) if k in sparse else g.view_as(p)
+                      for k, (g, p) in enumerate(zip(correction, self._shared))]
+        return value + gradient_surrogate(self._shared, correction)
+
+    def get_extra_state(self) -> Any:
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.generator.set_state(state["generator"].cpu())
+
+
 def _dense(gradient: Tensor | None, like: Tensor) -> Tensor:
     if gradient is None:
         return torch.zeros_like(like)
     return gradient.to_dense() if gradient.is_sparse else gradient
 
 
-__all__ = ["WeightingStrategy", "GradientStrategy", "STRATEGIES", "register_weighting", "distributed_mean",
+__all__ = ["WeightingStrategy", "GradientStrategy", "SampledGradientStrategy", "STRATEGIES", "register_weighting", "distributed_mean",
            "gradient_surrogate", "flat_gradient", "trainable_parameters", "RepresentationCapture", "scalarize"]

@@ -43,6 +43,8 @@ class ExcessMTL(WeightingStrategy):
         step_size: ``eta`` of the exponentiated update (the official ``robust_step_size``).
     """
 
+    takes_shared_gradients = True
+
     def __init__(self, step_size: float = 0.01) -> None:
         super().__init__()
         if step_size < 0:

@@ -62,6 +62,7 @@ class GradDrop(GradientStrategy):
             raise ValueError(f"GradDrop: leak must be in [0, 1], got {leak}")
         self.leak = float(leak)
         self.representation = representation
+        self.takes_shared_gradients = representation is None  # at Z: gradients of Z only
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         self._representation: RepresentationCapture | None = None

@@ -148,6 +148,7 @@ class MGDA(GradientStrategy):
         self.normalization = normalization
         self.upper_bound = bool(upper_bound)
         self.representation = representation
+        self.takes_shared_gradients = not self.upper_bound  # MGDA-UB: gradients at Z only
         self.max_iter = int(max_iter)
         self.tol = float(tol)
         self._representation: RepresentationCapture | None = None
