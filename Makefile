@@ -12,7 +12,7 @@ TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.2"
 FBGEMM_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "fbgemm-gpu==1.8.0" || echo "fbgemm-gpu-cpu==1.8.0")
 TORCHREC_SPEC := torchrec==1.8.0
 
-.PHONY: setup demo test bench bench-anchors quality clean
+.PHONY: setup demo test docs lint bench bench-anchors quality clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# `make docs`: the MkDocs site (mkdocs.yml) into site/, strict: a broken link, anchor, snippet or API reference
+# fails the build. `.venv/bin/mkdocs serve` serves it while you edit.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+# `make lint`: ruff with the configuration in pyproject.toml ([tool.ruff]).
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 # `make bench`: the side-by-side throughput benchmark (benchmarks/throughput.py --help for options;
 # BENCH_ARGS="--quick" for a small run). It includes nextrec and torch-rechub when `make bench-anchors`
@@ -65,4 +74,4 @@ bench-anchors: $(STAMP) $(ANCHORS_STAMP)
 	$(PY) benchmarks/throughput.py --anchors-python $(ANCHORS)/bin/python $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(ANCHORS) data runs lightning_logs benchmarks/.cache
+	rm -rf $(VENV) $(ANCHORS) data runs lightning_logs benchmarks/.cache site

@@ -240,7 +240,6 @@ def run_raw(args: argparse.Namespace, sparse: bool, frozen: bool = False, fused:
 def run_lightning(args: argparse.Namespace, sparse: bool, compile_model: bool = False,
                   barebones: bool = False) -> dict[str, Any]:
     import lightning as L
-    import torch
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from datamodules import ParquetDataModule

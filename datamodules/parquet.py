@@ -52,9 +52,12 @@ class ParquetDataModule(L.LightningDataModule):
     """Parquet splits to multi-task batches.
 
     Args:
-        train, val, test, predict: a file, a folder, a glob, or a list of them;
+        train: a file, a folder, a glob, or a list of them;
             each may be a local path or a URI (``s3://bucket/logs/day=2026-11-*/``,
             ``gs://``, ``hdfs://``, ``abfs://``...), see ``datamodules.storage``.
+        val: the validation split, given like ``train``.
+        test: the test split, given like ``train``.
+        predict: the prediction split, given like ``train``.
         tasks: the tasks; each task's label is read from column ``Task.label``
             (labels are optional in the predict split).
         features: feature specs; ``None`` infers them (``infer_features``) from

@@ -148,7 +148,8 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
             imputation output). Every task must be an output of the model
             (``model.output_names``); labels in the batch are keyed by task name.
             Outputs that are not tasks get no loss of their own.
-        lr, weight_decay: optimizer settings; finite numbers >= 0 (anything else
+        lr: the learning rate.
+        weight_decay: optimizer settings with ``lr``; finite numbers >= 0 (anything else
             raises ``ValueError`` here, before any step: SGD would otherwise
             train with ``lr=nan`` and turn every parameter into NaN). Weight
             decay applies to weight matrices only: biases, parameters with

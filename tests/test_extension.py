@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import pytest
-import torch
 import yaml
 from torch import Tensor, nn
 

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mtl_lightning import DenseFeature, SparseFeature, Task, registry
 from mtl_lightning.architectures import APG, HMoE, PEPNet, POSOMLP, POSOMMoE, STAR, CrossStitch, SNRAver, SNRTrans

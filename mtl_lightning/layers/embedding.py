@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..features import DenseFeature, Feature, SequenceFeature, SparseFeature, feature_from_config
+from ..features import DenseFeature, Feature, SparseFeature, feature_from_config
 
 
 VOCABULARY_HINT = (

@@ -152,7 +152,8 @@ class CAGrad(GradientStrategy):
     Args:
         c: the radius factor ``c >= 0`` of the ball around ``g_0`` (the paper uses 0.4 on NYUv2).
         rescale: ``0``, ``1`` (default, divide by ``1 + c^2``) or ``2`` (divide by ``1 + c``).
-        max_iter, tol: the Frank-Wolfe solver's iteration cap and relative gap.
+        max_iter: the Frank-Wolfe solver's iteration cap.
+        tol: the Frank-Wolfe solver's relative gap.
     """
 
     def __init__(self, c: float = 0.4, rescale: int = 1, max_iter: int = 500, tol: float = 1e-10) -> None:

@@ -74,7 +74,8 @@ class FairGrad(GradientStrategy):
 
     Args:
         alpha: the fairness ``alpha > 0`` (1: proportional fairness, LibMTL's default).
-        max_iter, tol: Newton's iteration cap and tolerance on the scaled residual.
+        max_iter: Newton's iteration cap.
+        tol: Newton's tolerance on the scaled residual.
     """
 
     def __init__(self, alpha: float = 1.0, max_iter: int = 100, tol: float = 1e-10) -> None:

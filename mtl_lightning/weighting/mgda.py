@@ -132,7 +132,8 @@ class MGDA(GradientStrategy):
         normalization: ``"none"`` (default), ``"l2"``, ``"loss"`` or ``"loss+"``.
         upper_bound: MGDA-UB: gradients with respect to the output of ``representation``.
         representation: the submodule path whose output is ``Z`` (needed with ``upper_bound``).
-        max_iter, tol: the solver's cap on added vertices and its relative Frank-Wolfe gap.
+        max_iter: the solver's cap on added vertices.
+        tol: the solver's relative Frank-Wolfe gap.
     """
 
     def __init__(self, normalization: str = "none", upper_bound: bool = False, representation: str | None = None,

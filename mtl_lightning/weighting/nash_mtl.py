@@ -55,7 +55,8 @@ class NashMTL(GradientStrategy):
 
     Args:
         update_weights_every: solve every this many steps (reuse ``alpha`` in between).
-        max_iter, tol: Newton's iteration cap and tolerance on the scaled residual.
+        max_iter: Newton's iteration cap.
+        tol: Newton's tolerance on the scaled residual.
     """
 
     def __init__(self, update_weights_every: int = 1, max_iter: int = 100, tol: float = 1e-10) -> None:
