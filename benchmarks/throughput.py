@@ -35,6 +35,11 @@ backward, optimizer and logging all inside). Systems:
   ``MultiTaskLightningModule`` (TensorBoard logger at its defaults; progress
   bar, checkpointing and validation off);
 * ``mtl-lightning sparse``: the same with ``sparse_embeddings=True``;
+* ``mtl-lightning torchrec`` (MMoE, where TorchRec is installed): the same under
+  ``TorchRecStrategy(sharding="table_wise", embedding_optimizer="rowwise_adagrad")``
+  in one process: fbgemm's fused table-batched kernels update the tables inside
+  the backward pass (``--embedding-lr``), the dense part on the same Adam. Its
+  goal is the ``raw-frozen`` ceiling;
 * ``mtl-lightning compile`` (``--compile``): ``compile_model=True``;
 * ``nextrec``, ``torch-rechub`` (MMoE only): their own MMoE through their
   normal training API, in the ``--anchors-python`` virtualenv (``make bench-anchors``).
@@ -68,7 +73,7 @@ sys.path.insert(0, str(ROOT))
 import bench_data  # noqa: E402
 
 PROJECT_SYSTEMS = ["raw", "raw-default-adam", "raw-sparse", "mtl-lightning", "mtl-lightning sparse"]
-MMOE_SYSTEMS = ["raw-frozen"]  # measured for MMoE only
+MMOE_SYSTEMS = ["raw-frozen", "mtl-lightning torchrec"]  # measured for MMoE only
 ANCHOR_SYSTEMS = ["torch-rechub", "nextrec"]
 
 
@@ -238,7 +243,7 @@ def run_raw(args: argparse.Namespace, sparse: bool, frozen: bool = False, fused:
 
 
 def run_lightning(args: argparse.Namespace, sparse: bool, compile_model: bool = False,
-                  barebones: bool = False) -> dict[str, Any]:
+                  barebones: bool = False, torchrec: bool = False) -> dict[str, Any]:
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -267,6 +272,11 @@ def run_lightning(args: argparse.Namespace, sparse: bool, compile_model: bool = 
     # barebones: Lightning's own speed mode (no logger, callbacks, progress bar or summary), for its overhead
     quiet: dict[str, Any] = (dict(barebones=True) if barebones else dict(
         logger=logger, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False))
+    if torchrec:
+        from mtl_lightning.distributed import TorchRecStrategy
+
+        quiet["strategy"] = TorchRecStrategy(sharding="table_wise", embedding_optimizer="rowwise_adagrad",
+                                             embedding_lr=args.embedding_lr)
     trainer = L.Trainer(
         accelerator=args.accelerator, devices=1, precision=args.precision,
         max_steps=-1 if args.auc else args.warmup + args.steps + 1, max_epochs=1,
@@ -325,6 +335,7 @@ CHILD_SYSTEMS: dict[str, Any] = {
     "mtl-lightning sparse": lambda args: run_lightning(args, sparse=True),
     "mtl-lightning compile": lambda args: run_lightning(args, sparse=False, compile_model=True),
     "mtl-lightning barebones": lambda args: run_lightning(args, sparse=False, barebones=True),
+    "mtl-lightning torchrec": lambda args: run_lightning(args, sparse=False, torchrec=True),
     "data path": run_datapath,
 }
 
@@ -436,6 +447,8 @@ def child_command(args: argparse.Namespace, system: str, model: str, **overrides
                "--accelerator": args.accelerator, "--precision": args.precision}
     if args.sparse_lr:
         options["--sparse-lr"] = args.sparse_lr
+    if system == "mtl-lightning torchrec":
+        options["--embedding-lr"] = args.embedding_lr
     auc = bool(overrides.pop("--auc", False))
     options.update(overrides)
     command = [sys.executable, str(Path(__file__).resolve()), "--child", system]
@@ -461,6 +474,12 @@ def anchors_available(python: str | None) -> list[str]:
         ok = subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode == 0
         (found.append(system) if ok else print(f"anchors: {module} is not importable with {python}; skipped"))
     return found
+
+
+def torchrec_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("torchrec", "fbgemm_gpu"))
 
 
 def registered() -> list[str]:
@@ -489,6 +508,8 @@ def main() -> None:
                         help="also measure the data path alone, once per repetition")
     parser.add_argument("--auc-rows", type=int, default=200_000, help="training rows of the AUC check's dataset")
     parser.add_argument("--sparse-lr", type=float, default=None, help="sparse_lr of the sparse systems")
+    parser.add_argument("--embedding-lr", type=float, default=0.05,
+                        help="embedding_lr of the torchrec system (row-wise Adagrad)")
     parser.add_argument("--auc-sparse-lr", type=float, default=0.005,
                         help="the AUC check also trains sparse with this sparse_lr (0: skip)")
     parser.add_argument("--systems", default=None,
@@ -530,7 +551,11 @@ def main() -> None:
     anchors = anchors_available(args.anchors_python)
     systems = {m: PROJECT_SYSTEMS + (["mtl-lightning compile"] if args.compile else []) for m in models}
     if "mmoe" in systems:
-        systems["mmoe"] = systems["mmoe"] + MMOE_SYSTEMS + anchors
+        mmoe_systems = MMOE_SYSTEMS
+        if not torchrec_available():
+            print("mtl-lightning torchrec: TorchRec is not installed in this environment; skipped")
+            mmoe_systems = [s for s in MMOE_SYSTEMS if s != "mtl-lightning torchrec"]
+        systems["mmoe"] = systems["mmoe"] + mmoe_systems + anchors
     if args.systems:
         wanted = ["raw"] + [x.strip() for x in args.systems.split(",") if x.strip() and x.strip() != "raw"]
         unknown = [x for x in wanted if x not in CHILD_SYSTEMS and x not in ANCHOR_SYSTEMS]
@@ -566,6 +591,8 @@ def main() -> None:
         print(f"quality: one epoch of MMoE on {args.auc_rows:,} rows, validation click AUC on "
               f"{bench_data.val_rows(args.auc_rows):,}", flush=True)
         runs = [("mtl-lightning", "mtl-lightning", {}), ("mtl-lightning sparse", "mtl-lightning sparse", {})]
+        if "mtl-lightning torchrec" in systems.get("mmoe", []):
+            runs.append((f"mtl-lightning torchrec, embedding_lr={args.embedding_lr:g}", "mtl-lightning torchrec", {}))
         if args.auc_sparse_lr:
             runs.append((f"mtl-lightning sparse, sparse_lr={args.auc_sparse_lr:g}", "mtl-lightning sparse",
                          {"--sparse-lr": args.auc_sparse_lr}))
