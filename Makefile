@@ -5,12 +5,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # A CPU build of torch where no NVIDIA GPU is present; the default build otherwise.
 TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.2" || echo "torch==2.13.0")
-# TorchRec (mtl_lightning.distributed.TorchRecStrategy) and its fbgemm kernels, the release built for torch 2.13:
-# the CPU build without an NVIDIA GPU, the CUDA one with. Installed with --no-deps: torchrec's own requirements pull
-# the CUDA fbgemm (several hundred MB, sharing the fbgemm_gpu folder with the CPU build) and pin torchmetrics==1.0.3;
-# the pure-Python packages it imports come from pyproject's `torchrec` extra. Another torch: see docs/distributed.md.
-FBGEMM_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "fbgemm-gpu==1.8.0" || echo "fbgemm-gpu-cpu==1.8.0")
-TORCHREC_SPEC := torchrec==1.8.0
+# TorchRec (mtl_lightning.distributed.TorchRecStrategy) and its fbgemm kernels, the release built for the installed
+# torch: FBGEMM and TorchRec 1.N are built for torch 2.(N+5) (FBGEMM's compatibility table: 1.5 for 2.10, 1.8 for
+# 2.13). The CPU build of fbgemm without an NVIDIA GPU, the CUDA one with. Installed with --no-deps: torchrec's own
+# requirements pull the CUDA fbgemm (several hundred MB, sharing the fbgemm_gpu folder with the CPU build) and pin
+# torchmetrics==1.0.3; the pure-Python packages it imports come from pyproject's `torchrec` extra.
+FBGEMM_PACKAGE := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "fbgemm-gpu" || echo "fbgemm-gpu-cpu")
+TORCHREC_RELEASE := import torch; major, minor = map(int, torch.__version__.split('.')[:2]); \
+	print(f'1.{minor - 5}.0' if major == 2 and minor >= 5 else '')
 
 .PHONY: setup demo test docs lint bench bench-anchors quality clean
 
@@ -21,9 +23,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev,torchrec]"
-	if $(PY) -c "import sys, torch; sys.exit(not torch.__version__.startswith('2.13.'))"; then \
-		$(PY) -m pip install -q --no-deps "$(FBGEMM_SPEC)" "$(TORCHREC_SPEC)"; \
-	else echo "TorchRec not installed: $(FBGEMM_SPEC) is built for torch 2.13 (docs/distributed.md: Sharded embeddings)"; fi
+	release=$$($(PY) -c "$(TORCHREC_RELEASE)"); if [ -n "$$release" ]; then \
+		$(PY) -m pip install -q --no-deps "$(FBGEMM_PACKAGE)==$$release" "torchrec==$$release" || \
+		echo "TorchRec $$release not installed: TorchRecStrategy will be unavailable (docs: distributed training)"; \
+	else echo "TorchRec not installed: no release matches this torch (docs: distributed training)"; fi
 	touch $(STAMP)
 
 demo: $(STAMP)
