@@ -476,12 +476,6 @@ def anchors_available(python: str | None) -> list[str]:
     return found
 
 
-def torchrec_available() -> bool:
-    import importlib.util
-
-    return all(importlib.util.find_spec(m) is not None for m in ("torchrec", "fbgemm_gpu"))
-
-
 def registered() -> list[str]:
     from mtl_lightning import registry
 
@@ -552,6 +546,8 @@ def main() -> None:
     systems = {m: PROJECT_SYSTEMS + (["mtl-lightning compile"] if args.compile else []) for m in models}
     if "mmoe" in systems:
         mmoe_systems = MMOE_SYSTEMS
+        from mtl_lightning.distributed._torchrec import torchrec_available
+
         if not torchrec_available():
             print("mtl-lightning torchrec: TorchRec is not installed in this environment; skipped")
             mmoe_systems = [s for s in MMOE_SYSTEMS if s != "mtl-lightning torchrec"]

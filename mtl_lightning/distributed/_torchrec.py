@@ -10,7 +10,7 @@ INSTALL_HINT = (
     "pip install tensordict pyre-extensions && pip install --no-deps fbgemm-gpu-cpu==1.8.0 torchrec==1.8.0 "
     "(`make setup` does this; --no-deps keeps torchrec's requirements from pulling the CUDA build of fbgemm "
     "and an old torchmetrics). On a GPU machine install the fbgemm-gpu and torchrec builds made for your "
-    "torch and CUDA versions (docs/distributed.md, 'Sharded embeddings')"
+    "torch and CUDA versions: release 1.N is built for torch 2.(N+5) (docs/distributed.md, 'Sharded embeddings')"
 )
 
 
