@@ -17,8 +17,12 @@ not applicable with the reason.
 
     python benchmarks/quality.py            # 3 seeds, up to 12 epochs
     python benchmarks/quality.py --quick    # 1 seed, up to 3 epochs (< 10 minutes on 2 cores)
+    python benchmarks/quality.py --architectures mmoe --weightings modo pe_ltr --update
 
-Writes ``benchmarks/results/census.md`` (or ``--output``).
+Writes ``benchmarks/results/census.md`` (or ``--output``), rewritten after every finished run, so an
+interrupted run leaves the rows it finished (each row says over how many seeds). ``--update`` keeps
+the rows of the existing file that this run does not redo (and its header line, with this run's
+command added). Runs are ordered seed by seed, so every row gets its first seed before any its second.
 """
 
 from __future__ import annotations
@@ -127,6 +131,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="training runs in parallel processes")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "census.md")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the existing file's rows that this run does not redo")
     args = parser.parse_args()
     seeds = 1 if args.quick else args.seeds
     max_epochs = 3 if args.quick else args.max_epochs
@@ -148,8 +154,9 @@ def main() -> None:
             skipped.append((name, reason))
         else:
             runnable.append(name)
-    jobs = [(name, "static", seed) for name in runnable for seed in range(seeds)]
-    jobs += [("mmoe", strategy, seed) for strategy in strategies if strategy != "static" for seed in range(seeds)]
+    jobs = [(name, "static", seed) for seed in range(seeds) for name in runnable]
+    jobs += [("mmoe", strategy, seed) for seed in range(seeds) for strategy in strategies if strategy != "static"]
+    kept = read_rows(args.output) if args.update else {}
     results: dict[tuple[str, str], dict[str, list[float]]] = {}
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
@@ -162,45 +169,74 @@ def main() -> None:
                 scores[task].append(auc)
             print(f"{key[0]:<14} {key[1]:<12} " + "  ".join(f"{t}: {v[-1]:.4f}" for t, v in scores.items()),
                   flush=True)
-    rows = [(name, results[(name, "static")]) for name in runnable]
-    weight_rows = [(strategy, results[("mmoe", strategy)]) for strategy in strategies if ("mmoe", strategy) in results]
+            write(args, results, kept, skipped, seeds, max_epochs, started, runnable, strategies)
+    write(args, results, kept, skipped, seeds, max_epochs, started, runnable, strategies)
+    print(f"wrote {args.output} in {(time.monotonic() - started) / 60:.1f} min")
 
+
+def read_rows(path: Path) -> dict:
+    """The existing file's header line and table rows by section: ``{"header": str, "arch": {name: line}, ...}``."""
+    if not path.exists():
+        return {}
+    rows: dict = {"header": "", "arch": {}, "weighting": {}}
+    section = None
+    for line in path.read_text().splitlines():
+        if line.startswith("Produced by"):
+            rows["header"] = line
+        elif line.startswith("## Architectures"):
+            section = "arch"
+        elif line.startswith("## MMoE with every weighting"):
+            section = "weighting"
+        elif line.startswith("## "):
+            section = None
+        elif section and line.startswith("| `"):
+            rows[section][line.split("`")[1]] = line
+    return rows
+
+
+def row(name: str, scores: dict[str, list[float]]) -> str:
+    ok = all(statistics.mean(scores[t]) >= TARGET[t] for t in TARGET)
+    return (f"| `{name}` | {summarise(scores['income'])} | {summarise(scores['never_married'])} | "
+            f"{'yes' if ok else 'no'} | {len(scores['income'])} |")
+
+
+def write(args, results, kept, skipped, seeds, max_epochs, started, runnable, strategies) -> None:
     minutes = (time.monotonic() - started) / 60
     command = " ".join(["python benchmarks/quality.py", *sys.argv[1:]])
-    lines = [
-        "# Census-Income quality benchmark",
-        "",
-        f"Produced by `{command}` ({seeds} seed{'s' if seeds > 1 else ''}, at most {max_epochs} epochs, early "
-        f"stopping on val/loss with patience 2, test AUC of the best validation checkpoint; {minutes:.0f} min with "
-        f"{args.jobs} parallel run(s) of {args.threads} CPU thread(s)). Protocol: `shared/data/README.md` (UCI test file as pool, "
-        "50/25/25 split with RandomState(2024)); every architecture with its default hyper-parameters, "
-        "embedding dim 8, Adam lr 1e-3, batch 512. Multi-scenario architectures use the census column "
-        "`sex` as a 2-value domain. Target: test AUC >= logistic regression - 0.005 "
-        f"(income >= {TARGET['income']:.4f}, never_married >= {TARGET['never_married']:.4f}).",
-        "",
-        "## Architectures (test AUC, mean ± std over seeds)",
-        "",
-        "| architecture | income | never_married | meets target |",
-        "|---|---|---|---|",
-    ]
-    for name, scores in rows:
-        ok = all(statistics.mean(scores[t]) >= TARGET[t] for t in TARGET)
-        lines.append(f"| `{name}` | {summarise(scores['income'])} | {summarise(scores['never_married'])} | "
-                     f"{'yes' if ok else 'no'} |")
+    this_run = (f"`{command}` ({seeds} seed{'s' if seeds > 1 else ''}, at most {max_epochs} epochs, early "
+                f"stopping on val/loss with patience 2, test AUC of the best validation checkpoint; {minutes:.0f} min "
+                f"so far with {args.jobs} parallel run(s) of {args.threads} CPU thread(s))")
+    header = (f"Produced by {this_run}. Protocol: `shared/data/README.md` (UCI test file as pool, "
+              "50/25/25 split with RandomState(2024)); every architecture with its default hyper-parameters, "
+              "embedding dim 8, Adam lr 1e-3, batch 512. Multi-scenario architectures use the census column "
+              "`sex` as a 2-value domain. Target: test AUC >= logistic regression - 0.005 "
+              f"(income >= {TARGET['income']:.4f}, never_married >= {TARGET['never_married']:.4f}).")
+    if kept.get("header"):
+        header = kept["header"] + f" Rows redone by {this_run}."
+    arch_rows = dict(kept.get("arch", {}))
+    arch_rows.update({name: row(name, results[(name, "static")]) for name in runnable if (name, "static") in results})
+    weight_rows = dict(kept.get("weighting", {}))
+    weight_rows.update({s: row(s, results[("mmoe", s)]) for s in strategies if ("mmoe", s) in results})
+    lines = ["# Census-Income quality benchmark", "", header, "", "## Architectures (test AUC, mean ± std over seeds)",
+             "", "| architecture | income | never_married | meets target | seeds |", "|---|---|---|---|---|"]
+    lines += [with_seeds(arch_rows[name]) for name in sorted(arch_rows)]
     lines += ["", "## References (not run here)", "", "| model | income | never_married |", "|---|---|---|"]
     lines += [f"| {model} | {income} | {married} |" for model, income, married in REFERENCES]
     lines += ["", "## MMoE with every weighting strategy (test AUC)", "",
-              "| weighting | income | never_married | meets target |", "|---|---|---|---|"]
-    for strategy, scores in weight_rows:
-        ok = all(statistics.mean(scores[t]) >= TARGET[t] for t in TARGET)
-        lines.append(f"| `{strategy}` | {summarise(scores['income'])} | {summarise(scores['never_married'])} | "
-                     f"{'yes' if ok else 'no'} |")
+              "| weighting | income | never_married | meets target | seeds |", "|---|---|---|---|---|"]
+    lines += [with_seeds(weight_rows[name]) for name in sorted(weight_rows)]
     if skipped:
         lines += ["", "## Not applicable to two independent binary tasks", ""]
         lines += [f"- `{name}`: {reason}" for name, reason in skipped]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.output} in {minutes:.1f} min")
+
+
+def with_seeds(line: str) -> str:
+    """A kept row from a file written before the seeds column: its seed count from its ``± std`` (3 if present)."""
+    if line.count("|") >= 6:
+        return line
+    return line + (" 3 |" if "±" in line else " 1 |")
 
 
 if __name__ == "__main__":

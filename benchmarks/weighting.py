@@ -9,11 +9,17 @@ median over rounds.
 
     .venv/bin/python benchmarks/weighting.py                      # CPU, batch 2048
     .venv/bin/python benchmarks/weighting.py --device cuda --precision bf16
+    .venv/bin/python benchmarks/weighting.py --output benchmarks/results/weighting_cost.md
+
+Every registered strategy runs in the same process, side by side. ``--output`` also writes the table as
+Markdown with the command and the machine's load average during the run (on a shared machine the
+absolute times move with the load; the ratios, measured round-robin, much less).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -70,6 +76,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=["32", "bf16"], default="32")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", type=Path, help="also write the table here as Markdown")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import tempfile
@@ -91,12 +98,26 @@ def main() -> None:
             sync()
             times[name].append((time.perf_counter() - start) / len(data))
     base = statistics.median(times["static"])
-    print(f"MMoE (4 experts, 256-128, towers 64), batch {args.batch_size}, device {args.device}, "
-          f"precision {args.precision}, median of {args.rounds} rounds x {args.steps} steps")
+    title = (f"MMoE (4 experts, 256-128, towers 64), 3 tasks, batch {args.batch_size}, device {args.device}, "
+             f"precision {args.precision}, {args.threads} thread(s), median of {args.rounds} rounds x {args.steps} steps")
+    print(title)
     print(f"{'strategy':<12} {'ms/step':>9} {'x static':>9}")
-    for name, values in times.items():
-        median = statistics.median(values)
+    ordered = sorted(times, key=lambda name: statistics.median(times[name]))
+    for name in ordered:
+        median = statistics.median(times[name])
         print(f"{name:<12} {median * 1e3:9.2f} {median / base:9.2f}")
+    if args.output is not None:
+        load = os.getloadavg()
+        command = " ".join(["python benchmarks/weighting.py", *sys.argv[1:]])
+        lines = ["# Weighting strategies: training-step cost relative to `static`", "",
+                 f"Produced by `{command}`: {title}; strategies timed round-robin in one process. Load average "
+                 f"at the end (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} "
+                 "CPUs, shared with other work: absolute times are inflated, ratios less so.", "",
+                 "| strategy | ms/step | x static |", "|---|---|---|"]
+        lines += [f"| `{name}` | {statistics.median(times[name]) * 1e3:.1f} | "
+                  f"{statistics.median(times[name]) / base:.2f} |" for name in ordered]
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
