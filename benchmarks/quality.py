@@ -144,7 +144,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="census-"))
     paths, features, tasks = prepare_census(SOURCE, work)
     features = add_domain(paths, features)
-    names = args.architectures or registry.names()
+    names = registry.names() if args.architectures is None else args.architectures  # ``--architectures``: none
     strategies = args.weightings or sorted(weighting_strategies.STRATEGIES)
     skipped = []
     runnable = []
@@ -213,10 +213,10 @@ def write(args, results, kept, skipped, seeds, max_epochs, started, runnable, st
               f"(income >= {TARGET['income']:.4f}, never_married >= {TARGET['never_married']:.4f}).")
     if kept.get("header"):
         header = kept["header"] + f" Rows redone by {this_run}."
-    arch_rows = dict(kept.get("arch", {}))
-    arch_rows.update({name: row(name, results[(name, "static")]) for name in runnable if (name, "static") in results})
-    weight_rows = dict(kept.get("weighting", {}))
-    weight_rows.update({s: row(s, results[("mmoe", s)]) for s in strategies if ("mmoe", s) in results})
+    arch_rows = merge(kept.get("arch", {}), {name: results[(name, "static")] for name in runnable
+                                             if (name, "static") in results})
+    weight_rows = merge(kept.get("weighting", {}), {s: results[("mmoe", s)] for s in strategies
+                                                   if ("mmoe", s) in results})
     lines = ["# Census-Income quality benchmark", "", header, "", "## Architectures (test AUC, mean ± std over seeds)",
              "", "| architecture | income | never_married | meets target | seeds |", "|---|---|---|---|---|"]
     lines += [with_seeds(arch_rows[name]) for name in sorted(arch_rows)]
@@ -230,6 +230,15 @@ def write(args, results, kept, skipped, seeds, max_epochs, started, runnable, st
         lines += [f"- `{name}`: {reason}" for name, reason in skipped]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("\n".join(lines) + "\n")
+
+
+def merge(kept: dict[str, str], new: dict[str, dict[str, list[float]]]) -> dict[str, str]:
+    """The kept rows, each replaced by this run's result once that has at least as many seeds."""
+    rows = dict(kept)
+    for name, scores in new.items():
+        if name not in kept or len(scores["income"]) >= int(with_seeds(kept[name]).split("|")[-2]):
+            rows[name] = row(name, scores)
+    return rows
 
 
 def with_seeds(line: str) -> str:
