@@ -378,3 +378,23 @@ def test_cli_trains_and_validates_with_the_strategy_by_class_path(tmp_path, monk
     validated = build_cli(["validate", *common, f"--ckpt_path={checkpoint}", "--trainer.logger=false"])
     auc = validated.trainer.callback_metrics["val/click/auc"]
     assert torch.isclose(auc, cli.trainer.callback_metrics["val/click/auc"])  # the same weights
+
+
+def test_stem_shards_the_shared_and_every_task_embedding():
+    """STEM under the strategy: its T + 1 FeatureEmbedding layers are all sharded and every task's tables learn."""
+    from mtl_lightning.distributed import TorchRecStrategy
+
+    torch.manual_seed(0)
+    module = MultiTaskLightningModule(registry.create("stem", **arguments("stem")), lr=0.01)
+    layers = {"model.embedding": module.model.embedding,
+              **{f"model.task_embeddings.{t}": e for t, e in module.model.task_embeddings.items()}}
+    before = {path: layer.table_weight("user").detach().clone() for path, layer in layers.items()}
+    strategy = TorchRecStrategy(sharding="table_wise", embedding_optimizer="sgd", embedding_lr=0.5)
+    trainer(strategy, max_epochs=1, use_distributed_sampler=False).fit(
+        module, DataLoader([labelled(k) for k in range(2)], batch_size=None))
+    assert set(strategy._layers) == set(layers)
+    for path, value in before.items():
+        table = strategy._layers[path].table_tensors()["user"]
+        local = table.local_shards()[0].tensor if hasattr(table, "local_shards") else table
+        assert local.shape == value.shape
+        assert (local - value).abs().amax(dim=1).gt(0).sum() >= 20, path  # each task's own table moved too
