@@ -101,6 +101,12 @@ class ParquetDataModule(L.LightningDataModule):
         group: an integer column (e.g. ``user_id``, which may also be a
             feature) put in every batch the Trainer sees as ``batch["group"]``;
             the training module then logs group AUC (``val/<task>/gauc``).
+        scenario: an integer column holding the scenario (domain) id of each
+            row (it may also be a feature) put in every batch as
+            ``batch["scenario"]``; the training module then logs AUC (and, with
+            ``group``, GAUC) per scenario: ``val/<task>/auc/domain=<id>``. A
+            multi-scenario architecture needs no ``scenario``: its domain
+            feature's ids are used unless this is given.
         implied_labels: label columns that imply another label column, e.g.
             ``{"purchase": "click", "conversion": "click"}``; a file with a
             positive label on a row where the implied label is 0 is rejected
@@ -181,6 +187,7 @@ class ParquetDataModule(L.LightningDataModule):
         normalize: bool | Sequence[str] = False,
         keys: Sequence[str] = (),
         group: str | None = None,
+        scenario: str | None = None,
         implied_labels: Mapping[str, str] | None = None,
         ignore_label: float | None = -1,
         labels: Sequence[str] = (),
@@ -254,6 +261,7 @@ class ParquetDataModule(L.LightningDataModule):
         self.fillers: dict[str, MissingFiller] = make_fillers(fill_missing, missing_indicator)
         self.keys = list(keys)
         self.group = group
+        self.scenario = scenario
 
     def files(self, split: str) -> list[DataFile]:
         """The data files of a split (``resolve_paths``: hidden names skipped, each file once, with its partitions).
@@ -525,17 +533,25 @@ class ParquetDataModule(L.LightningDataModule):
                 if len(rows) != before or not np.array_equal(rows, np.arange(before))}
 
     # ---------------------------------------------------------------- group
-    def _carried_keys(self) -> list[str]:
-        """``keys`` plus the group column (read like a key, moved to ``batch["group"]`` by the hook below)."""
-        return self.keys + ([self.group] if self.group and self.group not in self.keys else [])
+    def _id_columns(self) -> dict[str, str]:
+        """``{batch slot: column}`` of the group and scenario columns that are given."""
+        return {slot: column for slot, column in (("group", self.group), ("scenario", self.scenario)) if column}
 
-    def _check_group(self, path: DataFile, schema: pa.Schema) -> None:
-        if self.group not in schema.names:
-            raise ValueError(f"{path}: missing group column {self.group!r} (columns: {schema.names})")
-        check_unique(schema, [self.group], path)
-        if not pa.types.is_integer(schema.field(self.group).type):
-            raise ValueError(f"{path}: group column {self.group!r} has type {schema.field(self.group).type}; "
-                             "it must hold integer ids (e.g. user ids)")
+    def _carried_keys(self) -> list[str]:
+        """``keys`` plus the group and scenario columns (read like keys, moved to ``batch["group"]`` and
+        ``batch["scenario"]`` by ``on_before_batch_transfer``)."""
+        extra = [c for c in dict.fromkeys(self._id_columns().values()) if c not in self.keys]
+        return self.keys + extra
+
+    def _check_id_columns(self, path: DataFile, schema: pa.Schema) -> None:
+        for slot, column in self._id_columns().items():
+            if column not in schema.names:
+                raise ValueError(f"{path}: missing {slot} column {column!r} (columns: {schema.names})")
+            check_unique(schema, [column], path)
+            if not pa.types.is_integer(schema.field(column).type):
+                what = "user ids" if slot == "group" else "scenario ids; encode the scenarios as integers first"
+                raise ValueError(f"{path}: {slot} column {column!r} has type {schema.field(column).type}; "
+                                 f"it must hold integer ids ({what})")
 
     # ---------------------------------------------------------------- files
     def _split_tasks(self, split: str, names: Sequence[Sequence[str]]) -> list[Task]:
@@ -547,8 +563,8 @@ class ParquetDataModule(L.LightningDataModule):
     def _check_files(self) -> None:
         """Check the footer of every file of every given split, in one pass, before any batch is read.
 
-        Every file must open as Parquet and hold rows, and the group column be
-        an integer column. Once the features are known and the preprocessing
+        Every file must open as Parquet and hold rows, and the group and scenario
+        columns be integer columns. Once the features are known and the preprocessing
         fitted, each file's schema (with its partition columns) must also pass
         the split's converter, run on an empty table of that schema: the checks
         (a missing column, a wrong type, a key's type changing between files,
@@ -568,8 +584,7 @@ class ParquetDataModule(L.LightningDataModule):
                     if reader.num_rows == 0:
                         raise ValueError(f"{file}: file is empty (0 rows)")
                     schemas.append(reader.schema)
-                if self.group:
-                    self._check_group(file, schemas[-1])
+                self._check_id_columns(file, schemas[-1])
             if not ready:
                 continue
             convert = self._converter(split, self._split_tasks(split, [schema.names for schema in schemas]))
@@ -587,9 +602,13 @@ class ParquetDataModule(L.LightningDataModule):
                               ignore_label=self.ignore_label, fillers=self.fillers)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.group and isinstance(batch, dict) and "keys" in batch:
+        columns = self._id_columns()
+        if columns and isinstance(batch, dict) and "keys" in batch:
             keys = batch["keys"]
-            batch["group"] = keys[self.group] if self.group in self.keys else keys.pop(self.group)
+            for slot, column in columns.items():
+                batch[slot] = keys[column]
+            for column in set(columns.values()) - set(self.keys):  # carried for the slots only
+                keys.pop(column)
             if not keys:
                 del batch["keys"]
         return batch

@@ -18,6 +18,12 @@ when the batches carry a ``group`` column) is the impression-weighted mean of
 per-group AUC: ``GAUC = sum_u n_u AUC_u / sum_u n_u`` over the groups
 (users) ``u`` that have both a positive and a negative row, with ``n_u`` the
 group's number of rows; groups with a single class are skipped.
+
+Per-scenario AUC and GAUC (``ScenarioAUC``, logged as
+``<stage>/<task>/auc/domain=<id>`` and ``<stage>/<task>/gauc/domain=<id>`` for
+binary tasks) are the same two metrics over the rows of one scenario (domain)
+``id``: the scenario ids come from a multi-scenario architecture's domain
+feature or from the data module's ``scenario=`` column.
 """
 
 from __future__ import annotations
@@ -95,20 +101,21 @@ class BinaryAUROCFromLogits(BinaryAUROC):
         super().update(torch.sigmoid(preds.float()), target.long())
 
 
-def group_auc(preds: Tensor, target: Tensor, groups: Tensor) -> Tensor:
-    """Impression-weighted mean of per-group AUC (see the module docstring); ``nan`` when no group has both classes.
+def per_group_auc(preds: Tensor, target: Tensor, groups: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """AUC of every group: ``(group ids, rows, auc, defined)``, one entry per distinct group, ids ascending.
 
-    ``preds`` are scores (logits or probabilities: AUC only uses their order),
-    ``target`` is 0/1 and ``groups`` integer group ids, all ``(N,)``. Within a
-    group, AUC is the Mann-Whitney statistic ``(R_+ - P(P+1)/2) / (P N)`` with
-    ``R_+`` the sum of the positives' ranks, tied scores sharing their mean rank.
+    ``auc`` is ``nan`` where ``defined`` is false (a group whose labels are of
+    one class). Within a group, AUC is the Mann-Whitney statistic
+    ``(R_+ - P(P+1)/2) / (P N)`` with ``R_+`` the sum of the positives' ranks,
+    tied scores sharing their mean rank. Inputs as in :func:`group_auc`.
     """
     if not (preds.shape == target.shape == groups.shape) or preds.dim() != 1:
         raise ValueError(f"group_auc needs three (N,) tensors, got {tuple(preds.shape)}, {tuple(target.shape)}, "
                          f"{tuple(groups.shape)}")
     n = preds.numel()
     if n == 0:
-        return torch.tensor(float("nan"), dtype=torch.float64, device=preds.device)
+        empty = torch.zeros(0, dtype=torch.float64, device=preds.device)
+        return groups.long(), empty, empty, empty.bool()
     preds, target, groups = preds.double(), target.double(), groups.long()
     order = torch.argsort(preds, stable=True)
     order = order[torch.argsort(groups[order], stable=True)]  # sorted by (group, score)
@@ -130,10 +137,21 @@ def group_auc(preds: Tensor, target: Tensor, groups: Tensor) -> Tensor:
     rank_sum = torch.zeros_like(size).index_add_(0, group_id, rank * y)
     negatives = size - positives
     both = (positives > 0) & (negatives > 0)
+    auc = (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+    return g[new_group], size, torch.where(both, auc, torch.full_like(auc, float("nan"))), both
+
+
+def group_auc(preds: Tensor, target: Tensor, groups: Tensor) -> Tensor:
+    """Impression-weighted mean of per-group AUC (see the module docstring); ``nan`` when no group has both classes.
+
+    ``preds`` are scores (logits or probabilities: AUC only uses their order),
+    ``target`` is 0/1 and ``groups`` integer group ids, all ``(N,)``; the
+    per-group AUC is :func:`per_group_auc`'s.
+    """
+    _, size, auc, both = per_group_auc(preds, target, groups)
     if not both.any():
         return torch.tensor(float("nan"), dtype=torch.float64, device=preds.device)
-    auc = (rank_sum[both] - positives[both] * (positives[both] + 1) / 2) / (positives[both] * negatives[both])
-    return (size[both] * auc).sum() / size[both].sum()
+    return (size[both] * auc[both]).sum() / size[both].sum()
 
 
 class GroupAUC(Metric):
@@ -157,6 +175,66 @@ class GroupAUC(Metric):
     def compute(self) -> Tensor:
         cat = lambda x: torch.cat(x) if isinstance(x, list) else x  # noqa: E731  (a list before sync, a tensor after)
         return group_auc(cat(self.preds), cat(self.target), cat(self.groups)).float()
+
+
+class ScenarioAUC(Metric):
+    """AUC and group AUC of one binary task in every scenario (domain), over every row seen on every rank.
+
+    ``update(preds, target, scenarios, groups=None)`` takes logits, 0/1 labels,
+    integer scenario ids and, optionally, group (user) ids, all ``(N,)``. The
+    rows are kept (gathered over the ranks before ``compute``, like
+    :class:`GroupAUC`), so every rank computes the same numbers for the same
+    scenarios. ``compute()`` returns ``{scenario id: {"auc": v, "gauc": v}}``
+    for every scenario seen; ``auc`` is left out where the scenario's labels
+    are of one class, ``gauc`` where no group of the scenario has both classes
+    or where some batch came without groups.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("preds", default=[], dist_reduce_fx="cat")
+        self.add_state("target", default=[], dist_reduce_fx="cat")
+        self.add_state("scenarios", default=[], dist_reduce_fx="cat")
+        self.add_state("groups", default=[], dist_reduce_fx="cat")
+
+    def update(self, preds: Tensor, target: Tensor, scenarios: Tensor, groups: Tensor | None = None) -> None:
+        if not (preds.shape == target.shape == scenarios.shape) or (groups is not None and groups.shape != preds.shape):
+            raise ValueError(f"ScenarioAUC needs (N,) preds, target, scenarios (and groups), got {tuple(preds.shape)}, "
+                             f"{tuple(target.shape)}, {tuple(scenarios.shape)}"
+                             + ("" if groups is None else f", {tuple(groups.shape)}"))
+        if scenarios.is_floating_point():
+            raise ValueError(f"ScenarioAUC needs integer scenario ids, got {scenarios.dtype}")
+        self.preds.append(preds.detach().double().flatten())
+        self.target.append(target.detach().double().flatten())
+        self.scenarios.append(scenarios.detach().long().flatten())
+        # without groups an empty tensor, so the gathered groups are shorter than the rows and no GAUC is computed
+        self.groups.append(scenarios.new_zeros(0, dtype=torch.long) if groups is None else groups.detach().long())
+
+    def compute(self) -> dict[int, dict[str, Tensor]]:
+        cat = lambda x: torch.cat(x) if isinstance(x, list) else x  # noqa: E731  (a list before sync, a tensor after)
+        preds, target, scenarios, groups = (cat(x) for x in (self.preds, self.target, self.scenarios, self.groups))
+        # AUC on float32 probabilities, exactly what ``auc`` ranks (BinaryAUROCFromLogits), so one scenario's AUC is
+        # the split's; GAUC on the logits, as GroupAUC
+        ids, _, auc, defined = per_group_auc(torch.sigmoid(preds.float()), target, scenarios)
+        with_groups = groups.numel() == preds.numel()
+        out: dict[int, dict[str, Tensor]] = {}
+        for scenario, value, ok in zip(ids.tolist(), auc, defined.tolist()):
+            out[scenario] = {"auc": value.float()} if ok else {}
+            if with_groups:
+                rows = scenarios == scenario
+                gauc = group_auc(preds[rows], target[rows], groups[rows])
+                if not torch.isnan(gauc):
+                    out[scenario]["gauc"] = gauc.float()
+        return out
+
+
+def scenario_auc_metrics(tasks: Sequence[Task]) -> torch.nn.ModuleDict:
+    """One ``ScenarioAUC`` per binary task."""
+    return torch.nn.ModuleDict({t.name: ScenarioAUC() for t in tasks if t.kind == "binary"})
 
 
 def group_auc_metrics(tasks: Sequence[Task]) -> torch.nn.ModuleDict:

@@ -32,6 +32,16 @@ architecture has one); ``val/<task>/auc``, ``val/<task>/logloss`` (binary),
 ``val/<task>/gauc`` (binary, when the batches carry a ``group`` tensor: see
 ``metrics.GroupAUC``); the same under ``test/``.
 
+Per scenario (domain): ``val/<task>/auc/domain=<id>`` for every binary task
+and every scenario id in the split, and ``val/<task>/gauc/domain=<id>`` when
+the batches also carry a ``group``; the same under ``test/``. The scenario
+ids are the batch's ``scenario`` tensor (``ParquetDataModule(scenario=...)``,
+any architecture) or else, for a multi-scenario architecture
+(``model.multi_scenario``), its domain feature ``model.domain_feature``. The
+rows of every rank are gathered first (``metrics.ScenarioAUC``), so under DDP
+every rank logs the same scenarios and values. A scenario whose valid labels
+are of one class gets no AUC (warned once per task and split).
+
 Undefined evaluation metrics are skipped, never logged as numbers that look
 real (and never NaN, so a ``ModelCheckpoint`` monitoring another key is not
 disturbed): every metric of a task with no row with a valid label in the split
@@ -69,6 +79,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torchmetrics import Metric
 
 from .architectures.base import MultiTaskArchitecture
 from .checkpoint import CheckpointLoading
@@ -76,7 +87,9 @@ from .config import build
 from .features import feature_from_config
 from .layers.embedding import FeatureEmbedding, grown_rows, vocabulary_mismatch
 from .losses import CounterfactualCVR, masked_loss, valid_mask
-from .metrics import Skipped, compute_task_metrics, flatten_metrics, group_auc_metrics, task_metrics
+from .metrics import (
+    Skipped, compute_task_metrics, flatten_metrics, group_auc_metrics, scenario_auc_metrics, task_metrics,
+)
 from .optim import build_optimizers, no_weight_decay, optimizer_class
 from .tasks import Task, check_tasks
 from .weighting import WeightingStrategy, create_weighting
@@ -137,6 +150,13 @@ _LIGHTNING_CHECKPOINT_KEYS = frozenset({
     "state_dict", "loops", "callbacks", "optimizer_states", "lr_schedulers", "hyper_parameters",
     "datamodule_hyper_parameters", "hparams_type", "hparams_name", "datamodule_hparams_name",
 })
+
+
+def _reset(metric: nn.Module) -> None:
+    """``metric.reset()`` outside inference mode: the fresh states are normal tensors, so a later ``fit`` (whose
+    validation runs under ``no_grad``, not inference mode) can update them in place after ``trainer.validate``."""
+    with torch.inference_mode(False):
+        metric.reset()
 
 
 class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
@@ -267,6 +287,8 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         self.test_metrics = task_metrics(self.tasks)
         self.val_gauc = group_auc_metrics(self.tasks)
         self.test_gauc = group_auc_metrics(self.tasks)
+        self.val_scenario = scenario_auc_metrics(self.tasks)
+        self.test_scenario = scenario_auc_metrics(self.tasks)
         self._skip_warned: set[tuple[str, str, str]] = set()  # see _warn_skipped
 
     # ------------------------------------------------------------------ losses
@@ -372,17 +394,43 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         )
 
     # -------------------------------------------------------------- evaluation
-    def _update_metrics(self, metrics: nn.Module, batch: Batch, gauc: nn.ModuleDict | None = None) -> None:
+    def _scenario_ids(self, batch: Batch) -> Tensor | None:
+        """The batch's scenario ids: the data module's ``scenario`` column, else a multi-scenario model's domain."""
+        scenario = batch.get("scenario")
+        if scenario is None and self.model.multi_scenario:
+            scenario = batch["features"][self.model.domain_feature]
+        return scenario
+
+    def _update_metrics(self, metrics: nn.Module, batch: Batch, gauc: nn.ModuleDict | None = None,
+                        scenario_metrics: nn.ModuleDict | None = None) -> None:
         outputs = self.model(batch["features"])
         group = batch.get("group")
+        scenario = self._scenario_ids(batch) if scenario_metrics is not None else None
         for t in self.tasks:
             labels = self._labels(batch["labels"], t)
             mask = valid_mask(labels, self.hparams.ignore_label)
             metrics.task_metrics[t.name].update(outputs[t.name][mask].float(), labels[mask].float())
             if group is not None and gauc is not None and t.name in gauc:
                 gauc[t.name].update(outputs[t.name][mask], labels[mask], group[mask])
+            if scenario is not None and t.name in scenario_metrics:
+                scenario_metrics[t.name].update(outputs[t.name][mask], labels[mask], scenario[mask],
+                                                None if group is None else group[mask])
 
-    def _log_metrics(self, stage: str, metrics: nn.Module, gauc: nn.ModuleDict | None = None) -> None:
+    def _joined(self, metric: Metric, *empty_args: Tensor) -> bool:
+        """Whether any rank updated ``metric`` this epoch; a rank that did not (an empty shard, a split smaller
+        than the world size) updates it with ``empty_args`` (typed empty states, so the gather matches the other
+        ranks' dtypes) and then joins the collective of ``compute()`` that the other ranks run."""
+        used = torch.tensor(float(metric.update_called), device=self.device)
+        if self._trainer is not None:
+            used = self.trainer.strategy.reduce(used, reduce_op="sum")
+        if not used:
+            return False
+        if not metric.update_called:
+            metric.update(*empty_args)
+        return True
+
+    def _log_metrics(self, stage: str, metrics: nn.Module, gauc: nn.ModuleDict | None = None,
+                     scenario_metrics: nn.ModuleDict | None = None) -> None:
         """Log the split's defined metrics; undefined ones are skipped with one warning per task and split.
 
         Every decision below reads values computed from states synced over the
@@ -391,17 +439,10 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         """
         computed, skipped = compute_task_metrics(metrics, self.tasks)
         logged = flatten_metrics(stage, computed)
+        empty = torch.zeros(0, device=self.device)
         for name, metric in (gauc or {}).items():
-            # whether any rank saw a group column: a rank with an empty shard (a split smaller than the
-            # world size) must still join the collective of compute() that the other ranks run
-            used = torch.tensor(float(metric.update_called), device=self.device)
-            if self._trainer is not None:
-                used = self.trainer.strategy.reduce(used, reduce_op="sum")
-            if not used:
+            if not self._joined(metric, empty, empty, empty.long()):  # no rank saw a group column
                 continue
-            if not metric.update_called:  # typed empty states, so the gather matches the other ranks' dtypes
-                empty = torch.zeros(0, device=self.device)
-                metric.update(empty, empty, empty.long())
             if name in skipped:  # no valid row, or one class: no group can have both classes
                 skipped[name] = skipped[name]._replace(metrics=(*skipped[name].metrics, "gauc"))
             else:
@@ -411,7 +452,18 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
                                             "negative label, so GAUC is undefined", False)
                 else:
                     logged[f"{stage}/{name}/gauc"] = value
-            metric.reset()
+            _reset(metric)
+        for name, metric in (scenario_metrics or {}).items():
+            if not self._joined(metric, empty, empty, empty.long()):  # no scenario ids (or no rows) on any rank
+                continue
+            one_class = []
+            for scenario, values in metric.compute().items():
+                logged.update({f"{stage}/{name}/{m}/domain={scenario}": value for m, value in values.items()})
+                if "auc" not in values:
+                    one_class.append(scenario)
+            _reset(metric)
+            if one_class:
+                self._warn_one_class_scenarios(stage, name, one_class)
         terms = [
             t.weight * computed[t.name]["logloss" if t.kind == "binary" else "mse"]
             for t in self.tasks if ("logloss" if t.kind == "binary" else "mse") in computed[t.name]
@@ -424,8 +476,11 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
             stale = [f"{stage}/{name}/{m}" for name, skip in skipped.items() for m in skip.metrics]
             for key in stale + ([] if terms else [f"{stage}/loss"]):
                 self.trainer.callback_metrics.pop(key, None)
+            for key in [k for k in self.trainer.callback_metrics if "/domain=" in k and k.startswith(f"{stage}/")]:
+                if key not in logged:  # a scenario absent (or undefined) this epoch
+                    self.trainer.callback_metrics.pop(key)
         self.log_dict(logged, sync_dist=False)
-        metrics.reset()
+        _reset(metrics)
 
     def _warn_skipped(self, stage: str, task: str, skip: Skipped, loss_skipped: bool) -> None:
         """One warning per task, split and reason for the module's lifetime (the sanity check counts apart)."""
@@ -445,17 +500,29 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
             message = f"{split} split: task {task!r} {skip.reason}; {keys} {verb} not logged"
         rank_zero_warn(message + ". Training and the other metrics go on (warned once per task and split).")
 
+    def _warn_one_class_scenarios(self, stage: str, task: str, scenarios: list[int]) -> None:
+        split = f"{stage} (sanity check)" if self._trainer is not None and self.trainer.sanity_checking else stage
+        key = (split, task, "one-class scenarios")
+        if key in self._skip_warned:
+            return
+        self._skip_warned.add(key)
+        keys = ", ".join(f"{stage}/{task}/auc/domain={s}" for s in scenarios[:5]) + (", ..." if len(scenarios) > 5
+                                                                                     else "")
+        rank_zero_warn(f"{split} split: task {task!r} has labels of one class only in scenarios {scenarios[:20]}, "
+                       f"so their AUC is undefined and {keys} not logged; the other scenarios' are "
+                       "(warned once per task and split).")
+
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._update_metrics(self.val_metrics, batch, self.val_gauc)
+        self._update_metrics(self.val_metrics, batch, self.val_gauc, self.val_scenario)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val", self.val_metrics, self.val_gauc)
+        self._log_metrics("val", self.val_metrics, self.val_gauc, self.val_scenario)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._update_metrics(self.test_metrics, batch, self.test_gauc)
+        self._update_metrics(self.test_metrics, batch, self.test_gauc, self.test_scenario)
 
     def on_test_epoch_end(self) -> None:
-        self._log_metrics("test", self.test_metrics, self.test_gauc)
+        self._log_metrics("test", self.test_metrics, self.test_gauc, self.test_scenario)
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """Probabilities (binary) or values (regression) of every task and extra output, plus ``row_id``."""

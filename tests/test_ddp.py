@@ -80,6 +80,23 @@ def test_ddp_validation_auc_over_all_ranks_equals_one_process_auc(ddp_run):
         # one rank's half alone gives another number: the logged metric really is the synced one
         assert max(abs(auc(p, task) - metrics[0][f"val/{task}/auc"]) for p in per_rank) > 1e-4
 
+    # per scenario (the val files' city column, carried by ParquetDataModule(scenario="city")): over both ranks
+    city = val["city"].to_numpy()
+    cities = sorted(set(city.tolist()))
+    in_city = lambda frame, c: frame[city[frame["row_id"].to_numpy()] == c]  # noqa: E731
+
+    def defined(task, c):  # AUC needs both classes among the city's valid labels
+        labels = val[task].to_numpy()[city == c]
+        return {0, 1} <= set(labels[labels >= 0].tolist())
+
+    expected = {(task, c) for task in ("click", "conversion") for c in cities if defined(task, c)}
+    assert sorted(k for k in metrics[0] if "/domain=" in k) == sorted(f"val/{t}/auc/domain={c}" for t, c in expected)
+    assert len(cities) >= 3 and len(expected) > len(cities)
+    for task, c in expected:
+        assert auc(in_city(predictions, c), task) == pytest.approx(metrics[0][f"val/{task}/auc/domain={c}"], abs=1e-6)
+    assert max(abs(auc(in_city(p, c), t) - metrics[0][f"val/{t}/auc/domain={c}"])
+               for p in per_rank for t, c in expected) > 1e-4
+
 
 EMPTY_SHARD_SCRIPT = Path(__file__).parent / "scripts" / "ddp_empty_shard.py"
 

@@ -27,7 +27,7 @@ def run(data: Path, out: Path, streaming: bool) -> None:
     tasks = [Task("click")]
     dm = ParquetDataModule(
         train=data / "train", val=data / "one", predict=data / "one", tasks=tasks, batch_size=16,
-        streaming=streaming, num_workers=1, embedding_dim=4, keys=["user_id"], group="user_id",
+        streaming=streaming, num_workers=1, embedding_dim=4, keys=["user_id"], group="user_id", scenario="city",
         exclude=["conversion", "purchase", "dwell", "history"],
     )
     dm.setup("fit")

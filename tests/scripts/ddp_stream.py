@@ -4,7 +4,8 @@ Run by ``tests/test_ddp.py`` (Lightning's DDP re-launches this script once per
 rank, which it cannot do from inside pytest). Usage:
 ``python ddp_stream.py DATA_DIR OUT_DIR``. Writes to OUT_DIR, per rank ``R``:
 ``train_ids_rank<R>.json`` (row ids of every training batch, in order),
-``metrics_rank<R>.json`` (``trainer.validate`` metrics, synced over ranks),
+``metrics_rank<R>.json`` (``trainer.validate`` metrics, synced over ranks; per scenario too: the
+column ``city``, not a feature, is the scenario),
 and ``predictions/predictions-rank<R>.parquet`` (``ParquetPredictionWriter``
 over the validation files).
 """
@@ -43,7 +44,7 @@ def main(data: Path, out: Path) -> None:
     dm = ParquetDataModule(
         train=data / "train", val=data / "val", predict=data / "val", tasks=tasks, batch_size=128,
         streaming=True, shuffle_buffer=512, read_rows=200, num_workers=2, embedding_dim=4,
-        categorical={"city_name": {"min_freq": 5}}, normalize=True, keys=["user_id"],
+        categorical={"city_name": {"min_freq": 5}}, normalize=True, keys=["user_id"], scenario="city",
         exclude=["purchase", "dwell", "city"],
     )
     dm.setup("fit")
