@@ -36,7 +36,8 @@ SMALL = {
     "star": dict(star_hidden=(16, 8), auxiliary_hidden=(4,)),
     "adatt": dict(num_levels=2, num_task_experts=2, num_shared_experts=1, expert_hidden=(16,), tower_hidden=(4,)),
     "dselect_k": dict(num_experts=3, num_selected=2, expert_hidden=(8,), tower_hidden=(4,)),
-    "mssm": dict(num_levels=2, num_task_cells=1, num_shared_cells=2, cell_hidden=(8,), tower_hidden=(4,)),
+    "mssm": dict(num_levels=2, num_task_cells=1, num_shared_cells=2, cell_hidden=(8,), transform_dim=6,
+                 tower_hidden=(4,)),
     "dbmtl": dict(bottom_hidden=(16,), num_experts=2, expert_hidden=(8,), tower_hidden=(8,), relation_hidden=(4,)),
     "stem": dict(num_levels=2, expert_hidden=(8,), gate_hidden=(8,), tower_hidden=(4,)),
 }

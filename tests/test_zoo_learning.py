@@ -25,7 +25,8 @@ SYNTHETIC = {
     "apg": dict(hidden=(32, 16), rank=8, generator_hidden=16, overparam_dim=16, tower_hidden=(16,)),
     "adatt": dict(num_levels=2, num_task_experts=2, expert_hidden=(16,), tower_hidden=(8,)),
     "dselect_k": dict(num_experts=4, num_selected=2, expert_hidden=(16,), tower_hidden=(8,)),
-    "mssm": dict(num_levels=2, num_task_cells=1, num_shared_cells=2, cell_hidden=(16,), tower_hidden=(8,)),
+    "mssm": dict(num_levels=2, num_task_cells=1, num_shared_cells=1, cell_hidden=(16,), transform_dim=16,
+                 tower_hidden=(8,)),
     "dbmtl": dict(bottom_hidden=(16,), tower_hidden=(8,), relation_hidden=(8,)),
     "stem": dict(expert_hidden=(16,), tower_hidden=(8,)),
 }

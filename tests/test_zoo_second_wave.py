@@ -256,34 +256,59 @@ def test_dbmtl_order_and_bad_dependencies():
 
 
 # --------------------------------------------------------------------------------------------------------- MSSM
-def test_mssm_field_coding_selects_fields_per_task_and_cells_are_routed():
+def test_mssm_field_masks_are_relu_tanh_of_g_dot_e_and_drop_fields_per_task():
     torch.manual_seed(0)
     model = MSSM(FEATURES, TASKS, num_levels=1, num_task_cells=1, num_shared_cells=1, cell_hidden=(5,),
-                 tower_hidden=(), l0_weight=0.01)
-    with torch.no_grad():  # z = clip(sigmoid(-20) 1.2 - .1, 0, 1) = 0 closes a coding variable
-        model.field_gates.log_alpha[0, 1] = -20.0  # the click unit drops the item field (field 1) ...
-        model.field_gates.log_alpha[2, 1] = -20.0  # ... so does the shared unit ...
+                 transform_dim=3, tower_hidden=())
+    x = batch(8)
+    flat = model.embedding(x)  # user: columns 0-3, item 4-7, price 8
+    g = model.fields.g  # (T + 1, D)
+    fields = [slice(0, 4), slice(4, 8), slice(8, 9)]
+    masks = model.fields.masks(flat)  # (B, T + 1, F)
+    for j in range(3):
+        for i, cols in enumerate(fields):  # w_ij = relu(tanh(g_ij . e_i)), per example
+            torch.testing.assert_close(masks[:, j, i], torch.relu(torch.tanh(flat[:, cols] @ g[j, cols])))
+        expected = torch.cat([masks[:, j, i:i + 1] * flat[:, cols] for i, cols in enumerate(fields)], dim=-1)
+        torch.testing.assert_close(model.fields(flat)[:, j], expected)  # E_j = [w_1j e_1, ..., w_nj e_n]
+    assert (masks == 0).any() and (masks > 0).any()  # the relu gives exact zeros: sparse per example
+    with torch.no_grad():  # g = 0 for the item field closes it (w = relu(tanh(0)) = 0) for click and shared ...
+        g[0, 4:8] = 0.0
+        g[2, 4:8] = 0.0
         model.levels[0].routing.log_alpha[0, 1] = -20.0  # ... and click routes around conversion's cell
     model.eval()
-    x = batch(8)
-    flat = model.embedding(x)
-    z = (torch.sigmoid(model.field_gates.log_alpha) * 1.2 - 0.1).clamp(0, 1)  # (T + 1, F), deterministic
-    assert z[0, 1] == 0 and z[1, 1] > 0
-    units = model.field_inputs(flat)  # user: columns 0-3, item 4-7, price 8
-    for u in range(3):
-        scale = torch.cat([z[u, 0].expand(4), z[u, 1].expand(4), z[u, 2:3]])
-        torch.testing.assert_close(units[:, u], flat * scale)
     other_item = dict(x, item=(x["item"] + 1) % 20)
     assert torch.equal(model(other_item)["click"], model(x)["click"])  # click no longer reads the item
     assert not torch.equal(model(other_item)["conversion"], model(x)["conversion"])  # conversion still does
-    level = model.levels[0]
-    cells = torch.cat([level.task_cells["click"](units[:, 0]), level.task_cells["conversion"](units[:, 1]),
-                       level.shared_cells(units[:, 2])], dim=1)  # (B, 3, 5)
-    route = (torch.sigmoid(level.routing.log_alpha) * 1.2 - 0.1).clamp(0, 1)  # (T, C): last level, tasks only
-    assert route.shape == (2, 3)
-    for k, t in enumerate(model.task_names):
-        torch.testing.assert_close(model(x)[t], model.towers[t]((route[k][:, None] * cells).sum(1)).squeeze(-1))
-    penalty = sum(torch.sigmoid(g.log_alpha + (2 / 3) * math.log(1.1 / 0.1)).sum() for g in model.coding_variables())
+
+
+def test_mssm_cells_are_routed_through_coding_variables_and_transformations():
+    torch.manual_seed(0)
+    model = MSSM(FEATURES, TASKS, num_levels=2, num_task_cells=1, num_shared_cells=2, cell_hidden=(5,),
+                 transform_dim=3, tower_hidden=(), l0_weight=0.01)
+    first, last = model.levels
+    assert first.routing.log_alpha.shape == (3, 4) and last.routing.log_alpha.shape == (2, 4)  # (I, C)
+    assert first.transforms.shape == (3, 4, 5, 3)  # W_ij: (I, C, H, K)
+    model.eval()
+    x = batch(6)
+    units = model.fields(model.embedding(x))
+    inputs = {"click": units[:, 0], "conversion": units[:, 1]}
+    u = first.cells(inputs, units[:, 2])  # (B, 4, 5): click's cell, conversion's, 2 shared
+    z = (torch.sigmoid(first.routing.log_alpha) * 1.2 - 0.1).clamp(0, 1)  # deterministic at evaluation
+    v = [sum(z[i, j] * u[:, j] @ first.transforms[i, j] for j in range(4)) for i in range(3)]  # v_i
+    out, shared = first(inputs, units[:, 2])
+    torch.testing.assert_close(out["click"], v[0])
+    torch.testing.assert_close(out["conversion"], v[1])
+    torch.testing.assert_close(shared, v[2])
+    u2 = last.cells({"click": v[0], "conversion": v[1]}, v[2])
+    z2 = (torch.sigmoid(last.routing.log_alpha) * 1.2 - 0.1).clamp(0, 1)
+    click = sum(z2[0, j] * u2[:, j] @ last.transforms[0, j] for j in range(4))
+    torch.testing.assert_close(model(x)["click"], model.towers["click"](click).squeeze(-1))
+    penalty = sum(torch.sigmoid(level.routing.log_alpha + (2 / 3) * math.log(1.1 / 0.1)).sum()
+                  for level in model.levels)
     torch.testing.assert_close(model.auxiliary_loss({}, {}), 0.01 * penalty)
-    deeper = MSSM(FEATURES, TASKS, num_levels=2, num_task_cells=2, num_shared_cells=1, cell_hidden=(5,))
-    assert deeper.levels[0].routing.log_alpha.shape == (3, 5) and deeper.levels[1].routing.log_alpha.shape == (2, 5)
+    model.train()
+    torch.manual_seed(1)
+    a = model(x)["click"]
+    assert not torch.equal(a, model(x)["click"])  # coding variables are sampled in training
+    with pytest.raises(ValueError, match="transform_dim"):
+        MSSM(FEATURES, TASKS, transform_dim=0)
