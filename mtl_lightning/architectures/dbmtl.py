@@ -25,8 +25,9 @@ towers), as in EasyRec.
 Choices: ``dependencies`` maps a task to the tasks it depends on (any order
 that has no cycle; parents' relation outputs are concatenated in the order
 given); by default every task depends on all tasks listed before it (the
-chain rule of the joint probability in task order). Every task gets a
-relation MLP (EasyRec makes it optional per task).
+chain rule of the joint probability in task order; EasyRec's default is no
+dependency). Every task gets a relation MLP, as in EasyRec (TorchEasyRec makes
+it optional per task).
 """
 
 from __future__ import annotations
