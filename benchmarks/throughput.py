@@ -344,6 +344,9 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    # Lightning's DDP launcher (under TorchRecStrategy) sets torch's threads to the machine's CPU count unless
+    # OMP_NUM_THREADS is set: every system gets --threads
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
     torch.manual_seed(0)
     if args.child not in CHILD_SYSTEMS:
         raise SystemExit(f"unknown system {args.child!r}; known: {', '.join(CHILD_SYSTEMS)}")
