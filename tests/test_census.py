@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
-from lightning.pytorch.callbacks import EarlyStopping
 
 from datamodules import ParquetDataModule
 from datamodules.census import prepare_census
@@ -26,11 +23,8 @@ def test_mmoe_census_income_auc(tmp_path):
                            features=features, batch_size=512)
     model = MMoE(features, tasks, num_experts=4, expert_hidden=(64,), tower_hidden=(32,))
     module = MultiTaskLightningModule(model, lr=2e-3)
-    started = time.monotonic()
-    trainer = quiet_trainer(max_epochs=6, max_time="00:00:02:00",
-                            callbacks=[EarlyStopping("val/loss", patience=1)])
+    trainer = quiet_trainer(max_epochs=2, num_sanity_val_steps=0, limit_val_batches=0)  # a fixed amount of work
     trainer.fit(module, dm)
-    assert time.monotonic() - started < 150  # max_time bounds training to 2 minutes
     result = trainer.test(module, dm, verbose=False)[0]
     print(f"census MMoE test AUC: income {result['test/income/auc']:.4f}, "
           f"never_married {result['test/never_married/auc']:.4f}")
