@@ -1081,7 +1081,8 @@ def _sample_split_case(strategy, num_rows: int = 12):
     model = DictToy()
     strategy.setup(tasks(2), model)
     x, y = torch.randn(num_rows, 8), torch.randn(2, num_rows)
-    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(0))  # the strategy's first draw
+    step_seed = int(torch.randint(0, 2 ** 62, (), generator=torch.Generator().manual_seed(0)))  # its first draw
+    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(step_seed))
     groups = torch.empty(num_rows, dtype=torch.long)
     groups[order] = torch.arange(num_rows) % 3
     return model, x, y, groups
@@ -1146,6 +1147,9 @@ def test_modo_splits_the_batch_into_three_samples_in_the_module_step():
     assert torch.equal(again.groups(12), groups)
     with pytest.raises(ValueError, match="batch of 2 rows is too small"):
         strategy.groups(2)
+    again.groups(12)
+    strategy.groups(13)  # a shorter or longer batch (a DDP rank's last one) moves the generator alike
+    assert torch.equal(again.generator.get_state(), strategy.generator.get_state())
 
 
 def test_sdmgrad_inner_steps_and_direction_by_hand():

@@ -378,11 +378,13 @@ class SampledGradientStrategy(WeightingStrategy):
 
     def groups(self, num_rows: int) -> Tensor:
         """Each row's sample ``(num_rows,)`` in ``[0, num_samples)``: a random permutation cut in turn (sizes differ
-        by at most one); draws from the strategy's generator."""
+        by at most one). The strategy's generator gives one seed per step, whatever the batch size (a last, shorter
+        batch on one DDP rank leaves every rank's generator in the same state); the permutation comes from it."""
         if num_rows < self.num_samples:
             raise ValueError(f"{type(self).__name__} splits every batch into {self.num_samples} samples; a batch "
                              f"of {num_rows} rows is too small")
-        order = torch.randperm(num_rows, generator=self.generator)
+        step_seed = int(torch.randint(0, 2 ** 62, (), generator=self.generator))
+        order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(step_seed))
         groups = torch.empty(num_rows, dtype=torch.long)
         groups[order] = torch.arange(num_rows) % self.num_samples
         return groups
