@@ -13,6 +13,9 @@ repetition).
 filesystems as ``ParquetDataModule`` reads (fsspec with ``storage_options=``,
 or a ``pyarrow.fs.FileSystem`` given as ``filesystem=``); an object store
 receives each file when it is closed, at the end of ``trainer.predict``.
+
+``RunSummary`` prints, at the end of ``fit``, the best checkpoint's path and a
+table of the final validation metrics per task (``mtl-lightning fit`` adds it).
 """
 
 from __future__ import annotations
@@ -129,3 +132,60 @@ class ParquetPredictionWriter(BasePredictionWriter):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._close()
+
+
+def metrics_table(metrics: Mapping[str, Any], stage: str = "val") -> str:
+    """The ``<stage>/<task>/<metric>`` values of ``metrics`` as a text table: one row per task, one column per metric.
+
+    A metric a task does not have (MSE for a binary task, GAUC without a group column) shows ``-``; the
+    combined ``<stage>/loss`` is the last line. Empty string when there is no such metric.
+    """
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == stage:
+            rows.setdefault(parts[1], {})[parts[2]] = float(value)
+    if not rows:
+        return ""
+    order = ["auc", "gauc", "logloss", "mse", "mae"]
+    columns = [c for c in order if any(c in r for r in rows.values())]
+    columns += sorted({c for r in rows.values() for c in r} - set(columns))
+    width = max(len("task"), *(len(t) for t in rows))
+    lines = [f"{'task':<{width}}  " + "  ".join(f"{c:>9}" for c in columns)]
+    for task, values in rows.items():
+        lines.append(f"{task:<{width}}  " + "  ".join(
+            f"{values[c]:>9.4f}" if c in values else f"{'-':>9}" for c in columns))
+    if f"{stage}/loss" in metrics:
+        lines.append(f"{stage}/loss: {float(metrics[f'{stage}/loss']):.4f}")
+    return "\n".join(lines)
+
+
+class RunSummary(L.Callback):
+    """At the end of ``fit``, on rank 0: the run's folder, its best and last checkpoints, and a table of the final
+    validation metrics per task (``metrics_table``). ``mtl-lightning fit`` adds it; from Python pass it in
+    ``Trainer(callbacks=[RunSummary()])``. The text is printed and kept in ``self.text``."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        lines = []
+        if trainer.logger is not None and trainer.log_dir:
+            lines.append(f"run folder (TensorBoard logs): {trainer.log_dir}")
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None and getattr(checkpoint, "best_model_path", ""):
+            score = getattr(checkpoint, "best_model_score", None)
+            monitor = getattr(checkpoint, "monitor", None)
+            best = f" ({monitor} = {float(score):.4f})" if monitor and score is not None else ""
+            lines.append(f"best checkpoint: {checkpoint.best_model_path}{best}")
+            last = getattr(checkpoint, "last_model_path", "")
+            if last and last != checkpoint.best_model_path:
+                lines.append(f"last checkpoint: {last}")
+        elif checkpoint is None:
+            lines.append("no checkpoint written (checkpointing is off)")
+        table = metrics_table(trainer.callback_metrics, "val")
+        lines += ["final validation metrics:", table] if table else ["no validation metrics (no val split)"]
+        self.text = "\n".join(lines)
+        print(self.text, flush=True)

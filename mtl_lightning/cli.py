@@ -25,6 +25,16 @@ sizes are never written in a config. A third makes ``data.ignore_label`` (the
 label value that means "no label", checked by the reader) the module's
 ``ignore_label``, so the two always agree: set it under ``data``.
 
+What a run tells you. ``fit`` ends by printing the run's folder, the best
+checkpoint's path and a table of the final validation metrics per task
+(:class:`~mtl_lightning.callbacks.RunSummary`). ``validate``, ``test`` and
+``predict`` with ``--ckpt_path=<run>/checkpoints/<file>.ckpt`` write into that
+run's folder ``<run>`` instead of a new ``version_N``: the logger's events
+(a ``TensorBoardLogger`` or ``CSVLogger`` whose ``version`` is not set), their
+config as ``config_<subcommand>.yaml`` (the fit's ``config.yaml`` is kept), and
+predictions in ``<run>/predictions/`` (unless ``--prediction_writer.output_dir``
+names another folder than the default ``predictions``); each prints where it wrote.
+
 Configs and checkpoints are data. A ``class_path`` for ``model.model`` or
 ``model.weighting`` (in a YAML file, on the command line, or in the
 ``hyper_parameters`` of a ``--ckpt_path`` checkpoint) must be a registered name
@@ -55,7 +65,7 @@ from datamodules.parquet import ParquetDataModule
 
 from . import registry
 from .architectures.base import MultiTaskArchitecture
-from .callbacks import ParquetPredictionWriter
+from .callbacks import ParquetPredictionWriter, RunSummary
 from .checkpoint import SafeCheckpointIO, check_checkpoint_file
 from .config import resolve_class
 from .module import MultiTaskLightningModule
@@ -193,6 +203,19 @@ def _features_of(data: ParquetDataModule) -> list:
     return data.prepare_features()
 
 
+def run_folder(ckpt_path: Any) -> Path | None:
+    """The run a local checkpoint comes from: ``<run>`` for ``<run>/checkpoints/<file>.ckpt``, else ``None``."""
+    if not ckpt_path or "://" in str(ckpt_path) or str(ckpt_path) in ("last", "best", "hpc", "registry"):
+        return None
+    path = Path(ckpt_path)
+    if len(path.parts) < 5:  # too short to name save_dir / name / version / checkpoints / file as given
+        path = path.resolve()
+    return path.parent.parent if path.parent.name == "checkpoints" else None
+
+
+_RUN_LOGGERS = ("TensorBoardLogger", "CSVLogger")
+
+
 class MultiTaskCLI(LightningCLI):
     """LightningCLI with the data -> architecture links (tasks at parse time, features at instantiation)."""
 
@@ -221,6 +244,45 @@ class MultiTaskCLI(LightningCLI):
             except (TypeError, ValueError) as error:
                 parser.error(str(error))
 
+    def before_instantiate_classes(self) -> None:
+        """``validate``/``test``/``predict`` from a run's checkpoint write into that run (see the module docstring)."""
+        subcommand = self.subcommand
+        if subcommand in (None, "fit"):
+            return
+        config = self.config[subcommand]
+        run = run_folder(config.get("ckpt_path"))
+        self.run_folder = run
+        self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"config_{subcommand}.yaml"}
+        if run is None:
+            return
+        logger = config.get("trainer", {}).get("logger")
+        if isinstance(logger, Namespace) and str(logger.get("class_path", "")).rsplit(".", 1)[-1] in _RUN_LOGGERS:
+            init = logger.get("init_args") or Namespace()
+            if init.get("version") is None:  # log into <run> itself: save_dir / name / version
+                init["save_dir"], init["name"], init["version"] = str(run.parent.parent), run.parent.name, run.name
+                logger["init_args"] = init
+        if subcommand == "predict" and str(config.get("prediction_writer", {}).get("output_dir")) == "predictions":
+            config["prediction_writer"]["output_dir"] = str(run / "predictions")
+
+    def _say_where(self, subcommand: str) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        if self.trainer.logger is not None and self.trainer.log_dir:
+            print(f"{subcommand}: logged to {self.trainer.log_dir}", flush=True)
+        if subcommand == "predict":
+            writers = [c for c in self.trainer.callbacks if isinstance(c, ParquetPredictionWriter)]
+            for writer in writers:
+                print(f"predict: predictions written to {writer.output_dir}", flush=True)
+
+    def after_validate(self) -> None:
+        self._say_where("validate")
+
+    def after_test(self) -> None:
+        self._say_where("test")
+
+    def after_predict(self) -> None:
+        self._say_where("predict")
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The Trainer, with :class:`SafeCheckpointIO` unless the config gives another ``CheckpointIO``."""
         config = self._get(self.config_init, "trainer", default={})
@@ -229,6 +291,10 @@ class MultiTaskCLI(LightningCLI):
         strategy = kwargs.get("strategy", config.get("strategy"))
         if getattr(strategy, "_checkpoint_io", None) is None and not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, SafeCheckpointIO()]
+        callbacks = kwargs.get("callbacks", config.get("callbacks")) or []
+        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        if not any(isinstance(c, RunSummary) for c in callbacks):  # fit ends with the run summary
+            kwargs["callbacks"] = [*callbacks, RunSummary()]
         return super().instantiate_trainer(**kwargs)
 
 

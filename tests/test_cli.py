@@ -74,7 +74,7 @@ def test_registry_names_on_the_command_line_become_class_paths():
     ]
 
 
-def test_fit_validate_test_predict(tiny_paths, tmp_path, monkeypatch):
+def test_fit_validate_test_predict(tiny_paths, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     small = ["--config", str(CONFIGS / "mmoe.yaml"), *_data_args(tiny_paths), "--data.batch_size=250",
              "--model.model=shared_bottom", "--model.model.init_args.bottom_hidden=[16]",
@@ -89,8 +89,23 @@ def test_fit_validate_test_predict(tiny_paths, tmp_path, monkeypatch):
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"]["model"]["class_path"] == "mtl_lightning.architectures.shared_bottom.SharedBottom"
     assert any(p.name.startswith("events.out.tfevents") for p in run.iterdir())
+    # fit ends by saying where the run and its best checkpoint are, with the final validation metrics per task
+    printed = capsys.readouterr().out
+    assert f"run folder (TensorBoard logs): {cli.trainer.log_dir}" in printed
+    assert f"best checkpoint: {cli.trainer.checkpoint_callback.best_model_path}" in printed
+    table = printed[printed.index("final validation metrics:"):].splitlines()
+    assert table[1].split() == ["task", "auc", "gauc", "logloss", "mse", "mae"]
+    click_row = next(line.split() for line in table if line.startswith("click "))
+    assert float(click_row[1]) == pytest.approx(float(cli.trainer.callback_metrics["val/click/auc"]), abs=1e-4)
+    assert next(line.split() for line in table if line.startswith("dwell "))[1:3] == ["-", "-"]  # no AUC for regression
 
-    validated = build_cli(["validate", *small, f"--ckpt_path={checkpoint}", "--trainer.logger=false"])
+    # validate from the run's checkpoint logs into that run (no version_1), its config beside the fit's
+    validated = build_cli(["validate", *small, f"--ckpt_path={checkpoint}"])
+    assert Path(validated.trainer.log_dir).resolve() == run
+    assert not (tmp_path / "runs" / "mmoe" / "version_1").exists()
+    assert f"validate: logged to {validated.trainer.log_dir}" in capsys.readouterr().out
+    assert yaml.safe_load((run / "config.yaml").read_text()) == saved  # the fit's config is kept
+    assert yaml.safe_load((run / "config_validate.yaml").read_text())["ckpt_path"] == str(checkpoint)
     tested = build_cli(["test", *small, f"--ckpt_path={checkpoint}", "--trainer.logger=false"])
     val = validated.trainer.callback_metrics
     assert 0.5 < float(val["val/click/auc"]) and 0.0 < float(val["val/click/gauc"]) < 1.0
@@ -104,6 +119,11 @@ def test_fit_validate_test_predict(tiny_paths, tmp_path, monkeypatch):
     assert table.column("row_id").to_pylist() == list(range(400))
     click = table.column("click").to_numpy()
     assert ((click > 0) & (click < 1)).all()
+    # without --prediction_writer.output_dir the predictions go into the run, and the command says so
+    build_cli(["predict", *small, f"--ckpt_path={checkpoint}", f"--data.predict={tiny_paths['test']}"])
+    assert f"predict: predictions written to {run / 'predictions'}" in capsys.readouterr().out
+    assert pq.read_table(run / "predictions" / "predictions-rank00000.parquet").equals(table)
+    assert not (tmp_path / "predictions").exists() and not (tmp_path / "runs" / "mmoe" / "version_1").exists()
 
 
 def test_unknown_architecture_is_rejected(tiny_paths, tmp_path, monkeypatch, capsys):
