@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 import numpy as np
 import pyarrow as pa
 import torch
@@ -93,6 +94,7 @@ class ParquetDataModule(L.LightningDataModule):
             number, or ``"mean"`` for the mean of the values present in the
             train split. Without it a missing value is refused. A normalised
             column's statistics are those of the values present.
+        progress: show a progress bar for the long passes (see below).
         missing_indicator: ``True`` (every column of ``fill_missing``) or a
             list of them: each gets a dense 0/1 feature ``<column>_missing``
             (1.0 where the value was missing), added to the features.
@@ -155,7 +157,13 @@ class ParquetDataModule(L.LightningDataModule):
     Normalisation statistics restored from a checkpoint are kept as they are
     (the first day's): a model's inputs keep the scale it learnt on.
 
-    The inferred features are logged at INFO (``rank_zero_info``) when they are inferred.
+    What the data module finds is logged at INFO on rank 0 (``rank_zero_info``,
+    shown by the CLI and by any Python program that configures logging): each
+    split's files, rows and row groups, the inferred features, the fitted
+    vocabularies with their sizes, normalisation and fill values. Its long
+    passes -- reading a split into memory, fitting vocabularies and statistics
+    over the train split -- show a progress bar (tqdm, on stderr) on rank 0;
+    ``progress=False`` turns them off.
 
     The fitted encoders and statistics (and the resolved feature specs) are the
     data module's ``state_dict``, saved in every Lightning checkpoint and restored
@@ -200,6 +208,7 @@ class ParquetDataModule(L.LightningDataModule):
         continue_from: str | Path | None = None,
         fill_missing: Mapping[str, float | str] | None = None,
         missing_indicator: bool | Sequence[str] = False,
+        progress: bool = True,
     ) -> None:
         super().__init__()
         self.paths = {"train": train, "val": val, "test": test, "predict": predict}
@@ -259,9 +268,46 @@ class ParquetDataModule(L.LightningDataModule):
         self.normalize = normalize if isinstance(normalize, bool) else list(normalize)
         self.normalizers: dict[str, DenseNormalizer] = {}
         self.fillers: dict[str, MissingFiller] = make_fillers(fill_missing, missing_indicator)
+        self.progress = progress
+        self._split_rows: dict[str, int] = {}  # rows of each split whose footers were read
+        self._described: set[str] = set()  # splits whose files, rows and row groups were logged
         self.keys = list(keys)
         self.group = group
         self.scenario = scenario
+
+    def _progress_bar(self, split: str, what: str) -> Any:
+        """A tqdm bar over the rows of ``split`` on rank 0 (``None`` elsewhere or with ``progress=False``)."""
+        if not self.progress or rank_zero_only.rank != 0:
+            return None
+        from tqdm.auto import tqdm
+
+        total = self._split_rows.get(split)
+        if total is None:
+            total = 0
+            for file in self.files(split):
+                with open_file(file) as reader:
+                    total += reader.num_rows
+            self._split_rows[split] = total
+        return tqdm(total=total, desc=f"{what} {split} split", unit=" rows", unit_scale=True, leave=False,
+                    dynamic_ncols=True)
+
+    def _log_preprocessing(self) -> None:
+        parts = []
+        for name, encoder in self.encoders.items():
+            if isinstance(encoder, VocabularyEncoder):
+                parts.append(f"{name} (vocabulary of {encoder.num_ids - 1:,} values + id 0 for unseen/null)")
+            else:
+                parts.append(f"{name} (hashing into {encoder.num_ids:,} ids)")
+        if parts:
+            rank_zero_info("ParquetDataModule categorical encoders: " + ", ".join(parts))
+        if self.normalizers:
+            rank_zero_info("ParquetDataModule normalisation (mean, std): " + ", ".join(
+                f"{name} ({', '.join(f'{m:.4g}' for m in z.mean)}; {', '.join(f'{v:.4g}' for v in z.std)})"
+                for name, z in self.normalizers.items()))
+        if self.fillers:
+            rank_zero_info("ParquetDataModule missing values filled with: " + ", ".join(
+                f"{name} = {f.value:.6g}" + (f" (+ {f.indicator_name})" if f.indicator else "")
+                for name, f in self.fillers.items()))
 
     def files(self, split: str) -> list[DataFile]:
         """The data files of a split (``resolve_paths``: hidden names skipped, each file once, with its partitions).
@@ -342,11 +388,18 @@ class ParquetDataModule(L.LightningDataModule):
             if name not in self.normalizers:
                 self.normalizers[name] = DenseNormalizer(name, dense[name].dim)
         if not self.preprocessing_fitted() and self.paths["train"] is not None:
-            fit_preprocessing(
-                self.files("train"), self.encoders, self.normalizers,
-                lambda column, name, path: _dense_array(column, dense[name], path), read_rows=max(self.read_rows, 65_536),
-                fillers=self.fillers,
-            )
+            bar = self._progress_bar("train", "fitting vocabularies/statistics on the")
+            try:
+                fit_preprocessing(
+                    self.files("train"), self.encoders, self.normalizers,
+                    lambda column, name, path: _dense_array(column, dense[name], path),
+                    read_rows=max(self.read_rows, 65_536), fillers=self.fillers,
+                    progress=bar.update if bar is not None else None,
+                )
+            finally:
+                if bar is not None:
+                    bar.close()
+            self._log_preprocessing()
         if self._grow_from is not None and self.paths["train"] is not None:
             before = {name: e.num_ids for name, e in self.encoders.items() if isinstance(e, VocabularyEncoder)}
             sources = grow_vocabularies(self.files("train"), self.encoders, read_rows=max(self.read_rows, 65_536))
@@ -579,12 +632,19 @@ class ParquetDataModule(L.LightningDataModule):
                 continue
             files = self.files(split)
             schemas = []
+            rows = groups = 0
             for file in files:
                 with open_file(file) as reader:
                     if reader.num_rows == 0:
                         raise ValueError(f"{file}: file is empty (0 rows)")
                     schemas.append(reader.schema)
+                    rows, groups = rows + reader.num_rows, groups + reader.num_row_groups
                 self._check_id_columns(file, schemas[-1])
+            if split not in self._described:
+                self._described.add(split)
+                rank_zero_info(f"ParquetDataModule {split} split: {len(files):,} file{'s' * (len(files) != 1)}, "
+                               f"{rows:,} rows, {groups:,} row groups")
+            self._split_rows[split] = rows
             if not ready:
                 continue
             convert = self._converter(split, self._split_tasks(split, [schema.names for schema in schemas]))
@@ -624,11 +684,17 @@ class ParquetDataModule(L.LightningDataModule):
         }[stage]
         for split in wanted:
             if self.paths[split] is not None and split not in self.stores:
-                self.stores[split] = read_split(
-                    self.files(split), self.features, self.tasks, self.row_id, labels_required=split != "predict",
-                    keys=self._carried_keys(), implied_labels=self.implied_labels, encoders=self.encoders,
-                    normalizers=self.normalizers, ignore_label=self.ignore_label, fillers=self.fillers,
-                )
+                bar = self._progress_bar(split, "reading the")
+                try:
+                    self.stores[split] = read_split(
+                        self.files(split), self.features, self.tasks, self.row_id, labels_required=split != "predict",
+                        keys=self._carried_keys(), implied_labels=self.implied_labels, encoders=self.encoders,
+                        normalizers=self.normalizers, ignore_label=self.ignore_label, fillers=self.fillers,
+                        progress=bar.update if bar is not None else None,
+                    )
+                finally:
+                    if bar is not None:
+                        bar.close()
 
     def dataset(
         self, split: str, rank: int | None = None, world_size: int | None = None
