@@ -14,7 +14,7 @@ FBGEMM_PACKAGE := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "fbgemm-
 TORCHREC_RELEASE := import torch; major, minor = map(int, torch.__version__.split('.')[:2]); \
 	print(f'1.{minor - 5}.0' if major == 2 and minor >= 5 else '')
 
-.PHONY: setup demo test docs lint bench bench-anchors quality clean
+.PHONY: setup demo test docs lint bench bench-anchors quality census clean
 
 setup: $(STAMP)
 
@@ -69,8 +69,14 @@ $(ANCHORS_STAMP):
 
 # `make quality`: every architecture and weighting strategy on Census-Income, 3 seeds
 # (QUALITY_ARGS="--quick" for one seed and 3 epochs; "--jobs N --threads 1" to run N trainings at once).
+# The data: `make census` (UCI's file, checksum-checked, into CENSUS_DIR); without it quality says what to run.
+CENSUS_DIR ?= $(or $(MTL_CENSUS_DIR),data/census)
+
 quality: $(STAMP)
-	$(PY) benchmarks/quality.py $(QUALITY_ARGS)
+	MTL_CENSUS_DIR=$(CENSUS_DIR) $(PY) benchmarks/quality.py $(QUALITY_ARGS)
+
+census: $(STAMP)
+	$(PY) -m datamodules.census download $(CENSUS_DIR)
 
 # `make bench-anchors`: install the anchor libraries into .venv-anchors, then run the benchmark with them.
 bench-anchors: $(STAMP) $(ANCHORS_STAMP)

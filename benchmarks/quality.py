@@ -1,6 +1,6 @@
 """Quality on real data: every architecture and every weighting strategy on UCI Census-Income.
 
-Protocol (``shared/data/README.md``): the UCI test file as a pool, permuted with
+Protocol (``datamodules/census.py``): the UCI test file as a pool, permuted with
 ``numpy.random.RandomState(2024)``, 50 % train / 25 % val / 25 % test, category
 ids fitted on train; tasks ``income`` and ``never_married``. Every registered
 architecture that can be built for two binary tasks is trained through
@@ -15,6 +15,7 @@ Architectures whose outputs are not the given tasks (ESMM/ESCM model a
 click -> conversion funnel with a fixed ctr/cvr/ctcvr output set) are listed as
 not applicable with the reason.
 
+    python -m datamodules.census download data/census   # once: the data (or MTL_CENSUS_DIR / --data-dir)
     python benchmarks/quality.py            # 3 seeds, up to 12 epochs
     python benchmarks/quality.py --quick    # 1 seed, up to 3 epochs (< 10 minutes on 2 cores)
     python benchmarks/quality.py --architectures mmoe --weightings modo pe_ltr --update
@@ -48,11 +49,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from datamodules import ParquetDataModule  # noqa: E402
-from datamodules.census import prepare_census  # noqa: E402
+from datamodules.census import CENSUS_ENV, census_dir, census_source, prepare_census  # noqa: E402
 from mtl_lightning import MultiTaskLightningModule, SparseFeature, registry  # noqa: E402
 from mtl_lightning import weighting as weighting_strategies  # noqa: E402
 
-SOURCE = ROOT.parent / "shared" / "data" / "census-income" / "census-income.test.gz"
 REFERENCES = [
     ("logistic regression, one-hot (single-task)", "0.9405", "0.9939"),
     ("HistGradientBoosting (single-task)", "0.9459", "0.9943"),
@@ -133,16 +133,22 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "census.md")
     parser.add_argument("--update", action="store_true",
                         help="keep the existing file's rows that this run does not redo")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help=f"the Census folder (default: ${CENSUS_ENV}, else data/census); "
+                             "`python -m datamodules.census download DIR` fills it")
     args = parser.parse_args()
     seeds = 1 if args.quick else args.seeds
     max_epochs = 3 if args.quick else args.max_epochs
     warnings.filterwarnings("ignore")
-    if not SOURCE.exists():
-        raise SystemExit(f"{SOURCE} not found: shared/data must be beside the project")
+    try:
+        source = census_source(args.data_dir)
+    except FileNotFoundError as error:
+        raise SystemExit(f"{error}\n(from the Makefile: make census CENSUS_DIR={census_dir(args.data_dir)})") from None
+    print(f"Census-Income from {census_dir(args.data_dir)}", flush=True)
 
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="census-"))
-    paths, features, tasks = prepare_census(SOURCE, work)
+    paths, features, tasks = prepare_census(source, work)
     features = add_domain(paths, features)
     names = registry.names() if args.architectures is None else args.architectures  # ``--architectures``: none
     strategies = args.weightings or sorted(weighting_strategies.STRATEGIES)
@@ -206,7 +212,7 @@ def write(args, results, kept, skipped, seeds, max_epochs, started, runnable, st
     this_run = (f"`{command}` ({seeds} seed{'s' if seeds > 1 else ''}, at most {max_epochs} epochs, early "
                 f"stopping on val/loss with patience 2, test AUC of the best validation checkpoint; {minutes:.0f} min "
                 f"so far with {args.jobs} parallel run(s) of {args.threads} CPU thread(s))")
-    header = (f"Produced by {this_run}. Protocol: `shared/data/README.md` (UCI test file as pool, "
+    header = (f"Produced by {this_run}. Protocol: `datamodules/census.py` (UCI test file as pool, "
               "50/25/25 split with RandomState(2024)); every architecture with its default hyper-parameters, "
               "embedding dim 8, Adam lr 1e-3, batch 512. Multi-scenario architectures use the census column "
               "`sex` as a 2-value domain. Target: test AUC >= logistic regression - 0.005 "

@@ -160,6 +160,14 @@ def metrics_table(metrics: Mapping[str, Any], stage: str = "val") -> str:
     return "\n".join(lines)
 
 
+def run_log_dir(trainer: L.Trainer) -> str | None:
+    """The logger's folder, read on this process (``trainer.log_dir`` broadcasts, so rank 0 alone cannot call it)."""
+    logger = trainer.logger
+    if logger is None:
+        return None
+    return getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+
+
 class RunSummary(L.Callback):
     """At the end of ``fit``, on rank 0: the run's folder, its best and last checkpoints, and a table of the final
     validation metrics per task (``metrics_table``). ``mtl-lightning fit`` adds it; from Python pass it in
@@ -172,8 +180,9 @@ class RunSummary(L.Callback):
         if not trainer.is_global_zero:
             return
         lines = []
-        if trainer.logger is not None and trainer.log_dir:
-            lines.append(f"run folder (TensorBoard logs): {trainer.log_dir}")
+        log_dir = run_log_dir(trainer)
+        if log_dir:
+            lines.append(f"run folder (TensorBoard logs): {log_dir}")
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None and getattr(checkpoint, "best_model_path", ""):
             score = getattr(checkpoint, "best_model_score", None)

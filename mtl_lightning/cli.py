@@ -1,10 +1,13 @@
 """``mtl-lightning``: the LightningCLI entry point (``fit``, ``validate``, ``test``, ``predict``).
 
-One YAML file (or command-line flags) configures the three parts::
+YAML files (or command-line flags) configure the three parts: ``configs/base.yaml``
+holds the data, the trainer and the logger, one small file per architecture
+(``configs/mmoe.yaml``) the model and the run's name; a later ``--config``
+overrides an earlier one::
 
-    mtl-lightning fit --config configs/mmoe.yaml --trainer.max_epochs=3
-    mtl-lightning fit --config configs/mmoe.yaml --trainer.strategy=ddp --trainer.devices=2
-    mtl-lightning test --config configs/mmoe.yaml --ckpt_path=path/to/last.ckpt
+    mtl-lightning fit --config configs/base.yaml --config configs/mmoe.yaml --trainer.max_epochs=3
+    mtl-lightning fit --config configs/base.yaml --config configs/mmoe.yaml --trainer.strategy=ddp --trainer.devices=2
+    mtl-lightning test --config configs/base.yaml --config configs/mmoe.yaml --ckpt_path=runs/mmoe/version_0/checkpoints/last.ckpt
 
 * ``model``: :class:`~mtl_lightning.module.MultiTaskLightningModule`; its
   ``model`` argument is the architecture, chosen by ``class_path`` — a full
@@ -65,7 +68,7 @@ from datamodules.parquet import ParquetDataModule
 
 from . import registry
 from .architectures.base import MultiTaskArchitecture
-from .callbacks import ParquetPredictionWriter, RunSummary
+from .callbacks import ParquetPredictionWriter, RunSummary, run_log_dir
 from .checkpoint import SafeCheckpointIO, check_checkpoint_file
 from .config import resolve_class
 from .module import MultiTaskLightningModule
@@ -267,8 +270,9 @@ class MultiTaskCLI(LightningCLI):
     def _say_where(self, subcommand: str) -> None:
         if not self.trainer.is_global_zero:
             return
-        if self.trainer.logger is not None and self.trainer.log_dir:
-            print(f"{subcommand}: logged to {self.trainer.log_dir}", flush=True)
+        log_dir = run_log_dir(self.trainer)
+        if log_dir:
+            print(f"{subcommand}: logged to {log_dir}", flush=True)
         if subcommand == "predict":
             writers = [c for c in self.trainer.callbacks if isinstance(c, ParquetPredictionWriter)]
             for writer in writers:

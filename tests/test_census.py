@@ -1,21 +1,29 @@
-"""Real data: MMoE on UCI Census-Income (income, never_married), protocol of shared/data/README.md."""
+"""Real data: MMoE on UCI Census-Income (income, never_married), protocol of datamodules/census.py."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from datamodules import ParquetDataModule
-from datamodules.census import prepare_census
+from datamodules.census import CENSUS_ENV, CENSUS_FILE, census_dir, census_missing_message, prepare_census
 from mtl_lightning import MultiTaskLightningModule
 from mtl_lightning.architectures import MMoE
 
 from conftest import SHARED_DATA, quiet_trainer
 
-SOURCE = SHARED_DATA / "census-income" / "census-income.test.gz"
+ROOT = Path(__file__).resolve().parents[1]
+# $MTL_CENSUS_DIR, else the repository's data/census (what `python -m datamodules.census download data/census`
+# fills), else the development machine's shared copy
+CANDIDATES = [census_dir()] if os.environ.get(CENSUS_ENV) else [ROOT / "data" / "census", SHARED_DATA / "census-income"]
+SOURCE = next((folder / CENSUS_FILE for folder in CANDIDATES if (folder / CENSUS_FILE).is_file()), None)
+MISSING = census_missing_message(os.environ.get(CENSUS_ENV) or "data/census") + ", then rerun this test"
 
 
-@pytest.mark.skipif(not SOURCE.exists(), reason="shared/data/census-income is not beside the project")
+@pytest.mark.skipif(SOURCE is None, reason=MISSING)
 def test_mmoe_census_income_auc(tmp_path):
     torch.manual_seed(0)
     paths, features, tasks = prepare_census(SOURCE, tmp_path)

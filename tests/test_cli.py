@@ -18,6 +18,7 @@ from mtl_lightning.cli import build_cli, resolve_registry_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+BASE = ["--config", str(CONFIGS / "base.yaml")]  # data, trainer, logger: every architecture file goes on top of it
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.accelerator=cpu"]
 
 
@@ -34,7 +35,7 @@ def _data_args(paths: dict[str, Path]) -> list[str]:
 def _config_names() -> list[str]:
     """Every registered architecture, plus the extra configs (weighting, counterfactual variants)."""
     names = registry.names()
-    return names + sorted(p.stem for p in CONFIGS.glob("*.yaml") if p.stem not in names)
+    return names + sorted(p.stem for p in CONFIGS.glob("*.yaml") if p.stem not in names and p.stem != "base")
 
 
 @pytest.mark.parametrize("name", _config_names())
@@ -43,8 +44,9 @@ def test_config_runs(name, tiny_paths, tmp_path, monkeypatch):
     assert config.exists(), f"registered architecture {name!r} has no config: add configs/{name}.yaml"
     monkeypatch.chdir(tmp_path)
     torch.set_num_threads(2)
-    cli = build_cli(["fit", f"--config={config}", *_data_args(tiny_paths), "--data.batch_size=200",
+    cli = build_cli(["fit", *BASE, f"--config={config}", *_data_args(tiny_paths), "--data.batch_size=200",
                      "--trainer.fast_dev_run=true", *QUIET])
+    assert cli.trainer.logger.name == name  # the architecture file names its runs
     architecture = cli.model.model
     if name in registry.names():
         assert type(architecture) is registry.get(name)
@@ -58,12 +60,21 @@ def test_config_runs(name, tiny_paths, tmp_path, monkeypatch):
     assert cli.trainer.global_step >= 1
 
 
-def test_every_config_names_its_architecture_and_the_synthetic_data():
+def test_configs_share_a_base_and_each_architecture_file_is_small():
+    base = yaml.safe_load((CONFIGS / "base.yaml").read_text())
+    assert base["data"]["train"] == "data/synthetic/train.parquet"
+    assert "model" not in base["model"]  # the architecture comes from the second file
+    assert base["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.TensorBoardLogger"
     for path in sorted(CONFIGS.glob("*.yaml")):
+        if path.stem == "base":
+            continue
         config = yaml.safe_load(path.read_text())
-        assert config["data"]["train"] == "data/synthetic/train.parquet", path
+        assert set(config) <= {"model", "data", "trainer"}, path
         assert config["model"]["model"]["class_path"] in registry.names(), path
-        assert config["trainer"]["logger"]["init_args"]["name"] == path.stem, path
+        # the trainer and the logger live in base.yaml; an architecture file only names its runs
+        assert config["trainer"] == {"logger": {"init_args": {"name": path.stem}}}, path
+        assert "train" not in config.get("data", {}), path  # the data files live in base.yaml
+        assert f"--config configs/base.yaml --config configs/{path.name}" in path.read_text(), path  # its usage line
 
 
 def test_registry_names_on_the_command_line_become_class_paths():
@@ -76,7 +87,7 @@ def test_registry_names_on_the_command_line_become_class_paths():
 
 def test_fit_validate_test_predict(tiny_paths, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    small = ["--config", str(CONFIGS / "mmoe.yaml"), *_data_args(tiny_paths), "--data.batch_size=250",
+    small = [*BASE, "--config", str(CONFIGS / "mmoe.yaml"), *_data_args(tiny_paths), "--data.batch_size=250",
              "--model.model=shared_bottom", "--model.model.init_args.bottom_hidden=[16]",
              "--model.model.init_args.tower_hidden=[8]", "--data.embedding_dim=4", "--model.lr=0.02", *QUIET]
     cli = build_cli(["fit", *small, "--trainer.max_epochs=3"])
@@ -129,7 +140,7 @@ def test_fit_validate_test_predict(tiny_paths, tmp_path, monkeypatch, capsys):
 def test_unknown_architecture_is_rejected(tiny_paths, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit):
-        build_cli(["fit", "--config", str(CONFIGS / "mmoe.yaml"), *_data_args(tiny_paths), "--model.model=nope"])
+        build_cli(["fit", *BASE, "--config", str(CONFIGS / "mmoe.yaml"), *_data_args(tiny_paths), "--model.model=nope"])
     assert "nope" in capsys.readouterr().err
 
 
@@ -138,7 +149,7 @@ def test_ddp_with_two_processes_on_cpu(tiny_paths, tmp_path):
     script = Path(sys.executable).with_name("mtl-lightning")
     assert script.exists(), "the mtl-lightning console script is not installed (pip install -e .)"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [str(script), "fit", "--config", str(CONFIGS / "mmoe.yaml"), *_data_args(tiny_paths),
+    cmd = [str(script), "fit", *BASE, "--config", str(CONFIGS / "mmoe.yaml"), *_data_args(tiny_paths),
            "--data.batch_size=100", "--model.model.init_args.expert_hidden=[16]",
            "--model.model.init_args.tower_hidden=[8]", "--model.model.init_args.num_experts=2",
            "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_epochs=1", *QUIET]
@@ -153,6 +164,6 @@ def test_ddp_with_two_processes_on_cpu(tiny_paths, tmp_path):
 
 def test_data_ignore_label_is_the_modules(tiny_paths, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = build_cli([f"--config={CONFIGS / 'mmoe.yaml'}", *_data_args(tiny_paths), "--data.ignore_label=-2",
+    cli = build_cli([*BASE, f"--config={CONFIGS / 'mmoe.yaml'}", *_data_args(tiny_paths), "--data.ignore_label=-2",
                      *QUIET], run=False)
     assert cli.datamodule.ignore_label == -2 and cli.model.hparams.ignore_label == -2

@@ -124,16 +124,15 @@ def test_a_throwaway_architecture_trains_from_a_config(throwaway, tmp_path, monk
 
     paths = write_synthetic(tmp_path / "data", (4000, 1000, 10))
 
-    config = yaml.safe_load((CONFIGS / "mmoe.yaml").read_text())
-    config["model"]["model"] = {"class_path": throwaway, "init_args": {"hidden": 16}}
-    config["model"]["lr"] = 0.02
-    config["data"].pop("test")
-    config["trainer"]["logger"]["init_args"]["name"] = throwaway
+    # the architecture's own file, as configs/<name>.yaml: the model and the run name; the rest is configs/base.yaml
+    config = {"model": {"model": {"class_path": throwaway, "init_args": {"hidden": 16}}, "lr": 0.02},
+              "trainer": {"logger": {"init_args": {"name": throwaway}}}}
     path = tmp_path / f"{throwaway}.yaml"
     path.write_text(yaml.safe_dump(config))
     monkeypatch.chdir(tmp_path)
-    cli = build_cli(["fit", f"--config={path}", f"--data.train={paths['train']}",
-                     f"--data.val={paths['val']}", "--data.batch_size=200", "--trainer.max_epochs=1",
+    cli = build_cli(["fit", f"--config={CONFIGS / 'base.yaml'}", f"--config={path}",
+                     f"--data.train={paths['train']}", f"--data.val={paths['val']}", "--data.test=null",
+                     "--data.batch_size=200", "--trainer.max_epochs=1",
                      "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
                      "--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.enable_checkpointing=false"])
     assert type(cli.model.model) is PerTaskLinear

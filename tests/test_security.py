@@ -25,7 +25,7 @@ from mtl_lightning.weighting import GradNorm, Static, WeightingStrategy, create_
 from conftest import quiet_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-MMOE_YAML = ROOT / "configs" / "mmoe.yaml"
+MMOE_CONFIG = ["--config", str(ROOT / "configs" / "base.yaml"), "--config", str(ROOT / "configs" / "mmoe.yaml")]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.accelerator=cpu",
          "--trainer.logger=false"]
 
@@ -212,18 +212,18 @@ def test_cli_yaml_naming_a_function_is_refused_and_runs_nothing(key, tiny_paths,
     marker = tmp_path / "marker"
     evil = tmp_path / "evil.yaml"
     evil.write_text(yaml.safe_dump({"model": {key: _evil(marker)}}))
-    for configs in (["--config", str(MMOE_YAML), "--config", str(evil)], ["--config", str(evil)]):
+    for configs in ([*MMOE_CONFIG, "--config", str(evil)], ["--config", str(evil)]):
         with pytest.raises(SystemExit):
             build_cli([*configs, *_data_args(tiny_paths), *QUIET], run=False)
         assert f"model.{key}: class_path 'subprocess.run' is a function, not a subclass" in capsys.readouterr().err
     evil.write_text(yaml.safe_dump({"fit": {"model": {key: _evil(marker)}}}))  # a config at the subcommand level
     with pytest.raises(SystemExit):
-        build_cli(["--config", str(evil), "fit", "--config", str(MMOE_YAML), *_data_args(tiny_paths), *QUIET])
+        build_cli(["--config", str(evil), "fit", *MMOE_CONFIG, *_data_args(tiny_paths), *QUIET])
     assert f"fit.model.{key}: class_path 'subprocess.run'" in capsys.readouterr().err
     flag = f"--model.{key}" if key == "model" else f"--model.{key}.class_path"
     for args in ([f"{flag}=subprocess.run"], [f"--model.{key}", yaml.safe_dump(_evil(marker), default_flow_style=True)]):
         with pytest.raises(SystemExit):
-            build_cli(["--config", str(MMOE_YAML), *args, *_data_args(tiny_paths), *QUIET], run=False)
+            build_cli([*MMOE_CONFIG, *args, *_data_args(tiny_paths), *QUIET], run=False)
         assert f"model.{key}: class_path 'subprocess.run'" in capsys.readouterr().err
     assert not marker.exists()
 
@@ -235,7 +235,7 @@ def test_cli_keeps_class_path_dicts_in_free_form_values_as_data(tiny_paths, tmp_
     evil = tmp_path / "evil.yaml"
     evil.write_text(yaml.safe_dump({"model": {"optimizer_kwargs": {"x": _evil(marker)},
                                               "lr_scheduler_kwargs": {"y": _evil(marker)}}}))
-    cli = build_cli(["--config", str(MMOE_YAML), "--config", str(evil), *_data_args(tiny_paths), *QUIET], run=False)
+    cli = build_cli([*MMOE_CONFIG, "--config", str(evil), *_data_args(tiny_paths), *QUIET], run=False)
     assert cli.model.hparams.optimizer_kwargs == {"x": _evil(marker)}
     assert isinstance(cli.trainer.strategy.checkpoint_io, SafeCheckpointIO)
     assert not marker.exists()
@@ -247,7 +247,7 @@ def test_cli_ckpt_path_naming_a_function_is_refused_and_runs_nothing(key, tiny_p
     marker = tmp_path / "marker"
     path = _save(_small_module(), tmp_path / "evil.ckpt", **{key: _evil(marker)})
     with pytest.raises(SystemExit):
-        build_cli(["predict", "--config", str(MMOE_YAML), *_data_args(tiny_paths), f"--data.predict={tiny_paths['test']}",
+        build_cli(["predict", *MMOE_CONFIG, *_data_args(tiny_paths), f"--data.predict={tiny_paths['test']}",
                    f"--ckpt_path={path}", *QUIET])
     err = capsys.readouterr().err
     assert f"checkpoint {path}: hyper_parameters model.{key}: class_path 'subprocess.run' is a function" in err
@@ -260,7 +260,7 @@ def test_cli_truncated_ckpt_path_is_named(tiny_paths, tmp_path, monkeypatch, cap
     cut = tmp_path / "cut.ckpt"
     cut.write_bytes(good.read_bytes()[:1000])
     with pytest.raises(SystemExit):
-        build_cli(["validate", "--config", str(MMOE_YAML), *_data_args(tiny_paths), f"--ckpt_path={cut}", *QUIET])
+        build_cli(["validate", *MMOE_CONFIG, *_data_args(tiny_paths), f"--ckpt_path={cut}", *QUIET])
     assert f"checkpoint {cut} is truncated or corrupt (1000 bytes" in capsys.readouterr().err
 
 

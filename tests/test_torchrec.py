@@ -361,7 +361,8 @@ def test_cli_trains_and_validates_with_the_strategy_by_class_path(tmp_path, monk
 
     paths = write_synthetic(tmp_path / "data", (600, 200, 200))
     monkeypatch.chdir(tmp_path)
-    common = ["--config", str(Path(__file__).parents[1] / "configs" / "mmoe.yaml"), f"--data.train={paths['train']}",
+    common = ["--config", str(Path(__file__).parents[1] / "configs" / "base.yaml"),
+              "--config", str(Path(__file__).parents[1] / "configs" / "mmoe.yaml"), f"--data.train={paths['train']}",
               f"--data.val={paths['val']}", f"--data.test={paths['test']}", "--data.batch_size=200",
               "--data.embedding_dim=4",
               "--model.model.init_args.expert_hidden=[8]", "--model.model.init_args.tower_hidden=[4]",
