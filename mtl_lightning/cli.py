@@ -53,6 +53,7 @@ config names another ``CheckpointIO``).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -72,6 +73,7 @@ from .callbacks import ParquetPredictionWriter, RunSummary, run_log_dir
 from .checkpoint import SafeCheckpointIO, check_checkpoint_file
 from .config import resolve_class
 from .module import MultiTaskLightningModule
+from .tasks import Task
 from .weighting import STRATEGIES, WeightingStrategy
 
 PARSER_MODE = "mtl_yaml"
@@ -129,8 +131,29 @@ def check_class_paths(config: Any, where: str = "") -> None:
         resolve_class(weighting["class_path"], WeightingStrategy, f"{where}weighting", registered=STRATEGIES)
 
 
+_TASK_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Task) if f.default is not dataclasses.MISSING}
+
+
+def _complete_tasks(config: Any) -> Any:
+    """Every ``data.tasks`` item with all of ``Task``'s fields.
+
+    jsonargparse merges a list of dataclasses given by a later ``--config`` item by item into the earlier list, so
+    ``{name: purchase}`` over ``configs/base.yaml``'s ``{name: dwell, kind: regression, weight: 0.5}`` would keep
+    the regression kind; with every field written out, a later file's tasks replace the earlier ones.
+    """
+    if not isinstance(config, dict):
+        return config
+    for section in [config, *(config.get(s) for s in _SUBCOMMANDS)]:
+        data = section.get("data") if isinstance(section, dict) else None
+        tasks = data.get("tasks") if isinstance(data, dict) else None
+        if isinstance(tasks, list):
+            data["tasks"] = [{**_TASK_DEFAULTS, **t} if isinstance(t, dict) and "class_path" not in t else t
+                             for t in tasks]
+    return config
+
+
 def _load_yaml(text: str) -> Any:
-    config = _resolve_registry_names(yaml.safe_load(text))
+    config = _complete_tasks(_resolve_registry_names(yaml.safe_load(text)))
     check_class_paths(config)
     return config
 

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from datamodules.synthetic import write_synthetic
-from mtl_lightning import registry
+from mtl_lightning import Task, registry
 from mtl_lightning.cli import build_cli, resolve_registry_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +55,10 @@ def test_config_runs(name, tiny_paths, tmp_path, monkeypatch):
     label_columns = {"click", "conversion", "purchase", "dwell"}
     assert not label_columns & {f.name for f in architecture.features}, "a label column was inferred as a feature"
     assert {t.name for t in architecture.tasks} == {t.name for t in cli.datamodule.tasks}
+    # an architecture file's data.tasks replace base.yaml's whole (jsonargparse alone would merge them item by item)
+    written = yaml.safe_load(config.read_text()).get("data", {}).get("tasks")
+    written = written or yaml.safe_load((CONFIGS / "base.yaml").read_text())["data"]["tasks"]
+    assert list(cli.datamodule.tasks) == [Task(**t) for t in written]
     metrics = cli.trainer.callback_metrics
     assert torch.isfinite(metrics["train/loss"]) and "val/click/auc" in metrics
     assert cli.trainer.global_step >= 1
