@@ -94,10 +94,10 @@ class ParquetDataModule(L.LightningDataModule):
             number, or ``"mean"`` for the mean of the values present in the
             train split. Without it a missing value is refused. A normalised
             column's statistics are those of the values present.
-        progress: show a progress bar for the long passes (see below).
         missing_indicator: ``True`` (every column of ``fill_missing``) or a
             list of them: each gets a dense 0/1 feature ``<column>_missing``
             (1.0 where the value was missing), added to the features.
+        progress: show a progress bar for the long passes (see below).
         keys: numeric columns carried as ``batch["keys"]`` (written next to the
             predictions by ``ParquetPredictionWriter``).
         group: an integer column (e.g. ``user_id``, which may also be a
