@@ -40,12 +40,19 @@ SMALL = {
                  tower_hidden=(4,)),
     "dbmtl": dict(bottom_hidden=(16,), num_experts=2, expert_hidden=(8,), tower_hidden=(8,), relation_hidden=(4,)),
     "stem": dict(num_levels=2, expert_hidden=(8,), gate_hidden=(8,), tower_hidden=(4,)),
+    "metaheac": dict(num_experts=3, expert_hidden=(8,), num_critics=2, critic_hidden=(4,)),
+    "m2m": dict(scenario_features=("user",), num_experts=3, expert_hidden=(8,), scenario_hidden=(6,),
+                attention_dim=5, tower_layers=2),
+    "hinet": dict(num_shared_experts=2, num_scenario_experts=2, scenario_expert_hidden=(8,), num_task_experts=1,
+                  num_task_shared_experts=1, task_expert_hidden=(8,), tower_hidden=(4,)),
+    "dcmt": dict(bottom_hidden=(16,), tower_hidden=(8,)),
 }
 # Architectures whose tasks are fixed by their structure (CVR funnels: binary steps only).
 TASKS_FOR = {
     "esmm": [Task("ctr", label="click"), Task("ctcvr", label="purchase")],
     "escm": [Task("ctr", label="click"), Task("cvr", label="conversion"), Task("ctcvr", label="purchase")],
     "aitm": [Task("click"), Task("purchase"), Task("repurchase")],
+    "dcmt": [Task("ctr", label="click"), Task("cvr", label="conversion"), Task("ctcvr", label="purchase")],
 }
 # Multi-scenario architectures (``multi_scenario = True``) get a 3-domain sparse feature.
 DOMAIN = SparseFeature("domain", 3, 4)

@@ -30,6 +30,8 @@ FUNNEL = {
     "escm": dict(tasks=[Task("click"), Task("conversion")], click_task="click", conversion_task="conversion",
                  ctcvr_task="purchase"),
     "aitm": dict(tasks=[Task("click"), Task("conversion")]),
+    "dcmt": dict(tasks=[Task("click"), Task("conversion")], click_task="click", conversion_task="conversion",
+                 ctcvr_task="purchase"),
 }
 
 

@@ -53,6 +53,10 @@ SCENARIO = {
     "star": dict(star_hidden=(64, 32), auxiliary_hidden=(8,)),
     "hmoe": dict(num_experts=3, expert_hidden=(64, 32), tower_hidden=(16,)),
     "pepnet": dict(prior_features=("user_id", "item_id"), tower_hidden=(64, 32), gate_hidden=32),
+    "metaheac": dict(num_experts=4, expert_hidden=(64, 32), num_critics=3, critic_hidden=(16,)),
+    "m2m": dict(num_experts=3, expert_hidden=(64, 32), scenario_hidden=(16,), attention_dim=16, tower_layers=2),
+    "hinet": dict(num_shared_experts=2, num_scenario_experts=1, scenario_expert_hidden=(32,), task_expert_hidden=(16,),
+                  tower_hidden=(16,)),
 }
 
 
