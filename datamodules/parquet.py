@@ -282,9 +282,10 @@ class ParquetDataModule(L.LightningDataModule):
         from tqdm.auto import tqdm
 
         total = self._split_rows.get(split)
-        if total is None:
+        files = self.files(split)
+        if total is None and all(file.storage is None for file in files):  # remote footers are not read twice
             total = 0
-            for file in self.files(split):
+            for file in files:
                 with open_file(file) as reader:
                     total += reader.num_rows
             self._split_rows[split] = total
