@@ -40,9 +40,10 @@ parameters, normalisation statistics and missing-value fills.
 nulls, NaN) with the data module's own converter, so served outputs equal
 ``trainer.predict``'s. ``export_torchscript`` also writes
 ``model.preprocessing.pt``, the same transform as a TorchScript module
-(:class:`ScriptedPreprocessing`), where every encoder is a vocabulary (string
-hashing is pandas' SipHash, which TorchScript does not have; with a hashed
-column only the JSON file is written, and a warning says so).
+(:class:`ScriptedPreprocessing`): vocabularies, integer hashing, fills and
+normalisation; a column hashed from strings (pandas' SipHash, which TorchScript
+does not have) is refused there with a message pointing to the Python
+``Preprocessor``.
 
 Example::
 
@@ -170,6 +171,25 @@ def write_preprocessing(model: nn.Module, path: str | Path, datamodule: Any = No
     return target
 
 
+def _logical_shift(x: Tensor, bits: int) -> Tensor:
+    """``x >> bits`` of the 64 bits of ``x`` as an unsigned integer (torch shifts int64 arithmetically)."""
+    return (x >> bits) & (9223372036854775807 >> (bits - 1))  # the low 64 - bits bits
+
+
+def _pandas_int_hash(x: Tensor) -> Tensor:
+    """``pandas.util.hash_array`` of int64 values (``categorize=False``), as the int64 with the same 64 bits."""
+    x = x ^ _logical_shift(x, 30)
+    x = x * -4658895280553007687  # 0xBF58476D1CE4E5B9 as a signed int64; int64 products wrap like uint64 ones
+    x = x ^ _logical_shift(x, 27)
+    x = x * -7723592293110705685  # 0x94D049BB133111EB
+    return x ^ _logical_shift(x, 31)
+
+
+def _unsigned_mod(x: Tensor, m: int) -> Tensor:
+    """The 64 bits of ``x`` read as an unsigned integer, modulo ``m`` (u = 2 * (u >> 1) + (u & 1))."""
+    return (_logical_shift(x, 1) % m * 2 + (x & 1)) % m
+
+
 class ScriptedPreprocessing(nn.Module):
     """Raw columns -> the model's inputs, as a TorchScript module (what ``datamodules.serving.Preprocessor`` does).
 
@@ -179,22 +199,24 @@ class ScriptedPreprocessing(nn.Module):
     columns (``(B,)`` int64, encoded by their vocabulary), integer ids given as
     they are (``(B,)``), dense columns (``(B,)`` or ``(B, dim)``, NaN = missing
     where ``fill_missing`` filled it in training) and sequences, already padded
-    (``(B, max_len)`` int64). Vocabularies, fills, indicators and normalisation
-    are applied as in training; unknown values and ids get id 0.
+    (``(B, max_len)`` int64). Vocabularies, hashing of integer columns (pandas'
+    ``hash_array`` mixing, bit for bit), fills, indicators and normalisation are
+    applied as in training; unknown values and ids get id 0. A hashed column
+    given as strings raises: string hashing is SipHash, which TorchScript does
+    not have (use ``datamodules.serving.Preprocessor``).
     """
 
     def __init__(self, preprocessing: Mapping[str, Any]) -> None:
         super().__init__()
         features = [feature_from_config(dict(f)) for f in preprocessing["features"]]
         encoders = dict(preprocessing.get("encoders", {}))
-        hashed = sorted(name for name, e in encoders.items() if e["kind"] != "vocabulary")
-        if hashed:
-            raise ValueError(f"columns {hashed} are hashed: the TorchScript preprocessing supports vocabularies only "
-                             "(use datamodules.serving.Preprocessor, which applies every encoder)")
         fills = dict(preprocessing.get("fill_missing", {}))
         indicator_of = {n + "_missing": n for n, f in fills.items() if f["indicator"]}
         normalization = dict(preprocessing.get("normalization", {}))
         attribute = torch.jit.Attribute  # typed attributes: TorchScript cannot infer the type of an empty dict
+        buckets = {n: int(e["num_buckets"]) for n, e in encoders.items() if e["kind"] == "hashing"}
+        self.buckets = attribute(buckets, Dict[str, int])
+        encoders = {n: e for n, e in encoders.items() if e["kind"] == "vocabulary"}
         self.string_vocab = attribute({n: {v: i + 1 for i, v in enumerate(e["values"])}
                                        for n, e in encoders.items() if e["value_type"] == "string"},
                                       Dict[str, Dict[str, int]])
@@ -209,7 +231,8 @@ class ScriptedPreprocessing(nn.Module):
         self.dense = attribute([f.name for f in features if isinstance(f, DenseFeature) and f.name not in indicator_of],
                                List[str])
         self.id_limit = attribute({f.name: int(f.vocab_size) for f in features
-                                   if isinstance(f, SparseFeature) and f.name not in encoders}, Dict[str, int])
+                                   if isinstance(f, SparseFeature) and f.name not in encoders
+                                   and f.name not in buckets}, Dict[str, int])
         self.passed = attribute([f.name for f in features if isinstance(f, SequenceFeature)], List[str])
 
     def forward(self, strings: Dict[str, List[Optional[str]]], numbers: Dict[str, Tensor]) -> Dict[str, Tensor]:
@@ -228,6 +251,11 @@ class ScriptedPreprocessing(nn.Module):
             for value in raw:
                 ids.append(ivocab.get(value, 0))
             out[name] = torch.tensor(ids, dtype=torch.long)
+        for name, buckets in self.buckets.items():
+            if name in strings:
+                raise ValueError("column " + name + " is hashed from strings (SipHash), which TorchScript cannot do; "
+                                 "use datamodules.serving.Preprocessor")
+            out[name] = 1 + _unsigned_mod(_pandas_int_hash(numbers[name].long()), buckets - 1)
         for name, limit in self.id_limit.items():
             given = numbers[name].long()
             out[name] = torch.where((given >= 0) & (given < limit), given, torch.zeros_like(given))
@@ -289,13 +317,7 @@ def export_torchscript(
     """
     state = json.loads(write_preprocessing(model, path, datamodule).read_text())
     scripted_path = preprocessing_path(path, ".pt")
-    hashed = sorted(name for name, e in state["encoders"].items() if e["kind"] != "vocabulary")
-    if hashed:
-        scripted_path.unlink(missing_ok=True)
-        warnings.warn(f"{scripted_path} not written: columns {hashed} are hashed, which the TorchScript preprocessing "
-                      f"cannot do; serve with datamodules.serving.Preprocessor and {preprocessing_path(path)}")
-    else:
-        torch.jit.script(ScriptedPreprocessing(state)).save(str(scripted_path))
+    torch.jit.script(ScriptedPreprocessing(state)).save(str(scripted_path))
     serving = ServingModel(model)
     # a frozen copy: the saved module's outputs then do not require gradients (the given model is left as it is)
     serving = copy.deepcopy(serving).eval().requires_grad_(False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -15,6 +16,7 @@ from conftest import quiet_trainer
 from datamodules import ParquetDataModule
 from datamodules.serving import Preprocessor
 from mtl_lightning import MultiTaskLightningModule, Task, registry
+from mtl_lightning.features import feature_to_config
 from mtl_lightning.export import export_onnx, export_torchscript, main, preprocessing_path
 
 
@@ -98,10 +100,12 @@ def test_raw_rows_through_exported_files_match_predict(trained, tmp_path):
 def test_scripted_preprocessing_matches_python(trained, tmp_path):
     folder, data, module, expected, _ = trained
     state = dict(data.state_dict())
-    state["encoders"] = {"city": state["encoders"]["city"]}  # vocabularies only: the TorchScript module applies them
-    features = [f for f in module.model.features if f.name != "device"]
+    # the TorchScript module applies vocabularies and integer hashing: user ids hashed into 13 buckets here
+    state["encoders"] = {"city": state["encoders"]["city"], "user": {"kind": "hashing", "num_buckets": 13}}
+    features = [f if f.name != "user" else dataclasses.replace(f, vocab_size=13)
+                for f in module.model.features if f.name != "device"]
     model = registry.create("shared_bottom", features=features, tasks=data.tasks, bottom_hidden=(8,), tower_hidden=(4,))
-    state["features"] = [f for f in state["features"] if f["name"] != "device"]
+    state["features"] = [feature_to_config(f) for f in features]
     export_torchscript(model, tmp_path / "sb.pt", datamodule=state)
     scripted = torch.jit.load(str(preprocessing_path(tmp_path / "sb.pt", ".pt")))
     rows = pq.read_table(folder / "predict.parquet")
@@ -113,11 +117,15 @@ def test_scripted_preprocessing_matches_python(trained, tmp_path):
     for name, value in reference.items():
         torch.testing.assert_close(inputs[name], value, rtol=0, atol=0, msg=name)
     assert reference["city"].min() == 0 and reference["price_missing"].sum() > 0  # unseen/null cities, filled prices
+    assert len(reference["user"].unique()) > 5 and reference["user"].max() < 13  # hashed, not the raw ids (< 40)
+    assert not torch.equal(reference["user"], torch.from_numpy(rows.column("user").to_numpy()) % 13)
 
-    with pytest.warns(UserWarning, match=r"not written: columns \['device'\] are hashed"):  # hashing: JSON only
-        export_torchscript(module, tmp_path / "hashed.pt", datamodule=data)
-    assert preprocessing_path(tmp_path / "hashed.pt").exists()
-    assert not preprocessing_path(tmp_path / "hashed.pt", ".pt").exists()
+    # a column hashed from strings: pandas' SipHash, not in TorchScript; the module says what to use instead
+    export_torchscript(module, tmp_path / "hashed.pt", datamodule=data)
+    scripted = torch.jit.load(str(preprocessing_path(tmp_path / "hashed.pt", ".pt")))
+    with pytest.raises(Exception, match="device is hashed from strings .* datamodules.serving.Preprocessor"):
+        scripted({"city": rows.column("city").to_pylist(), "device": rows.column("device").to_pylist()},
+                 {name: torch.zeros(rows.num_rows) for name in ("user", "price", "age")})
 
 
 def test_command_line_export_takes_the_checkpoint_preprocessing(trained, tmp_path, capsys):
