@@ -517,7 +517,8 @@ class ParquetDataModule(L.LightningDataModule):
         for name, s in preprocessing["normalization"].items():
             self.normalizers[name] = DenseNormalizer(name, int(s["dim"]))
             self.normalizers[name].load_state_dict(s)
-        self.fillers = {name: filler_from_state(name, s) for name, s in preprocessing.get("fill_missing", {}).items()}
+        if "fill_missing" in preprocessing:  # a state without fills (written before them) keeps this module's own
+            self.fillers = {name: filler_from_state(name, s) for name, s in preprocessing["fill_missing"].items()}
         self.stores.clear()
         self._checked.clear()
         self._row_sources, self._grown_from = {}, None
