@@ -52,9 +52,9 @@ def _zeros(rows: int, width: int, dtype: str) -> np.ndarray:
     """A zero-filled ``(rows, width)`` block, its pages mapped up front where Linux allows (``MAP_POPULATE``).
 
     The reader fills a block column by column, so its first pass touches every
-    page. Faulting them in one by one is slow on virtual machines (measured on
-    the 2-core development VM: 0.1-0.4 s per 160 MB); one populated mapping
-    takes about 0.05 s. Small blocks and other systems use ``np.zeros``.
+    page. Faulting them in one by one is slow on virtual machines, one populated
+    mapping is not (measured: docs/performance.md, "What makes it fast"). Small
+    blocks and other systems use ``np.zeros``.
     """
     nbytes = rows * width * np.dtype(dtype).itemsize
     populate = getattr(mmap, "MAP_POPULATE", None)

@@ -118,9 +118,8 @@ class ServingModel(nn.Module):
         if any(p.device.type != "cpu" for p in self.model.parameters()):
             self.model = copy.deepcopy(self.model).cpu()  # exports are traced on CPU, whatever trained the model
         self.feature_names = [f.name for f in self.model.features]
-        kinds = {t.name: t.kind for t in self.model.tasks}
-        kinds.update({n: k for n, k in self.model.extra_outputs().items() if n not in kinds})  # e.g. ESMM's cvr
-        self.binary = {name: kind == "binary" for name, kind in kinds.items()}
+        # every output of the architecture (tasks, then extra outputs such as ESMM's cvr), as predict_step
+        self.binary = {name: kind == "binary" for name, kind in self.model.output_kinds().items()}
         self.id_limits = id_limits(self.model.features)
 
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -129,11 +128,7 @@ class ServingModel(nn.Module):
             if name in features:  # a missing one is reported by the embedding layer
                 ids = features[name]
                 features[name] = torch.where((ids >= 0) & (ids < limit), ids, torch.zeros_like(ids))
-        outputs = self.model(features)
-        return {
-            name: torch.sigmoid(outputs[name].float()) if is_binary else outputs[name].float()
-            for name, is_binary in self.binary.items()
-        }
+        return self.model.predictions(self.model(features))  # the outputs and transforms of predict_step
 
 
 class _PositionalServingModel(ServingModel):

@@ -525,14 +525,13 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         self._log_metrics("test", self.test_metrics, self.test_gauc, self.test_scenario)
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        """Probabilities (binary) or values (regression) of every task and extra output, plus ``row_id``."""
-        outputs = self.model(batch["features"])
-        kinds = {t.name: t.kind for t in self.tasks}
-        kinds.update({name: kind for name, kind in self.model.extra_outputs().items() if name not in kinds})
-        predictions = {
-            name: torch.sigmoid(outputs[name].float()) if kind == "binary" else outputs[name].float()
-            for name, kind in kinds.items()
-        }
+        """Probabilities (binary) or values (regression) of every output of the architecture, plus ``row_id``.
+
+        The outputs are the architecture's ``output_names`` (its tasks, then its extra outputs such as ESMM's
+        ``cvr``, or a DR imputation task the module does not train as a task), computed by
+        ``MultiTaskArchitecture.predictions``: the same outputs the ONNX and TorchScript exports return.
+        """
+        predictions = self.model.predictions(self.model(batch["features"]))
         if "row_id" in batch:
             predictions["row_id"] = batch["row_id"]
         return predictions

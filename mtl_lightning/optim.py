@@ -212,8 +212,7 @@ class LazySparseAdam(torch.optim.SparseAdam):
     one ``torch.unique`` (``return_inverse``), sums duplicate ids with one
     ``index_add_``, reads the moments with ``index_select``, writes them back
     with ``index_copy_`` (the rows are unique) and moves the rows with
-    ``index_add_``. Measured on the benchmark MMoE's two table weights (CPU, 2
-    threads, inside the training step): 6 ms per step against SparseAdam's 13.5 ms.
+    ``index_add_`` (the step time against SparseAdam's: docs/performance.md).
 
     Being a subclass, it takes SparseAdam's arguments and checks, and keeps its
     ``state`` (``step``, ``exp_avg``, ``exp_avg_sq``) and ``state_dict``, so

@@ -145,3 +145,38 @@ def test_exports_serve_out_of_vocabulary_ids_as_id_0(tmp_path):
     with pytest.raises(ValueError, match="outside"):  # PyTorch code keeps refusing out-of-range ids
         module.predict_step({"features": oov}, 0)
     assert all(p.requires_grad for p in module.parameters())  # exporting froze a copy, not the module
+
+
+def test_predict_step_and_exports_return_the_same_outputs(tmp_path):
+    """predict_step and both exports return every output of the architecture, with the same values: here a
+    SharedBottom with a DR imputation task that the module does not train as a task, and ESMM's extra cvr."""
+    from mtl_lightning.losses import CounterfactualCVR
+
+    features = synthetic_features(embedding_dim=4)
+    ctr, cvr = Task("ctr", label="click"), Task("cvr", label="conversion")
+    imputation = Task("imputation", kind="regression")
+    shared_bottom = registry.create("shared_bottom", features=features, tasks=[ctr, cvr, imputation], bottom_hidden=(8,))
+    esmm = registry.create("esmm", features=features, tasks=[ctr, Task("ctcvr", label="purchase")])
+    modules = {
+        "shared_bottom": MultiTaskLightningModule(shared_bottom, counterfactual=CounterfactualCVR("dr")),
+        "esmm": MultiTaskLightningModule(esmm),
+    }
+    assert [t.name for t in modules["shared_bottom"].tasks] == ["ctr", "cvr"]  # imputation: not a module task
+    for name, module in modules.items():
+        _spread(module.model)
+        batch = example_features(module.model.features, batch_size=9, seed=3)
+        with torch.no_grad():
+            predicted = module.eval().predict_step({"features": batch}, 0)
+            served = ServingModel(module).eval()(batch)
+        scripted = torch.jit.load(str(export_torchscript(module, tmp_path / f"{name}.pt")))(batch)
+        session = ort.InferenceSession(str(export_onnx(module, tmp_path / f"{name}.onnx")),
+                                       providers=["CPUExecutionProvider"])
+        onnx_names = [o.name for o in session.get_outputs()]
+        onnx_values = session.run(None, {k: v.numpy() for k, v in batch.items()})
+        assert list(predicted) == list(served) == list(scripted) == onnx_names == module.model.output_names
+        for output, value in zip(onnx_names, onnx_values):
+            assert torch.equal(predicted[output], served[output])
+            torch.testing.assert_close(scripted[output], predicted[output], rtol=0, atol=1e-5)
+            np.testing.assert_allclose(value, predicted[output].numpy(), rtol=0, atol=1e-5)
+    assert "imputation" in modules["shared_bottom"].model.output_names
+    assert modules["esmm"].model.output_names == ["ctr", "ctcvr", "cvr"]

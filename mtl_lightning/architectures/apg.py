@@ -68,14 +68,6 @@ class APGLinear(nn.Module):
         with torch.no_grad():
             self.generator.last_linear().bias.copy_(torch.eye(rank).flatten())
 
-    def shared_u(self) -> Tensor:
-        """``U`` (``U_1 U_2`` when over-parameterised): ``(N, K)``."""
-        return self.u_factors[0] if len(self.u_factors) == 1 else self.u_factors[0] @ self.u_factors[1]
-
-    def shared_v(self) -> Tensor:
-        """``V`` (``V_1 V_2`` when over-parameterised): ``(K, M)``."""
-        return self.v_factors[0] if len(self.v_factors) == 1 else self.v_factors[0] @ self.v_factors[1]
-
     def specific(self, z: Tensor) -> Tensor:
         """``S(z)``: ``(B, K, K)``."""
         return self.generator(z).view(-1, self.rank, self.rank)

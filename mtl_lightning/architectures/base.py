@@ -16,6 +16,7 @@ from abc import ABCMeta, abstractmethod
 import inspect
 from typing import ClassVar, Iterable, Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from ..config import Configurable
@@ -66,6 +67,22 @@ class MultiTaskArchitecture(Configurable, nn.Module, metaclass=ABCMeta):
         """Every key ``forward`` returns: the task names, then ``extra_outputs()``."""
         return self.task_names + [name for name in self.extra_outputs() if name not in self.task_names]
 
+    def output_kinds(self) -> dict[str, str]:
+        """``{name: kind}`` for every key ``forward`` returns, in ``output_names`` order."""
+        kinds = {t.name: t.kind for t in self.tasks}
+        kinds.update({name: kind for name, kind in self.extra_outputs().items() if name not in kinds})
+        return kinds
+
+    def predictions(self, outputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """What prediction and serving return for ``forward``'s ``outputs``: every output, in ``output_names``
+        order, as float32 probabilities (binary: the sigmoid of the logit) or values (regression).
+
+        ``MultiTaskLightningModule.predict_step`` and the ONNX / TorchScript exports both call this, so they
+        always return the same outputs.
+        """
+        return {name: torch.sigmoid(outputs[name].float()) if kind == "binary" else outputs[name].float()
+                for name, kind in self.output_kinds().items()}
+
     @abstractmethod
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """One ``(B,)`` tensor per name in ``output_names``: logits (binary) or values (regression)."""
@@ -85,11 +102,6 @@ class MultiTaskArchitecture(Configurable, nn.Module, metaclass=ABCMeta):
         batch's labels. ``None`` (the default) means no auxiliary loss.
         """
         return None
-
-    def task_specific_parameters(self) -> list[nn.Parameter]:
-        """Every trainable parameter that is not in ``shared_parameters()``."""
-        shared = {id(p) for p in self.shared_parameters()}
-        return [p for p in self.parameters() if id(p) not in shared]
 
     def _towers(
         self,
