@@ -26,6 +26,7 @@ import re
 import select
 import shlex
 import subprocess
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -213,6 +214,8 @@ def serve_cli(args: list[str]) -> int:
         runs = args and args[0] in {"fit", "validate", "test", "predict"} and not asks_help
         main([*args, *TINY_CLI] if runs else args)
     except SystemExit as stop:  # --help, or an argument error
+        if stop.code not in (0, None):
+            print(f"docs test: mtl-lightning {shlex.join(args)} exited with {stop.code!r}", file=sys.stderr)
         return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
     except Exception:  # noqa: BLE001 - reported to the block's script as a failed command
         traceback.print_exc()
@@ -254,11 +257,14 @@ def run_bash(block: Block, directory: Path, timeout: float = 300) -> list[list[s
     try:
         while time.monotonic() < deadline:
             ready, _, _ = select.select([reader], [], [], 0.05)
-            chunk = os.read(reader, 65536) if ready else b""
+            try:
+                chunk = os.read(reader, 65536) if ready else None
+            except BlockingIOError:  # a writer is connected but has not written yet
+                chunk = None
             if chunk:
                 buffer += chunk
                 continue
-            if buffer:  # the writer closed its end: one whole command
+            if chunk == b"" and buffer:  # end of file: the writer closed its end, one whole command
                 args = buffer.decode().split("\0")[:-1]
                 buffer = b""
                 commands.append(args)
