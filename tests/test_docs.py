@@ -176,7 +176,9 @@ def workspace(tmp_path_factory):
     write_raw_logs(ws / "logs")
     (ws / "configs").symlink_to(ROOT / "configs")
     (ws / ".venv" / "bin").mkdir(parents=True)
-    (ws / ".venv" / "bin" / "activate").write_text("# docs test: mtl-lightning is served by tests/test_docs.py\n")
+    (ws / ".venv" / "bin" / "python").symlink_to(sys.executable)  # `python` and `.venv/bin/python`: this interpreter
+    (ws / ".venv" / "bin" / "activate").write_text(
+        '# docs test: mtl-lightning is served by tests/test_docs.py\nexport PATH="$PWD/.venv/bin:$PATH"\n')
     return ws
 
 
@@ -251,7 +253,9 @@ def run_bash(block: Block, directory: Path, timeout: float = 300) -> list[list[s
     reader = os.open(request, os.O_RDONLY | os.O_NONBLOCK)
     log = directory / ".docs-test-output"
     with open(log, "w") as out:
-        proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", shim + block.code], cwd=directory,
+        env = {**os.environ, "PATH": f"{directory / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", shim + block.code], cwd=directory, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
     commands, buffer, deadline = [], b"", time.monotonic() + timeout
     try:
