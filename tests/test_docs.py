@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import select
 import shlex
 import subprocess
 import sys
@@ -225,64 +224,41 @@ def serve_cli(args: list[str]) -> int:
     return 0
 
 
-def answer(response: Path, rc: int, proc: subprocess.Popen) -> None:
-    """Writes ``rc`` to the block's ``read`` (waits for it to open the FIFO, unless bash has ended)."""
-    while True:
-        try:
-            fd = os.open(response, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError:  # ENXIO: no reader yet
-            if proc.poll() is not None:
-                return
-            time.sleep(0.02)
-            continue
-        try:
-            os.write(fd, f"{rc}\n".encode())
-        finally:
-            os.close(fd)
-        return
-
-
 def run_bash(block: Block, directory: Path, timeout: float = 300) -> list[list[str]]:
-    """Runs a bash block whose ``mtl-lightning`` commands are served by ``serve_cli``; the commands it ran."""
+    """Runs a bash block whose ``mtl-lightning`` commands are served by ``serve_cli``; the commands it ran.
+
+    The shell function ``mtl-lightning`` writes its arguments to a request file (renamed into place, so it
+    appears whole) and waits for the exit status in a response file, which this process writes the same way.
+    """
     request, response = directory / ".docs-test-request", directory / ".docs-test-response"
-    for fifo in (request, response):
-        fifo.unlink(missing_ok=True)
-        os.mkfifo(fifo)
-    shim = (f"mtl-lightning() {{ printf '%s\\0' \"$@\" > {shlex.quote(str(request))}; local rc; "
-            f"read -r rc < {shlex.quote(str(response))}; return \"$rc\"; }}\n")
-    reader = os.open(request, os.O_RDONLY | os.O_NONBLOCK)
+    for path in (request, response):
+        path.unlink(missing_ok=True)
+    req, resp = shlex.quote(str(request)), shlex.quote(str(response))
+    shim = (f"mtl-lightning() {{ printf '%s\\0' \"$@\" > {req}.tmp; mv {req}.tmp {req}; "
+            f"while [ ! -e {resp} ]; do sleep 0.02; done; local rc; rc=$(cat {resp}); rm -f {resp}; "
+            f"return \"$rc\"; }}\n")
     log = directory / ".docs-test-output"
+    env = {**os.environ, "PATH": f"{directory / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     with open(log, "w") as out:
-        env = {**os.environ, "PATH": f"{directory / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", shim + block.code], cwd=directory, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
-    commands, buffer, deadline = [], b"", time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([reader], [], [], 0.05)
-            try:
-                chunk = os.read(reader, 65536) if ready else None
-            except BlockingIOError:  # a writer is connected but has not written yet
-                chunk = None
-            if chunk:
-                buffer += chunk
-                continue
-            if chunk == b"" and buffer:  # end of file: the writer closed its end, one whole command
-                args = buffer.decode().split("\0")[:-1]
-                buffer = b""
-                commands.append(args)
-                answer(response, serve_cli(args), proc)
-                continue
-            if proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        else:
+    commands, deadline = [], time.monotonic() + timeout
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
             proc.kill()
             raise AssertionError(f"{block}: still running after {timeout} s:\n{log.read_text()}")
-    finally:
-        os.close(reader)
-    assert proc.wait() == 0, f"{block} failed (exit {proc.returncode}) after {commands}:\n{log.read_text()}"
+        if not request.exists():
+            time.sleep(0.02)
+            continue
+        args = request.read_bytes().decode().split("\0")[:-1]
+        request.unlink()
+        commands.append(args)
+        rc = serve_cli(args)
+        staged = response.with_suffix(".tmp")
+        staged.write_text(f"{rc}\n")
+        staged.rename(response)
+    assert proc.returncode == 0, f"{block} failed (exit {proc.returncode}) after {commands}:\n{log.read_text()}"
     return commands
 
 
