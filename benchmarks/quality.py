@@ -184,7 +184,7 @@ def read_rows(path: Path) -> dict:
     """The existing file's header line and table rows by section: ``{"header": str, "arch": {name: line}, ...}``."""
     if not path.exists():
         return {}
-    rows: dict = {"header": "", "arch": {}, "weighting": {}}
+    rows: dict = {"header": "", "arch": {}, "weighting": {}, "skipped": []}
     section = None
     for line in path.read_text().splitlines():
         if line.startswith("Produced by"):
@@ -193,9 +193,13 @@ def read_rows(path: Path) -> dict:
             section = "arch"
         elif line.startswith("## MMoE with every weighting"):
             section = "weighting"
+        elif line.startswith("## Not applicable"):
+            section = "skipped"
         elif line.startswith("## "):
             section = None
-        elif section and line.startswith("| `"):
+        elif section == "skipped" and line.startswith("- `"):
+            rows["skipped"].append(line)
+        elif section in ("arch", "weighting") and line.startswith("| `"):
             rows[section][line.split("`")[1]] = line
     return rows
 
@@ -231,9 +235,11 @@ def write(args, results, kept, skipped, seeds, max_epochs, started, runnable, st
     lines += ["", "## MMoE with every weighting strategy (test AUC)", "",
               "| weighting | income | never_married | meets target | seeds |", "|---|---|---|---|---|"]
     lines += [with_seeds(weight_rows[name]) for name in sorted(weight_rows)]
-    if skipped:
+    not_applicable = {line.split("`")[1]: line for line in kept.get("skipped", [])}
+    not_applicable.update({name: f"- `{name}`: {reason}" for name, reason in skipped})
+    if not_applicable:
         lines += ["", "## Not applicable to two independent binary tasks", ""]
-        lines += [f"- `{name}`: {reason}" for name, reason in skipped]
+        lines += [not_applicable[name] for name in sorted(not_applicable)]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("\n".join(lines) + "\n")
 
