@@ -27,7 +27,7 @@ Choices the paper leaves open, and how they are made here:
   whose decoders get their own task's gradient averaged over the three batches) every non-shared
   parameter gets its own task's gradient on the whole batch, unweighted, like every gradient strategy
   of this library;
-* step sizes are constant (the paper's analysis uses decaying ones; its experiments constant).
+* ``gamma`` is constant over training (the model's step size is the optimizer's, scheduled as usual).
 
 Cost: ``3 T`` backward passes from the outputs to the shared parameters (plus ``T`` cheap ones from the
 losses to the outputs) instead of one. Under DDP the ``(3, T, P)`` gradients are averaged across ranks
