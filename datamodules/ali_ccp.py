@@ -20,12 +20,11 @@ this layout (torch-rechub's script) and ``convert`` it.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from mtl_lightning.tasks import Task
 
-from .csv_convert import convert_csv
+from .csv_convert import convert_csv, sample_main
 
 BASE_URL = ("https://raw.githubusercontent.com/datawhalechina/torch-rechub/"
             "3fee06ec467104b6b7246152c267aabd5a5202bf/examples/ranking/data/ali-ccp/")
@@ -62,28 +61,10 @@ def download_ali_ccp(out_dir: str | Path, base_url: str = BASE_URL, check: bool 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m datamodules.ali_ccp", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    download = commands.add_parser("download", help="fetch the public sample and convert it")
-    download.add_argument("out_dir", type=Path)
-    download.add_argument("--base-url", default=BASE_URL, help="folder URL holding the published file names")
-    convert = commands.add_parser("convert", help="convert train/val/test CSVs of the published layout")
-    convert.add_argument("train", type=Path)
-    convert.add_argument("val", type=Path)
-    convert.add_argument("test", type=Path)
-    convert.add_argument("out_dir", type=Path)
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "download":
-            paths = download_ali_ccp(args.out_dir, args.base_url)
-        else:
-            paths = {split: convert_ali_ccp(getattr(args, split), args.out_dir / f"{split}.parquet")
-                     for split in ("train", "val", "test")}
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
-    for split, path in paths.items():
-        print(f"{split}: {path}")
+    sample_main(argv, "python -m datamodules.ali_ccp", __doc__, ('train', 'val', 'test'), download_ali_ccp, convert_ali_ccp,
+                BASE_URL, download_help="fetch the public sample and convert it",
+                base_url_help="folder URL holding the published file names",
+                convert_help="convert train/val/test CSVs of the published layout")
 
 
 if __name__ == "__main__":

@@ -21,12 +21,11 @@ commit, checking each file's SHA-256; the full data sets are on Tianchi
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from mtl_lightning.tasks import Task
 
-from .csv_convert import convert_csv
+from .csv_convert import convert_csv, sample_main
 
 BASE_URL = "https://raw.githubusercontent.com/reczoo/FuxiCTR/9200900dcba4931381332bc9439f4e3b89ea533a/data/tiny_mtl/"
 FILES = {  # split -> (published name, SHA-256)
@@ -57,27 +56,10 @@ def download_aliexpress(out_dir: str | Path, base_url: str = BASE_URL, check: bo
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m datamodules.aliexpress", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    download = commands.add_parser("download", help="fetch the public tiny sample and convert it")
-    download.add_argument("out_dir", type=Path)
-    download.add_argument("--base-url", default=BASE_URL, help="folder URL holding train.csv and test.csv")
-    convert = commands.add_parser("convert", help="convert MTReclib train/test CSVs")
-    convert.add_argument("train", type=Path)
-    convert.add_argument("test", type=Path)
-    convert.add_argument("out_dir", type=Path)
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "download":
-            paths = download_aliexpress(args.out_dir, args.base_url)
-        else:
-            paths = {split: convert_aliexpress(getattr(args, split), args.out_dir / f"{split}.parquet")
-                     for split in ("train", "test")}
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
-    for split, path in paths.items():
-        print(f"{split}: {path}")
+    sample_main(argv, "python -m datamodules.aliexpress", __doc__, ('train', 'test'), download_aliexpress, convert_aliexpress,
+                BASE_URL, download_help="fetch the public tiny sample and convert it",
+                base_url_help="folder URL holding train.csv and test.csv",
+                convert_help="convert MTReclib train/test CSVs")
 
 
 if __name__ == "__main__":

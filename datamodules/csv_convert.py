@@ -12,8 +12,9 @@ the problem.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -74,3 +75,29 @@ def convert_csv(
     target.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(columns), target)
     return target
+
+
+def sample_main(argv: list[str] | None, prog: str, description: str | None, splits: Sequence[str],
+                download: Callable[[Path, str], dict[str, Path]], convert: Callable[[Path, Path], Path],
+                base_url: str, download_help: str, base_url_help: str, convert_help: str) -> None:
+    """The ``download`` / ``convert`` command line of a public sample's module (``datamodules.ali_ccp``, ...)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    fetch = commands.add_parser("download", help=download_help)
+    fetch.add_argument("out_dir", type=Path)
+    fetch.add_argument("--base-url", default=base_url, help=base_url_help)
+    local = commands.add_parser("convert", help=convert_help)
+    for split in splits:
+        local.add_argument(split, type=Path)
+    local.add_argument("out_dir", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "download":
+            paths = download(args.out_dir, args.base_url)
+        else:
+            paths = {split: convert(getattr(args, split), args.out_dir / f"{split}.parquet") for split in splits}
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    for split, path in paths.items():
+        print(f"{split}: {path}")
