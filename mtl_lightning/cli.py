@@ -16,6 +16,10 @@ overrides an earlier one::
   hyper-parameters under ``init_args``.
 * ``data``: :class:`~datamodules.parquet.ParquetDataModule`.
 * ``trainer``: any ``lightning.Trainer`` argument.
+* ``trainer.strategy.class_path: mtl_lightning.distributed.TorchRecStrategy``
+  shards the embedding tables; the model is then built with deferred tables
+  (``mtl_lightning.layers.deferred_tables``), so no process allocates a whole
+  table.
 * ``prediction_writer``: where ``predict`` writes its Parquet files, one per
   rank (:class:`~mtl_lightning.callbacks.ParquetPredictionWriter`;
   ``output_dir`` defaults to ``predictions``).
@@ -53,7 +57,9 @@ config names another ``CheckpointIO``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -72,6 +78,7 @@ from .architectures.base import MultiTaskArchitecture
 from .callbacks import ParquetPredictionWriter, RunSummary, run_log_dir
 from .checkpoint import SafeCheckpointIO, check_checkpoint_file
 from .config import resolve_class
+from .layers.embedding import deferred_tables
 from .module import MultiTaskLightningModule
 from .tasks import Task
 from .weighting import STRATEGIES, WeightingStrategy
@@ -269,6 +276,29 @@ class MultiTaskCLI(LightningCLI):
                 check_checkpoint(ckpt_path)  # before LightningCLI reads its hyper_parameters into the config
             except (TypeError, ValueError) as error:
                 parser.error(str(error))
+
+    def instantiate_classes(self) -> None:
+        """Under ``TorchRecStrategy`` the model's tables are deferred: each process allocates only its shards."""
+        with deferred_tables() if self._sharded_tables() else contextlib.nullcontext():
+            super().instantiate_classes()
+
+    def _sharded_tables(self) -> bool:
+        """Whether ``trainer.strategy`` names ``TorchRecStrategy`` (or a subclass of it)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        strategy = (config.get("trainer") or Namespace()).get("strategy")
+        path = strategy.get("class_path") if isinstance(strategy, Namespace) else None
+        if not isinstance(path, str):
+            return False
+        if "." not in path:
+            return path == "TorchRecStrategy"
+        module_name, _, name = path.rpartition(".")
+        try:  # jsonargparse imports it right after, to build the strategy
+            found = getattr(importlib.import_module(module_name), name, None)
+        except ImportError:
+            return False
+        from .distributed.strategy import TorchRecStrategy
+
+        return isinstance(found, type) and issubclass(found, TorchRecStrategy)
 
     def before_instantiate_classes(self) -> None:
         """``validate``/``test``/``predict`` from a run's checkpoint write into that run (see the module docstring)."""

@@ -315,3 +315,50 @@ def test_checkpoints_of_the_per_table_layout_still_load():
     incomplete = {k: v for k, v in old.items() if k != "embedding.tables.item.weight"}
     with pytest.raises(RuntimeError, match="fused.dim4.weight"):  # a missing table is reported, not guessed
         model.load_state_dict(incomplete)
+
+
+def test_deferred_tables_allocate_nothing_and_draw_any_rows_alone():
+    """Inside ``deferred_tables()`` the tables are meta tensors; ``initial_rows`` gives any range of rows, drawn
+    chunk by chunk, equal to the same rows of the whole table; ``materialize_tables`` fills the whole tables."""
+    from mtl_lightning.layers import deferred_tables
+    from mtl_lightning.layers.embedding import INIT_CHUNK_ROWS
+
+    big = INIT_CHUNK_ROWS * 2 + 1000  # three chunks, the last one short
+    features = [*FEATURES, SparseFeature("big", big, 4), SequenceFeature("long", big, 2, 4, pooling="sum")]
+    state = torch.random.get_rng_state()
+    eager = FeatureEmbedding(features)
+    assert eager.table_seed is None and not eager.deferred
+    torch.random.set_rng_state(state)
+    with deferred_tables():
+        layer = FeatureEmbedding(features)
+    assert layer.deferred and all(p.is_meta for p in layer.embedding_parameters())
+    assert not any(p.is_meta for n, p in layer.named_parameters() if "fused" not in n and "tables" not in n)
+    whole = layer.initial_rows("big", 0, big)
+    assert whole.shape == (big, 4) and abs(float(whole.std()) - 0.05) < 0.002
+    for start, stop in [(0, 1), (INIT_CHUNK_ROWS - 3, INIT_CHUNK_ROWS + 5), (1000, big), (big - 1, big), (7, 7)]:
+        assert torch.equal(layer.initial_rows("big", start, stop), whole[start:stop]), (start, stop)
+    assert not torch.equal(whole[:INIT_CHUNK_ROWS], whole[INIT_CHUNK_ROWS : 2 * INIT_CHUNK_ROWS])  # chunks differ
+    long = layer.initial_rows("long", 0, 3)
+    assert long[0].abs().sum() == 0 and long[1:].abs().sum() > 0  # a sequence table's padding row is zero
+    assert torch.equal(layer.initial_rows("item_now", 2, 5), layer.initial_rows("item", 2, 5))  # the owner's table
+    assert not torch.equal(layer.initial_rows("item", 0, 5), layer.initial_rows("user", 0, 5))
+    with pytest.raises(ValueError, match="the table has 11 rows"):
+        layer.initial_rows("item", 0, 12)
+    with pytest.raises(ValueError, match="not built inside deferred_tables"):
+        eager.initial_rows("item", 0, 1)
+    x = batch(6, features=features)
+    with pytest.raises(RuntimeError, match="tables are deferred .* materialize_tables"):
+        layer(x)
+    layer.materialize_tables()
+    assert not layer.deferred
+    for owner in ("user", "item", "wide", "tags", "city", "big", "long"):
+        size = layer.table_weight(owner).shape[0]
+        assert torch.equal(layer.table_weight(owner), layer.initial_rows(owner, 0, size)), owner
+    assert layer(x).shape == eager(x).shape
+    torch.manual_seed(5)
+    with deferred_tables():
+        again = FeatureEmbedding(features)
+    torch.manual_seed(5)
+    with deferred_tables():
+        same = FeatureEmbedding(features)
+    assert again.table_seed == same.table_seed != layer.table_seed  # drawn from torch's global generator

@@ -104,21 +104,26 @@ def test_torchrec_layer_computes_what_feature_embedding_computes():
 
 
 # ------------------------------------------------------- every architecture, 1 process
+@pytest.mark.parametrize("deferred", [False, True], ids=["eager", "deferred"])
 @pytest.mark.parametrize("name", registry.names())
-def test_every_architecture_trains_under_the_strategy(name):
+def test_every_architecture_trains_under_the_strategy(name, deferred):
+    """Built as usual, or inside ``trainer.init_module()`` (deferred tables: no whole table is ever allocated)."""
     from mtl_lightning.distributed import TorchRecStrategy
 
     torch.manual_seed(0)
-    module = MultiTaskLightningModule(registry.create(name, **arguments(name)), lr=0.01)
-    before = {n: module.model.embedding.table_weight(n).detach().clone() for n in ("user", "item")}
-    losses = Losses()
-    batches = [labelled(k) for k in range(4)]
     strategy = TorchRecStrategy(sharding="auto", embedding_lr=0.1, find_unused_parameters=name == "escm")
-    trainer(strategy, max_epochs=4, callbacks=[losses], use_distributed_sampler=False).fit(
-        module, DataLoader(batches, batch_size=None))
+    fit = trainer(strategy, max_epochs=4, callbacks=[losses := Losses()], use_distributed_sampler=False)
+    with fit.init_module(empty_init=deferred):
+        module = MultiTaskLightningModule(registry.create(name, **arguments(name)), lr=0.03)
+    embedding = module.model.embedding
+    assert embedding.deferred == deferred
+    before = {n: (embedding.initial_rows(n, 0, embedding.table_weight(n).shape[0]) if deferred
+                  else embedding.table_weight(n).detach().clone()) for n in ("user", "item")}
+    batches = [labelled(k) for k in range(4)]
+    fit.fit(module, DataLoader(batches, batch_size=None))
     assert len(losses.values) == 16
     first, last = np.mean(losses.values[:4]), np.mean(losses.values[-4:])  # the same 4 batches each epoch
-    assert last < 0.95 * first, (name, losses.values)
+    assert last < 0.95 * first, f"{name}: {[round(v, 3) for v in losses.values]}"
     tables = {n: t for layer in strategy._layers.values() for n, t in layer.table_tensors().items()}
     for n, value in before.items():  # the fused optimizer moved the rows the batches touched
         local = value.new_zeros(value.shape)
@@ -296,6 +301,26 @@ def test_two_ranks_match_one_process_without_torchrec(two_ranks, name):
         assert mean[-2:].mean() < mean[:2].mean()  # batches 0, 1, 0, 1, 0, 1
 
 
+def test_two_ranks_deferred_tables_start_from_rank_zeros_seed_in_any_sharding(two_ranks):
+    """Built inside ``trainer.init_module()`` with a different seed per rank: every sharding starts where a
+    one-process deferred build with rank 0's seed, materialised, starts (tables from ``initial_rows``)."""
+    from mtl_lightning.distributed import consolidate
+    from mtl_lightning.layers import deferred_tables
+
+    script = _script_module()
+    torch.manual_seed(0)
+    with deferred_tables():
+        module = MultiTaskLightningModule(registry.create("mmoe", **script.mmoe_arguments()))
+    module.model.embedding.materialize_tables()
+    expected = module.state_dict()
+    for sharding in ("column_wise", "table_wise"):
+        state = consolidate(two_ranks / f"deferred-{sharding}.ckpt")["state_dict"]
+        assert set(state) == set(expected)
+        for key, value in expected.items():
+            torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=f"{sharding} {key}")
+    assert expected["model.embedding.tables.tags.weight"][0].abs().sum() == 0  # a sequence table's padding row
+
+
 def test_two_ranks_resume_exactly_and_reload_into_another_sharding(two_ranks):
     runs = [json.loads((two_ranks / f"parquet-rank{r}.json").read_text()) for r in (0, 1)]
     assert runs[0]["straight"] == runs[1]["straight"]  # synced metrics
@@ -370,6 +395,7 @@ def test_cli_trains_and_validates_with_the_strategy_by_class_path(tmp_path, monk
               "--trainer.accelerator=cpu", "--trainer.devices=1",
               "--trainer.strategy=mtl_lightning.distributed.TorchRecStrategy",
               "--trainer.strategy.init_args.sharding=table_wise", "--trainer.strategy.init_args.embedding_lr=0.05"]
+    assert build_cli(common, run=False).model.model.embedding.deferred  # each rank allocates its shards only
     cli = build_cli(["fit", *common, "--trainer.max_epochs=2"])
     assert type(cli.trainer.strategy).__name__ == "TorchRecStrategy" and cli.trainer.strategy.sharding == "table_wise"
     checkpoints = list(Path(cli.trainer.log_dir).glob("checkpoints/*.ckpt"))

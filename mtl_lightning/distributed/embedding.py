@@ -30,13 +30,13 @@ parameters). Ids are checked like ``FeatureEmbedding`` checks them: outside
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from ..features import DenseFeature, Feature, SequenceFeature, SparseFeature
-from ..layers.embedding import FeatureEmbedding
+from ..layers.embedding import INIT_CHUNK_ROWS, FeatureEmbedding
 from ._torchrec import require_torchrec
 
 
@@ -77,16 +77,23 @@ def is_sharded_tensor(value: Any) -> bool:
     return isinstance(value, ShardedTensor)
 
 
-def write_table(target: Tensor, full: Tensor) -> None:
-    """Copy the whole table ``full`` into ``target``: a plain tensor, or this rank's shards of a ShardedTensor."""
+def write_table(target: Tensor, rows: Tensor | Callable[[int, int], Tensor]) -> None:
+    """Fill ``target`` (a plain tensor, or this rank's shards of a ShardedTensor) with a whole table's values.
+
+    ``rows`` is the table, or a function giving its rows ``[start, stop)``
+    (``FeatureEmbedding.initial_rows`` of a deferred layer), called for at
+    most ``INIT_CHUNK_ROWS`` rows at a time and only for the rows this rank holds.
+    """
+    read = (lambda a, b: rows[a:b]) if isinstance(rows, Tensor) else rows
+    pieces = ([(shard.tensor, shard.metadata.shard_offsets, shard.metadata.shard_sizes)
+               for shard in target.local_shards()] if is_sharded_tensor(target)
+              else [(target, (0, 0), tuple(target.shape))])
     with torch.no_grad():
-        if not is_sharded_tensor(target):
-            target.copy_(full.view_as(target))
-            return
-        for shard in target.local_shards():
-            offsets, sizes = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-            index = tuple(slice(o, o + s) for o, s in zip(offsets, sizes))
-            shard.tensor.copy_(full[index].reshape(shard.tensor.shape))
+        for tensor, (row, column), (num_rows, num_columns) in pieces:
+            local = tensor.view(num_rows, num_columns)
+            for first in range(0, num_rows, INIT_CHUNK_ROWS):
+                last = min(num_rows, first + INIT_CHUNK_ROWS)
+                local[first:last].copy_(read(row + first, row + last)[:, column : column + num_columns])
 
 
 class TorchRecEmbedding(nn.Module):
@@ -106,7 +113,7 @@ class TorchRecEmbedding(nn.Module):
         require_torchrec()
         from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig, PoolingType
 
-        tables = layer.embedding_parameters()
+        tables = [p for p in layer.embedding_parameters() if not p.is_meta]
         device = torch.device(device) if device is not None else tables[0].device if tables else torch.device("cpu")
         self.features: tuple[Feature, ...] = layer.features
         self.output_dim = layer.output_dim
@@ -156,10 +163,16 @@ class TorchRecEmbedding(nn.Module):
         return found
 
     def copy_tables_from(self, layer: FeatureEmbedding) -> None:
-        """Write the values of ``layer``'s tables into this layer's (into this rank's shards once sharded)."""
+        """Write the values of ``layer``'s tables into this layer's (into this rank's shards once sharded).
+
+        A deferred ``layer`` (built inside ``deferred_tables()``) gives its
+        ``initial_rows``, drawn only for the rows this rank holds.
+        """
         targets = self.table_tensors()
+        deferred = layer.deferred
         for name in self.tables:
-            write_table(targets[name], layer.table_weight(name).detach())
+            write_table(targets[name], (lambda a, b, name=name: layer.initial_rows(name, a, b)) if deferred
+                        else layer.table_weight(name).detach())
 
     def load_plain_tables(self, state_dict: Mapping[str, Tensor], prefix: str) -> list[str]:
         """Write tables from a ``FeatureEmbedding`` state dict (keys under ``prefix``); returns the keys read."""

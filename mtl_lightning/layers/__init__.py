@@ -1,7 +1,7 @@
 """Building blocks; never imports the architectures."""
 
 from .domain import check_feature_names, domain_ids, feature_slices, resolve_domain
-from .embedding import FeatureEmbedding
+from .embedding import FeatureEmbedding, deferred_tables
 from .hard_concrete import HardConcreteGate
 from .mlp import MLP, activation_layer
 from .moe import ExpertBank, Gate, mix
@@ -9,6 +9,6 @@ from .partitioned_norm import PartitionedNorm
 from .scaled_gate import ScaledSigmoidGate
 
 __all__ = [
-    "FeatureEmbedding", "MLP", "activation_layer", "ExpertBank", "Gate", "mix",
+    "FeatureEmbedding", "deferred_tables", "MLP", "activation_layer", "ExpertBank", "Gate", "mix",
     "HardConcreteGate", "PartitionedNorm", "ScaledSigmoidGate", "resolve_domain", "domain_ids", "feature_slices", "check_feature_names",
 ]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Sequence
+import contextlib
+import contextvars
+import hashlib
+from typing import Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..features import DenseFeature, Feature, SparseFeature, feature_from_config
+from ..features import DenseFeature, Feature, SequenceFeature, SparseFeature, feature_from_config
 
 
 VOCABULARY_HINT = (
@@ -41,6 +44,26 @@ def vocabulary_mismatch(checkpoint_features: Sequence[Feature | dict], model_fea
     if not changed:
         return None
     return f"the checkpoint does not fit the model's embedding tables: {'; '.join(changed)} ({VOCABULARY_HINT})"
+
+
+_DEFERRED = contextvars.ContextVar("mtl_lightning_deferred_tables", default=False)
+INIT_CHUNK_ROWS = 65_536  # rows drawn per generator by FeatureEmbedding.initial_rows
+
+
+@contextlib.contextmanager
+def deferred_tables() -> Iterator[None]:
+    """``FeatureEmbedding`` layers built inside allocate no tables (meta tensors) until :meth:`materialize_tables`.
+
+    What ``TorchRecStrategy.tensor_init_context`` (``with
+    trainer.init_module():``) uses, so that each process allocates and
+    initialises only its own shards of the tables: see
+    :meth:`FeatureEmbedding.initial_rows` for the values they start from.
+    """
+    token = _DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
 
 
 class _Block(NamedTuple):
@@ -113,6 +136,22 @@ class FeatureEmbedding(nn.Module):
 
     Set ``sparse = True`` (``MultiTaskLightningModule(sparse_embeddings=True)``
     does) to get sparse gradients for every table weight, for ``SparseAdam``.
+
+    Deferred tables. Built inside :func:`deferred_tables` (which
+    ``with trainer.init_module():`` under ``TorchRecStrategy`` enters), the
+    layer holds its table weights as meta tensors (no memory) and one seed,
+    ``table_seed``, drawn from torch's global generator (so ``seed_everything``
+    fixes it). Row ``r`` of a table then starts from :meth:`initial_rows`:
+    normal(0, 0.05) values drawn in chunks of ``INIT_CHUNK_ROWS`` rows, each
+    chunk from its own generator seeded by (``table_seed``, owner feature,
+    chunk index); the padding row 0 of a sequence-owned table is zero. Any
+    range of rows can be produced without the rest of the table, so each
+    process of a sharded run initialises only its shards, and the values do
+    not depend on the sharding or the number of processes. They are not the
+    values an eagerly built layer draws from the same global seed (those
+    follow one ``nn.Embedding`` per table). :meth:`materialize_tables`
+    allocates and fills the whole tables in this process; until then
+    ``forward`` raises.
     """
 
     def __init__(self, features: Sequence[Feature | dict], field_view: bool = False) -> None:
@@ -150,12 +189,21 @@ class FeatureEmbedding(nn.Module):
                 key = f"dim{f.embedding_dim}"
                 self._blocks[f.name] = _Block(key, rows.get(key, 0), f.vocab_size)
                 rows[key] = rows.get(key, 0) + f.vocab_size
+        deferred = _DEFERRED.get()
+        device = torch.device("meta") if deferred else None
+        # one seed for every table's initial_rows; drawn only when deferred, so eager layers keep their values
+        self.table_seed: int | None = int(torch.randint(0, 2**62, ())) if deferred else None
         # _weight= skips nn.Embedding's own initial draw; the blocks are drawn below
         self.fused = nn.ModuleDict(
-            {key: nn.Embedding(n, int(key[3:]), _weight=torch.empty(n, int(key[3:]))) for key, n in rows.items()}
+            {key: nn.Embedding(n, int(key[3:]), _weight=torch.empty(n, int(key[3:]), device=device))
+             for key, n in rows.items()}
         )
         self.tables = nn.ModuleDict()
         for f in owners:  # spec order: the random draws one nn.Embedding per table makes
+            if deferred:
+                if isinstance(f, SequenceFeature):
+                    self.tables[f.name] = nn.Embedding(f.vocab_size, f.embedding_dim, padding_idx=0, device=device)
+                continue
             if isinstance(f, SparseFeature):
                 with torch.no_grad():
                     block = self._block_of(self.fused[self._blocks[f.name].key].weight, self._blocks[f.name])
@@ -204,6 +252,51 @@ class FeatureEmbedding(nn.Module):
             for f in self.features:
                 if isinstance(f, DenseFeature):
                     self.dense_projections[f.name] = nn.Linear(f.dim, self.field_dim, bias=False)
+
+    # ------------------------------------------------------------ deferred tables
+    @property
+    def deferred(self) -> bool:
+        """Whether the tables are still unallocated (built inside :func:`deferred_tables`)."""
+        return any(p.is_meta for p in self.embedding_parameters())
+
+    def initial_rows(self, name: str, start: int, stop: int) -> Tensor:
+        """Rows ``[start, stop)`` of the table feature ``name`` reads, as a deferred layer initialises them.
+
+        ``(stop - start, d)`` float32 on the CPU; see the class docstring
+        (Deferred tables). Only the chunks holding those rows are drawn.
+        """
+        if self.table_seed is None:
+            raise ValueError("initial_rows: this layer was not built inside deferred_tables(); its tables hold "
+                             "their values already (table_weight)")
+        owner = self._table_of.get(name)
+        if owner is None:
+            raise ValueError(f"{name!r} is not a sparse or sequence feature of this layer; those are {sorted(self._table_of)}")
+        spec = next(f for f in self.features if f.name == owner)
+        if not 0 <= start <= stop <= spec.vocab_size:
+            raise ValueError(f"initial_rows({name!r}, {start}, {stop}): the table has {spec.vocab_size} rows")
+        out = torch.empty(stop - start, spec.embedding_dim)
+        for first in range(start - start % INIT_CHUNK_ROWS, stop, INIT_CHUNK_ROWS):
+            size = min(INIT_CHUNK_ROWS, spec.vocab_size - first)
+            key = f"{self.table_seed}:{owner}:{first // INIT_CHUNK_ROWS}".encode()
+            generator = torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(),
+                                                                     "little") >> 1)
+            chunk = torch.randn(size, spec.embedding_dim, generator=generator).mul_(0.05)
+            if first == 0 and isinstance(spec, SequenceFeature):
+                chunk[0] = 0.0  # the padding row
+            lo, hi = max(start, first), min(stop, first + size)
+            out[lo - start : hi - start] = chunk[lo - first : hi - first]
+        return out
+
+    def materialize_tables(self) -> None:
+        """Allocate the deferred tables in this process and fill them with :meth:`initial_rows`."""
+        if not self.deferred:
+            return
+        for holder in self._holders():
+            holder.weight = nn.Parameter(torch.empty(holder.weight.shape), requires_grad=holder.weight.requires_grad)
+        with torch.no_grad():
+            for owner in self.table_layout():
+                table = self.table_weight(owner)
+                table.copy_(self.initial_rows(owner, 0, table.shape[0]))
 
     @staticmethod
     def _block_of(tensor: Tensor, block: _Block) -> Tensor:
@@ -404,6 +497,11 @@ class FeatureEmbedding(nn.Module):
         ]
 
     def forward(self, x: Mapping[str, Tensor], view: str = "flat") -> Tensor:
+        if self.table_seed is not None and self.deferred:
+            raise RuntimeError(
+                "this FeatureEmbedding's tables are deferred (built inside deferred_tables(), e.g. `with "
+                "trainer.init_module():` under TorchRecStrategy) and hold no values yet: train it under that "
+                "TorchRecStrategy, which allocates each process's shards, or call materialize_tables() first")
         if view == "flat":
             parts = [p.flatten(1) if f is None else p for f, p in self._parts(x)]
             return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (B, D)

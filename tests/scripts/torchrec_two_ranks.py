@@ -9,7 +9,9 @@
    rows ``[r * half, (r + 1) * half)`` of :func:`global_batch` ``k % 2`` at
    step ``k``. Writes ``<arch>-<sharding>.ckpt`` (checkpoint folders) and per-rank
    losses ``losses-<arch>-<sharding>-rank<R>.json``.
-2. ``parquet``: MMoE from a ``ParquetDataModule``, ``table_wise``, row-wise
+2. ``deferred``: MMoE built with deferred tables, saved before training
+   (see :func:`deferred`).
+3. ``parquet``: MMoE from a ``ParquetDataModule``, ``table_wise``, row-wise
    Adagrad: two epochs with a checkpoint folder per epoch (``straight/``), the
    same run resumed from the first one (``resumed/``), the first checkpoint
    validated under ``column_wise`` sharding, and prediction over a split whose
@@ -45,10 +47,13 @@ TAGS = SequenceFeature("tags", 20, max_len=3, embedding_dim=8, pooling="max")
 def build(name: str) -> MultiTaskLightningModule:
     """The architecture ``name`` (MMoE with a max-pooled sequence too), seeded, trained by SGD at ``LR``."""
     torch.manual_seed(0)
-    kwargs = arguments(name)
-    if name == "mmoe":
-        kwargs["features"] = [*kwargs["features"], TAGS]
+    kwargs = mmoe_arguments() if name == "mmoe" else arguments(name)
     return MultiTaskLightningModule(registry.create(name, **kwargs), lr=LR, optimizer="sgd")
+
+
+def mmoe_arguments() -> dict:
+    kwargs = arguments("mmoe")
+    return {**kwargs, "features": [*kwargs["features"], TAGS]}
 
 
 def global_batch(step: int, size: int = GLOBAL_BATCH) -> dict:
@@ -108,6 +113,24 @@ def equivalence(out: Path) -> None:
             (out / f"losses-{name}-{sharding}-rank{trainer.global_rank}.json").write_text(json.dumps(record.losses))
 
 
+def deferred(out: Path) -> None:
+    """MMoE built inside ``trainer.init_module()`` (deferred tables), rank ``r`` seeded with ``r``; saved before any step.
+
+    Writes ``deferred-<sharding>.ckpt`` for ``column_wise`` and ``table_wise``:
+    both must hold rank 0's dense part and the tables' ``initial_rows`` for rank
+    0's ``table_seed`` (the ranks agree on it; the values do not depend on the sharding).
+    """
+    for sharding in ("column_wise", "table_wise"):
+        trainer = quiet(strategy=TorchRecStrategy(sharding=sharding, embedding_optimizer="sgd", embedding_lr=LR),
+                        max_steps=0, use_distributed_sampler=False)
+        torch.manual_seed(trainer.global_rank)
+        with trainer.init_module():
+            module = MultiTaskLightningModule(registry.create("mmoe", **mmoe_arguments()), lr=LR, optimizer="sgd")
+        assert module.model.embedding.deferred
+        trainer.fit(module, datamodule=RankBatches())
+        trainer.save_checkpoint(out / f"deferred-{sharding}.ckpt")
+
+
 def parquet(data: Path, out: Path) -> None:
     features = synthetic_features(embedding_dim=8, max_history=5)
 
@@ -154,6 +177,7 @@ def main() -> None:
     data, out = Path(sys.argv[1]), Path(sys.argv[2])
     torch.set_num_threads(1)
     equivalence(out)
+    deferred(out)
     parquet(data, out)
 
 
