@@ -16,7 +16,8 @@ rank 1, so every rank's peak RSS is its own), one torch thread per rank:
 
    * ``ddp``: ``strategy="ddp"``, the module's Adam (fused), every table
      replicated on both ranks with dense gradients;
-   * ``torchrec``: ``TorchRecStrategy(sharding="table_wise",
+   * ``torchrec`` (and ``torchrec deferred``, the model built inside
+     ``trainer.init_module()``: deferred tables): ``TorchRecStrategy(sharding="table_wise",
      embedding_optimizer="rowwise_adagrad")``, the dense part on Adam.
 
    Per rank: table memory = weights + optimizer state of the tables this rank
@@ -165,11 +166,8 @@ def run_child(spec_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
     torch.set_num_threads(spec["threads"])
     rss_before = current_rss()
-    module, features = build_module(spec)
-    rss_built = current_rss()
-    data = ParquetDataModule(train=spec["train"], val=spec["val"], features=features, tasks=synthetic_tasks(),
-                             batch_size=spec["batch"], seed=spec["seed"])
-    if spec["system"] == "torchrec":
+    sharded = spec["system"].startswith("torchrec")
+    if sharded:
         from mtl_lightning.distributed import TorchRecStrategy
 
         strategy: Any = TorchRecStrategy(sharding="table_wise", embedding_optimizer="rowwise_adagrad",
@@ -177,21 +175,26 @@ def run_child(spec_path: Path) -> None:
         tables = strategy.table_parameters
     else:
         strategy = "ddp"
-        embedding = module.model.embedding
-        tables = embedding.embedding_parameters
+        tables = lambda: module.model.embedding.embedding_parameters()  # noqa: E731
     probe = Probe(spec["warmup"], tables)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
                         callbacks=[probe], max_epochs=spec["epochs"], max_steps=spec["max_steps"],
                         limit_val_batches=1.0 if spec["validate"] else 0)
+    # "torchrec deferred": built inside trainer.init_module(), the tables are allocated shard by shard at set-up
+    with trainer.init_module(empty_init=spec["system"] == "torchrec deferred"):
+        module, features = build_module(spec)
+    rss_built = current_rss()
+    data = ParquetDataModule(train=spec["train"], val=spec["val"], features=features, tasks=synthetic_tasks(),
+                             batch_size=spec["batch"], seed=spec["seed"])
     trainer.fit(module, datamodule=data)
 
-    if spec["system"] == "torchrec":
+    if sharded:
         memory = strategy.table_memory()
         placement = {table: (s.sharding_type, s.ranks) for plan in strategy.plan.plan.values()
                      for table, s in plan.items()}
     else:
-        weights = embedding.embedding_parameters()
+        weights = module.model.embedding.embedding_parameters()
         optimizer = trainer.optimizers[0]
         memory = {"weights": sum(tensor_bytes(p) for p in weights),
                   "optimizer": sum(tensor_bytes(v) for p in weights for v in optimizer.state.get(p, {}).values())}
@@ -219,7 +222,7 @@ def run_child(spec_path: Path) -> None:
 # ------------------------------------------------------------------------ parent
 def launch(spec: dict[str, Any], work: Path) -> list[dict[str, Any]]:
     """Run one 2-process training in a fresh child process; returns the two ranks' results."""
-    name = f"{spec['experiment']}-{spec['system']}"
+    name = f"{spec['experiment']}-{spec['system'].replace(' ', '-')}"
     spec = {**spec, "out": str(work / name)}
     spec_path = work / f"{name}.json"
     spec_path.write_text(json.dumps(spec))
@@ -257,26 +260,25 @@ def memory_table(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
                          f"**{gib(total)}** | {gib(r['table_grads'])} | {gib(r['rss_built'])} | "
                          f"{gib(r['rss_train_start'])} | {gib(r['rss_training_max'])} | {gib(r['rss_peak'])} | "
                          + (f"{throughput(ranks):,.0f} |" if r["rank"] == 0 else "|"))
-    ddp, rec = runs["ddp"], runs["torchrec"]
+    ddp = runs["ddp"]
+    sharded = [system for system in runs if system != "ddp"]
 
-    def ratio(key) -> str:
+    def ratio(rec: list[dict[str, Any]], key: Callable[[dict[str, Any]], float]) -> str:
         values = [key(t) / key(d) for t, d in zip(rec, ddp)]
         return " / ".join(f"{v:.3f}" for v in values) + f" (worst rank {max(values):.3f})"
 
-    lines += [
-        "",
-        "| TorchRec / DDP, rank 0 / rank 1 | ratio |",
-        "|---|---|",
-        f"| **table memory** (weights + optimizer state; goal <= 0.55) | "
-        f"**{ratio(lambda r: r['table_weights'] + r['table_optimizer'])}** |",
-        f"| table weights | {ratio(lambda r: r['table_weights'])} |",
-        "| table memory + gradients | "
-        f"{ratio(lambda r: r['table_weights'] + r['table_optimizer'] + r['table_grads'])} |",
-        f"| RSS at train start | {ratio(lambda r: r['rss_train_start'])} |",
-        f"| RSS max during training | {ratio(lambda r: r['rss_training_max'])} |",
-        f"| peak RSS (start-up included) | {ratio(lambda r: r['rss_peak'])} |",
-        f"| rows/s | {throughput(rec) / throughput(ddp):.2f} |",
+    rows = [
+        ("**table memory** (weights + optimizer state; goal <= 0.55)", lambda r: r["table_weights"] + r["table_optimizer"]),
+        ("table weights", lambda r: r["table_weights"]),
+        ("table memory + gradients", lambda r: r["table_weights"] + r["table_optimizer"] + r["table_grads"]),
+        ("RSS after the model is built", lambda r: r["rss_built"]),
+        ("RSS at train start", lambda r: r["rss_train_start"]),
+        ("RSS max during training", lambda r: r["rss_training_max"]),
+        ("peak RSS (start-up included)", lambda r: r["rss_peak"]),
     ]
+    lines += ["", "| / DDP, rank 0 / rank 1 | " + " | ".join(sharded) + " |", "|---|" + "---|" * len(sharded)]
+    lines += [f"| {label} | " + " | ".join(ratio(runs[s], key) for s in sharded) + " |" for label, key in rows]
+    lines.append("| rows/s | " + " | ".join(f"{throughput(runs[s]) / throughput(ddp):.2f}" for s in sharded) + " |")
     return lines
 
 
@@ -354,14 +356,14 @@ def main() -> None:
     if args.only != "quality":
         spec = dict(base, experiment="memory", table_rows=args.table_rows, dim=args.table_dim, batch=args.memory_batch,
                     epochs=None, max_steps=args.memory_steps, validate=False)
-        for system in ("torchrec", "ddp"):
+        for system in ("torchrec", "torchrec deferred", "ddp"):
             memory_runs[system] = launch(dict(spec, system=system), work)
     if args.only != "memory":
         spec = dict(base, experiment="quality", table_rows=0, dim=16, batch=args.batch, epochs=args.epochs,
                     max_steps=-1, validate=True)
         for system in ("ddp", "torchrec"):
             quality_runs[system] = launch(dict(spec, system=system), work)
-    memory_runs = {k: memory_runs[k] for k in ("ddp", "torchrec") if k in memory_runs}
+    memory_runs = {k: memory_runs[k] for k in ("ddp", "torchrec", "torchrec deferred") if k in memory_runs}
 
     command = " ".join(["python benchmarks/sharded_embeddings.py", *sys.argv[1:]])
     lines = [
@@ -385,9 +387,10 @@ def main() -> None:
             "",
             *memory_table(memory_runs),
             "",
-            "Peak RSS includes start-up: every rank builds the whole model (all tables, as the user constructs "
-            "it) before TorchRec copies its shards out of it, so under TorchRec each process still holds every "
-            "table once at start-up; after set-up only its shards remain (RSS at train start).",
+            "Peak RSS includes start-up. `torchrec`: the model is built as usual, so every rank holds every "
+            "table once until TorchRec has copied its shards out of them (after set-up only its shards remain: "
+            "RSS at train start). `torchrec deferred`: built inside `trainer.init_module()`, the tables are "
+            "meta tensors until set-up and each rank allocates and initialises only its shards.",
             "",
         ]
     if quality_runs:

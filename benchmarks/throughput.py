@@ -31,6 +31,12 @@ backward, optimizer and logging all inside). Systems:
 * ``raw-frozen`` (MMoE): that loop with the embedding tables frozen (no table
   gradient, no table update; fused Adam for the rest): not a way to train, but
   the ceiling any sparse or fused embedding update can approach;
+* ``raw-frozen-grad`` (MMoE): ``raw-frozen`` whose looked-up vectors still
+  get their gradient (the output of the embedding layer requires grad, so the
+  backward pass computes the gradient of the loss with respect to the
+  embedding outputs, through the first layer, but no table gradient and no
+  update): the backward work that training the tables by any method needs, the
+  tighter ceiling for a fused or sparse table update;
 * ``mtl-lightning``: ``lightning.Trainer`` + ``ParquetDataModule`` +
   ``MultiTaskLightningModule`` (TensorBoard logger at its defaults; progress
   bar, checkpointing and validation off);
@@ -73,7 +79,7 @@ sys.path.insert(0, str(ROOT))
 import bench_data  # noqa: E402
 
 PROJECT_SYSTEMS = ["raw", "raw-default-adam", "raw-sparse", "mtl-lightning", "mtl-lightning sparse"]
-MMOE_SYSTEMS = ["raw-frozen", "mtl-lightning torchrec"]  # measured for MMoE only
+MMOE_SYSTEMS = ["raw-frozen", "raw-frozen-grad", "mtl-lightning torchrec"]  # measured for MMoE only
 ANCHOR_SYSTEMS = ["torch-rechub", "nextrec"]
 
 
@@ -193,7 +199,8 @@ def adam(params: list, fused: bool = True):
     return torch.optim.Adam(params, lr=1e-3)
 
 
-def run_raw(args: argparse.Namespace, sparse: bool, frozen: bool = False, fused: bool = True) -> dict[str, Any]:
+def run_raw(args: argparse.Namespace, sparse: bool, frozen: bool = False, fused: bool = True,
+            embedding_grad: bool = False) -> dict[str, Any]:
     import torch
 
     from datamodules.store import read_split
@@ -216,6 +223,10 @@ def run_raw(args: argparse.Namespace, sparse: bool, frozen: bool = False, fused:
     elif frozen:  # the ceiling of any embedding-update scheme: no table gradient and no table update at all
         for table in tables:
             table.requires_grad_(False)
+        if embedding_grad:  # the backward still reaches the looked-up vectors (the embedding layer's output)
+            for m in model.modules():
+                if isinstance(m, FeatureEmbedding):
+                    m.register_forward_hook(lambda module, inputs, output: output.requires_grad_())
         optimizers = [adam([p for p in model.parameters() if p.requires_grad], fused)]
     else:
         optimizers = [adam(list(model.parameters()), fused)]
@@ -331,6 +342,7 @@ CHILD_SYSTEMS: dict[str, Any] = {
     "raw-default-adam": lambda args: run_raw(args, sparse=False, fused=False),
     "raw-sparse": lambda args: run_raw(args, sparse=True),
     "raw-frozen": lambda args: run_raw(args, sparse=False, frozen=True),
+    "raw-frozen-grad": lambda args: run_raw(args, sparse=False, frozen=True, embedding_grad=True),
     "mtl-lightning": lambda args: run_lightning(args, sparse=False),
     "mtl-lightning sparse": lambda args: run_lightning(args, sparse=True),
     "mtl-lightning compile": lambda args: run_lightning(args, sparse=False, compile_model=True),

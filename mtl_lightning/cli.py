@@ -286,6 +286,8 @@ class MultiTaskCLI(LightningCLI):
         """Whether ``trainer.strategy`` names ``TorchRecStrategy`` (or a subclass of it)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         strategy = (config.get("trainer") or Namespace()).get("strategy")
+        if strategy == "torchrec":  # the registered name
+            return True
         path = strategy.get("class_path") if isinstance(strategy, Namespace) else None
         if not isinstance(path, str):
             return False

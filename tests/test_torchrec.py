@@ -396,6 +396,8 @@ def test_cli_trains_and_validates_with_the_strategy_by_class_path(tmp_path, monk
               "--trainer.strategy=mtl_lightning.distributed.TorchRecStrategy",
               "--trainer.strategy.init_args.sharding=table_wise", "--trainer.strategy.init_args.embedding_lr=0.05"]
     assert build_cli(common, run=False).model.model.embedding.deferred  # each rank allocates its shards only
+    by_name = build_cli([*common[:-3], "--trainer.strategy=torchrec"], run=False)  # the registered name
+    assert type(by_name.trainer.strategy).__name__ == "TorchRecStrategy" and by_name.model.model.embedding.deferred
     cli = build_cli(["fit", *common, "--trainer.max_epochs=2"])
     assert type(cli.trainer.strategy).__name__ == "TorchRecStrategy" and cli.trainer.strategy.sharding == "table_wise"
     checkpoints = list(Path(cli.trainer.log_dir).glob("checkpoints/*.ckpt"))

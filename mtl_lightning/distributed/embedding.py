@@ -129,8 +129,18 @@ class TorchRecEmbedding(nn.Module):
         }
         bag_tables = [t for t in self.tables.values() if not t.unpooled]
         sequence_tables = [t for t in self.tables.values() if t.unpooled]
-        self._bag_keys = [n for t in bag_tables for n in t.readers]
-        self._sequence_keys = [n for t in sequence_tables for n in t.readers]
+        # each collection's keys: first the sparse features that read one id per row with no padding (checked and
+        # laid out as one (n, B) block), then the others; the key order is free, outputs are read by name
+        self._plain: dict[str, list[str]] = {}
+        keys: dict[str, list[str]] = {}
+        for collection, tables in (("bags", bag_tables), ("sequences", sequence_tables)):
+            names = [n for t in tables for n in t.readers]
+            plain = [n for n in names if isinstance(self._by_name[n], SparseFeature) and n not in self._skip_padding]
+            self._plain[collection] = plain
+            keys[collection] = plain + [n for n in names if n not in plain]
+            self.register_buffer(f"_vocab_{collection}", torch.tensor(
+                [self.tables[self._table_of[n]].rows for n in plain], dtype=torch.long), persistent=False)
+        self._bag_keys, self._sequence_keys = keys["bags"], keys["sequences"]
         self.bags = EmbeddingBagCollection(
             tables=[EmbeddingBagConfig(name=t.name, embedding_dim=t.dim, num_embeddings=t.rows,
                                        feature_names=list(t.readers), pooling=PoolingType.SUM) for t in bag_tables],
@@ -198,12 +208,18 @@ class TorchRecEmbedding(nn.Module):
         except KeyError:
             raise ValueError(f"the batch has no feature {name!r}; it has {sorted(x)}") from None
 
-    def _jagged(self, x: Mapping[str, Tensor], keys: list[str]) -> tuple[Any, dict[str, Tensor]]:
+    def _jagged(self, x: Mapping[str, Tensor], collection: str, keys: list[str]) -> tuple[Any, dict[str, Tensor]]:
         """The ``KeyedJaggedTensor`` of ``keys`` and, per key that skips padding, its ids per row ``(B,)``."""
         from torchrec import KeyedJaggedTensor
 
+        plain = self._plain[collection]
         values, lengths, counts = [], [], {}
-        for name in keys:
+        if plain:  # one id per row each: checked together, laid out key-major as KeyedJaggedTensor wants
+            ids = torch.stack([self._column(x, name) for name in plain])  # (n, B)
+            FeatureEmbedding._check_ids(ids.t(), getattr(self, f"_vocab_{collection}"), plain)
+            values.append(ids.reshape(-1))
+            lengths.append(torch.ones_like(values[0]))
+        for name in keys[len(plain):]:
             ids = self._column(x, name)
             FeatureEmbedding._check_ids(ids if ids.dim() > 1 else ids.unsqueeze(1), self.tables[self._table_of[name]].rows,
                                         [name])
@@ -223,7 +239,7 @@ class TorchRecEmbedding(nn.Module):
         """``{feature: (B, d)}`` for every sparse and sequence feature, pooled."""
         out: dict[str, Tensor] = {}
         if self.bags is not None:
-            jagged, counts = self._jagged(x, self._bag_keys)
+            jagged, counts = self._jagged(x, "bags", self._bag_keys)
             pooled = self.bags(jagged).to_dict()  # by name: sharded outputs come in another key order
             for name in self._bag_keys:
                 value = pooled[name]  # (B, d), summed
@@ -232,7 +248,7 @@ class TorchRecEmbedding(nn.Module):
                     value = value / counts[name].clamp(min=1).unsqueeze(1).to(value.dtype)
                 out[name] = value
         if self.sequences is not None:
-            jagged, counts = self._jagged(x, self._sequence_keys)
+            jagged, counts = self._jagged(x, "sequences", self._sequence_keys)
             unpooled = self.sequences(jagged)
             for name in self._sequence_keys:
                 f, rows = self._by_name[name], unpooled[name]
