@@ -1,5 +1,6 @@
 """What only a CUDA device can show: every architecture and weighting strategy on the GPU in bf16, learning, exact
-mid-epoch resume, SparseAdam, and export of a GPU-trained model. Skipped where torch sees no CUDA device
+mid-epoch resume, SparseAdam, export of a GPU-trained model, and TorchRecStrategy's CUDA-only parts (row-wise
+sharding, fused Adam; where TorchRec is installed). Skipped where torch sees no CUDA device
 (``benchmarks/gpu_check.sh`` runs this file first on a GPU machine)."""
 
 from __future__ import annotations
@@ -101,3 +102,54 @@ def test_export_of_a_gpu_trained_model_matches(synthetic_paths, tmp_path):
     assert len(outputs) == len(expected)
     for output, value in zip(session.get_outputs(), outputs):
         torch.testing.assert_close(torch.from_numpy(value), expected[output.name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def torchrec_process_group():
+    """TorchRec on one GPU: Lightning opens a 1-process nccl group; it is closed, and its variables gone, after."""
+    import os
+
+    from mtl_lightning.distributed import torchrec_available
+
+    if not torchrec_available():
+        pytest.skip("TorchRec is not installed (docs/distributed.md: install the fbgemm-gpu/torchrec release for "
+                    "this torch)")
+    saved = dict(os.environ)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.mark.parametrize("sharding, optimizer", [("row_wise", "adam"), ("table_row_wise", "rowwise_adagrad"),
+                                                 ("table_wise", "rowwise_adagrad"), ("column_wise", "adagrad")])
+def test_torchrec_learns_and_resumes_exactly_on_the_gpu(sharding, optimizer, synthetic_paths, tmp_path,
+                                                        torchrec_process_group):
+    """What TorchRec has on CUDA only (row-wise sharding, fused Adam), in bf16-mixed, with deferred tables: MMoE
+    learns, and a checkpoint folder resumes to the weights of the uninterrupted run."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from mtl_lightning.distributed import TorchRecStrategy, consolidate
+
+    def run(max_steps: int, ckpt_path=None, callbacks=()):
+        strategy = TorchRecStrategy(sharding=sharding, embedding_optimizer=optimizer, embedding_lr=0.05)
+        trainer = quiet_trainer(max_steps=max_steps, max_epochs=-1, precision="bf16-mixed", strategy=strategy,
+                                deterministic=True, callbacks=list(callbacks), enable_checkpointing=bool(callbacks),
+                                **GPU)
+        torch.manual_seed(0)
+        with trainer.init_module():
+            module = MultiTaskLightningModule(MMoE(synthetic_features(), synthetic_tasks(), **TINY), lr=3e-3)
+        trainer.fit(module, synthetic_datamodule(synthetic_paths), ckpt_path=ckpt_path)
+        trainer.save_checkpoint(tmp_path / f"end-{max_steps}-{ckpt_path is not None}.ckpt")
+        return trainer, tmp_path / f"end-{max_steps}-{ckpt_path is not None}.ckpt"
+
+    straight, straight_path = run(40)
+    assert float(straight.callback_metrics["val/click/auc"]) > 0.75
+    save = ModelCheckpoint(dirpath=tmp_path / "mid", every_n_train_steps=15, save_top_k=-1)
+    run(15, callbacks=[save])
+    _, resumed_path = run(40, ckpt_path=next((tmp_path / "mid").glob("*.ckpt")))
+    expected, actual = consolidate(straight_path)["state_dict"], consolidate(resumed_path)["state_dict"]
+    assert set(expected) == set(actual)
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, rtol=0, atol=0, msg=key)
