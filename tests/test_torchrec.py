@@ -301,6 +301,16 @@ def test_two_ranks_match_one_process_without_torchrec(two_ranks, name):
         assert mean[-2:].mean() < mean[:2].mean()  # batches 0, 1, 0, 1, 0, 1
 
 
+@pytest.mark.parametrize("name", registry.names())
+def test_two_ranks_train_every_architecture(two_ranks, name):
+    """Every registered architecture on 2 ranks (table_wise): the whole batch's loss goes down."""
+    losses = np.mean([json.loads((two_ranks / f"losses-every-{name}-rank{r}.json").read_text()) for r in (0, 1)],
+                     axis=0)  # the two ranks' losses: the whole batch's
+    assert len(losses) == _script_module().EVERY_STEPS
+    first, last = losses[:2].mean(), losses[-2:].mean()  # batches 0, 1, 0, 1, ...
+    assert last < 0.95 * first, f"{name}: {[round(v, 3) for v in losses]}"
+
+
 def test_two_ranks_deferred_tables_start_from_rank_zeros_seed_in_any_sharding(two_ranks):
     """Built inside ``trainer.init_module()`` with a different seed per rank: every sharding starts where a
     one-process deferred build with rank 0's seed, materialised, starts (tables from ``initial_rows``)."""

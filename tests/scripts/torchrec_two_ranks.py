@@ -9,9 +9,11 @@
    rows ``[r * half, (r + 1) * half)`` of :func:`global_batch` ``k % 2`` at
    step ``k``. Writes ``<arch>-<sharding>.ckpt`` (checkpoint folders) and per-rank
    losses ``losses-<arch>-<sharding>-rank<R>.json``.
-2. ``deferred``: MMoE built with deferred tables, saved before training
+2. ``every_architecture``: every registered architecture trained ``table_wise``
+   (losses per rank, for the loss-goes-down check).
+3. ``deferred``: MMoE built with deferred tables, saved before training
    (see :func:`deferred`).
-3. ``parquet``: MMoE from a ``ParquetDataModule``, ``table_wise``, row-wise
+4. ``parquet``: MMoE from a ``ParquetDataModule``, ``table_wise``, row-wise
    Adagrad: two epochs with a checkpoint folder per epoch (``straight/``), the
    same run resumed from the first one (``resumed/``), the first checkpoint
    validated under ``column_wise`` sharding, and prediction over a split whose
@@ -39,6 +41,7 @@ from mtl_lightning.distributed import TorchRecStrategy  # noqa: E402
 from test_architectures import arguments, feature_batch  # noqa: E402
 
 STEPS, GLOBAL_BATCH, LR = 6, 64, 0.05
+EVERY_STEPS = 12
 ARCHITECTURES = ("mmoe", "hmoe", "esmm")
 SHARDINGS = ("table_wise", "column_wise", "data_parallel")
 TAGS = SequenceFeature("tags", 20, max_len=3, embedding_dim=8, pooling="max")
@@ -113,6 +116,21 @@ def equivalence(out: Path) -> None:
             (out / f"losses-{name}-{sharding}-rank{trainer.global_rank}.json").write_text(json.dumps(record.losses))
 
 
+def every_architecture(out: Path) -> None:
+    """Every registered architecture, ``table_wise`` on 2 ranks, Adam on the dense part, row-wise Adagrad on the
+    tables, ``EVERY_STEPS`` steps over the two batches of :class:`RankBatches`; writes
+    ``losses-every-<arch>-rank<R>.json``."""
+    for name in registry.names():
+        torch.manual_seed(0)
+        module = MultiTaskLightningModule(registry.create(name, **arguments(name)), lr=0.03)
+        record = RecordLosses()
+        trainer = quiet(strategy=TorchRecStrategy(sharding="table_wise", embedding_lr=0.1,
+                                                  find_unused_parameters=name == "escm"),
+                        max_steps=EVERY_STEPS, max_epochs=-1, use_distributed_sampler=False, callbacks=[record])
+        trainer.fit(module, datamodule=RankBatches())
+        (out / f"losses-every-{name}-rank{trainer.global_rank}.json").write_text(json.dumps(record.losses))
+
+
 def deferred(out: Path) -> None:
     """MMoE built inside ``trainer.init_module()`` (deferred tables), rank ``r`` seeded with ``r``; saved before any step.
 
@@ -177,6 +195,7 @@ def main() -> None:
     data, out = Path(sys.argv[1]), Path(sys.argv[2])
     torch.set_num_threads(1)
     equivalence(out)
+    every_architecture(out)
     deferred(out)
     parquet(data, out)
 
