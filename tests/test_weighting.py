@@ -1067,6 +1067,37 @@ def test_excess_mtl_risks_and_exponentiated_weights_by_hand():
     torch.testing.assert_close(total, (strategy.weights * torch.stack([l.detach() for l in losses])).sum())
 
 
+def test_excess_mtl_warmup_baseline_is_the_mean_of_the_first_estimates_by_hand():
+    """warmup_steps = 2, eta = 0.5, the gradients of the test above and a third step. Steps 1 and 2 only collect:
+    e = (2, 1) then (4/sqrt8, 4/sqrt5) = (1.414214, 1.788854), weights stay 1; e(0) = their mean
+    (1.707107, 1.394427). Step 3: g1 = (2, 0), g2 = (0, 2): S1 = (12, 0), S2 = (0, 9), e = (4/sqrt12, 4/3)
+    = (1.154701, 1.333333), ratios (0.676408, 0.956187), exp(0.5 ratio) = (1.402427, 1.612996), normalised to
+    sum 2: (0.930169, 1.069831). (With the default warmup_steps = 1, e(0) = (2, 1) and step 2 already moves
+    the weights, to (0.735969, 1.264031) as above.)"""
+    from mtl_lightning.weighting.excess_mtl import ExcessMTL
+
+    model = nn.Module()
+    model.shared = nn.Parameter(torch.zeros(2))
+    model.shared_parameters = lambda: [model.shared]
+    strategy = ExcessMTL(step_size=0.5, warmup_steps=2)
+    strategy.setup(tasks(2), model)
+    strategy.update(strategy.excess_risks(torch.tensor([[2.0, 0.0], [0.0, 1.0]])))
+    strategy.update(strategy.excess_risks(torch.tensor([[2.0, 0.0], [0.0, 2.0]])))
+    torch.testing.assert_close(strategy.weights, torch.ones(2))
+    torch.testing.assert_close(strategy.initial_risks, torch.tensor([1.707107, 1.394427]), atol=1e-6, rtol=0)
+    strategy.update(strategy.excess_risks(torch.tensor([[2.0, 0.0], [0.0, 2.0]])))
+    torch.testing.assert_close(strategy.weights, torch.tensor([0.930169, 1.069831]), atol=1e-6, rtol=0)
+    # a task without a positive estimate (no valid row) does not count towards its warm-up
+    strategy = ExcessMTL(step_size=0.5, warmup_steps=2)
+    strategy.setup(tasks(2), model)
+    for rows in ([[2.0, 0.0], [0.0, 0.0]], [[2.0, 0.0], [0.0, 1.0]], [[2.0, 0.0], [0.0, 2.0]]):
+        strategy.update(strategy.excess_risks(torch.tensor(rows)))
+    torch.testing.assert_close(strategy.warmup_counts, torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(strategy.initial_risks, torch.tensor([1.707107, 1.394427]), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        ExcessMTL(warmup_steps=0)
+
+
 # ------------------------------------------------------- double sampling (MoDo, SDMGrad)
 class DictToy(Toy):
     """Toy whose forward returns ``{task: (B,)}``, as an architecture does (the sampled strategies hook it)."""
