@@ -2,7 +2,7 @@
 
 One MMoE run under the protocol of ``benchmarks/quality.py`` (batch 512, Adam lr 1e-3, early stopping on
 ``val/loss`` with patience 2, test AUC of the best validation checkpoint), with ``ExcessMTL(step_size,
-warmup_steps)``. Prints, per epoch, each task's baseline ``e(0)`` at its end, the mean of its estimates ``e`` over the
+warmup_steps)``. Prints the untrained model's mean prediction per task, then, per epoch, each task's baseline ``e(0)`` at its end, the mean of its estimates ``e`` over the
 epoch, the mean ratio ``e / e(0)`` the exponentiated step used (0 while the baseline is unknown) and the
 weights at the end of the epoch; then the test AUCs.
 
@@ -59,12 +59,15 @@ def main() -> None:
     features = add_domain(paths, features)
     L.seed_everything(args.seed, verbose=False)
     model, _ = build_model("mmoe", features, tasks)
+    untrained = _mean_predictions(model, paths["train"], features, [t.name for t in tasks])
     strategy = TracedExcessMTL(args.step_size, args.warmup_steps)
     aucs = run(model, tasks, paths, features, args.seed, args.max_epochs, weighting=strategy)
     names = [t.name for t in tasks]
     steps_per_epoch = _steps_per_epoch(paths["train"])
     print(f"ExcessMTL(step_size={args.step_size}, warmup_steps={args.warmup_steps}), seed {args.seed}, "
           f"{steps_per_epoch} steps per epoch")
+    print("untrained model on the training split: " + ", ".join(
+        f"{n} mean prediction {p:.3f} (positive rate {y:.3f})" for n, (p, y) in untrained.items()))
     print("epoch | " + " | ".join(f"{n}: e(0), mean e, mean e/e(0), weight" for n in names))
     for epoch, start in enumerate(range(0, len(strategy.trace), steps_per_epoch)):
         rows = strategy.trace[start:start + steps_per_epoch]
@@ -76,6 +79,19 @@ def main() -> None:
                          f"{rows[-1][3][i]:.4g}")
         print(f"{epoch} | " + " | ".join(cells))
     print("test AUC: " + ", ".join(f"{n} {aucs[n]:.4f}" for n in names))
+
+
+def _mean_predictions(model, train_path: Path, features: list, names: list[str]) -> dict[str, tuple[float, float]]:
+    """Each task's mean predicted probability and positive rate on the training split (eval mode, RNG untouched)."""
+    table = pq.read_table(train_path)
+    state = torch.get_rng_state()
+    model.eval()
+    with torch.no_grad():
+        outputs = model({f.name: torch.from_numpy(table[f.name].to_numpy()) for f in features})
+    model.train()
+    torch.set_rng_state(state)
+    labels = {n: table[n].to_numpy() for n in names}
+    return {n: (float(torch.sigmoid(outputs[n]).mean()), float(labels[n].mean())) for n in names}
 
 
 def _steps_per_epoch(train_path: Path, batch_size: int = 512) -> int:
