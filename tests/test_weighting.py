@@ -1096,6 +1096,12 @@ def test_excess_mtl_warmup_baseline_is_the_mean_of_the_first_estimates_by_hand()
     torch.testing.assert_close(strategy.initial_risks, torch.tensor([1.707107, 1.394427]), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="warmup_steps"):
         ExcessMTL(warmup_steps=0)
+    # a state dict written before warmup_steps existed (no warm-up sums) loads, its e(0) kept
+    old = {k: v for k, v in strategy.state_dict().items() if not k.startswith("warmup_")}
+    restored = ExcessMTL(step_size=0.5, warmup_steps=2)
+    restored.setup(tasks(2), model)
+    restored.load_state_dict(old)
+    torch.testing.assert_close(restored.initial_risks, strategy.initial_risks)
 
 
 # ------------------------------------------------------- double sampling (MoDo, SDMGrad)

@@ -80,6 +80,15 @@ class ExcessMTL(WeightingStrategy):
         self.register_buffer("warmup_counts", torch.zeros(self.num_tasks))
         self.register_buffer("weights", torch.ones(self.num_tasks))
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """Checkpoints written before ``warmup_steps`` existed have no warm-up sums: their ``e(0)`` is final."""
+        if f"{prefix}initial_risks" in state_dict:
+            for name in ("warmup_sums", "warmup_counts"):
+                state_dict.setdefault(f"{prefix}{name}", torch.zeros_like(getattr(self, name)))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def excess_risks(self, gradients: Tensor) -> Tensor:
         """``e_i = g_i^T diag(1 / sqrt(S_i + 1e-7)) g_i`` after adding ``g_i^2`` to the sums ``S_i`` (updated)."""
         self.squared_sums += gradients ** 2
