@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check: tests/test_gpu.py, the rest of the suite, then the throughput benchmark on the GPU in bf16 (about 9 to 10 minutes).
+# GPU check: tests/gpu/test_gpu.py, the rest of the suite, then the throughput benchmark on the GPU in bf16 (about 9 to 10 minutes).
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root, or from anywhere
 #
@@ -22,16 +22,16 @@ python3 -m pip list 2>/dev/null | grep -iE "^(torch|lightning|torchmetrics|torch
     > "$OUT/versions.txt" || true
 cat "$OUT/versions.txt"
 
-echo "== GPU tests: tests/test_gpu.py (at most 150 s) =="
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu_tests.txt" 2>&1
+echo "== GPU tests: tests/gpu/test_gpu.py (at most 150 s) =="
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu.py > "$OUT/gpu_tests.txt" 2>&1
 gpu_rc=$?
 tail -n 8 "$OUT/gpu_tests.txt"
 
 echo "== the rest of the suite, 4 processes side by side (at most 200 s) =="
 # The suite takes about 13 minutes on 2 cores; the GPU machine has more, so its files run in 4 shards.
-files=$(ls tests/test_*.py | grep -v test_gpu.py)
+files=$(ls tests/*/test_*.py | grep -v test_gpu.py)
 if ! python3 -c "import moto, s3fs" 2>/dev/null; then  # the dev extra's local S3 server is not installed here
-    echo "moto or s3fs missing: tests/test_object_store.py and tests/test_incremental.py are left out"
+    echo "moto or s3fs missing: tests/data/test_object_store.py and tests/training/test_incremental.py are left out"
     files=$(echo "$files" | grep -v -e test_object_store.py -e test_incremental.py)
 fi
 pids=()

@@ -15,7 +15,7 @@ Getting the data, one command (UCI's file, about 3 MB, checked against its SHA-2
 
 writes ``census-income.test.gz`` and the three Parquet splits into the folder;
 ``python -m datamodules.census convert FILE DIR`` converts a copy you already
-have. ``make quality`` and ``tests/test_census.py`` read the folder named by
+have. ``make quality`` and ``tests/data/test_census.py`` read the folder named by
 ``MTL_CENSUS_DIR`` (default ``data/census``): :func:`census_source`.
 """
 

@@ -6,7 +6,7 @@
 The notebook is committed executed, so a reader of the repository sees its tables and plots; its two figures
 are also written to ``docs/images/`` for the documentation site. It runs in a temporary folder (its data and
 TensorBoard logs are not kept), and stderr outputs (warnings naming this machine's paths) are dropped.
-``tests/test_notebook.py`` checks that the committed notebook is what this script builds, that it carries its
+``tests/docs/test_notebook.py`` checks that the committed notebook is what this script builds, that it carries its
 outputs and figures (the same as ``docs/images/``), then executes it with small settings.
 """
 

@@ -151,7 +151,7 @@ class WeightingStrategy(Configurable, nn.Module, metaclass=ABCMeta):
     #: GradDrop on a representation, not IMTL-L alone), ExcessMTL, PE-LTR, MoDo and SDMGrad.
     #: ``TorchRecStrategy`` refuses such a strategy when a table is among the shared parameters (its
     #: tables are updated inside the backward pass and have no per-task gradients). Loss-only strategies,
-    #: FAMO and GradNorm (last shared dense layer) leave it ``False``; tests/test_weighting.py checks the
+    #: FAMO and GradNorm (last shared dense layer) leave it ``False``; tests/weighting/test_weighting.py checks the
     #: attribute against the gradients every registered strategy actually takes.
     takes_shared_gradients: bool = False
 

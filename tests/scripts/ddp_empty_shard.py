@@ -1,6 +1,6 @@
 """DDP (2 CPU ranks) whose validation and predict splits have a single row: one rank's shard is empty.
 
-Run by ``tests/test_ddp.py``. Usage: ``python ddp_empty_shard.py DATA_DIR OUT_DIR``. For each of in-memory
+Run by ``tests/distributed/test_ddp.py``. Usage: ``python ddp_empty_shard.py DATA_DIR OUT_DIR``. For each of in-memory
 and streaming reading (``OUT_DIR/memory``, ``OUT_DIR/streaming``): trains one epoch (validating at its end,
 after the sanity check), then validates and predicts. Writes per rank ``R``: ``metrics_rank<R>.json``
 (``trainer.validate``, synced over ranks) and ``predictions/predictions-rank<R>.parquet``

@@ -1,6 +1,6 @@
 """``trainer.validate`` under ``strategy="ddp"`` (2 CPU ranks, gloo) when a task's labels are missing on some ranks.
 
-Run by ``tests/test_evaluation.py`` (Lightning's DDP re-launches this script
+Run by ``tests/evaluation/test_evaluation.py`` (Lightning's DDP re-launches this script
 once per rank). Usage: ``python ddp_eval_skip.py OUT_DIR``. The validation
 loader is a list of 2 batches, so the DistributedSampler gives batch 0 to
 rank 0 and batch 1 to rank 1. Two runs:

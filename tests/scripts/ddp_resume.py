@@ -1,6 +1,6 @@
 """DDP (2 CPU ranks x 2 workers, streaming) killed with SIGKILL mid-epoch, then resumed from ``last.ckpt``.
 
-Run by ``tests/test_resume.py``. Usage: ``python ddp_resume.py DATA_DIR OUT_DIR PHASE`` with PHASE
+Run by ``tests/training/test_resume.py``. Usage: ``python ddp_resume.py DATA_DIR OUT_DIR PHASE`` with PHASE
 ``interrupt`` (checkpoints every ``STEPS`` steps, then every rank kills itself with SIGKILL before training
 the next batch) or ``resume`` (``trainer.fit(..., ckpt_path=OUT_DIR/ckpt/last.ckpt)`` to the end). Every
 rank appends the row ids of each batch it trained on to ``OUT_DIR/<PHASE>_rank<R>.jsonl`` as

@@ -1,4 +1,4 @@
-"""Standalone 2-process CPU DDP run (gloo) for tests/test_sparse_embeddings.py; Lightning re-launches this script.
+"""Standalone 2-process CPU DDP run (gloo) for tests/training/test_sparse_embeddings.py; Lightning re-launches this script.
 
     python tests/scripts/ddp_sparse.py dense|sparse TRAIN_PARQUET OUT_DIR
 

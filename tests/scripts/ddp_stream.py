@@ -1,6 +1,6 @@
 """Train MMoE with ``Trainer(strategy="ddp", accelerator="cpu", devices=2)`` on a streamed Parquet split.
 
-Run by ``tests/test_ddp.py`` (Lightning's DDP re-launches this script once per
+Run by ``tests/distributed/test_ddp.py`` (Lightning's DDP re-launches this script once per
 rank, which it cannot do from inside pytest). Usage:
 ``python ddp_stream.py DATA_DIR OUT_DIR``. Writes to OUT_DIR, per rank ``R``:
 ``train_ids_rank<R>.json`` (row ids of every training batch, in order),

@@ -1,5 +1,5 @@
 """Weighting strategies under ``Trainer(strategy="ddp", accelerator="cpu", devices=2)``, one after another in
-the same two processes; run by tests/test_weighting_training.py.
+the same two processes; run by tests/weighting/test_weighting_training.py.
 
 Usage: ``python tests/scripts/ddp_weighting.py DATA_DIR OUT_DIR SPECS_JSON`` where ``DATA_DIR`` holds
 ``train.parquet`` and ``SPECS_JSON`` maps a label to a weighting spec (a name or a ``{"name": ...}`` dict).

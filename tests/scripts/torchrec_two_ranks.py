@@ -1,4 +1,4 @@
-"""2-process CPU (gloo) runs of ``TorchRecStrategy`` for ``tests/test_torchrec.py``; Lightning re-launches this script.
+"""2-process CPU (gloo) runs of ``TorchRecStrategy`` for ``tests/distributed/test_torchrec.py``; Lightning re-launches this script.
 
     python tests/scripts/torchrec_two_ranks.py DATA_DIR OUT_DIR
 
@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
@@ -38,7 +38,7 @@ from datamodules import ParquetDataModule  # noqa: E402
 from datamodules.synthetic import synthetic_features, synthetic_tasks  # noqa: E402
 from mtl_lightning import MultiTaskLightningModule, SequenceFeature, registry  # noqa: E402
 from mtl_lightning.distributed import TorchRecStrategy  # noqa: E402
-from test_architectures import arguments, feature_batch  # noqa: E402
+from tests.architectures.test_architectures import arguments, feature_batch  # noqa: E402
 
 STEPS, GLOBAL_BATCH, LR = 6, 64, 0.05
 EVERY_STEPS = 12

@@ -1,0 +1,193 @@
+"""Per-scenario evaluation: AUC and GAUC per domain against hand counts, across batches and DDP ranks, as the module
+logs them for multi-scenario architectures and for any model given a scenario column."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+from torchmetrics.functional.classification import binary_auroc
+
+from mtl_lightning import MultiTaskLightningModule, SparseFeature, DenseFeature, Task
+from mtl_lightning.architectures import HMoE, SharedBottom
+from mtl_lightning.metrics import ScenarioAUC, group_auc
+
+
+# (scenario, group, score, label); the expected values are worked out beside each block
+HAND_ROWS = [
+    # scenario 0: positives 0.9, 0.6; negatives 0.2, 0.5, 0.7. 0.9 beats 3, 0.6 beats 2 of 3: AUC 5/6.
+    # groups: user 1 {0.9+, 0.2-} AUC 1 (n 2); user 2 {0.5-, 0.6+, 0.7-} AUC 1/2 (n 3): GAUC (2 + 1.5) / 5 = 0.7
+    (0, 1, 0.9, 1), (0, 1, 0.2, 0), (0, 2, 0.5, 0), (0, 2, 0.6, 1), (0, 2, 0.7, 0),
+    # scenario 2: {0.3+, 0.3-, 0.1-}: the tie counts 1/2: AUC (0.5 + 1) / 2 = 0.75; one user: GAUC 0.75
+    (2, 3, 0.3, 1), (2, 3, 0.3, 0), (2, 3, 0.1, 0),
+    # scenario 5: positives only: no AUC, no GAUC
+    (5, 4, 0.4, 1), (5, 4, 0.8, 1),
+]
+HAND_AUC = {0: 5 / 6, 2: 0.75}
+HAND_GAUC = {0: 0.7, 2: 0.75}
+
+
+def hand_tensors(seed: int = 0):
+    order = torch.randperm(len(HAND_ROWS), generator=torch.Generator().manual_seed(seed))  # scenarios interleaved
+    scenario, group, score, label = zip(*[HAND_ROWS[i] for i in order])
+    return torch.tensor(score), torch.tensor(label, dtype=torch.float32), torch.tensor(scenario), torch.tensor(group)
+
+
+def check_hand_values(result: dict) -> None:
+    assert sorted(result) == [0, 2, 5]
+    for scenario in (0, 2):
+        assert result[scenario]["auc"].item() == pytest.approx(HAND_AUC[scenario], abs=1e-6)
+        assert result[scenario]["gauc"].item() == pytest.approx(HAND_GAUC[scenario], abs=1e-6)
+    assert result[5] == {}
+
+
+def test_scenario_auc_hand_count_across_batches():
+    scores, labels, scenarios, groups = hand_tensors()
+    metric = ScenarioAUC()
+    for chunk in torch.arange(len(scores)).split(3):  # scenarios and users straddle batches
+        metric.update(torch.logit(scores[chunk]), labels[chunk], scenarios[chunk], groups[chunk])  # order only
+    check_hand_values(metric.compute())
+    metric.reset()
+    metric.update(scores, labels, scenarios)  # without groups: AUC only
+    assert {s: set(v) for s, v in metric.compute().items()} == {0: {"auc"}, 2: {"auc"}, 5: set()}
+    with pytest.raises(ValueError, match="integer scenario ids"):
+        metric.update(scores, labels, scenarios.float())
+    with pytest.raises(ValueError, match=r"\(N,\) preds, target, scenarios"):
+        metric.update(scores, labels[:3], scenarios)
+
+
+# Under DDP: tests/scripts/ddp_stream.py (values over both ranks) and ddp_empty_shard.py (a rank without rows).
+
+
+# ------------------------------------------------------------------------------------------------- the module
+FEATURES = [SparseFeature("user", 12, 4), SparseFeature("domain", 4, 4), DenseFeature("x")]
+TASKS = [Task("click"), Task("dwell", kind="regression")]
+
+
+def scenario_batches(n: int = 3, size: int = 48, one_class_domain: int | None = 3, seed: int = 0) -> list[dict]:
+    """Domains 0..3 interleaved; ``one_class_domain`` has clicks of 1 only; a few click labels are ignored (-1)."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        domain = torch.randint(0, 4, (size,), generator=g)
+        click = (torch.rand(size, generator=g) < 0.4).float()
+        if one_class_domain is not None:
+            click[domain == one_class_domain] = 1.0
+        click[:3] = -1.0
+        features = {"user": torch.randint(0, 12, (size,), generator=g), "domain": domain,
+                    "x": torch.randn(size, generator=g)}
+        batches.append({"features": features, "labels": {"click": click, "dwell": torch.randn(size, generator=g)},
+                        "group": features["user"] % 5})
+    return batches
+
+
+def by_domain(module, batches):
+    """(logits, labels, domains, groups) of every valid click row."""
+    module.eval()
+    with torch.no_grad():
+        logits = torch.cat([module.model(b["features"])["click"] for b in batches])
+    labels = torch.cat([b["labels"]["click"] for b in batches])
+    domains = torch.cat([b["features"]["domain"] for b in batches])
+    groups = torch.cat([b["group"] for b in batches])
+    keep = labels != -1
+    return logits[keep], labels[keep], domains[keep], groups[keep]
+
+
+def test_multi_scenario_model_logs_auc_and_gauc_per_domain(quiet_trainer):
+    torch.manual_seed(0)
+    model = HMoE(FEATURES, TASKS, num_experts=2, expert_hidden=(8,), tower_hidden=(4,))
+    module = MultiTaskLightningModule(model)
+    batches = scenario_batches()
+    with warnings.catch_warnings(record=True) as caught:  # validate, then fit below: metric states stay usable
+        warnings.simplefilter("always")
+        logged = quiet_trainer().validate(module, DataLoader(batches, batch_size=None), verbose=False)[0]
+    logits, labels, domains, groups = by_domain(module, batches)
+    for d in (0, 1, 2):
+        rows = domains == d
+        auc = binary_auroc(torch.sigmoid(logits[rows]), labels[rows].long()).item()
+        assert logged[f"val/click/auc/domain={d}"] == pytest.approx(auc, abs=1e-5)
+        gauc = group_auc(logits[rows], labels[rows], groups[rows]).item()
+        assert logged[f"val/click/gauc/domain={d}"] == pytest.approx(gauc, abs=1e-5)
+        assert 0.0 < auc < 1.0 and abs(auc - logged["val/click/auc"]) > 1e-4  # not the overall AUC
+    # domain 3 has one class: not logged, warned; the regression task has no per-domain metric
+    assert not [k for k in logged if "domain=3" in k or k.startswith("val/dwell/") and "domain=" in k]
+    assert any("scenarios [3]" in str(w.message) and "val/click/auc/domain=3" in str(w.message) for w in caught)
+
+    # an epoch whose split lacks domain 1 drops domain 1's values of the epoch before from callback_metrics
+    without_1 = [{"features": {k: v[b["features"]["domain"] != 1] for k, v in b["features"].items()},
+                  "labels": {k: v[b["features"]["domain"] != 1] for k, v in b["labels"].items()},
+                  "group": b["group"][b["features"]["domain"] != 1]} for b in batches]
+    seen = []
+    trainer = quiet_trainer(max_epochs=2, num_sanity_val_steps=0, callbacks=[Record(seen)])
+    trainer.fit(module, DataLoader(batches, batch_size=None), EpochSplits(trainer, batches, without_1))
+    assert "val/click/auc/domain=1" in seen[0] and "val/click/auc/domain=0" in seen[0]
+    assert "val/click/auc/domain=1" not in trainer.callback_metrics
+    assert "val/click/auc/domain=0" in trainer.callback_metrics
+
+
+class EpochSplits:
+    """A validation iterable whose batches in epoch ``e`` are ``splits[e]`` (the last split from then on)."""
+
+    def __init__(self, trainer: L.Trainer, *splits: list[dict]) -> None:
+        self.trainer, self.splits = trainer, splits
+
+    def __iter__(self):
+        return iter(self.splits[min(self.trainer.current_epoch, len(self.splits) - 1)])
+
+    def __len__(self) -> int:
+        return len(self.splits[0])
+
+
+class Record(L.Callback):
+    def __init__(self, seen: list) -> None:
+        self.seen = seen
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.seen.append(set(trainer.callback_metrics))
+
+
+def test_any_model_logs_per_scenario_with_a_scenario_tensor_and_only_then(quiet_trainer):
+    torch.manual_seed(0)
+    module = MultiTaskLightningModule(SharedBottom(FEATURES, TASKS, bottom_hidden=(8,), tower_hidden=(4,)))
+    batches = scenario_batches(one_class_domain=None)
+    plain = quiet_trainer().validate(module, DataLoader(batches, batch_size=None), verbose=False)[0]
+    assert not [k for k in plain if "domain=" in k]  # SharedBottom is not multi-scenario
+    # the scenario tensor need not be a feature: here user % 2
+    tagged = [{**b, "scenario": b["features"]["user"] % 2} for b in batches]
+    logged = quiet_trainer().validate(module, DataLoader(tagged, batch_size=None), verbose=False)[0]
+    logits, labels, _, groups = by_domain(module, batches)
+    scenario = torch.cat([b["scenario"] for b in tagged])[torch.cat([b["labels"]["click"] for b in batches]) != -1]
+    assert sorted(k for k in logged if "domain=" in k) == [
+        "val/click/auc/domain=0", "val/click/auc/domain=1", "val/click/gauc/domain=0", "val/click/gauc/domain=1"]
+    for s in (0, 1):
+        rows = scenario == s
+        assert logged[f"val/click/auc/domain={s}"] == pytest.approx(
+            binary_auroc(torch.sigmoid(logits[rows]), labels[rows].long()).item(), abs=1e-5)
+    # one scenario: its AUC is the split's AUC (both rank the same float32 probabilities, ties included)
+    single = [{**b, "scenario": torch.zeros_like(b["features"]["user"])} for b in batches]
+    one = quiet_trainer().validate(module, DataLoader(single, batch_size=None), verbose=False)[0]
+    assert one["val/click/auc/domain=0"] == pytest.approx(one["val/click/auc"], abs=1e-6)
+    assert one["val/click/gauc/domain=0"] == pytest.approx(one["val/click/gauc"], abs=1e-6)
+    # test split too
+    tested = quiet_trainer().test(module, DataLoader(tagged, batch_size=None), verbose=False)[0]
+    assert tested["test/click/auc/domain=1"] == pytest.approx(logged["val/click/auc/domain=1"], abs=1e-6)
+
+
+def test_datamodule_scenario_column(synthetic_paths, synthetic_datamodule):
+    dm = synthetic_datamodule(synthetic_paths, batch_size=1000, group="user_id", scenario="city", keys=["item_id"])
+    dm.setup("fit")
+    batch = dm.on_before_batch_transfer(next(iter(dm.dataset("val"))), 0)
+    assert torch.equal(batch["scenario"], batch["features"]["city"])
+    assert torch.equal(batch["group"], batch["features"]["user_id"])
+    assert list(batch["keys"]) == ["item_id"]  # the group and scenario columns are not left among the keys
+    same = synthetic_datamodule(synthetic_paths, batch_size=1000, group="city", scenario="city")
+    same.setup("fit")
+    batch = same.on_before_batch_transfer(next(iter(same.dataset("val"))), 0)
+    assert torch.equal(batch["scenario"], batch["group"]) and "keys" not in batch
+    with pytest.raises(ValueError, match=r"train.parquet: scenario column 'dense_0' has type float.*integer ids"):
+        synthetic_datamodule(synthetic_paths, scenario="dense_0").setup("fit")
+    with pytest.raises(ValueError, match="missing scenario column 'scene'"):
+        synthetic_datamodule(synthetic_paths, scenario="scene").setup("fit")
