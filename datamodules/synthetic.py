@@ -158,3 +158,9 @@ def write_synthetic(
                 pq.write_table(table.slice(lo, hi - lo), path / f"part-{part:03d}.parquet")
         paths[split] = path
     return paths
+
+
+# Data whose click depends on the candidate and the behaviour history jointly (target attention's case): its own file
+from .synthetic_sequences import (  # noqa: E402,F401
+    make_sequence_table, sequence_features, sequence_tasks, write_sequence_synthetic,
+)
