@@ -19,14 +19,23 @@ spec that is a URI -- ``s3://bucket/logs/day=2026-11-*/``, ``gs://...``,
   every URI of the split; ``storage_options`` must then be empty.
 
 Every call that touches a remote file (a listing, opening a footer, reading a
-row group or a batch) goes through ``Storage.call``: an ``OSError`` that may be
-transient (a reset connection, a timeout, a throttling or 5xx answer; not a
-missing file or a refused permission) is retried after a delay that doubles
-from ``RetryPolicy.initial_delay`` up to ``max_delay`` (times a random factor
-in [0.5, 1], so that workers do not retry in step), at most
-``RetryPolicy.attempts`` tries in all; then a ``ValueError`` names the file, what
-was being done, the number of tries and the last error. Local files are read
-as before, without retries (their errors are not transient).
+row group or a batch, creating a file) goes through ``Storage.call``: an error
+that may be transient -- an ``OSError`` such as a reset connection, a timeout,
+a throttling or 5xx answer, and a refused or unreachable endpoint, which
+botocore reports outside ``OSError`` (``EndpointConnectionError``) -- is
+retried after a delay that doubles from ``RetryPolicy.initial_delay`` up to
+``max_delay`` (times a random factor in [0.5, 1], so that workers do not retry
+in step), at most ``RetryPolicy.attempts`` tries in all; then a
+:class:`StorageError` (a ``ValueError``) names the URI, what was being done
+(listing, reading, opening, writing), the number of tries, the last error and
+what to check. An error no retry can fix -- refused credentials
+(``PermissionError``, or pyarrow's ``ACCESS_DENIED`` / ``INVALID_ACCESS_KEY_ID``),
+a missing bucket or file -- is raised at once as a ``StorageError`` naming the
+URI and the action, saying what to check: the credentials, the endpoint, the
+bucket. ``Storage.open_output`` checks that the bucket exists before anything is
+written, and its stream reports a failed upload (on ``close``, where an object
+store receives the file) the same way. Local files are read as before, without
+retries (their errors are not transient).
 
 A ``Storage`` is plain, picklable data (the protocol, the options, the user's
 filesystem object): each process -- a DataLoader worker, a DDP rank -- makes
@@ -91,13 +100,90 @@ class RetryPolicy:
         return min(self.max_delay, self.initial_delay * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
 
 
+# connection failures that client libraries raise outside OSError (botocore: EndpointConnectionError for a refused or
+# unreachable endpoint, ConnectTimeoutError, ...; urllib3: NewConnectionError, ...), matched by class name and module
+# so that no client library is imported here
+_CONNECTION_ERRORS = {
+    "botocore": {"EndpointConnectionError", "ConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+                 "ConnectionClosedError", "ProxyConnectionError", "HTTPClientError", "ResponseStreamingError"},
+    "urllib3": {"NewConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ProtocolError", "MaxRetryError"},
+}
+# pyarrow's native S3 client reports a refused permission as a plain OSError carrying the AWS error code
+_DENIED = re.compile(r"AWS Error (ACCESS_DENIED|INVALID_ACCESS_KEY_ID|SIGNATURE_DOES_NOT_MATCH|UNRECOGNIZED_CLIENT"
+                     r"|MISSING_AUTHENTICATION_TOKEN|INVALID_CLIENT_TOKEN_ID|EXPIRED_TOKEN)|AccessDenied|Forbidden")
+_NO_BUCKET = re.compile(r"NO_SUCH_BUCKET|NoSuchBucket|specified bucket does not exist", re.IGNORECASE)
+
+
+def connection_error(err: BaseException) -> bool:
+    """Whether ``err`` says the store could not be reached (refused, unreachable, timed out, cut off)."""
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    for cls in type(err).__mro__:
+        names = _CONNECTION_ERRORS.get(cls.__module__.split(".")[0])
+        if names is not None and cls.__name__ in names:
+            return True
+    return isinstance(err, OSError) and "NETWORK_CONNECTION" in str(err)  # pyarrow's native clients
+
+
+def permission_error(err: BaseException) -> bool:
+    """Whether ``err`` is the store refusing the credentials or the permission."""
+    return isinstance(err, PermissionError) or (isinstance(err, OSError) and bool(_DENIED.search(str(err))))
+
+
 def transient(err: BaseException) -> bool:
-    """Whether a failed remote call may succeed when tried again."""
-    return isinstance(err, OSError) and not isinstance(err, PERMANENT_ERRORS)
+    """Whether a failed remote call may succeed when tried again.
+
+    An ``OSError`` other than a missing file or a refused permission, or a connection error of a client library.
+    """
+    if connection_error(err):
+        return True
+    return isinstance(err, OSError) and not isinstance(err, PERMANENT_ERRORS) and not permission_error(err) \
+        and not _NO_BUCKET.search(str(err))
 
 
 def describe(err: BaseException) -> str:
+    """``"<error class>: <message>"``, for the messages that name a failed call."""
     return f"{type(err).__name__}: {str(err).strip() or repr(err)}"
+
+
+class StorageError(ValueError):
+    """A remote call that failed for good: the message names the URI, the action, the error and what to check.
+
+    ``uri``, ``action`` and ``cause`` (the last error of the client library) are kept as attributes.
+    """
+
+    def __init__(self, message: str, uri: str, action: str, cause: BaseException) -> None:
+        super().__init__(message)
+        self.uri, self.action, self.cause = uri, action, cause
+
+
+def what_to_check(err: BaseException, uri: str) -> str:
+    """The hint of a failed call's message: the credentials, the endpoint, the bucket, the path."""
+    bucket = _bucket(uri)
+    if permission_error(err):
+        return ("the store refused the credentials or the permission: check the key and secret (storage_options, "
+                "or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and ~/.aws for s3://), that they belong to this "
+                f"endpoint, and that they may access {f'the bucket {bucket!r}' if bucket else 'this path'}")
+    if _NO_BUCKET.search(str(err)):
+        return (f"the bucket {bucket!r} does not exist at this endpoint: check the bucket name, the endpoint "
+                "(storage_options endpoint_url / AWS_ENDPOINT_URL), or create the bucket")
+    if isinstance(err, (FileNotFoundError, NotADirectoryError)):
+        return (f"no such file or folder: check the path and the bucket {bucket!r}" if bucket else
+                "no such file or folder: check the path")
+    if isinstance(err, IsADirectoryError):
+        return "the URI names a folder where a file is expected: check the path"
+    if connection_error(err):
+        return ("the store cannot be reached: check the endpoint (storage_options endpoint_url, or "
+                "AWS_ENDPOINT_URL for s3://), the network and that the service is up")
+    return "the store keeps failing on this file: check the endpoint and the credentials"
+
+
+def _bucket(uri: str) -> str:
+    """The bucket (container) of an object-store URI, ``""`` for HDFS-like URIs and local paths."""
+    scheme = uri_scheme(uri)
+    if scheme is None or scheme in _NETLOC_PATHS:
+        return ""
+    return urlsplit(uri).netloc.split("@")[0]
 
 
 # this process's filesystem clients by ``Storage.key``, and the process they belong to (a forked worker starts over)
@@ -222,18 +308,28 @@ class Storage:
 
     # ------------------------------------------------------------- retries
     def call(self, uri: str, action: str, fn: Callable[[], T]) -> T:
-        """``fn()``, tried again after a transient error (see the module docstring); ``action`` is what it does, for the message."""
+        """``fn()``, tried again after a transient error (see the module docstring); ``action`` is what it does, for the message.
+
+        Raises :class:`StorageError` (a ``ValueError`` naming ``uri`` and
+        ``action``) when the retries are spent, or at once for a refused
+        permission or a missing bucket or file; any other error (a corrupt
+        file, a bug) propagates unchanged.
+        """
         for attempt in range(1, self.retry.attempts + 1):
             try:
                 return fn()
+            except StorageError:
+                raise  # a nested call's: it names the URI already
             except Exception as err:
                 if not transient(err):
+                    if permission_error(err) or isinstance(err, PERMANENT_ERRORS) or _NO_BUCKET.search(str(err)):
+                        raise StorageError(f"{uri}: {action} failed with {describe(err)}; "
+                                           f"{what_to_check(err, uri)}", uri, action, err) from err
                     raise
                 if attempt == self.retry.attempts:
-                    raise ValueError(
-                        f"{uri}: {action} failed {attempt} time(s), the last with {describe(err)}; the store is "
-                        f"unreachable or keeps failing on this file (check the endpoint and credentials, or raise "
-                        f"ParquetDataModule(retries=...))"
+                    raise StorageError(
+                        f"{uri}: {action} failed {attempt} time(s), the last with {describe(err)}; "
+                        f"{what_to_check(err, uri)} (or raise ParquetDataModule(retries=...))", uri, action, err
                     ) from err
                 time.sleep(self.retry.delay(attempt))
         raise AssertionError("unreachable")
@@ -257,10 +353,84 @@ class Storage:
             return self.call(uri, "opening the file", lambda: fsspec_fs.open(path, mode="rb", cache_type="none"))
         return self.call(uri, "opening the file", lambda: fs.open_input_file(path))
 
-    def open_output(self, uri: str) -> Any:
-        """A writable stream creating ``uri`` (an object store uploads it when the stream is closed)."""
+    def open_output(self, uri: str) -> "OutputStream":
+        """A writable stream creating ``uri`` (an object store uploads it when the stream is closed).
+
+        The bucket is checked first (``StorageError`` naming ``uri`` when it does
+        not exist, before anything is computed to be written); the stream's
+        ``write`` and ``close`` raise ``StorageError`` naming ``uri`` when the
+        store refuses the upload.
+        """
         path = self.path(uri)
-        return self.call(uri, "creating the file", lambda: self.filesystem.open_output_stream(path))
+        bucket = _bucket(uri)
+        if bucket:
+            try:
+                info = self.call(uri, "checking the bucket before writing",
+                                 lambda: self.filesystem.get_file_info(bucket))
+            except StorageError as err:
+                if not permission_error(err.cause):
+                    raise
+                info = None  # credentials that may write but not look at the bucket: the upload will tell
+            if info is not None and info.type == pafs.FileType.NotFound:
+                missing = FileNotFoundError(f"bucket {bucket!r} not found")
+                raise StorageError(f"{uri}: writing the file: the bucket {bucket!r} does not exist; check the bucket "
+                                   "name and the endpoint (storage_options endpoint_url / AWS_ENDPOINT_URL), or "
+                                   "create the bucket", uri, "writing the file", missing)
+        stream = self.call(uri, "creating the file", lambda: self.filesystem.open_output_stream(path))
+        return OutputStream(stream, uri)
+
+
+class OutputStream:
+    """A writable stream of ``Storage.open_output`` whose failures name the URI (see ``Storage.open_output``).
+
+    ``pyarrow.parquet.ParquetWriter`` and ``write``/``flush``/``close`` use it as a file; an error of the store is
+    raised as :class:`StorageError`. Writes are not retried: a stream cannot be rewound.
+    """
+
+    def __init__(self, stream: Any, uri: str) -> None:
+        self._stream = stream
+        self.uri = uri
+
+    def _checked(self, action: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except Exception as err:
+            if isinstance(err, OSError) or connection_error(err):
+                raise StorageError(f"{self.uri}: {action} failed with {describe(err)}; {what_to_check(err, self.uri)}",
+                                   self.uri, action, err) from err
+            raise
+
+    def write(self, data: Any) -> int:
+        return self._checked("writing the file", lambda: self._stream.write(data))
+
+    def flush(self) -> None:
+        self._checked("writing the file", self._stream.flush)
+
+    def close(self) -> None:
+        if not self._stream.closed:
+            self._checked("uploading the file (on close)", self._stream.close)
+
+    def tell(self) -> int:
+        return self._stream.tell()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._stream.closed)
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+    def __enter__(self) -> "OutputStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _is_filesystem(obj: Any) -> bool:
