@@ -45,6 +45,22 @@ normalisation; a column hashed from strings (pandas' SipHash, which TorchScript
 does not have) is refused there with a message pointing to the Python
 ``Preprocessor``.
 
+Fingerprint. A preprocessing file belongs to one model: after a capped
+vocabulary evicted a value, yesterday's file would serve today's model with
+the same vocabulary size but another value behind an id. Both exports compute
+:func:`preprocessing_fingerprint` of what they write -- a SHA-256 over the
+canonical JSON (sorted keys, no whitespace) of the feature specs (in input
+order), the encoders' states without their bookkeeping ``counts``, the
+normalisation statistics and the fills -- and store it in the preprocessing
+file (key ``"fingerprint"``), in the ONNX model's ``metadata_props`` (key
+``mtl_lightning.preprocessing_fingerprint``, read by
+``onnxruntime.InferenceSession(...).get_modelmeta().custom_metadata_map``) and
+in both TorchScript files (``model.pt`` and ``model.preprocessing.pt``) as the
+extra file ``preprocessing_fingerprint`` (``torch.jit.load(path,
+_extra_files={"preprocessing_fingerprint": ""})``; C++'s ``torch::jit::load``
+reads extra files too). ``datamodules.serving.open_served(model_path)`` opens
+a model with the file beside it and refuses a pair whose fingerprints differ.
+
 Example::
 
     from mtl_lightning.export import export_onnx, export_torchscript
@@ -60,6 +76,7 @@ or from a checkpoint on the command line (the checkpoint holds the data module's
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -70,6 +87,32 @@ from torch import Tensor, nn
 
 from .architectures.base import MultiTaskArchitecture
 from .features import DenseFeature, Feature, SequenceFeature, SparseFeature, feature_from_config
+
+
+# where the exported files keep the preprocessing fingerprint (see the module docstring)
+FINGERPRINT_METADATA_KEY = "mtl_lightning.preprocessing_fingerprint"  # ONNX metadata_props
+FINGERPRINT_FILE = "preprocessing_fingerprint"  # TorchScript extra file
+_FINGERPRINTED = ("features", "encoders", "normalization", "fill_missing")
+
+
+def preprocessing_fingerprint(state: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of a preprocessing state's canonical JSON: what serving applies, nothing else.
+
+    Covered: ``features`` (in order), ``encoders`` (each state without its
+    ``counts``, which only rank values when a capped vocabulary grows),
+    ``normalization`` and ``fill_missing``; keys sorted, no whitespace. The
+    file's ``format`` and ``fingerprint`` keys and a data module's other keys
+    are not covered. Equal fingerprints mean the same mapping from raw rows to
+    the model's inputs.
+    """
+    content = {part: state.get(part) or ({} if part != "features" else []) for part in _FINGERPRINTED}
+    content["encoders"] = {name: {k: v for k, v in encoder.items() if k != "counts"} if isinstance(encoder, Mapping)
+                           else encoder for name, encoder in dict(content["encoders"]).items()}
+    try:
+        text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    except ValueError as error:
+        raise ValueError(f"the preprocessing state holds NaN or infinite numbers ({error}); it cannot be served") from None
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def _architecture(model: nn.Module) -> MultiTaskArchitecture:
@@ -156,14 +199,28 @@ def _data_state(datamodule: Any) -> dict[str, Any]:
 
 
 def write_preprocessing(model: nn.Module, path: str | Path, datamodule: Any = None) -> Path:
-    """Write ``model.preprocessing.json`` next to the model file ``path``; see the module docstring."""
+    """Write ``model.preprocessing.json`` next to the model file ``path``, with its ``"fingerprint"``; see the module docstring."""
     from datamodules.serving import preprocessing_state
 
     state = preprocessing_state(_architecture(model).features, _data_state(datamodule))
+    state["fingerprint"] = preprocessing_fingerprint(state)
     target = preprocessing_path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(state))
+    target.write_text(json.dumps(state, allow_nan=False))
     return target
+
+
+def _add_onnx_fingerprint(path: Path, fingerprint: str) -> None:
+    """Store ``fingerprint`` in the ONNX model's ``metadata_props`` (key ``FINGERPRINT_METADATA_KEY``)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)  # weights in external files stay where they are
+    for entry in list(proto.metadata_props):
+        if entry.key == FINGERPRINT_METADATA_KEY:
+            proto.metadata_props.remove(entry)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = FINGERPRINT_METADATA_KEY, fingerprint
+    onnx.save(proto, str(path))
 
 
 def _logical_shift(x: Tensor, bits: int) -> Tensor:
@@ -279,7 +336,7 @@ def export_onnx(
 
     ``datamodule``: the ``ParquetDataModule`` it was trained with (or its ``state_dict()``); see the module docstring.
     """
-    write_preprocessing(model, path, datamodule)
+    fingerprint = json.loads(write_preprocessing(model, path, datamodule).read_text())["fingerprint"]
     serving = _PositionalServingModel(model).eval()
     example = dict(example) if example is not None else example_features(serving.model.features)
     missing = [n for n in serving.feature_names if n not in example]
@@ -300,6 +357,7 @@ def export_onnx(
             opset_version=opset_version,
             dynamo=False,
         )
+    _add_onnx_fingerprint(path, fingerprint)
     return path
 
 
@@ -311,8 +369,9 @@ def export_torchscript(
     ``datamodule``: the ``ParquetDataModule`` it was trained with (or its ``state_dict()``); see the module docstring.
     """
     state = json.loads(write_preprocessing(model, path, datamodule).read_text())
+    extra_files = {FINGERPRINT_FILE: state["fingerprint"]}
     scripted_path = preprocessing_path(path, ".pt")
-    torch.jit.script(ScriptedPreprocessing(state)).save(str(scripted_path))
+    torch.jit.script(ScriptedPreprocessing(state)).save(str(scripted_path), _extra_files=extra_files)
     serving = ServingModel(model)
     # a frozen copy: the saved module's outputs then do not require gradients (the given model is left as it is)
     serving = copy.deepcopy(serving).eval().requires_grad_(False)
@@ -322,7 +381,7 @@ def export_torchscript(
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(serving, (example,), strict=False, check_trace=False)
-    traced.save(str(path))
+    traced.save(str(path), _extra_files=extra_files)
     return path
 
 
@@ -354,7 +413,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 __all__ = ["export_onnx", "export_torchscript", "ServingModel", "ScriptedPreprocessing", "example_features", "id_limits",
-           "preprocessing_path", "write_preprocessing"]
+           "preprocessing_path", "write_preprocessing", "preprocessing_fingerprint", "FINGERPRINT_METADATA_KEY",
+           "FINGERPRINT_FILE"]
 
 
 if __name__ == "__main__":
