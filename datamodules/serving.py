@@ -253,9 +253,7 @@ def model_fingerprint(model: Any) -> str | None:
     if not path.is_file():
         raise ValueError(f"{path}: no such model file")
     if zipfile.is_zipfile(path):  # TorchScript archives are zip files
-        extra = {FINGERPRINT_FILE: ""}
-        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-        return extra[FINGERPRINT_FILE] or None
+        return _load_torchscript(path)[1]
     import onnx
 
     try:
@@ -285,9 +283,7 @@ def open_served(model_path: str | Path, preprocessing: str | Path | None = None,
                          "the model; give preprocessing= if it is elsewhere)")
     preprocessor = Preprocessor.load(preprocessing)
     if zipfile.is_zipfile(model_path):
-        extra = {FINGERPRINT_FILE: ""}
-        model: Any = torch.jit.load(str(model_path), map_location="cpu", _extra_files=extra)
-        fingerprint = extra[FINGERPRINT_FILE] or None
+        model, fingerprint = _load_torchscript(model_path)
         preprocessor._check_fingerprint(fingerprint, str(model_path))
         return model, preprocessor
     import onnxruntime
@@ -295,6 +291,14 @@ def open_served(model_path: str | Path, preprocessing: str | Path | None = None,
     session = onnxruntime.InferenceSession(str(model_path), providers=list(providers or ["CPUExecutionProvider"]))
     preprocessor._check_fingerprint(model_fingerprint(session), str(model_path))
     return session, preprocessor
+
+
+def _load_torchscript(path: Path) -> tuple[Any, str | None]:
+    """``(module on CPU, its preprocessing fingerprint or None)`` of a TorchScript file."""
+    extra: dict[str, Any] = {FINGERPRINT_FILE: ""}
+    module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    value = extra[FINGERPRINT_FILE]
+    return module, (value.decode("ascii", "replace") if isinstance(value, bytes) else value) or None
 
 
 def _model_name(model: Any) -> str:
@@ -407,7 +411,9 @@ class _Check:
                 self.fail(key, f"expected an object, got {_kind(config)}")
             try:
                 feature = feature_from_config(dict(config))
-            except (TypeError, ValueError) as error:
+            except TypeError as error:  # a field the spec does not have, or a missing one
+                self.fail(key, str(error).replace(".__init__()", ""))
+            except ValueError as error:
                 self.fail(key, str(error))
             for field in dataclasses.fields(feature):
                 accepted = [_ANNOTATION_TYPES.get(t.strip()) for t in str(field.type).split("|")]
