@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from datamodules import ParquetDataModule, resolve_paths
 from datamodules.files import open_file
-from datamodules.storage import RetryPolicy
+from datamodules.storage import RetryPolicy, Storage
 from datamodules.synthetic import make_table, synthetic_features, synthetic_tasks
 from mtl_lightning import MultiTaskLightningModule
 from mtl_lightning.architectures import MMoE
@@ -304,3 +304,110 @@ def test_train_resume_mid_epoch_and_predict_entirely_through_s3(s3_server, bucke
     assert sorted(scores["row_id"].to_pylist()) == list(range(240, 360))  # every row of the predict split once
     assert set(scores["day"].to_pylist()) == {"2026-12-01"}  # the writer's folder is a partition like any other
     assert 0 < min(scores["click"].to_pylist()) <= max(scores["click"].to_pylist()) < 1
+
+
+# ------------------------------------------------------------------ errors that name the URI and what to check
+@pytest.fixture(scope="module")
+def locked_s3_server():
+    """A second moto server that checks credentials (``INITIAL_NO_AUTH_ACTION_COUNT=0``): unknown keys get 403."""
+    from s3_server import S3Server
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "0")  # the child process inherits the environment
+        server = S3Server()
+    yield server
+    server.stop()
+
+
+def test_wrong_credentials_name_the_uri_and_say_to_check_the_credentials(locked_s3_server, tmp_path):
+    from datamodules.storage import StorageError
+
+    wrong = storage_options(locked_s3_server.endpoint, key="not-a-key", secret="not-a-secret",
+                            config_kwargs={"retries": {"max_attempts": 1}})
+    credentials = r"the store refused the credentials or the permission: check the key and secret"
+    # refused at once (no retries: a PermissionError cannot heal), for a folder, a glob and a data module
+    for spec, action in (("s3://logs/day=2026-11-01/", "reading its file information"),
+                         ("s3://logs/day=*/", "listing the folder")):
+        with pytest.raises(StorageError, match=rf"s3://logs\S*: {action} failed with "
+                                               rf"PermissionError: .*; {credentials}.*bucket 'logs'") as caught:
+            resolve_paths(spec, wrong, retry=FAST_RETRY)
+        assert isinstance(caught.value, ValueError) and caught.value.uri.startswith("s3://logs")
+    with pytest.raises(ValueError, match=rf"s3://logs/day=2026-11-01/: .*failed with PermissionError.*{credentials}"):
+        datamodule("s3://logs/day=2026-11-01/", storage_options=wrong, retries=FAST_RETRY).setup("fit")
+    # pyarrow's own S3 client reports it as a plain OSError with the AWS error code: the same refusal, not retried
+    native = pafs.S3FileSystem(endpoint_override=locked_s3_server.endpoint.removeprefix("http://"), scheme="http",
+                               access_key="not-a-key", secret_key="not-a-secret", region="us-east-1")
+    with pytest.raises(StorageError, match=rf"s3://logs: listing the folder failed with OSError: .*"
+                                           rf"INVALID_ACCESS_KEY_ID.*; {credentials}"):
+        resolve_paths("s3://logs/day=*/", filesystem=native, retry=FAST_RETRY)
+    # a prediction writer with credentials refused: the upload (on close) names the file
+    writer = ParquetPredictionWriter("s3://scores/day=2026-12-01", storage_options=wrong)
+    dm = datamodule(write(tmp_path / "rows.parquet", 40, 0), predict=tmp_path / "rows.parquet")
+    dm.setup("predict")
+    module = MultiTaskLightningModule(MMoE(dm.features, synthetic_tasks(), num_experts=2, expert_hidden=(4,),
+                                           tower_hidden=(4,)))
+    with pytest.raises(StorageError, match=r"s3://scores/day=2026-12-01/predictions-rank00000.parquet: uploading the "
+                                           rf"file \(on close\) failed with PermissionError.*{credentials}"):
+        quiet_trainer(callbacks=[writer]).predict(module, datamodule=dm, return_predictions=False)
+
+
+def test_a_refused_connection_is_retried_then_names_the_uri_and_the_endpoint(tmp_path):
+    from botocore.exceptions import EndpointConnectionError
+
+    from datamodules.storage import StorageError, transient
+    from s3_server import free_port
+
+    assert transient(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))  # botocore's, outside OSError
+    assert not transient(PermissionError("Forbidden")) and not transient(FileNotFoundError("gone"))
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there: every connection is refused
+    options = storage_options(closed, config_kwargs={"retries": {"max_attempts": 1}})
+    unreachable = r"the store cannot be reached: check the endpoint \(storage_options endpoint_url"
+    with pytest.raises(StorageError, match=rf"s3://logs/day=2026-11-01/: reading its file information failed 3 "
+                                           rf"time\(s\), the last with EndpointConnectionError: .*{unreachable}"):
+        resolve_paths("s3://logs/day=2026-11-01/", options, retry=FAST_RETRY)
+    with pytest.raises(ValueError, match=rf"s3://logs: listing the folder failed 3 time\(s\).*{unreachable}"):
+        datamodule("s3://logs/day=*/", storage_options=options, retries=FAST_RETRY).setup("fit")
+    native = pafs.S3FileSystem(endpoint_override=closed.removeprefix("http://"), scheme="http", access_key="k",
+                               secret_key="s", region="us-east-1",
+                               retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
+    with pytest.raises(StorageError, match=rf"s3://logs/x.parquet: reading its file information failed 3 time\(s\)"
+                                           rf".*NETWORK_CONNECTION.*{unreachable}"):
+        resolve_paths("s3://logs/x.parquet", filesystem=native, retry=FAST_RETRY)
+
+
+def test_a_connection_error_that_heals_is_retried_until_it_succeeds(s3_server, bucket, tmp_path):
+    from botocore.exceptions import EndpointConnectionError
+
+    from datamodules.storage import Storage
+
+    uri = upload(s3_server, spark_days(tmp_path / "logs"), f"{bucket}/logs")
+    storage = Storage(uri, s3_server.storage_options, retry=FAST_RETRY)
+    failures = iter([EndpointConnectionError(endpoint_url=s3_server.endpoint)] * 2)
+
+    def list_after_two_refusals():
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return storage.filesystem.get_file_info(pafs.FileSelector(storage.path(uri), recursive=True))
+
+    entries = storage.call(uri, "listing the folder", list_after_two_refusals)  # the third try lists the bucket
+    assert sum(e.path.endswith(".parquet") for e in entries) == 12
+
+
+def test_a_writer_into_a_missing_bucket_names_the_uri_before_predicting(s3_server, tmp_path):
+    from datamodules.storage import StorageError
+
+    dm = datamodule(write(tmp_path / "rows.parquet", 40, 0), predict=tmp_path / "rows.parquet")
+    dm.setup("predict")
+    module = MultiTaskLightningModule(MMoE(dm.features, synthetic_tasks(), num_experts=2, expert_hidden=(4,),
+                                           tower_hidden=(4,)))
+    writer = ParquetPredictionWriter("s3://no-such-bucket/scores", storage_options=s3_server.storage_options)
+    with pytest.raises(StorageError, match=r"s3://no-such-bucket/scores/predictions-rank00000.parquet: writing the "
+                                           r"file: the bucket 'no-such-bucket' does not exist; check the bucket name "
+                                           r"and the endpoint"):
+        quiet_trainer(callbacks=[writer]).predict(module, datamodule=dm, return_predictions=False)
+    # opening a file of a missing bucket: the URI and the bucket are named too
+    storage = Storage("s3://no-such-bucket", s3_server.storage_options, retry=FAST_RETRY)
+    with pytest.raises(StorageError, match=r"s3://no-such-bucket/logs/part-0.parquet: opening the file failed with "
+                                           r"FileNotFoundError: .*the bucket 'no-such-bucket' does not exist"):
+        storage.open_input("s3://no-such-bucket/logs/part-0.parquet")
