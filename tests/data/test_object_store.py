@@ -310,7 +310,7 @@ def test_train_resume_mid_epoch_and_predict_entirely_through_s3(s3_server, bucke
 @pytest.fixture(scope="module")
 def locked_s3_server():
     """A second moto server that checks credentials (``INITIAL_NO_AUTH_ACTION_COUNT=0``): unknown keys get 403."""
-    from s3_server import S3Server
+    from tests.s3_server import S3Server
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "0")  # the child process inherits the environment
@@ -319,7 +319,8 @@ def locked_s3_server():
     server.stop()
 
 
-def test_wrong_credentials_name_the_uri_and_say_to_check_the_credentials(locked_s3_server, tmp_path):
+def test_wrong_credentials_name_the_uri_and_say_to_check_the_credentials(locked_s3_server, tmp_path,
+                                                                         quiet_trainer):
     from datamodules.storage import StorageError
 
     wrong = storage_options(locked_s3_server.endpoint, key="not-a-key", secret="not-a-secret",
@@ -355,7 +356,7 @@ def test_a_refused_connection_is_retried_then_names_the_uri_and_the_endpoint(tmp
     from botocore.exceptions import EndpointConnectionError
 
     from datamodules.storage import StorageError, transient
-    from s3_server import free_port
+    from tests.s3_server import free_port
 
     assert transient(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))  # botocore's, outside OSError
     assert not transient(PermissionError("Forbidden")) and not transient(FileNotFoundError("gone"))
@@ -394,7 +395,7 @@ def test_a_connection_error_that_heals_is_retried_until_it_succeeds(s3_server, b
     assert sum(e.path.endswith(".parquet") for e in entries) == 12
 
 
-def test_a_writer_into_a_missing_bucket_names_the_uri_before_predicting(s3_server, tmp_path):
+def test_a_writer_into_a_missing_bucket_names_the_uri_before_predicting(s3_server, tmp_path, quiet_trainer):
     from datamodules.storage import StorageError
 
     dm = datamodule(write(tmp_path / "rows.parquet", 40, 0), predict=tmp_path / "rows.parquet")

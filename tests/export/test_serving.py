@@ -168,7 +168,7 @@ def _day(folder, shops: list[str], seed: int):
     return folder
 
 
-def test_yesterdays_preprocessing_is_refused_with_todays_model_after_an_eviction(tmp_path):
+def test_yesterdays_preprocessing_is_refused_with_todays_model_after_an_eviction(tmp_path, quiet_trainer):
     from datamodules.serving import model_fingerprint, open_served
     from datamodules.synthetic import synthetic_features, synthetic_tasks
     from mtl_lightning import SparseFeature
