@@ -181,7 +181,8 @@ class Preprocessor:
                 "vocabularies, statistics or fills differ (for example yesterday's file served with today's model "
                 "after the vocabulary grew or evicted values, so that an id now stands for another value, or a file "
                 "of another export). Serve the model with the preprocessing file its own export wrote beside it"
-                + (f" ({preprocessing_path(name)})" if not name.startswith("<") else "")
+                + (f" ({preprocessing_path(name)})" if not name.startswith("<") and ".preprocessing." not in name
+                   else "")
             )
 
     @property
@@ -416,7 +417,8 @@ class _Check:
             except ValueError as error:
                 self.fail(key, str(error))
             for field in dataclasses.fields(feature):
-                accepted = [_ANNOTATION_TYPES.get(t.strip()) for t in str(field.type).split("|")]
+                annotation = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+                accepted = [_ANNOTATION_TYPES.get(t.strip()) for t in annotation.split("|")]
                 if all(accepted) and not any(ok(getattr(feature, field.name)) for ok in accepted):
                     self.fail(f"{key}.{field.name}", f"expected {field.type}, got {_kind(getattr(feature, field.name))}")
             if feature.name in features:
