@@ -170,16 +170,29 @@ class SENet(nn.Module):
     For fields ``E = [e_1 .. e_F]`` (``(B, F, d)``):
 
     * squeeze: ``z_i = mean(e_i)`` (the paper's mean pooling), ``z`` of shape ``(B, F)``;
-    * excitation: ``a = ReLU(W_2 ReLU(W_1 z))``, ``W_1`` of shape
+    * excitation: ``a = s(W_2 ReLU(W_1 z))``, ``W_1`` of shape
       ``F/r x F`` and ``W_2`` of shape ``F x F/r``, both bias-free as in the
-      paper; ``F/r = max(1, F // reduction_ratio)``;
+      paper; ``F/r = max(1, F // reduction_ratio)``; ``s`` is
+      ``excitation_activation``: ``"relu"`` (default, FiBiNET and DeepCTR) or
+      ``"sigmoid"`` (the original SE-Net's gate in ``(0, 1)``);
     * re-weight: ``v_i = a_i e_i``.
+
+    With few fields ``F/r`` is small, and with ReLU a row whose hidden units
+    are all negative gets ``a = 0``: every field zeroed, and no gradient for
+    that row. ``"sigmoid"`` never zeroes a field.
 
     Shapes: ``(B, F, d) -> (B, F, d)``, or ``(B, F * d)`` with ``flatten=True``;
     ``output_dim = F * d`` (the flat width).
     """
 
-    def __init__(self, num_fields: int, embedding_dim: int, reduction_ratio: int = 3, flatten: bool = False) -> None:
+    def __init__(
+        self,
+        num_fields: int,
+        embedding_dim: int,
+        reduction_ratio: int = 3,
+        excitation_activation: str = "relu",
+        flatten: bool = False,
+    ) -> None:
         super().__init__()
         if num_fields < 1 or embedding_dim < 1:
             raise ValueError(f"SENet: num_fields and embedding_dim must be >= 1, got {num_fields}, {embedding_dim}")
@@ -190,7 +203,10 @@ class SENet(nn.Module):
         self.flatten = flatten
         reduced = max(1, num_fields // reduction_ratio)
         self.excitation = nn.Sequential(
-            nn.Linear(num_fields, reduced, bias=False), nn.ReLU(), nn.Linear(reduced, num_fields, bias=False), nn.ReLU()
+            nn.Linear(num_fields, reduced, bias=False),
+            nn.ReLU(),
+            nn.Linear(reduced, num_fields, bias=False),
+            activation_layer(excitation_activation),
         )
         self.output_dim = num_fields * embedding_dim
 

@@ -126,12 +126,13 @@ class Dice(nn.Module):
 class _ActivationUnit(nn.Module):
     """DIN's local activation unit: an MLP over ``[q, k, q - k, q * k]`` per position, one score each.
 
-    ``Linear -> activation`` per size of ``hidden``, then ``Linear(., 1)``.
+    ``Linear -> activation`` per size of ``hidden``, then ``Linear(., 1)`` (bias-free
+    with ``output_bias=False``).
     ``activation="dice"`` uses :class:`Dice` (statistics over valid positions),
     any other name an activation of :func:`activation_layer`.
     """
 
-    def __init__(self, dim: int, hidden: Sequence[int], activation: str) -> None:
+    def __init__(self, dim: int, hidden: Sequence[int], activation: str, output_bias: bool = True) -> None:
         super().__init__()
         self.linears = nn.ModuleList()
         self.dices = nn.ModuleList()
@@ -145,7 +146,7 @@ class _ActivationUnit(nn.Module):
             else:
                 self.activations.append(activation_layer(activation))
             width = size
-        self.output = nn.Linear(width, 1)
+        self.output = nn.Linear(width, 1, bias=output_bias)
 
     def forward(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
         q = query.unsqueeze(1).expand_as(keys)  # (B, L, d)
@@ -171,7 +172,8 @@ class DINAttention(SequenceEncoder):
       abandoned", section 4.3): the output's norm then grows with the number
       of relevant behaviours, which is the intensity of interest the paper
       wants to keep. ``"softmax"`` normalises over the valid positions, as the
-      authors' released code and TorchEasyRec do. Either way padded positions
+      authors' released code and TorchEasyRec do (the score layer is then
+      bias-free: a softmax ignores a shared shift). Either way padded positions
       get weight exactly 0 and an all-padding row encodes to zeros.
     * Activation. ``"sigmoid"`` (default), as in the authors' released code and
       DeepCTR's ``LocalActivationUnit``; ``"dice"`` is the paper's data-adaptive
@@ -207,7 +209,9 @@ class DINAttention(SequenceEncoder):
         self.query_projection: nn.Module = (
             nn.Identity() if query_dim == key_dim else nn.Linear(query_dim, key_dim, bias=False)
         )
-        self.activation_unit = _ActivationUnit(key_dim, list(attention_hidden), activation)
+        # a softmax is shift-invariant: the score's bias would get no gradient, so it has none
+        self.activation_unit = _ActivationUnit(key_dim, list(attention_hidden), activation,
+                                               output_bias=normalization == "none")
 
     def attention_weights(self, keys: Tensor, mask: Tensor, query: Tensor) -> Tensor:
         """The weight of every position ``(B, L)``: the activation unit's score (softmaxed if asked), 0 at padding."""
