@@ -12,3 +12,16 @@ __all__ = [
     "FeatureEmbedding", "deferred_tables", "MLP", "activation_layer", "ExpertBank", "Gate", "mix",
     "HardConcreteGate", "PartitionedNorm", "ScaledSigmoidGate", "resolve_domain", "domain_ids", "feature_slices", "check_feature_names",
 ]
+
+# sequence encoders and feature-interaction blocks (issue 23)
+from .interactions import CrossNetworkV2, MaskBlock, MaskNet, SENet  # noqa: E402
+from .sequence import (  # noqa: E402
+    SEQUENCE_ENCODERS, BSTEncoder, Dice, DINAttention, SequenceEncoder, TargetAttention, masked_softmax,
+    sequence_encoder,
+)
+
+__all__ += [
+    "CrossNetworkV2", "MaskBlock", "MaskNet", "SENet",
+    "SEQUENCE_ENCODERS", "BSTEncoder", "Dice", "DINAttention", "SequenceEncoder", "TargetAttention", "masked_softmax",
+    "sequence_encoder",
+]

@@ -168,10 +168,10 @@ class DINAttention(SequenceEncoder):
     in one batched call. Choices, all documented in docs/inputs.md:
 
     * Normalisation. ``normalization="none"`` (default) keeps the raw scores as
-      the paper does ("the normalization with softmax on the output of a(.) is
-      abandoned", section 4.3): the output's norm then grows with the number
-      of relevant behaviours, which is the intensity of interest the paper
-      wants to keep. ``"softmax"`` normalises over the valid positions, as the
+      the paper does (the weights need not sum to 1, "normalization with
+      softmax on the output of a(.) is abandoned", eq. 3): the output's norm
+      then grows with the number of relevant behaviours, which is the
+      intensity of interest the paper wants to keep. ``"softmax"`` normalises over the valid positions, as the
       authors' released code and TorchEasyRec do (the score layer is then
       bias-free: a softmax ignores a shared shift). Either way padded positions
       get weight exactly 0 and an all-padding row encodes to zeros.
