@@ -322,3 +322,64 @@ def test_bad_arguments_are_rejected_with_a_message():
         TargetAttention(D, DQ)(keys, mask[:, :4], query)
     with pytest.raises(ValueError, match="BSTEncoder: the sequence has 5 positions, more than max_len=4"):
         BSTEncoder(D, DQ, max_len=4)(keys, mask, query)
+
+
+# ------------------------------------------------------------------------------------------- learning
+
+
+def membership_data(rows: int, generator: torch.Generator, table: torch.Tensor):
+    """Label 1 when the candidate's id is among the row's history ids (half the rows); fixed embeddings ``table``."""
+    length, vocab = 6, table.shape[0]
+    candidate = torch.randint(1, vocab, (rows,), generator=generator)
+    history = torch.randint(1, vocab - 1, (rows, length), generator=generator)
+    history = history + (history >= candidate.unsqueeze(1)).long()  # any id but the candidate's
+    lengths = torch.randint(1, length + 1, (rows,), generator=generator)
+    mask = torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)
+    label = torch.rand(rows, generator=generator) < 0.5
+    slot = (torch.rand(rows, generator=generator) * lengths).long()  # a valid position
+    rows_seen = torch.arange(rows)[label]
+    history[rows_seen, slot[label]] = candidate[label]
+    history = history * mask
+    return table[history], mask, table[candidate], label.float()
+
+
+def membership_accuracy(pooling: str, steps: int = 100) -> float:
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(30, 8, generator=generator)
+    train, test = membership_data(512, generator, table), membership_data(1024, generator, table)
+    if pooling == "mean":
+        encoder = None
+    else:
+        encoder = sequence_encoder(pooling, 8, 8, 6, **({"attention_hidden": [16]} if pooling == "din" else {}))
+    head = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+
+    def logits(keys, mask, query):
+        if encoder is None:
+            encoded = (keys * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+        else:
+            encoded = encoder(keys, mask, query)
+        return head(torch.cat([encoded, query], dim=-1)).squeeze(-1)
+
+    parameters = list(head.parameters()) + (list(encoder.parameters()) if encoder is not None else [])
+    optimizer = torch.optim.Adam(parameters, lr=1e-2)
+    keys, mask, query, label = train
+    for _ in range(steps):
+        loss = F.binary_cross_entropy_with_logits(logits(keys, mask, query), label)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    keys, mask, query, label = test
+    with torch.no_grad():
+        return ((logits(keys, mask, query) > 0).float() == label).float().mean().item()
+
+
+def test_attention_learns_what_mean_pooling_cannot_see():
+    # "is the candidate in the history?" needs the candidate and the history jointly: mean pooling + MLP
+    # reaches about 0.77 on unseen rows, DIN about 0.84 and target attention about 0.95 in the same 100 steps
+    mean = membership_accuracy("mean")
+    din = membership_accuracy("din")
+    attention = membership_accuracy("attention")
+    assert mean < 0.8, mean
+    assert din > mean + 0.05, (din, mean)
+    assert attention > 0.9, attention
