@@ -7,49 +7,40 @@ with int64 ids, gathered from a ``store.ColumnStore`` (in memory) or streamed
 The reader is split into layers with one direction of imports:
 ``paths`` (which files) <- ``files`` (reading, errors naming the file);
 ``columns`` (checks); both <- ``inference`` / ``store`` (the column store)
-<- ``batches`` (in memory) / ``streaming`` <- this module (the
-``LightningDataModule``). The public names are importable from ``datamodules``.
+<- ``batches`` (in memory) / ``streaming`` <- this module. What does not
+depend on Parquet -- tasks, features, preprocessing (``preprocessing``), the
+partition record (``partitions``), the checkpoint state, the loaders -- is
+``base.MultiTaskDataModule``, which this class extends with Parquet's files,
+footer checks, schema inference, preallocated in-memory reads and streaming.
+The public names are importable from ``datamodules``.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
-import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
-import numpy as np
 import pyarrow as pa
-import torch
-from torch.utils.data import DataLoader
+from lightning.pytorch.utilities import rank_zero_info
 
-from mtl_lightning.features import (
-    DenseFeature, Feature, SparseFeature, feature_from_config, feature_to_config,
-)
-from mtl_lightning.tasks import Task, check_tasks
+from mtl_lightning.features import DenseFeature, Feature
+from mtl_lightning.tasks import Task
 
-from .batches import EpochDataLoader, ParquetBatches, _distributed
-from .columns import _dense_array
-from .encoders import (
-    CategoricalEncoder, DenseNormalizer, MissingFiller, VocabularyEncoder, encoder_from_state, filler_from_state,
-    fit_preprocessing, grow_vocabularies, make_encoder, make_fillers,
-)
+from .base import SPLITS, MultiTaskDataModule
+from .batches import ParquetBatches, _distributed
 from .files import check_unique, open_file, read_schema
+from .fitting import iter_chunks
 from .inference import infer_features
 from .paths import DataFile, PathSpec, resolve_paths
-from .storage import RetryPolicy, uri_scheme
-from .store import ColumnStore, TableConverter, read_split
+from .storage import RetryPolicy
+from .store import ColumnStore, read_split
 from .streaming import ParquetStream, list_row_groups
 
-SPLITS = ("train", "val", "test", "predict")
+__all__ = ["ParquetDataModule", "ParquetBatches", "ParquetStream", "infer_features", "read_split", "resolve_paths"]
 
 
 # ----------------------------------------------------------------- data module
-class ParquetDataModule(L.LightningDataModule):
+class ParquetDataModule(MultiTaskDataModule):
     """Parquet splits to multi-task batches.
 
     Args:
@@ -148,7 +139,7 @@ class ParquetDataModule(L.LightningDataModule):
             checkpoint. Without it a restored vocabulary is used as it is.
         allow_retraining: train on partitions the checkpoint has already
             trained on (with a warning) instead of refusing; see
-            ``load_state_dict``.
+            ``datamodules.partitions``.
         continue_from: a checkpoint (path or URI) whose data module state is
             loaded before the features are prepared, as ``load_checkpoint_state``
             does; the way to continue from yesterday's checkpoint from a config
@@ -210,106 +201,31 @@ class ParquetDataModule(L.LightningDataModule):
         missing_indicator: bool | Sequence[str] = False,
         progress: bool = True,
     ) -> None:
-        super().__init__()
-        self.paths = {"train": train, "val": val, "test": test, "predict": predict}
+        super().__init__(
+            {"train": train, "val": val, "test": test, "predict": predict}, tasks=tasks, features=features,
+            batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, seed=seed, row_id=row_id,
+            embedding_dim=embedding_dim, exclude=exclude, drop_last=drop_last, pin_memory=pin_memory,
+            read_rows=read_rows, categorical=categorical, normalize=normalize, keys=keys, group=group,
+            scenario=scenario, implied_labels=implied_labels, ignore_label=ignore_label, labels=labels,
+            grow_vocabulary=grow_vocabulary, allow_retraining=allow_retraining, continue_from=continue_from,
+            fill_missing=fill_missing, missing_indicator=missing_indicator, progress=progress,
+        )
         self.storage_options = dict(storage_options or {})
         self.filesystem = filesystem
         self.retries = retries if isinstance(retries, RetryPolicy) else RetryPolicy(attempts=int(retries))
-        self._remote_files: dict[str, list[DataFile]] = {}  # listed once per split
-        self.grow_vocabulary = grow_vocabulary
-        self.allow_retraining = allow_retraining
-        self.continue_from = continue_from  # loaded once, by the first prepare_features
-        self._grow_from: dict[str, Any] | None = None  # a restored state whose vocabularies are still to grow
-        self._grown_from: dict[str, Any] | None = None  # the restored state the vocabularies grew from
-        self._row_sources: dict[str, tuple[int, np.ndarray]] = {}  # column -> (ids before, sources), see grow
-        self._trained_partitions: list[str] = []  # partitions the restored checkpoint had trained on
-        self._train_partitions: list[str] | None = None
-        self._partition_record: dict[str, list[str]] | None = None  # a restored record, kept without a train split
-        if all(v is None for v in self.paths.values()):
-            raise ValueError("ParquetDataModule needs at least one of train, val, test, predict")
-        self.tasks = check_tasks(tasks)
-        self.features: list[Feature] | None = (
-            [feature_from_config(f) for f in features] if features is not None else None
-        )
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.num_workers = num_workers
-        self.seed = seed
-        self.row_id = row_id
-        self.embedding_dim = embedding_dim
-        self.exclude = set(exclude)
-        self.drop_last = drop_last
-        self.pin_memory = pin_memory
-        self.implied_labels = dict(implied_labels or {})
-        self.ignore_label = ignore_label
-        self.labels = list(labels)
         if max_inferred_vocab < 1:
             raise ValueError(f"max_inferred_vocab must be >= 1, got {max_inferred_vocab}")
         self.max_inferred_vocab = max_inferred_vocab
-        self.stores: dict[str, ColumnStore] = {}
-        self._checked: set[str] = set()  # splits whose footers passed _check_files
+        if shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
         self.streaming = streaming
-        if shuffle_buffer < 1 or read_rows < 1:
-            raise ValueError(f"shuffle_buffer and read_rows must be >= 1, got {shuffle_buffer} and {read_rows}")
         self.shuffle_buffer = shuffle_buffer
-        self.read_rows = read_rows
-        if categorical is None:
-            categorical = {}
-        elif isinstance(categorical, str) or not isinstance(categorical, Mapping):
-            categorical = {name: {} for name in ([categorical] if isinstance(categorical, str) else categorical)}
-        self.categorical = {name: dict(spec or {}) for name, spec in categorical.items()}
-        self.encoders: dict[str, CategoricalEncoder] = {
-            name: make_encoder(name, spec) for name, spec in self.categorical.items()
-        }
-        if not isinstance(normalize, bool) and (isinstance(normalize, str) or not isinstance(normalize, Sequence)):
-            raise TypeError(f"normalize must be True/False or a list of dense column names, got {normalize!r}")
-        self.normalize = normalize if isinstance(normalize, bool) else list(normalize)
-        self.normalizers: dict[str, DenseNormalizer] = {}
-        self.fillers: dict[str, MissingFiller] = make_fillers(fill_missing, missing_indicator)
-        self.progress = progress
+        self._remote_files: dict[str, list[DataFile]] = {}  # listed once per split
+        self._checked: set[str] = set()  # splits whose footers passed check_splits
         self._split_rows: dict[str, int] = {}  # rows of each split whose footers were read
         self._described: set[str] = set()  # splits whose files, rows and row groups were logged
-        self.keys = list(keys)
-        self.group = group
-        self.scenario = scenario
 
-    def _progress_bar(self, split: str, what: str) -> Any:
-        """A tqdm bar over the rows of ``split`` on rank 0 (``None`` elsewhere or with ``progress=False``)."""
-        if not self.progress or rank_zero_only.rank != 0:
-            return None
-        from tqdm.auto import tqdm
-
-        total = self._split_rows.get(split)
-        files = self.files(split)
-        if total is None and all(file.storage is None for file in files):  # remote footers are not read twice
-            total = 0
-            for file in files:
-                with open_file(file) as reader:
-                    total += reader.num_rows
-            self._split_rows[split] = total
-        return tqdm(total=total, desc=f"{what} {split} split", unit=" rows", unit_scale=True, leave=False,
-                    dynamic_ncols=True)
-
-    def _log_preprocessing(self) -> None:
-        parts = []
-        for name, encoder in self.encoders.items():
-            if isinstance(encoder, VocabularyEncoder):
-                parts.append(f"{name} (vocabulary of {encoder.num_ids - 1:,} values + id 0 for unseen/null)")
-            else:
-                parts.append(f"{name} (hashing into {encoder.num_ids:,} ids)")
-        if parts:
-            rank_zero_info("ParquetDataModule categorical encoders: " + ", ".join(parts))
-        if self.normalizers:
-            rank_zero_info("ParquetDataModule normalisation (mean, std): " + ", ".join(
-                f"{name} ({', '.join(f'{m:.4g}' for m in z.mean)}; {', '.join(f'{v:.4g}' for v in z.std)})"
-                for name, z in self.normalizers.items()))
-        if self.fillers:
-            rank_zero_info("ParquetDataModule missing values filled with: " + ", ".join(
-                f"{name} = {f.value:.6g}" + (f" (+ {f.indicator_name})" if f.indicator else "")
-                for name, f in self.fillers.items()))
-
+    # -------------------------------------------------------------- files
     def files(self, split: str) -> list[DataFile]:
         """The data files of a split (``resolve_paths``: hidden names skipped, each file once, with its partitions).
 
@@ -326,296 +242,34 @@ class ParquetDataModule(L.LightningDataModule):
             self._remote_files[split] = files
         return files
 
+    def read_tables(self, split: str, columns: Sequence[str], read_rows: int | None = None) -> Iterator[tuple[Any, pa.Table]]:
+        """``(path, table)`` chunks of at most ``read_rows`` rows of ``columns`` (partition columns too), file by file."""
+        return iter_chunks(self.files(split), columns, read_rows or self.read_rows)
+
+    def count_rows(self, split: str) -> int | None:
+        """The rows of ``split`` from its footers (read once; a remote split's only when already read)."""
+        total = self._split_rows.get(split)
+        files = self.files(split)
+        if total is None and all(file.storage is None for file in files):  # remote footers are not read twice
+            total = 0
+            for file in files:
+                with open_file(file) as reader:
+                    total += reader.num_rows
+            self._split_rows[split] = total
+        return total
+
     def infer(self) -> list[Feature]:
         """Feature specs inferred from the data (the statistics pass covers every given split)."""
         all_files = [p for s in SPLITS for p in self.files(s)]
         first = next(p for s in SPLITS for p in self.files(s))
-        exclude = {t.label for t in self.tasks} | ({self.row_id} if self.row_id else set()) | self.exclude
-        exclude |= set(self.categorical) | set(self.keys)
-        exclude |= {column for pair in self.implied_labels.items() for column in pair} | set(self.labels)
+        exclude = self._not_features()
         inferred = infer_features([first], exclude | set(self.fillers), self.embedding_dim, stat_files=all_files,
                                   max_vocab=self.max_inferred_vocab, ignore_label=self.ignore_label)
         # a column to fill is a dense feature, whatever its numeric type (an integer age with nulls is not an id)
         return inferred + [DenseFeature(name) for name in self.fillers if name not in exclude]
 
-    def prepare_features(self) -> list[Feature]:
-        if self.continue_from is not None:
-            checkpoint, self.continue_from = self.continue_from, None
-            self.load_checkpoint_state(checkpoint)
-        if self.features is None:
-            self.features = self.infer()
-            rank_zero_info("ParquetDataModule inferred features: " + ", ".join(
-                f"{f.name} ({type(f).__name__}" + (f", vocab_size={f.vocab_size})" if hasattr(f, "vocab_size") else ")")
-                for f in self.features))
-        if self.encoders or self.normalize or self.fillers:
-            self._prepare_preprocessing()
-        return self.features
-
-    # ------------------------------------------------------- preprocessing
-    def _dense_features(self) -> dict[str, DenseFeature]:
-        return {f.name: f for f in self.features or [] if isinstance(f, DenseFeature)}
-
-    def preprocessing_fitted(self) -> bool:
-        """Whether every categorical encoder and dense normaliser has its mapping."""
-        return (all(e.fitted for e in self.encoders.values()) and all(n.fitted for n in self.normalizers.values())
-                and all(f.fitted for f in self.fillers.values()))
-
-    def _indicator_names(self) -> set[str]:
-        return {f.indicator_name for f in self.fillers.values() if f.indicator}
-
-    def _prepare_fillers(self, dense: Mapping[str, DenseFeature]) -> None:
-        """Check the filled columns and add their missing-indicator features."""
-        names = {f.name for f in self.features or []}
-        for name, filler in self.fillers.items():
-            if name not in dense or dense[name].dim != 1:
-                raise ValueError(
-                    f"fill_missing names {name!r}, which is not a dense feature of one value per row (dense: "
-                    f"{sorted(n for n, f in dense.items() if f.dim == 1)}); missing categorical values need no "
-                    "filling: with categorical=... a null gets the out-of-vocabulary id 0"
-                )
-            if filler.indicator and filler.indicator_name not in names:
-                self.features = [*(self.features or []), DenseFeature(filler.indicator_name)]
-
-    def _prepare_preprocessing(self) -> None:
-        """Create the normalisers, fit what is unfitted on the train split, then give encoded columns their vocab sizes."""
-        dense = self._dense_features()
-        self._prepare_fillers(dense)
-        indicators = self._indicator_names()
-        wanted = ([n for n in dense if n not in indicators] if self.normalize is True
-                  else ([] if self.normalize is False else self.normalize))
-        for name in wanted:
-            if name not in dense:
-                raise ValueError(f"normalize names {name!r}, which is not a dense feature (dense: {sorted(dense)})")
-            if name not in self.normalizers:
-                self.normalizers[name] = DenseNormalizer(name, dense[name].dim)
-        if not self.preprocessing_fitted() and self.paths["train"] is not None:
-            bar = self._progress_bar("train", "fitting vocabularies/statistics on the")
-            try:
-                fit_preprocessing(
-                    self.files("train"), self.encoders, self.normalizers,
-                    lambda column, name, path: _dense_array(column, dense[name], path),
-                    read_rows=max(self.read_rows, 65_536), fillers=self.fillers,
-                    progress=bar.update if bar is not None else None,
-                )
-            finally:
-                if bar is not None:
-                    bar.close()
-            self._log_preprocessing()
-        if self._grow_from is not None and self.paths["train"] is not None:
-            before = {name: e.num_ids for name, e in self.encoders.items() if isinstance(e, VocabularyEncoder)}
-            sources = grow_vocabularies(self.files("train"), self.encoders, read_rows=max(self.read_rows, 65_536))
-            self._row_sources = {name: (before[name], rows) for name, rows in sources.items()}
-            self._grown_from, self._grow_from = self._grow_from, None
-            self.stores.clear()
-            self._checked.clear()
-        if all(e.fitted for e in self.encoders.values()):
-            self._resolve_categorical_features()
-
-    def _resolve_categorical_features(self) -> None:
-        by_name = {f.name: f for f in self.features or []}
-        for name, encoder in self.encoders.items():
-            spec = self.categorical.get(name, {})
-            given = by_name.get(name)
-            if given is not None and not isinstance(given, SparseFeature):
-                raise ValueError(
-                    f"categorical column {name!r} is given as a {type(given).__name__}; it must be a SparseFeature"
-                )
-            if given is None:
-                by_name[name] = SparseFeature(name, encoder.num_ids, int(spec.get("embedding_dim", self.embedding_dim)))
-            elif given.vocab_size != encoder.num_ids:
-                by_name[name] = dataclasses.replace(given, vocab_size=encoder.num_ids)
-        self.features = list(by_name.values())
-
-    def _require_fitted(self, split: str) -> None:
-        if not self.preprocessing_fitted():
-            unfitted = [n for n, e in self.encoders.items() if not e.fitted]
-            unfitted += [n for n, z in self.normalizers.items() if not z.fitted]
-            unfitted += [n for n, z in self.fillers.items() if not z.fitted]
-            raise ValueError(
-                f"cannot read the {split} split: the encoders/statistics of {unfitted} are not fitted; give train=... "
-                "to fit them, or restore them from a checkpoint (trainer.predict/validate/test(..., ckpt_path=...), "
-                "or dm.load_state_dict(torch.load(path)['ParquetDataModule']))"
-            )
-
-    def state_dict(self) -> dict[str, Any]:
-        """Resolved feature specs, fitted encoders and normalisation statistics (plain data, saved in checkpoints).
-
-        With a train split, also ``"partitions"``: ``{"trained": [...], "training": [...]}``, the
-        partitions the checkpoint's earlier runs trained on and those of this run's train split
-        (``train_partitions``: ``".../day=2026-11-02"`` folders, or files).
-        """
-        state: dict[str, Any] = {}
-        if (self.encoders or self.normalizers or self.fillers) and self.preprocessing_fitted():
-            state = {
-                "features": [feature_to_config(f) for f in self.features or []],
-                "encoders": {name: e.state_dict() for name, e in self.encoders.items()},
-                "normalization": {name: z.state_dict() for name, z in self.normalizers.items()},
-            }
-            if self.fillers:
-                state["fill_missing"] = {name: f.state_dict() for name, f in self.fillers.items()}
-        if self.paths["train"] is not None:
-            state["partitions"] = {"trained": list(self._trained_partitions), "training": self.train_partitions()}
-        elif self._partition_record is not None:  # no train split: the restored record goes on unchanged
-            state["partitions"] = self._partition_record
-        return state
-
-    def train_partitions(self) -> list[str]:
-        """The partitions of the train split, sorted: each file's deepest ``key=value`` folder, else the file.
-
-        E.g. ``s3://logs/impressions/day=2026-11-02`` for every file below that
-        folder, however the split names it (the folder, a glob, the files); local
-        paths are absolute.
-        """
-        if self._train_partitions is None:
-            keys = set()
-            for file in self.files("train"):
-                path = str(file.path) if file.storage is not None else Path(file.path).resolve().as_posix()
-                parts = path.split("/")
-                hive = [i for i, part in enumerate(parts[:-1]) if "=" in part]
-                keys.add("/".join(parts[: hive[-1] + 1]) if hive else path)
-            self._train_partitions = sorted(keys)
-        return self._train_partitions
-
-    @staticmethod
-    def _preprocessing(state: Mapping[str, Any]) -> dict[str, Any]:
-        return {key: value for key, value in state.items() if key != "partitions"}
-
-    def same_preprocessing(self, state: Mapping[str, Any]) -> bool:
-        """Whether ``state`` (a checkpoint's) maps values as this data module does: the same encoders and statistics,
-        or those it grew from (``grow_vocabulary``). The partition record is not compared."""
-        mine = self._preprocessing(self.state_dict())
-        theirs = self._preprocessing(state)
-        grown_from = self._preprocessing(self._grown_from) if self._grown_from is not None else None
-        return theirs == mine or (grown_from is not None and theirs == grown_from)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Adopt a checkpoint's features, encoders and statistics; splits read with another mapping are re-read.
-
-        With a train split, the checkpoint's partition record is checked first:
-        a train split holding a partition the checkpoint's earlier runs trained
-        on, or overlapping the partitions of the run that wrote it without being
-        exactly those (resuming that run), is refused with a ``ValueError``
-        naming them (``allow_retraining=True``: a warning). With
-        ``grow_vocabulary`` the restored vocabularies grow on the train split at
-        the next ``setup``; a state this data module already grew from is not
-        loaded again (Lightning restores it on ``fit(ckpt_path=...)``).
-        """
-        if not state_dict:
-            return
-        resuming = self._check_partitions(state_dict.get("partitions"))
-        preprocessing = self._preprocessing(state_dict)
-        if self._grown_from is not None and preprocessing == self._preprocessing(self._grown_from):
-            return  # the state these vocabularies grew from: they include it
-        if not preprocessing or preprocessing == self._preprocessing(self.state_dict()):
-            return
-        features = [feature_from_config(dict(f)) for f in preprocessing["features"]]
-        if self.features is not None and self.preprocessing_fitted() and features != self.features:
-            warnings.warn("the checkpoint's feature specs differ from the data module's; using the checkpoint's")
-        self.features = features
-        self.encoders = {name: encoder_from_state(name, s) for name, s in preprocessing["encoders"].items()}
-        self.normalizers = {}
-        for name, s in preprocessing["normalization"].items():
-            self.normalizers[name] = DenseNormalizer(name, int(s["dim"]))
-            self.normalizers[name].load_state_dict(s)
-        if "fill_missing" in preprocessing:  # a state without fills (written before them) keeps this module's own
-            self.fillers = {name: filler_from_state(name, s) for name, s in preprocessing["fill_missing"].items()}
-        self.stores.clear()
-        self._checked.clear()
-        self._row_sources, self._grown_from = {}, None
-        if self.grow_vocabulary and not resuming and any(isinstance(e, VocabularyEncoder) for e in self.encoders.values()):
-            self._grow_from = copy.deepcopy(dict(state_dict))
-
-    def _check_partitions(self, record: Mapping[str, Sequence[str]] | None) -> bool:
-        """Check the train split against a checkpoint's partition record; ``True`` when it resumes the run that wrote it."""
-        if record and self.paths["train"] is None:
-            self._partition_record = {key: list(value) for key, value in record.items()}
-        if not record or self.paths["train"] is None:
-            return False
-        trained, training, now = set(record.get("trained", ())), set(record.get("training", ())), self.train_partitions()
-        resuming = set(now) == training
-        again = sorted(set(now) & (trained if resuming else trained | training))
-        if again:
-            message = (f"the checkpoint has already trained on the partition(s) {again} of this train split; training "
-                       "on them again counts their rows twice")
-            if not self.allow_retraining:
-                raise ValueError(f"{message}. Give a train split of new partitions (the next day), resume the run "
-                                 "that wrote the checkpoint with exactly its train split, or pass "
-                                 "ParquetDataModule(allow_retraining=True) to train on them anyway")
-            warnings.warn(message + " (allow_retraining=True)")
-        if not resuming:
-            self._trained_partitions = sorted(trained | training)
-        else:
-            self._trained_partitions = sorted(trained)
-        return resuming
-
-    def load_checkpoint_state(self, checkpoint: str | Path) -> None:
-        """Adopt the data module state saved in a Lightning checkpoint file (a path or a URI), before ``setup``.
-
-        For incremental training: the previous day's vocabularies, statistics and
-        partition record, so that ``setup`` grows the vocabularies on this train
-        split (``grow_vocabulary=True``) and ``features`` has the grown sizes to
-        build the model with. The file is read with ``torch.load(weights_only=True)``
-        (a URI through fsspec, credentials from the environment as for Lightning's
-        own checkpoint I/O).
-        """
-        name = str(checkpoint)
-        try:
-            if uri_scheme(name) is not None:
-                import fsspec
-
-                with fsspec.open(name, "rb") as stream:
-                    loaded = torch.load(stream, map_location="cpu", weights_only=True)
-            else:
-                loaded = torch.load(name, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"checkpoint {name}: cannot read it ({type(err).__name__}: {err})") from err
-        key = type(self).__qualname__
-        if not isinstance(loaded, dict) or key not in loaded:
-            raise ValueError(f"checkpoint {name} holds no {key} state (it was not written by a fit with this data "
-                             "module); nothing to continue from")
-        self.load_state_dict(loaded[key])
-
-    def embedding_row_sources(self) -> dict[str, tuple[int, np.ndarray]]:
-        """How the vocabularies grew since the restored state: ``{feature: (ids before, sources)}``.
-
-        ``sources[j]`` is the id the value of new id ``j`` had in the restored
-        state, or ``-1`` (a new value: its embedding row starts afresh).
-        ``MultiTaskLightningModule`` reads this when it loads the checkpoint
-        the state came from, to grow its tables the same way. Empty unless
-        ``grow_vocabulary`` grew something.
-        """
-        return {name: (before, rows) for name, (before, rows) in self._row_sources.items()
-                if len(rows) != before or not np.array_equal(rows, np.arange(before))}
-
-    # ---------------------------------------------------------------- group
-    def _id_columns(self) -> dict[str, str]:
-        """``{batch slot: column}`` of the group and scenario columns that are given."""
-        return {slot: column for slot, column in (("group", self.group), ("scenario", self.scenario)) if column}
-
-    def _carried_keys(self) -> list[str]:
-        """``keys`` plus the group and scenario columns (read like keys, moved to ``batch["group"]`` and
-        ``batch["scenario"]`` by ``on_before_batch_transfer``)."""
-        extra = [c for c in dict.fromkeys(self._id_columns().values()) if c not in self.keys]
-        return self.keys + extra
-
-    def _check_id_columns(self, path: DataFile, schema: pa.Schema) -> None:
-        for slot, column in self._id_columns().items():
-            if column not in schema.names:
-                raise ValueError(f"{path}: missing {slot} column {column!r} (columns: {schema.names})")
-            check_unique(schema, [column], path)
-            if not pa.types.is_integer(schema.field(column).type):
-                what = "user ids" if slot == "group" else "scenario ids; encode the scenarios as integers first"
-                raise ValueError(f"{path}: {slot} column {column!r} has type {schema.field(column).type}; "
-                                 f"it must hold integer ids ({what})")
-
-    # ---------------------------------------------------------------- files
-    def _split_tasks(self, split: str, names: Sequence[Sequence[str]]) -> list[Task]:
-        """The tasks read in ``split``: all, but in the predict split only those whose label every file (``names``) has."""
-        if split != "predict":
-            return list(self.tasks)
-        return [t for t in self.tasks if all(t.label in columns for columns in names)]
-
-    def _check_files(self) -> None:
+    # ------------------------------------------------------------- checks
+    def check_splits(self) -> None:
         """Check the footer of every file of every given split, in one pass, before any batch is read.
 
         Every file must open as Parquet and hold rows, and the group and scenario
@@ -657,46 +311,24 @@ class ParquetDataModule(L.LightningDataModule):
                 convert(schema.empty_table().select(present), file.path, 0, store=store)
             self._checked.add(split)
 
-    def _converter(self, split: str, tasks: Sequence[Task]) -> TableConverter:
-        """The checks and conversion of the split's tables (streaming reads, footer checks)."""
-        return TableConverter(self.features, tasks, self.row_id, self._carried_keys(), self.encoders, self.normalizers,
-                              implied_labels=self.implied_labels if split != "predict" else None,
-                              ignore_label=self.ignore_label, fillers=self.fillers)
+    _check_files = check_splits  # the name it had before the base class existed
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        columns = self._id_columns()
-        if columns and isinstance(batch, dict) and "keys" in batch:
-            keys = batch["keys"]
-            for slot, column in columns.items():
-                batch[slot] = keys[column]
-            for column in set(columns.values()) - set(self.keys):  # carried for the slots only
-                keys.pop(column)
-            if not keys:
-                del batch["keys"]
-        return batch
+    def _forget_reads(self) -> None:
+        super()._forget_reads()
+        self._checked.clear()
 
-    def setup(self, stage: str | None = None) -> None:
-        self.prepare_features()
-        self._check_files()
-        if not self.preprocessing_fitted() or self.streaming:
-            # streams are opened by dataset(); unfitted encoders wait for load_state_dict (a checkpoint)
-            return
-        wanted = {
-            "fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",), None: SPLITS
-        }[stage]
-        for split in wanted:
-            if self.paths[split] is not None and split not in self.stores:
-                bar = self._progress_bar(split, "reading the")
-                try:
-                    self.stores[split] = read_split(
-                        self.files(split), self.features, self.tasks, self.row_id, labels_required=split != "predict",
-                        keys=self._carried_keys(), implied_labels=self.implied_labels, encoders=self.encoders,
-                        normalizers=self.normalizers, ignore_label=self.ignore_label, fillers=self.fillers,
-                        progress=bar.update if bar is not None else None,
-                    )
-                finally:
-                    if bar is not None:
-                        bar.close()
+    # ------------------------------------------------------------ reading
+    def read_store(self, split: str, progress: Any = None) -> ColumnStore:
+        """Every row group of every file of ``split`` into one store allocated from the footers (``store.read_split``)."""
+        return read_split(
+            self.files(split), self.features, self.tasks, self.row_id, labels_required=split != "predict",
+            keys=self._carried_keys(), implied_labels=self.implied_labels, encoders=self.encoders,
+            normalizers=self.normalizers, ignore_label=self.ignore_label, fillers=self.fillers, progress=progress,
+        )
+
+    def _read_stores(self, stage: str | None) -> None:
+        if not self.streaming:  # streams are opened by dataset()
+            super()._read_stores(stage)
 
     def dataset(
         self, split: str, rank: int | None = None, world_size: int | None = None
@@ -704,27 +336,18 @@ class ParquetDataModule(L.LightningDataModule):
         """The batch stream of a split (``rank``/``world_size`` default to the DDP process group)."""
         if self.streaming:
             return self._stream(split, rank, world_size)
-        if split not in self.stores:
-            if self.paths.get(split) is None:
-                raise ValueError(f"no {split} data was given to ParquetDataModule")
-            self.prepare_features()
-            self._require_fitted(split)
-            self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[split])
-        train = split == "train"
-        return ParquetBatches(
-            self.stores[split], self.batch_size, shuffle=train and self.shuffle, seed=self.seed,
-            drop_last=train and self.drop_last, pad_to_equal=train, rank=rank, world_size=world_size,
-        )
+        return super().dataset(split, rank, world_size)
 
     def _stream(self, split: str, rank: int | None, world_size: int | None) -> ParquetStream:
         if self.paths.get(split) is None:
             raise ValueError(f"no {split} data was given to ParquetDataModule")
         self.prepare_features()
         self._require_fitted(split)
-        self._check_files()
+        self.check_splits()
         files = self.files(split)
         # labels are optional in the predict split: use those every file has
-        tasks = self._split_tasks(split, [read_schema(file).names for file in files] if split == "predict" else [])
+        tasks: list[Task] = self._split_tasks(
+            split, [read_schema(file).names for file in files] if split == "predict" else [])
         process_rank, process_world = _distributed()
         train = split == "train"
         return ParquetStream(
@@ -735,32 +358,3 @@ class ParquetDataModule(L.LightningDataModule):
             rank=process_rank if rank is None else rank,
             world_size=process_world if world_size is None else world_size, read_rows=self.read_rows,
         )
-
-    def _epoch(self) -> int:
-        """The training epoch the train loader's next pass serves.
-
-        Lightning's own sampler epoch, the number of training epochs already run; unlike
-        ``trainer.current_epoch`` it is right when resuming from a checkpoint written at the end
-        of an epoch (by ModelCheckpoint, before the epoch counts as completed).
-        """
-        return self.trainer.fit_loop.epoch_progress.current.processed
-
-    def _loader(self, split: str) -> DataLoader:
-        # The train loader's position is saved in checkpoints and restored: see datamodules.batches.
-        return EpochDataLoader(
-            self.dataset(split), epoch_fn=self._epoch if self.trainer is not None else None,
-            num_workers=self.num_workers, pin_memory=self.pin_memory,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader | list:
-        # no val split: an empty list tells Lightning to skip validation
-        return self._loader("val") if self.paths["val"] is not None else []
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict")

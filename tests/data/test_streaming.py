@@ -21,6 +21,7 @@ from mtl_lightning.callbacks import ParquetPredictionWriter
 
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 def write_parts(directory, sizes, seed=0, row_group_size=300, **extra_columns):
@@ -119,7 +120,7 @@ def test_resume_continues_with_the_next_epochs_order(uneven, tmp_path, quiet_tra
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self.ids.setdefault(trainer.current_epoch, []).extend(batch["row_id"].tolist())
 
-    def run(max_epochs, ckpt_path=None, save=None):
+    def run(max_epochs, ckpt_path=None, callbacks=()):
         torch.manual_seed(0)
         dm = ParquetDataModule(train=uneven["train"], streaming=True, shuffle_buffer=800, read_rows=256,
                                num_workers=0, **module_kwargs(batch_size=512))
@@ -127,15 +128,15 @@ def test_resume_continues_with_the_next_epochs_order(uneven, tmp_path, quiet_tra
         module = MultiTaskLightningModule(MMoE(dm.features, synthetic_tasks(), num_experts=2, expert_hidden=(8,),
                                                tower_hidden=(4,)), lr=1e-2)
         record = Record()
-        trainer = quiet_trainer(max_epochs=max_epochs, callbacks=[record])
+        trainer = quiet_trainer(max_epochs=max_epochs, callbacks=[record, *callbacks],
+                                enable_checkpointing=bool(callbacks))
         trainer.fit(module, dm, ckpt_path=ckpt_path)
-        if save:
-            trainer.save_checkpoint(save)
         return record.ids, module
 
-    straight, straight_module = run(2)
-    run(1, save=tmp_path / "epoch0.ckpt")
-    resumed, resumed_module = run(2, ckpt_path=tmp_path / "epoch0.ckpt")
+    # the checkpoint of epoch 0 of the 2-epoch run (a fit that ran to its end is not resumed: datamodules.partitions)
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+    straight, straight_module = run(2, callbacks=[saver])
+    resumed, resumed_module = run(2, ckpt_path=tmp_path / "epoch=0.ckpt")
     assert list(resumed) == [1] and resumed[1] == straight[1] != straight[0]
     for a, b in zip(straight_module.parameters(), resumed_module.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # exact resume

@@ -111,9 +111,9 @@ def test_resume_from_an_end_of_epoch_checkpoint_is_exact(tmp_path, quiet_trainer
             module, dm, ckpt_path=ckpt_path)
         return module
 
-    straight = run(2)
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    run(1, callbacks=[checkpoint])
-    resumed = run(2, ckpt_path=checkpoint.last_model_path)
+    # the checkpoint written at the end of epoch 0 of the 2-epoch run (a fit that ran to its end is not resumed)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1)
+    straight = run(2, callbacks=[checkpoint])
+    resumed = run(2, ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt")
     for a, b in zip(straight.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
