@@ -1,137 +1,21 @@
-"""Callbacks for training and inference with ``MultiTaskLightningModule``.
-
-``ParquetPredictionWriter`` is Lightning's ``BasePredictionWriter`` writing
-``trainer.predict`` output batch by batch to one Parquet file per process, so
-predictions of a split larger than memory never pile up (call
-``trainer.predict(..., return_predictions=False)``). Under DDP every rank
-writes its own file; together the files hold every row of the predict split
-exactly once (the Parquet data module shards the predict split without
-repetition).
-
-``output_dir`` may be a URI (``s3://bucket/predictions/day=2026-11-02``,
-``gs://``, ``hdfs://``...): the files are written through the same
-filesystems as ``ParquetDataModule`` reads (fsspec with ``storage_options=``,
-or a ``pyarrow.fs.FileSystem`` given as ``filesystem=``); an object store
-receives each file when it is closed, at the end of ``trainer.predict``.
+"""Callbacks for training with ``MultiTaskLightningModule``.
 
 ``RunSummary`` prints, at the end of ``fit``, the best checkpoint's path and a
 table of the final validation metrics per task (``mtl-lightning fit`` adds it).
+
+``ParquetPredictionWriter`` (``trainer.predict`` output to Parquet files) lives
+in ``datamodules.predictions``, beside the Parquet reader and the storage layer
+it writes through: ``mtl_lightning`` never imports ``datamodules``. It is still
+importable from here (``from mtl_lightning.callbacks import
+ParquetPredictionWriter``) through the module ``__getattr__`` below, a
+backwards-compatible re-export that imports it on first use.
 """
 
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import lightning as L
-import pyarrow as pa
-import pyarrow.parquet as pq
-from lightning.pytorch.callbacks import BasePredictionWriter
-from torch import Tensor
-
-from datamodules.storage import Storage, local_path, uri_scheme
-
-# The writer reads row ids from the batch, not from sampler indices, which an IterableDataset does not have.
-warnings.filterwarnings("ignore", message=r".*Couldn't infer the batch indices fetched from your dataloader.*")
-
-
-class ParquetPredictionWriter(BasePredictionWriter):
-    """Writes ``<output_dir>/<prefix>-rank<R>.parquet`` (``-dataloader<D>`` appended for extra dataloaders).
-
-    Columns: ``row_id`` (when the batch has one), every key column the data
-    module carries in ``batch["keys"]`` (``ParquetDataModule(keys=[...])``),
-    then one column per task with what ``predict_step`` returned for it
-    (probabilities for binary tasks, values for regression). A file is
-    rewritten from scratch by every ``trainer.predict`` call; a rank whose
-    shard of the predict split is empty (a split smaller than the world size)
-    gets one batch of 0 rows from ``ParquetDataModule`` and writes a file of 0 rows.
-    """
-
-    def __init__(
-        self,
-        output_dir: str | Path,
-        prefix: str = "predictions",
-        storage_options: Mapping[str, Any] | None = None,
-        filesystem: Any = None,
-    ) -> None:
-        super().__init__(write_interval="batch")
-        self._storage = Storage(str(output_dir), storage_options, filesystem) if uri_scheme(output_dir) else None
-        self.output_dir: Path | str = str(output_dir).rstrip("/") if self._storage else Path(local_path(str(output_dir)))
-        self.prefix = prefix
-        self._writers: dict[int, tuple[pq.ParquetWriter, Any]] = {}
-        self.paths: list[Path | str] = []
-
-    def path(self, rank: int, dataloader_idx: int = 0) -> Path | str:
-        """The file of ``rank`` (a URI when ``output_dir`` is one)."""
-        suffix = f"-dataloader{dataloader_idx}" if dataloader_idx else ""
-        name = f"{self.prefix}-rank{rank:05d}{suffix}.parquet"
-        return f"{self.output_dir}/{name}" if self._storage else Path(self.output_dir) / name
-
-    @staticmethod
-    def _table(prediction: Mapping[str, Any], batch: Any) -> pa.Table:
-        if not isinstance(prediction, Mapping):
-            raise TypeError(
-                f"ParquetPredictionWriter needs predict_step to return a dict of tensors, got {type(prediction).__name__}"
-            )
-        columns: dict[str, Any] = {}
-
-        def add(name: str, value: Tensor) -> None:
-            array = value.detach().cpu().numpy()
-            if array.ndim != 1:
-                raise ValueError(f"ParquetPredictionWriter writes one value per row; {name!r} has shape {tuple(value.shape)}")
-            columns[name] = array
-
-        if "row_id" in prediction:
-            add("row_id", prediction["row_id"])
-        elif isinstance(batch, Mapping) and "row_id" in batch:
-            add("row_id", batch["row_id"])
-        if isinstance(batch, Mapping):
-            for name, value in (batch.get("keys") or {}).items():
-                add(name, value)
-        for name, value in prediction.items():
-            if name != "row_id":
-                add(name, value)
-        return pa.table(columns)
-
-    def write_on_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        prediction: Any,
-        batch_indices: Sequence[int] | None,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int,
-    ) -> None:
-        table = self._table(prediction, batch)
-        if dataloader_idx not in self._writers:
-            path = self.path(trainer.global_rank, dataloader_idx)
-            if self._storage is not None:
-                sink = self._storage.open_output(str(path))
-                self._writers[dataloader_idx] = (pq.ParquetWriter(sink, table.schema), sink)
-            else:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self._writers[dataloader_idx] = (pq.ParquetWriter(path, table.schema), None)
-            self.paths.append(path)
-        self._writers[dataloader_idx][0].write_table(table)
-
-    def _close(self) -> None:
-        for writer, sink in self._writers.values():
-            writer.close()
-            if sink is not None:
-                sink.close()  # an object store receives the file now
-        self._writers = {}
-
-    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._close()
-        self.paths = []
-
-    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._close()
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._close()
 
 
 def metrics_table(metrics: Mapping[str, Any], stage: str = "val") -> str:
@@ -198,3 +82,15 @@ class RunSummary(L.Callback):
         lines += ["final validation metrics:", table] if table else ["no validation metrics (no val split)"]
         self.text = "\n".join(lines)
         print(self.text, flush=True)
+
+
+def __getattr__(name: str) -> Any:
+    """Backwards-compatible re-export only: ``ParquetPredictionWriter`` moved to ``datamodules.predictions``.
+
+    Imported on first use, so that importing this module imports nothing of ``datamodules``.
+    """
+    if name == "ParquetPredictionWriter":
+        from datamodules.predictions import ParquetPredictionWriter
+
+        return ParquetPredictionWriter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,14 +14,17 @@ overrides an earlier one::
   path (``mtl_lightning.architectures.MMoE``), a class name (``MMoE``) or a
   registry name (``mmoe``, see ``mtl_lightning.registry.names()``) — with its
   hyper-parameters under ``init_args``.
-* ``data``: :class:`~datamodules.parquet.ParquetDataModule`.
+* ``data``: :class:`~datamodules.parquet.ParquetDataModule` (by default; ``build_cli(datamodule_class=...)``
+  takes another data module class). The CLI names it by class path
+  (``mtl_lightning.config.DEFAULT_DATAMODULE``), as it names the prediction
+  writer: ``mtl_lightning`` never imports ``datamodules``.
 * ``trainer``: any ``lightning.Trainer`` argument.
 * ``trainer.strategy.class_path: mtl_lightning.distributed.TorchRecStrategy``
   shards the embedding tables; the model is then built with deferred tables
   (``mtl_lightning.layers.deferred_tables``), so no process allocates a whole
   table.
 * ``prediction_writer``: where ``predict`` writes its Parquet files, one per
-  rank (:class:`~mtl_lightning.callbacks.ParquetPredictionWriter`;
+  rank (:class:`~datamodules.predictions.ParquetPredictionWriter`;
   ``output_dir`` defaults to ``predictions``).
 
 Two links spare the YAML from repeating itself: ``data.tasks`` becomes the
@@ -68,16 +71,15 @@ import torch
 import yaml
 from jsonargparse import Namespace, set_loader, set_parsing_settings
 from lightning.fabric.plugins import CheckpointIO
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
-
-from datamodules.parquet import ParquetDataModule
 
 from . import registry
 from .architectures.base import MultiTaskArchitecture
-from .callbacks import ParquetPredictionWriter, RunSummary, run_log_dir
+from .callbacks import RunSummary, run_log_dir
 from .checkpoint import SafeCheckpointIO, check_checkpoint_file
-from .config import resolve_class
+from .config import DEFAULT_DATAMODULE, PREDICTION_WRITER, default_class, resolve_class
 from .layers.embedding import deferred_tables
 from .module import MultiTaskLightningModule
 from .tasks import Task
@@ -231,9 +233,14 @@ def _check_argument(key: str, value: str) -> None:
         check_class_paths({name.split(".")[1]: {"class_path": loaded}}, "model.")
 
 
-def _features_of(data: ParquetDataModule) -> list:
-    """The data module's feature specs: the given ones, or inferred from its Parquet files."""
+def _features_of(data: LightningDataModule) -> list:
+    """The data module's feature specs (its ``prepare_features()``): the given ones, or inferred from its files."""
     return data.prepare_features()
+
+
+def prediction_writer_class() -> type[BasePredictionWriter]:
+    """``ParquetPredictionWriter``, named by class path (``mtl_lightning.config.PREDICTION_WRITER``)."""
+    return default_class(PREDICTION_WRITER, BasePredictionWriter, "prediction_writer")
 
 
 def run_folder(ckpt_path: Any) -> Path | None:
@@ -253,7 +260,7 @@ class MultiTaskCLI(LightningCLI):
     """LightningCLI with the data -> architecture links (tasks at parse time, features at instantiation)."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
-        parser.add_lightning_class_args(ParquetPredictionWriter, "prediction_writer")
+        parser.add_lightning_class_args(prediction_writer_class(), "prediction_writer")
         parser.set_defaults({"prediction_writer.output_dir": "predictions"})
         parser.link_arguments("data.tasks", "model.model.init_args.tasks", apply_on="parse")
         parser.link_arguments("data.ignore_label", "model.ignore_label", apply_on="parse")
@@ -329,7 +336,7 @@ class MultiTaskCLI(LightningCLI):
         if log_dir:
             print(f"{subcommand}: logged to {log_dir}", flush=True)
         if subcommand == "predict":
-            writers = [c for c in self.trainer.callbacks if isinstance(c, ParquetPredictionWriter)]
+            writers = [c for c in self.trainer.callbacks if isinstance(c, prediction_writer_class())]
             for writer in writers:
                 print(f"predict: predictions written to {writer.output_dir}", flush=True)
 
@@ -357,11 +364,25 @@ class MultiTaskCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def build_cli(args: Sequence[str] | None = None, run: bool = True) -> MultiTaskCLI:
-    """The CLI object (``run=False`` parses and instantiates without running a subcommand)."""
+def build_cli(
+    args: Sequence[str] | None = None, run: bool = True, datamodule_class: type[LightningDataModule] | str | None = None
+) -> MultiTaskCLI:
+    """The CLI object (``run=False`` parses and instantiates without running a subcommand).
+
+    ``datamodule_class``: the data module the ``data`` section configures, a
+    class or its class path (a subclass of ``LightningDataModule`` with a
+    ``prepare_features()`` method); default ``ParquetDataModule``.
+    """
+    if datamodule_class is None:
+        datamodule_class = default_class(DEFAULT_DATAMODULE, LightningDataModule, "data")
+    elif isinstance(datamodule_class, str):
+        datamodule_class = resolve_class(datamodule_class, LightningDataModule, "datamodule_class")
+    if not callable(getattr(datamodule_class, "prepare_features", None)):
+        raise TypeError(f"datamodule_class {datamodule_class.__qualname__} has no prepare_features() method: the CLI "
+                        "builds the model with the feature specs it returns")
     return MultiTaskCLI(
         MultiTaskLightningModule,
-        ParquetDataModule,
+        datamodule_class,
         args=list(args) if args is not None else None,
         run=run,
         parser_kwargs={"parser_mode": PARSER_MODE},

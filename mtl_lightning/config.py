@@ -167,3 +167,19 @@ def build(config: Mapping[str, Any], base: type[T], key: str, registered: Mappin
     if not isinstance(init_args, Mapping) or not all(isinstance(k, str) for k in init_args):
         raise TypeError(f"{key}: init_args of {config['class_path']!r} must be a dict of argument names, got {init_args!r}")
     return cls(**init_args)
+
+
+DEFAULT_DATAMODULE = "datamodules.parquet.ParquetDataModule"
+PREDICTION_WRITER = "datamodules.predictions.ParquetPredictionWriter"
+
+
+def default_class(class_path: str, base: type[T], key: str) -> type[T]:
+    """A class this package uses by default but does not import (``DEFAULT_DATAMODULE``, ``PREDICTION_WRITER``).
+
+    ``mtl_lightning`` never imports ``datamodules`` (which imports
+    ``mtl_lightning``): the CLI and the exports name its classes by class path.
+    The path is a constant of this package, not data, so its module is imported
+    first; the class is then checked like any other (:func:`resolve_class`).
+    """
+    importlib.import_module(class_path.rpartition(".")[0])
+    return resolve_class(class_path, base, key)

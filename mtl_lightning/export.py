@@ -188,21 +188,35 @@ def preprocessing_path(path: str | Path, suffix: str = ".json") -> Path:
     return path.with_name(f"{path.stem}.preprocessing{suffix}")
 
 
-def _data_state(datamodule: Any) -> dict[str, Any]:
-    if datamodule is None:
-        return {}
-    if isinstance(datamodule, Mapping):
-        return dict(datamodule)
-    if callable(getattr(datamodule, "state_dict", None)):
-        return dict(datamodule.state_dict())
-    raise TypeError(f"datamodule must be a ParquetDataModule or its state_dict(), got {type(datamodule).__name__}")
+def _preprocessing_file(features: list[Feature], datamodule: Any) -> dict[str, Any]:
+    """The preprocessing file's content, from the data module (duck-typed) or a data module ``state_dict()``.
+
+    A data module gives it through its ``preprocessing_state(features)``
+    method (``datamodules.base.MultiTaskDataModule`` has one). A state dict
+    (``None``: no data module; a data module without that method gives its
+    ``state_dict()``) is read by the default data module class,
+    ``ParquetDataModule``, named by class path (``mtl_lightning`` never imports
+    ``datamodules``): its ``preprocessing_file(features, state)``.
+    """
+    method = getattr(datamodule, "preprocessing_state", None)
+    if datamodule is not None and not isinstance(datamodule, Mapping) and callable(method):
+        return dict(method(features))
+    if datamodule is not None and not isinstance(datamodule, Mapping) and callable(getattr(datamodule, "state_dict", None)):
+        datamodule = datamodule.state_dict()  # a data module without the method: its state, read as below
+    if datamodule is None or isinstance(datamodule, Mapping):
+        import lightning as L
+
+        from .config import DEFAULT_DATAMODULE, default_class
+
+        reader = default_class(DEFAULT_DATAMODULE, L.LightningDataModule, "datamodule")
+        return dict(reader.preprocessing_file(features, dict(datamodule or {})))
+    raise TypeError(f"datamodule must be a data module with a preprocessing_state(features) method (such as "
+                    f"ParquetDataModule) or its state_dict(), got {type(datamodule).__name__}")
 
 
 def write_preprocessing(model: nn.Module, path: str | Path, datamodule: Any = None) -> Path:
     """Write ``model.preprocessing.json`` next to the model file ``path``, with its ``"fingerprint"``; see the module docstring."""
-    from datamodules.serving import preprocessing_state
-
-    state = preprocessing_state(_architecture(model).features, _data_state(datamodule))
+    state = _preprocessing_file(list(_architecture(model).features), datamodule)
     state["fingerprint"] = preprocessing_fingerprint(state)
     target = preprocessing_path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
