@@ -186,6 +186,10 @@ class ParquetBatches(EpochIterable):
 class EpochDataLoader(StatefulDataLoader):
     """torchdata's ``StatefulDataLoader`` that tells its dataset the epoch before each pass and resumes mid-epoch.
 
+    Lightning may build it again from its attributes (``trainer.predict`` with
+    ``dataloaders=`` a loader the data module made for another split): the
+    copy reads the same dataset.
+
     The epoch of a pass is ``epoch_fn()`` (the data module gives Lightning's
     epoch counter), or the number of passes so far, read when the pass yields
     its first batch. ``state_dict()`` is the epoch, the dataset's
@@ -196,7 +200,13 @@ class EpochDataLoader(StatefulDataLoader):
     its first batch.
     """
 
-    def __init__(self, dataset: EpochIterable, epoch_fn: Callable[[], int] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, dataset: EpochIterable, epoch_fn: Callable[[], int] | None = None, batch_size: None = None, **kwargs: Any
+    ) -> None:
+        # batch_size is an argument (always None: the dataset yields whole batches) so that Lightning can build the
+        # loader again from its attributes, as trainer.predict(dataloaders=dm.val_dataloader()) does
+        if batch_size is not None:
+            raise ValueError(f"EpochDataLoader takes batch_size=None (its dataset yields whole batches), got {batch_size}")
         super().__init__(dataset, batch_size=None, **kwargs)
         self.epoch_fn = epoch_fn
         self._passes = 0

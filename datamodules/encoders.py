@@ -58,7 +58,8 @@ _MERGE_EVERY = 16
 
 
 def _plain_array(column: pa.Array | pa.ChunkedArray, name: str, where: str) -> pa.Array:
-    """A column as one ``int64`` or ``string`` array (dictionary-encoded columns are decoded)."""
+    """A column as one ``int64`` or ``string`` array (dictionary-encoded columns are decoded; whole-number floats,
+    integer ids written as floats, become ``int64``, NaN null)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     if pa.types.is_dictionary(column.type):
@@ -66,6 +67,14 @@ def _plain_array(column: pa.Array | pa.ChunkedArray, name: str, where: str) -> p
     ctype = column.type
     if pa.types.is_integer(ctype):
         return column.cast(pa.int64())
+    if pa.types.is_floating(ctype):  # integer ids written as floats: whole numbers only (NaN is null)
+        column = pc.if_else(pc.is_nan(column), pa.scalar(None, ctype), column)
+        try:
+            return column.cast(pa.int64())  # a safe cast: a fraction or an overflow raises
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise TypeError(f"{where}: categorical column {name!r} has type {ctype} and values that are not whole "
+                            "numbers; a raw categorical must hold strings or integers (integer ids written as floats "
+                            "are accepted)") from None
     if pa.types.is_string(ctype) or pa.types.is_large_string(ctype):
         return column.cast(pa.string())
     raise TypeError(

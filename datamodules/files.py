@@ -83,6 +83,7 @@ class ParquetReader:
         self.file = as_data_file(file)
         self.path = self.file.path
         self._source: Any = None  # the remote file object ``_parquet`` reads (closed with it)
+        self._footer: tuple | None = None  # the footer part of ``signature()``
         try:
             self._parquet = self._open()
             file_schema = self._parquet.schema_arrow
@@ -156,6 +157,21 @@ class ParquetReader:
     @property
     def num_rows(self) -> int:
         return self.metadata.num_rows
+
+    def signature(self) -> tuple:
+        """What identifies this version of the file: its size and modification time (local files), and its footer
+        (size of the footer, rows, and each row group's rows and bytes). A file rewritten since has another one."""
+        if self.file.storage is None:
+            stat = Path(self.path).stat()
+            where: tuple = (stat.st_size, stat.st_mtime_ns)
+        else:
+            size = getattr(self._source, "size", None)
+            where = (size() if callable(size) else None,)
+        if self._footer is None:  # read once per open file: the footer does not change under an open reader
+            self._footer = (self.metadata.serialized_size, self.metadata.num_rows, tuple(
+                (group.num_rows, group.total_byte_size) for group in
+                (self.metadata.row_group(i) for i in range(self.metadata.num_row_groups))))
+        return where + self._footer
 
     @property
     def num_row_groups(self) -> int:

@@ -47,6 +47,15 @@ def _looks_like_label(column: pa.ChunkedArray, ignore_label: float | None) -> bo
     return values.size > 0 and bool(np.isin(values, (0.0, 1.0)).all()) and 0 < values.sum() < values.size
 
 
+def _whole_numbers(column: pa.ChunkedArray) -> tuple[bool, int]:
+    """``(every value present is a whole number, number of distinct values present)`` of a float column."""
+    values = column.cast(pa.float64()).fill_null(float("nan")).to_numpy()
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return False, 0
+    return bool(np.isfinite(values).all() and (values == np.floor(values)).all()), int(np.unique(values).size)
+
+
 def infer_features(
     files: Sequence[Path],
     exclude: set[str],
@@ -95,13 +104,25 @@ def infer_features(
             else:
                 features.append(SparseFeature(name, vocab_size=high + 1, embedding_dim=embedding_dim))
         elif pa.types.is_floating(ftype):
-            if all(_looks_like_label(read_column(path, name, like=(files[0], ftype)), ignore_label)
-                   for path in stat_files):
+            columns = [read_column(path, name, like=(files[0], ftype)) for path in stat_files]
+            if all(_looks_like_label(column, ignore_label) for column in columns):
                 warnings.warn(
                     f"column {name!r} holds only 0/1 values, like a label; it is inferred as a dense feature. If it is "
                     f"the label of another task (a feature that is a label leaks the answer), pass "
                     f"labels=[{name!r}] or exclude=[{name!r}] to ParquetDataModule", stacklevel=2,
                 )
+            else:
+                whole = [_whole_numbers(column) for column in columns]
+                if all(ok for ok, _ in whole) and sum(count for _, count in whole) > 2:
+                    warnings.warn(
+                        f"column {name!r} is stored as {ftype} but holds only whole numbers ({sum(c for _, c in whole):,} "
+                        f"distinct values counted per file), like integer ids written as floats; it is inferred as a "
+                        f"dense feature (a quantity). If it holds ids (users, items, categories), make it categorical: "
+                        f"ParquetDataModule(categorical=[{name!r}]) (a vocabulary of its values) or "
+                        f"categorical={{{name!r}: {{'num_buckets': N}}}} (hashing), or write it as an integer column "
+                        f"(inferred as ids). If it is a quantity (a count), give features=... to state it",
+                        stacklevel=2,
+                    )
             features.append(DenseFeature(name))
         elif pa.types.is_fixed_size_list(ftype) and pa.types.is_floating(ftype.value_type):
             features.append(DenseFeature(name, dim=ftype.list_size))

@@ -37,6 +37,12 @@ The order is a pure function of ``(seed, epoch, world_size, num_workers,
 batch_size, shuffle_buffer, read_rows)`` and the files, so resuming a run at
 epoch ``e`` replays epoch ``e``'s order exactly.
 
+Files are data that must hold still: each file's size, modification time
+(local files) and footer are recorded when the row groups are listed
+(``RowGroup.signature``) and compared before every row group is read; a file
+rewritten or replaced under a running stream is refused with a ``ValueError``
+naming it, instead of being read in part.
+
 Resuming mid-epoch (see ``datamodules.batches``): a worker's saved state is
 the epoch and the number ``n`` of batches it had yielded. With shuffling, the
 shuffle buffer is not saved but replayed: the worker reads, converts and
@@ -59,7 +65,7 @@ import numpy as np
 import torch
 
 from .batches import EpochIterable, _worker
-from .files import open_file
+from .files import ParquetReader, open_file
 from .paths import DataFile, Partition, as_data_file
 from .storage import Storage
 from .store import ColumnStore, TableConverter
@@ -77,6 +83,7 @@ class RowGroup:
     num_rows: int
     partitions: tuple[Partition, ...] = ()  # the file's Hive partition values (``DataFile.partitions``)
     storage: Storage | None = None  # where a remote file is read from (``DataFile.storage``)
+    signature: tuple | None = None  # the file's version when listed (``ParquetReader.signature``), checked on reads
 
     @property
     def file(self) -> DataFile:
@@ -90,14 +97,28 @@ def list_row_groups(files: Sequence[DataFile | Path]) -> list[RowGroup]:
     for file in map(as_data_file, files):
         with open_file(file) as reader:
             metadata = reader.metadata
+            signature = reader.signature()
         if metadata.num_rows == 0:
             raise ValueError(f"{file}: file is empty (0 rows)")
         for index in range(metadata.num_row_groups):
             size = metadata.row_group(index).num_rows
             if size:
-                groups.append(RowGroup(file.path, index, offset, size, file.partitions, file.storage))
+                groups.append(RowGroup(file.path, index, offset, size, file.partitions, file.storage, signature))
                 offset += size
     return groups
+
+
+def check_unchanged(group: RowGroup, reader: ParquetReader) -> None:
+    """Refuse to read ``group`` from a file that is not the version its split listed (rewritten or replaced since)."""
+    if group.signature is None:
+        return
+    now = reader.signature()
+    if now != group.signature:
+        raise ValueError(
+            f"{group.path}: the file changed while this run reads it (listed with size, modification time and footer "
+            f"{group.signature}, now {now}); reading it on would mix two versions of the data. Write new data to new "
+            "files (a new partition) and leave the files of a running split as they are, then start the run again"
+        )
 
 
 class ParquetStream(EpochIterable):
@@ -201,6 +222,7 @@ class ParquetStream(EpochIterable):
                 if parquet is not None:
                     parquet.close()
                 parquet, path = open_file(group.file), group.path  # errors name the file (and column)
+            check_unchanged(group, parquet)  # before every row group: the file is still the one listed
             names = set(parquet.schema.names)  # with the partition columns
             columns = [c for c in wanted if c in names]  # a missing column is reported by the converter
             offset = 0
