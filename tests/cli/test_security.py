@@ -66,9 +66,9 @@ def tiny_paths(tmp_path_factory) -> dict[str, Path]:
     return write_synthetic(tmp_path_factory.mktemp("tiny"), (300, 100, 100))
 
 
-def _tiny_data(paths: dict[str, Path]) -> ParquetDataModule:
+def _tiny_data(paths: dict[str, Path], **kwargs) -> ParquetDataModule:
     return ParquetDataModule(train=paths["train"], tasks=synthetic_tasks(), features=synthetic_features(embedding_dim=4),
-                             batch_size=100)
+                             batch_size=100, **kwargs)
 
 
 def _data_args(paths: dict[str, Path]) -> list[str]:
@@ -198,9 +198,10 @@ def test_truncated_checkpoint_is_named(tmp_path, tiny_paths, quiet_trainer):
         check_checkpoint_file(empty)
     with pytest.raises(ValueError, match=rf"checkpoint {tmp_path / 'missing.ckpt'} does not exist"):
         MultiTaskLightningModule.load_from_checkpoint(tmp_path / "missing.ckpt")
-    # the complete file resumes through SafeCheckpointIO
+    # the complete file resumes through SafeCheckpointIO (its fit ran to its end: training its data again is allowed)
     resumed = quiet_trainer(max_epochs=2, limit_train_batches=1, limit_val_batches=0, plugins=[SafeCheckpointIO()])
-    resumed.fit(_small_module(), data, ckpt_path=good)
+    with pytest.warns(UserWarning, match="already trained on the partition"):
+        resumed.fit(_small_module(), _tiny_data(tiny_paths, allow_retraining=True), ckpt_path=good)
     assert resumed.global_step == 2
 
 
