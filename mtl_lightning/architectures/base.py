@@ -8,6 +8,12 @@ supervises; ESCM's imputation tower); ``output_names`` lists everything
 ``forward`` returns, tasks first. It declares which parameters all tasks share (``shared_parameters``)
 and which layer is the last shared one (``last_shared_parameters``, GradNorm's
 ``W``), and may add its own training signal through ``auxiliary_loss``.
+
+:class:`MultiScenarioArchitecture` is the base of the multi-scenario
+(multi-domain) architectures: it holds their domain set-up (the domain feature,
+the number of domains, the input layer and where each feature sits in it).
+Every concrete architecture is registered in ``mtl_lightning.registry.ARCHITECTURES``,
+whose base class is :class:`MultiTaskArchitecture`.
 """
 
 from __future__ import annotations
@@ -21,25 +27,28 @@ from torch import Tensor, nn
 
 from ..config import Configurable
 from ..features import Feature, feature_from_config
-from ..layers import MLP
+from ..layers import MLP, FeatureEmbedding, check_feature_names, domain_ids, feature_slices, resolve_domain
+from ..registry import ARCHITECTURES
 from ..tasks import Task, check_tasks
 
 
+@ARCHITECTURES.base_class
 class MultiTaskArchitecture(Configurable, nn.Module, metaclass=ABCMeta):
     """Base class: keeps ``features`` and ``tasks`` and defines the hooks the training module uses."""
 
     #: ``True`` for a multi-scenario (multi-domain) architecture: its constructor takes ``domain_feature=`` (the
-    #: sparse feature holding the scenario id) and ``num_domains=``, and an instance keeps both under those names.
+    #: sparse feature holding the scenario id) and ``num_domains=``, and an instance keeps both under those names
+    #: (:class:`MultiScenarioArchitecture` sets it and does both).
     #: Tests, benchmarks and per-scenario evaluation read this flag, never the constructor's parameter names.
     multi_scenario: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.__dict__.get("multi_scenario", False):
+        if cls.multi_scenario:
             parameters = inspect.signature(cls.__init__).parameters
             missing = [name for name in ("domain_feature", "num_domains") if name not in parameters]
             if missing:
-                raise TypeError(f"{cls.__name__} sets multi_scenario = True, so its __init__ must take "
+                raise TypeError(f"{cls.__name__} is multi-scenario (multi_scenario = True), so its __init__ must take "
                                 f"domain_feature= and num_domains=; it lacks {missing}")
 
     def __init__(self, features: Sequence[Feature | dict], tasks: Sequence[Task | dict]) -> None:
@@ -120,6 +129,58 @@ class MultiTaskArchitecture(Configurable, nn.Module, metaclass=ABCMeta):
         )
 
 
+class MultiScenarioArchitecture(MultiTaskArchitecture):
+    """Base of the multi-scenario architectures: the domain set-up, once.
+
+    ``__init__(features, tasks, domain_feature="domain", num_domains=None)``
+    checks that ``domain_feature`` is a sparse feature and ``num_domains``
+    (default: its ``vocab_size``) fits its vocabulary, keeps both under those
+    names, and builds the input layer ``self.embedding`` (a flat
+    ``FeatureEmbedding`` over every feature, the domain included) with
+    ``self.feature_slices``, where each feature's vector sits in its
+    ``(B, D)`` output. A subclass calls it first, then builds its own layers, and
+    reads the batch's domain ids with :meth:`domain_ids` in ``forward``.
+    Error messages name the subclass.
+    """
+
+    multi_scenario = True
+
+    def __init__(
+        self,
+        features: Sequence[Feature | dict],
+        tasks: Sequence[Task | dict],
+        domain_feature: str = "domain",
+        num_domains: int | None = None,
+    ) -> None:
+        super().__init__(features, tasks)
+        self.domain_feature = domain_feature
+        self.num_domains = resolve_domain(type(self).__name__, self.features, domain_feature, num_domains)
+        self.embedding = FeatureEmbedding(self.features)
+        self.feature_slices = feature_slices(self.embedding)
+
+    @property
+    def domain_slice(self) -> slice:
+        """Where the domain feature's embedding sits in the flat ``(B, D)`` input."""
+        return self.feature_slices[self.domain_feature]
+
+    def domain_and(self, argument: str, names: Sequence[str]) -> tuple[str, ...]:
+        """The domain feature, then the features ``names`` (an argument such as ``scenario_features``) without it.
+
+        Raises ``ValueError`` naming ``argument`` for a name that is not a feature.
+        """
+        named = check_feature_names(type(self).__name__, argument, names, self.features)
+        return (self.domain_feature, *[n for n in named if n != self.domain_feature])
+
+    def columns(self, names: Sequence[str]) -> Tensor:
+        """The columns of the flat ``(B, D)`` input holding the features ``names``, in that order (int64)."""
+        parts = [torch.arange(self.feature_slices[n].start, self.feature_slices[n].stop) for n in names]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+    def domain_ids(self, features: Mapping[str, Tensor]) -> Tensor:
+        """The batch's domain ids, int64 ``(B,)``; an id outside ``[0, num_domains)`` raises ``ValueError``."""
+        return domain_ids(type(self).__name__, features, self.domain_feature, self.num_domains)
+
+
 def squeeze_logit(x: Tensor) -> Tensor:
     """``(B, 1) -> (B,)``."""
     return x.squeeze(-1)
@@ -135,4 +196,4 @@ def parameters_of(*modules: nn.Module | Iterable[nn.Parameter]) -> list[nn.Param
     return list(seen.values())
 
 
-__all__ = ["MultiTaskArchitecture", "squeeze_logit", "parameters_of"]
+__all__ = ["MultiTaskArchitecture", "MultiScenarioArchitecture", "squeeze_logit", "parameters_of"]

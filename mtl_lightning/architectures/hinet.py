@@ -31,18 +31,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..features import Feature
-from ..layers import ExpertBank, FeatureEmbedding, Gate, domain_ids, feature_slices, mix, resolve_domain
+from ..layers import ExpertBank, Gate, mix
 from ..registry import register
 from ..tasks import Task
-from .base import MultiTaskArchitecture, parameters_of, squeeze_logit
+from .base import MultiScenarioArchitecture, parameters_of, squeeze_logit
 from .ple import ExtractionLevel
 
 
 @register("hinet")
-class HiNet(MultiTaskArchitecture):
+class HiNet(MultiScenarioArchitecture):
     """embedding -> scenario extraction (shared, own and SAN-weighted other scenarios) -> CGC task extraction."""
-
-    multi_scenario = True
 
     def __init__(
         self,
@@ -60,12 +58,8 @@ class HiNet(MultiTaskArchitecture):
         activation: str = "relu",
         dropout: float = 0.0,
     ) -> None:
-        super().__init__(features, tasks)
-        self.domain_feature = domain_feature
-        self.num_domains = resolve_domain("HiNet", self.features, domain_feature, num_domains)
-        self.embedding = FeatureEmbedding(self.features)
+        super().__init__(features, tasks, domain_feature, num_domains)
         dim = self.embedding.output_dim
-        self.scenario_slice = feature_slices(self.embedding)[domain_feature]
         S = self.num_domains
         self.shared_experts = ExpertBank(num_shared_experts, dim, scenario_expert_hidden, activation, dropout)
         self.shared_gates = nn.ModuleList(Gate(dim, num_shared_experts) for _ in range(S))
@@ -73,7 +67,7 @@ class HiNet(MultiTaskArchitecture):
         self.num_scenario_experts = num_scenario_experts
         self.scenario_experts = ExpertBank(S * num_scenario_experts, dim, scenario_expert_hidden, activation, dropout)
         self.scenario_gates = nn.ModuleList(Gate(dim, num_scenario_experts) for _ in range(S))
-        self.san = nn.Linear(self.scenario_slice.stop - self.scenario_slice.start, S)
+        self.san = nn.Linear(self.domain_slice.stop - self.domain_slice.start, S)
         width = self.shared_experts.output_dim
         self.task_layer = ExtractionLevel(self.task_names, 3 * width, num_task_experts, num_task_shared_experts,
                                           task_expert_hidden, activation, dropout, with_shared_gate=False)
@@ -88,7 +82,7 @@ class HiNet(MultiTaskArchitecture):
     def san_weights(self, x: Tensor, domain: Tensor) -> Tensor:
         """SAN's attention over the other scenarios: ``(B, S)``, zero on the own scenario, rows sum to one
         (all zero with a single scenario)."""
-        scores = self.san(x[:, self.scenario_slice])  # (B, S)
+        scores = self.san(x[:, self.domain_slice])  # (B, S): from the scenario's own embedding
         own = F.one_hot(domain, self.num_domains).bool()
         if self.num_domains == 1:
             return torch.zeros_like(scores)
@@ -106,7 +100,7 @@ class HiNet(MultiTaskArchitecture):
         return torch.cat([shared, own, others], dim=-1)
 
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        domain = domain_ids("HiNet", features, self.domain_feature, self.num_domains)
+        domain = self.domain_ids(features)
         x = self.embedding(features)  # (B, D)
         c = self.scenario_layer(x, domain)  # (B, 3H)
         task_outputs, _ = self.task_layer({t: c for t in self.task_names}, c)

@@ -38,17 +38,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..features import Feature
-from ..layers import MLP, ExpertBank, FeatureEmbedding, Gate, domain_ids, mix, resolve_domain
+from ..layers import MLP, ExpertBank, Gate, mix
 from ..registry import register
 from ..tasks import Task
-from .base import MultiTaskArchitecture, parameters_of
+from .base import MultiScenarioArchitecture, parameters_of
 
 
 @register("hmoe")
-class HMoE(MultiTaskArchitecture):
+class HMoE(MultiScenarioArchitecture):
     """embedding -> shared experts; per task and scenario a gate and a tower; per task a stacked gate per scenario."""
-
-    multi_scenario = True
 
     def __init__(
         self,
@@ -63,10 +61,7 @@ class HMoE(MultiTaskArchitecture):
         dropout: float = 0.0,
         own_scenario_bias: float = 2.0,
     ) -> None:
-        super().__init__(features, tasks)
-        self.domain_feature = domain_feature
-        self.num_domains = resolve_domain("HMoE", self.features, domain_feature, num_domains)
-        self.embedding = FeatureEmbedding(self.features)
+        super().__init__(features, tasks, domain_feature, num_domains)
         dim = self.embedding.output_dim
         self.experts = ExpertBank(num_experts, dim, expert_hidden, activation, dropout)
         scenarios = range(self.num_domains)
@@ -100,7 +95,7 @@ class HMoE(MultiTaskArchitecture):
         return every[rows, domain]
 
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        domain = domain_ids("HMoE", features, self.domain_feature, self.num_domains)
+        domain = self.domain_ids(features)
         x = self.embedding(features)  # (B, D)
         experts = self.experts(x)  # (B, E, H)
         own = F.one_hot(domain, self.num_domains).bool()  # (B, S)

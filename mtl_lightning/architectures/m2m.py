@@ -33,11 +33,10 @@ import torch
 from torch import Tensor, nn
 
 from ..features import Feature
-from ..layers import MLP, ExpertBank, FeatureEmbedding, activation_layer, check_feature_names, domain_ids
-from ..layers import feature_slices, resolve_domain
+from ..layers import MLP, ExpertBank, activation_layer
 from ..registry import register
 from ..tasks import Task
-from .base import MultiTaskArchitecture, parameters_of
+from .base import MultiScenarioArchitecture, parameters_of
 
 
 class MetaUnit(nn.Module):
@@ -69,10 +68,8 @@ class MetaUnit(nn.Module):
 
 
 @register("m2m")
-class M2M(MultiTaskArchitecture):
+class M2M(MultiScenarioArchitecture):
     """embedding -> shared experts; scenario knowledge -> meta attention over the experts and a meta tower per task."""
-
-    multi_scenario = True
 
     def __init__(
         self,
@@ -89,19 +86,14 @@ class M2M(MultiTaskArchitecture):
         activation: str = "relu",
         dropout: float = 0.0,
     ) -> None:
-        super().__init__(features, tasks)
         if tower_layers < 0 or attention_dim < 1:
             raise ValueError(f"M2M: tower_layers must be >= 0 and attention_dim >= 1, got {tower_layers} and "
                              f"{attention_dim}")
         if not scenario_hidden:
             raise ValueError("M2M: scenario_hidden must list at least one layer size")
-        self.domain_feature = domain_feature
-        self.num_domains = resolve_domain("M2M", self.features, domain_feature, num_domains)
-        names = check_feature_names("M2M", "scenario_features", scenario_features, self.features)
-        self.scenario_features = (domain_feature, *[n for n in names if n != domain_feature])
-        self.embedding = FeatureEmbedding(self.features)
-        slices = feature_slices(self.embedding)
-        self.scenario_slices = [slices[n] for n in self.scenario_features]
+        super().__init__(features, tasks, domain_feature, num_domains)
+        self.scenario_features = self.domain_and("scenario_features", scenario_features)
+        self.scenario_slices = [self.feature_slices[n] for n in self.scenario_features]
         scenario_input = sum(s.stop - s.start for s in self.scenario_slices)
         self.scenario_mlp = MLP(scenario_input, scenario_hidden, activation=activation, dropout=dropout)
         self.experts = ExpertBank(num_experts, self.embedding.output_dim, expert_hidden, activation, dropout)
@@ -126,7 +118,7 @@ class M2M(MultiTaskArchitecture):
         return torch.softmax(scores.squeeze(-1), dim=-1)
 
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        domain_ids("M2M", features, self.domain_feature, self.num_domains)  # checks the ids
+        self.domain_ids(features)  # checks the ids
         x = self.embedding(features)  # (B, D)
         s = self.scenario_knowledge(x)  # (B, S)
         experts = self.experts(x)  # (B, K, H)

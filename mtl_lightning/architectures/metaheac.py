@@ -33,17 +33,15 @@ import torch
 from torch import Tensor, nn
 
 from ..features import Feature
-from ..layers import MLP, ExpertBank, FeatureEmbedding, Gate, domain_ids, feature_slices, mix, resolve_domain
+from ..layers import MLP, ExpertBank, Gate, mix
 from ..registry import register
 from ..tasks import Task
-from .base import MultiTaskArchitecture, parameters_of
+from .base import MultiScenarioArchitecture, parameters_of
 
 
 @register("metaheac")
-class MetaHeac(MultiTaskArchitecture):
+class MetaHeac(MultiScenarioArchitecture):
     """embedding -> shared experts; per task: a scenario-conditioned expert gate, critics and a critic gate."""
-
-    multi_scenario = True
 
     def __init__(
         self,
@@ -58,14 +56,10 @@ class MetaHeac(MultiTaskArchitecture):
         activation: str = "relu",
         dropout: float = 0.0,
     ) -> None:
-        super().__init__(features, tasks)
         if num_critics < 1:
             raise ValueError(f"MetaHeac: num_critics must be >= 1, got {num_critics}")
-        self.domain_feature = domain_feature
-        self.num_domains = resolve_domain("MetaHeac", self.features, domain_feature, num_domains)
-        self.embedding = FeatureEmbedding(self.features)
-        self.task_slice = feature_slices(self.embedding)[domain_feature]  # the task embedding t inside x
-        task_dim = self.task_slice.stop - self.task_slice.start
+        super().__init__(features, tasks, domain_feature, num_domains)
+        task_dim = self.domain_slice.stop - self.domain_slice.start  # the task embedding t is the domain's
         self.experts = ExpertBank(num_experts, self.embedding.output_dim, expert_hidden, activation, dropout)
         self.expert_gates = nn.ModuleDict({t: Gate(task_dim, num_experts) for t in self.task_names})
         self.critics = nn.ModuleDict({
@@ -80,9 +74,9 @@ class MetaHeac(MultiTaskArchitecture):
         return torch.cat([critic(representation) for critic in self.critics[task]], dim=-1)
 
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        domain_ids("MetaHeac", features, self.domain_feature, self.num_domains)  # checks the ids
+        self.domain_ids(features)  # checks the ids
         x = self.embedding(features)  # (B, D)
-        t = x[:, self.task_slice]  # (B, d): the scenario's (task's) embedding
+        t = x[:, self.domain_slice]  # (B, d): the scenario's (task's) embedding
         experts = self.experts(x)  # (B, E, H)
         outputs: dict[str, Tensor] = {}
         for task in self.task_names:

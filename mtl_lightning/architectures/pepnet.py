@@ -35,18 +35,15 @@ import torch
 from torch import Tensor, nn
 
 from ..features import Feature
-from ..layers import (FeatureEmbedding, ScaledSigmoidGate, activation_layer, check_feature_names, domain_ids,
-                      feature_slices, resolve_domain)
+from ..layers import ScaledSigmoidGate, activation_layer, check_feature_names
 from ..registry import register
 from ..tasks import Task
-from .base import MultiTaskArchitecture, parameters_of
+from .base import MultiScenarioArchitecture, parameters_of
 
 
 @register("pepnet")
-class PEPNet(MultiTaskArchitecture):
+class PEPNet(MultiScenarioArchitecture):
     """embedding -> EPNet (domain gate on the general embedding) -> per-task towers gated by PPNet."""
-
-    multi_scenario = True
 
     def __init__(
         self,
@@ -62,21 +59,14 @@ class PEPNet(MultiTaskArchitecture):
         activation: str = "relu",
         dropout: float = 0.0,
     ) -> None:
-        super().__init__(features, tasks)
-        self.domain_feature = domain_feature
-        self.num_domains = resolve_domain("PEPNet", self.features, domain_feature, num_domains)
-        side = check_feature_names("PEPNet", "domain_side_features", domain_side_features, self.features)
-        self.domain_side = (domain_feature, *[n for n in side if n != domain_feature])
+        super().__init__(features, tasks, domain_feature, num_domains)
+        self.domain_side = self.domain_and("domain_side_features", domain_side_features)
         self.prior = check_feature_names("PEPNet", "prior_features", prior_features, self.features)
         if domain_feature in self.prior:
             raise ValueError("PEPNet: prior_features must not contain the domain feature")
         self.general = tuple(f.name for f in self.features)
-        self.embedding = FeatureEmbedding(self.features)
-        slices = feature_slices(self.embedding)
         for part, names in (("general", self.general), ("domain", self.domain_side), ("prior", self.prior)):
-            columns = [torch.arange(slices[n].start, slices[n].stop) for n in names]
-            index = torch.cat(columns) if columns else torch.zeros(0, dtype=torch.long)
-            self.register_buffer(f"{part}_columns", index, persistent=False)  # where the part sits in (B, D)
+            self.register_buffer(f"{part}_columns", self.columns(names), persistent=False)  # where it sits in (B, D)
         general_dim, domain_dim, prior_dim = (len(getattr(self, f"{p}_columns")) for p in ("general", "domain", "prior"))
         self.epnet = ScaledSigmoidGate(domain_dim + general_dim, gate_hidden, general_dim, gate_scale)
 
@@ -106,7 +96,7 @@ class PEPNet(MultiTaskArchitecture):
         return [gate(gate_input).view(-1, len(self.tasks), w) for gate, w in zip(self.ppnet, self.widths)]
 
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        domain_ids("PEPNet", features, self.domain_feature, self.num_domains)
+        self.domain_ids(features)
         flat = self.embedding(features)  # (B, D)
         epnet_output = self.epnet_gate(flat) * self._part(flat, "general")  # O_ep, (B, general_dim)
         gates = self.ppnet_gates(flat, epnet_output)

@@ -32,11 +32,10 @@ import torch
 from torch import Tensor, nn
 
 from ..features import Feature
-from ..layers import (MLP, FeatureEmbedding, PartitionedNorm, activation_layer, check_feature_names, domain_ids,
-                      feature_slices, resolve_domain)
+from ..layers import MLP, PartitionedNorm, activation_layer
 from ..registry import register
 from ..tasks import Task
-from .base import MultiTaskArchitecture, parameters_of
+from .base import MultiScenarioArchitecture, parameters_of
 
 
 class StarLinear(nn.Module):
@@ -61,10 +60,8 @@ class StarLinear(nn.Module):
 
 
 @register("star")
-class STAR(MultiTaskArchitecture):
+class STAR(MultiScenarioArchitecture):
     """embedding -> partitioned norm -> star-topology layers -> per-task star output + auxiliary network."""
-
-    multi_scenario = True
 
     def __init__(
         self,
@@ -79,18 +76,11 @@ class STAR(MultiTaskArchitecture):
         dropout: float = 0.0,
         norm_momentum: float = 0.1,
     ) -> None:
-        super().__init__(features, tasks)
         if len(star_hidden) == 0:
             raise ValueError("star_hidden must list at least one layer size")
-        self.domain_feature = domain_feature
-        self.num_domains = resolve_domain("STAR", self.features, domain_feature, num_domains)
-        extra = check_feature_names("STAR", "auxiliary_features", auxiliary_features, self.features)
-        self.embedding = FeatureEmbedding(self.features)
-        slices = feature_slices(self.embedding)
-        names = (domain_feature, *[n for n in extra if n != domain_feature])
-        self.register_buffer("auxiliary_columns",
-                             torch.cat([torch.arange(slices[n].start, slices[n].stop) for n in names]),
-                             persistent=False)
+        super().__init__(features, tasks, domain_feature, num_domains)
+        names = self.domain_and("auxiliary_features", auxiliary_features)
+        self.register_buffer("auxiliary_columns", self.columns(names), persistent=False)
         self.norm = PartitionedNorm(self.embedding.output_dim, self.num_domains, momentum=norm_momentum)
         self.layers = nn.ModuleList()
         width = self.embedding.output_dim
@@ -106,7 +96,7 @@ class STAR(MultiTaskArchitecture):
         )
 
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        domain = domain_ids("STAR", features, self.domain_feature, self.num_domains)
+        domain = self.domain_ids(features)
         flat = self.embedding(features)  # (B, D)
         h = self.norm(flat, domain)
         for layer in self.layers:

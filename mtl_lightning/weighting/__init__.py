@@ -6,15 +6,15 @@ or ``create_weighting(GradNorm(alpha=1.5))``. See ``base.py`` for the interface.
 
 A strategy is one file in this package whose class carries ``@register_weighting("name")``:
 importing this package imports every module in it, which registers every strategy in
-``STRATEGIES`` and makes each class importable from here (``from mtl_lightning.weighting
-import GradNorm``). Nothing here is edited by hand to add one.
+``STRATEGIES`` (a ``mtl_lightning.registry.Registry``) and makes each class importable
+from here (``from mtl_lightning.weighting import GradNorm``). Nothing here is edited by
+hand to add one.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..config import build
 from ..registry import import_submodules
 from .base import STRATEGIES, GradientStrategy, WeightingStrategy, distributed_mean, register_weighting
 
@@ -28,20 +28,14 @@ def create_weighting(spec: str | dict[str, Any] | WeightingStrategy) -> Weightin
         return spec
     if isinstance(spec, dict):
         if "class_path" in spec:  # checked to name a WeightingStrategy subclass before anything is called
-            return build(spec, WeightingStrategy, "weighting", registered=STRATEGIES)
+            return STRATEGIES.build(spec, "weighting")
         if "name" not in spec:
-            raise ValueError(f"a weighting dict needs 'name' (one of {sorted(STRATEGIES)}) or 'class_path'; got {spec}")
+            raise ValueError(f"a weighting dict needs 'name' (one of {STRATEGIES.names()}) or 'class_path'; got {spec}")
         kwargs = {k: v for k, v in spec.items() if k != "name"}
-        return _strategy_class(spec["name"])(**kwargs)
+        return STRATEGIES.create(spec["name"], **kwargs)
     if not isinstance(spec, str):
         raise TypeError(f"weighting must be a name, a dict or a WeightingStrategy, got {type(spec).__name__}")
-    return _strategy_class(spec)()
-
-
-def _strategy_class(name: str) -> type[WeightingStrategy]:
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown weighting {name!r}; choose from {sorted(STRATEGIES)}")
-    return STRATEGIES[name]
+    return STRATEGIES.create(spec)
 
 
 __all__ = [

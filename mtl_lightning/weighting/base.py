@@ -45,33 +45,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Configurable
+from ..registry import Registry
 from ..tasks import Task
 
 
 S = TypeVar("S", bound="type[WeightingStrategy]")
 
-#: Every registered strategy by name, filled by :func:`register_weighting` as each strategy's file is imported
-#: (``mtl_lightning.weighting`` imports every module of its package).
-STRATEGIES: dict[str, type[WeightingStrategy]] = {}
+#: Every registered strategy by name (a :class:`~mtl_lightning.registry.Registry`, read like a dict), filled by
+#: :func:`register_weighting` as each strategy's file is imported (``mtl_lightning.weighting`` imports every
+#: module of its package). Its base class is :class:`WeightingStrategy`.
+STRATEGIES: Registry[WeightingStrategy] = Registry("weighting")
 
 
 def register_weighting(name: str) -> Callable[[S], S]:
     """Class decorator registering a ``WeightingStrategy`` subclass under ``name`` (``weighting="name"``).
 
-    Sets ``cls.registry_name``, which also lets a config's ``class_path`` name it
-    (see ``mtl_lightning.config.resolve_class``). A name taken by another class raises ``ValueError``.
+    ``STRATEGIES.register(name)``: sets ``cls.registry_name``, which also lets a config's ``class_path`` name
+    it. A name taken by another class raises ``ValueError``, a class that is no ``WeightingStrategy`` ``TypeError``.
     """
-
-    def decorator(cls: S) -> S:
-        if not (isinstance(cls, type) and issubclass(cls, WeightingStrategy)):
-            raise TypeError(f"register_weighting({name!r}) decorates WeightingStrategy subclasses, got {cls!r}")
-        if name in STRATEGIES and STRATEGIES[name] is not cls:
-            raise ValueError(f"weighting name {name!r} is already registered by {STRATEGIES[name].__name__}")
-        STRATEGIES[name] = cls
-        cls.registry_name = name
-        return cls
-
-    return decorator
+    return STRATEGIES.register(name)
 
 
 def distributed_mean(value: Tensor) -> Tensor:
@@ -134,6 +126,7 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+@STRATEGIES.base_class
 class WeightingStrategy(Configurable, nn.Module, metaclass=ABCMeta):
     """Base class: ``forward(per-task losses) -> loss to back-propagate``; see the module docstring for the hooks."""
 
