@@ -6,11 +6,13 @@ from .hard_concrete import HardConcreteGate
 from .mlp import MLP, activation_layer
 from .moe import ExpertBank, Gate, mix
 from .partitioned_norm import PartitionedNorm
+from .pooling import POOLINGS, pool_sequence, sequence_embeddings
 from .scaled_gate import ScaledSigmoidGate
 
 __all__ = [
     "FeatureEmbedding", "deferred_tables", "MLP", "activation_layer", "ExpertBank", "Gate", "mix",
-    "HardConcreteGate", "PartitionedNorm", "ScaledSigmoidGate", "resolve_domain", "domain_ids", "feature_slices", "check_feature_names",
+    "HardConcreteGate", "PartitionedNorm", "ScaledSigmoidGate", "POOLINGS", "pool_sequence", "sequence_embeddings",
+    "resolve_domain", "domain_ids", "feature_slices", "check_feature_names",
 ]
 
 # sequence encoders and feature-interaction blocks (issue 23)

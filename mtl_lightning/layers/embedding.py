@@ -1,69 +1,23 @@
-"""One layer turning a feature batch into dense vectors, flat or per field."""
+"""One layer turning a feature batch into dense vectors, flat or per field.
+
+Beside it: ``pooling.py`` pools sequences, ``deferred.py`` defers the tables
+of a sharded run, ``embedding_state.py`` fits tables to checkpoints (their
+names stay importable from here).
+"""
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import hashlib
-from typing import Iterator, Mapping, NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..features import DenseFeature, Feature, SequenceFeature, SparseFeature, feature_from_config
-
-
-VOCABULARY_HINT = (
-    "the vocabulary changed since the checkpoint was written, e.g. vocab_size was inferred again from data with "
-    "more or fewer ids; to resume, build the model with the checkpoint's feature specs (its "
-    "hyper_parameters['model']['init_args']['features'], e.g. passed as ParquetDataModule(features=...)), "
-    "or start a new run (fit without ckpt_path) to train the new vocabulary; for day-by-day training, let "
-    "ParquetDataModule(grow_vocabulary=True) grow it (docs/object-stores.md: Incremental training)"
-)
-
-
-def _table_rows(features: Sequence[Feature]) -> dict[str, int]:
-    """``{feature: vocab_size}`` of the features that own an embedding table (sparse or sequence, not shared)."""
-    return {f.name: f.vocab_size for f in features if not isinstance(f, DenseFeature) and not f.shared_with}
-
-
-def vocabulary_mismatch(checkpoint_features: Sequence[Feature | dict], model_features: Sequence[Feature | dict]
-                        ) -> str | None:
-    """A message naming every table-owning feature whose ``vocab_size`` differs between the two spec lists, or ``None``.
-
-    Features present in only one of the lists are not compared (they change
-    the state dict's keys or other layers' shapes, which loading reports).
-    """
-    before = _table_rows([feature_from_config(f) for f in checkpoint_features])
-    after = _table_rows([feature_from_config(f) for f in model_features])
-    changed = [
-        f"feature {name!r}: the checkpoint's table has {before[name]} rows, the model's {rows}"
-        for name, rows in after.items() if name in before and before[name] != rows
-    ]
-    if not changed:
-        return None
-    return f"the checkpoint does not fit the model's embedding tables: {'; '.join(changed)} ({VOCABULARY_HINT})"
-
-
-_DEFERRED = contextvars.ContextVar("mtl_lightning_deferred_tables", default=False)
-INIT_CHUNK_ROWS = 65_536  # rows drawn per generator by FeatureEmbedding.initial_rows
-
-
-@contextlib.contextmanager
-def deferred_tables() -> Iterator[None]:
-    """``FeatureEmbedding`` layers built inside allocate no tables (meta tensors) until :meth:`materialize_tables`.
-
-    What ``TorchRecStrategy.tensor_init_context`` (``with
-    trainer.init_module():``) uses, so that each process allocates and
-    initialises only its own shards of the tables: see
-    :meth:`FeatureEmbedding.initial_rows` for the values they start from.
-    """
-    token = _DEFERRED.set(True)
-    try:
-        yield
-    finally:
-        _DEFERRED.reset(token)
+from .deferred import INIT_CHUNK_ROWS, deferred_tables, initial_rows, tables_deferred
+from .embedding_state import (VOCABULARY_HINT, check_table_rows, fuse_earlier_tables, grown_rows,
+                              vocabulary_mismatch)
+from .pooling import pool_sequence
 
 
 class _Block(NamedTuple):
@@ -109,7 +63,8 @@ class FeatureEmbedding(nn.Module):
     their own ``nn.Embedding`` in ``tables`` (row 0, the padding, is zero and
     never trained) and are pooled by one ``embedding_bag`` call each with id 0
     left out of the bag (a masked gather under ONNX export, and for ``max``
-    pooling with sparse gradients, which ``embedding_bag`` lacks). A sequence
+    pooling with sparse gradients, which ``embedding_bag`` lacks: ``pooling.pool_sequence``, whose
+    ``POOLINGS`` table maps each ``pooling`` name to its function). A sequence
     sharing a sparse feature's table pools over that block of the fused weight
     (ids + offset, the block's first row taking the padding role of id 0).
     A sparse feature sharing a sequence's table looks it up on its own.
@@ -189,7 +144,7 @@ class FeatureEmbedding(nn.Module):
                 key = f"dim{f.embedding_dim}"
                 self._blocks[f.name] = _Block(key, rows.get(key, 0), f.vocab_size)
                 rows[key] = rows.get(key, 0) + f.vocab_size
-        deferred = _DEFERRED.get()
+        deferred = tables_deferred()
         device = torch.device("meta") if deferred else None
         # one seed for every table's initial_rows; drawn only when deferred, so eager layers keep their values
         self.table_seed: int | None = int(torch.randint(0, 2**62, ())) if deferred else None
@@ -272,20 +227,7 @@ class FeatureEmbedding(nn.Module):
         if owner is None:
             raise ValueError(f"{name!r} is not a sparse or sequence feature of this layer; those are {sorted(self._table_of)}")
         spec = next(f for f in self.features if f.name == owner)
-        if not 0 <= start <= stop <= spec.vocab_size:
-            raise ValueError(f"initial_rows({name!r}, {start}, {stop}): the table has {spec.vocab_size} rows")
-        out = torch.empty(stop - start, spec.embedding_dim)
-        for first in range(start - start % INIT_CHUNK_ROWS, stop, INIT_CHUNK_ROWS):
-            size = min(INIT_CHUNK_ROWS, spec.vocab_size - first)
-            key = f"{self.table_seed}:{owner}:{first // INIT_CHUNK_ROWS}".encode()
-            generator = torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(),
-                                                                     "little") >> 1)
-            chunk = torch.randn(size, spec.embedding_dim, generator=generator).mul_(0.05)
-            if first == 0 and isinstance(spec, SequenceFeature):
-                chunk[0] = 0.0  # the padding row
-            lo, hi = max(start, first), min(stop, first + size)
-            out[lo - start : hi - start] = chunk[lo - first : hi - first]
-        return out
+        return initial_rows(self.table_seed, spec, start, stop)
 
     def materialize_tables(self) -> None:
         """Allocate the deferred tables in this process and fill them with :meth:`initial_rows`."""
@@ -349,58 +291,15 @@ class FeatureEmbedding(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        """Also load checkpoints of the earlier layout: ``tables.<feature>.weight`` for every sparse table.
+        """Refuse tables of another size, naming the features; load checkpoints of the earlier layout too.
 
-        Each such table is copied into its block of ``fused.dim<d>.weight``,
-        provided every block of that weight is in the checkpoint (otherwise the
-        keys are left for the usual missing/unexpected key report).
-
-        A table whose number of rows differs from the checkpoint's raises
-        ``ValueError`` naming the feature and both sizes (the vocabulary
-        changed since the checkpoint was written), instead of torch's bare
-        ``size mismatch``. A fused weight holds several features' tables, so
-        its message lists them all; ``MultiTaskLightningModule`` compares the
-        checkpoint's feature specs first and names the very feature.
+        See :func:`~mtl_lightning.layers.embedding_state.check_table_rows` and
+        :func:`~mtl_lightning.layers.embedding_state.fuse_earlier_tables`.
         """
-        self._check_table_rows(state_dict, prefix)
-        for key, holder in self.fused.items():
-            fused_key = f"{prefix}fused.{key}.weight"
-            owners = [name for name, block in self._blocks.items() if block.key == key]
-            old = {name: f"{prefix}tables.{name}.weight" for name in owners}
-            if fused_key in state_dict or not all(k in state_dict for k in old.values()):
-                continue
-            parts = [state_dict.pop(old[name]) for name in owners]  # owners are in block (spec) order
-            state_dict[fused_key] = torch.cat([p.to(holder.weight.dtype) for p in parts])
+        check_table_rows(self, state_dict, prefix)
+        fuse_earlier_tables(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-
-    def _check_table_rows(self, state_dict: Mapping[str, Tensor], prefix: str) -> None:
-        """Raise ``ValueError`` when a table of ``state_dict`` has another number of rows than this layer's."""
-        changed = []
-        for key, holder in self.fused.items():
-            value = state_dict.get(f"{prefix}fused.{key}.weight")
-            if isinstance(value, Tensor) and value.dim() == 2 and value.shape[0] != holder.num_embeddings:
-                owners = [name for name, block in self._blocks.items() if block.key == key]
-                if len(owners) == 1:  # the weight is that one feature's table
-                    changed.append(f"feature {owners[0]!r}: the checkpoint's table has {value.shape[0]} rows, the "
-                                   f"model's {holder.num_embeddings}")
-                    continue
-                blocks = ", ".join(f"{name!r} ({self._blocks[name].vocab_size})" for name in owners)
-                changed.append(
-                    f"the checkpoint's {prefix}fused.{key}.weight has {value.shape[0]} rows, the model's "
-                    f"{holder.num_embeddings}: it holds the tables of the features {blocks} (model vocab_size in "
-                    "parentheses), one or more of which have another vocab_size in the checkpoint"
-                )
-        sizes = {name: block.vocab_size for name, block in self._blocks.items()}  # the earlier layout's tables
-        sizes.update({name: table.num_embeddings for name, table in self.tables.items()})
-        for name, rows in sizes.items():
-            value = state_dict.get(f"{prefix}tables.{name}.weight")
-            if isinstance(value, Tensor) and value.dim() == 2 and value.shape[0] != rows:
-                changed.append(
-                    f"feature {name!r}: the checkpoint's table has {value.shape[0]} rows, the model's {rows}")
-        if changed:
-            raise ValueError(f"the checkpoint does not fit the model's embedding tables: {'; '.join(changed)} "
-                             f"({VOCABULARY_HINT})")
 
     def table_weight(self, name: str) -> Tensor:
         """The ``(vocab_size, d)`` table feature ``name`` reads (its owner's, with ``shared_with``).
@@ -472,20 +371,10 @@ class FeatureEmbedding(nn.Module):
         if owner in self._blocks:  # a sparse feature's block of a fused weight
             block = self._blocks[owner]
             self._check_ids(value, block.vocab_size, [f.name])
-            holder, ids, padding = self.fused[block.key], value + block.offset, block.offset
+            holder, offset = self.fused[block.key], block.offset
         else:
-            holder, ids, padding = self.tables[owner], value, 0
-        if (f.pooling == "max" and holder.sparse) or torch.onnx.is_in_onnx_export():
-            # embedding_bag has no sparse gradient for max, and ONNX has no embedding_bag with padding
-            emb = F.embedding(ids, holder.weight, padding_idx=padding, sparse=holder.sparse)  # (B, L, d)
-            mask = (value != 0).unsqueeze(-1)  # (B, L, 1)
-            if f.pooling == "max":
-                pooled = emb.masked_fill(~mask, float("-inf")).amax(dim=1)
-                return torch.where(mask.any(dim=1), pooled, torch.zeros_like(pooled))
-            summed = (emb * mask).sum(dim=1)  # (B, d)
-            return summed if f.pooling == "sum" else summed / mask.sum(dim=1).clamp(min=1)
-        # id 0 is left out of the bag (and gets no gradient from it); an empty bag pools to zeros
-        return F.embedding_bag(ids, holder.weight, mode=f.pooling, padding_idx=padding, sparse=holder.sparse)  # (B, d)
+            holder, offset = self.tables[owner], 0
+        return pool_sequence(value, holder.weight, f.pooling, offset=offset, sparse=holder.sparse)  # (B, d)
 
     def _parts(self, x: Mapping[str, Tensor]) -> list[tuple[Feature | None, Tensor]]:
         """Spec-ordered pieces: ``(None, (B, k, d))`` for a run of grouped sparse features, ``(f, (B, width))`` else."""
@@ -516,39 +405,5 @@ class FeatureEmbedding(nn.Module):
         raise ValueError(f"view must be 'flat' or 'field', got {view!r}")
 
 
-def grown_rows(layer: FeatureEmbedding, sources: Mapping[str, tuple[int, Tensor]]) -> dict[str, tuple[Tensor, int]]:
-    """How the table weights of ``layer`` take the rows of a checkpoint written before some vocabularies grew.
-
-    ``sources`` maps a table-owning feature whose vocabulary grew to
-    ``(rows before, index)``: ``index[j]`` is the row of that feature's old
-    table that its row ``j`` takes, or ``-1`` for a new row (``index`` has the
-    feature's current ``vocab_size`` entries). Returns, for every weight of the
-    layer holding such a table (its ``state_dict`` key relative to the layer),
-    ``(rows, checkpoint rows)``: ``rows[r]`` is the row of the checkpoint's
-    weight that row ``r`` of the layer's weight takes, or ``-1``; blocks of the
-    features that did not grow keep their rows. Incremental training
-    (``MultiTaskLightningModule`` on loading a checkpoint) copies the old rows
-    there and leaves the ``-1`` rows as the layer initialised them.
-    """
-    blocks: dict[str, list[tuple[int, str, int]]] = {}
-    for owner, (key, first, rows) in layer.table_layout().items():
-        blocks.setdefault(key, []).append((first, owner, rows))
-    grown: dict[str, tuple[Tensor, int]] = {}
-    for key, parts in blocks.items():
-        if not any(owner in sources for _, owner, _ in parts):
-            continue
-        pieces, old_first = [], 0
-        for _, owner, rows in sorted(parts):
-            if owner in sources:
-                before, index = sources[owner]
-                index = torch.as_tensor(index, dtype=torch.long)
-                if len(index) != rows or int(index.max()) >= before:
-                    raise ValueError(f"feature {owner!r}: its table has {rows} rows, but the vocabulary growth gives "
-                                     f"{len(index)} rows taken from a table of {before}")
-                pieces.append(torch.where(index >= 0, index + old_first, -1))
-                old_first += before
-            else:
-                pieces.append(torch.arange(old_first, old_first + rows))
-                old_first += rows
-        grown[key] = (torch.cat(pieces), old_first)
-    return grown
+__all__ = ["FeatureEmbedding", "deferred_tables", "INIT_CHUNK_ROWS", "VOCABULARY_HINT", "vocabulary_mismatch",
+           "grown_rows"]
