@@ -60,6 +60,7 @@ class HiNet(MultiScenarioArchitecture):
     ) -> None:
         super().__init__(features, tasks, domain_feature, num_domains)
         dim = self.embedding.output_dim
+        self.scenario_slice = self.domain_slice
         S = self.num_domains
         self.shared_experts = ExpertBank(num_shared_experts, dim, scenario_expert_hidden, activation, dropout)
         self.shared_gates = nn.ModuleList(Gate(dim, num_shared_experts) for _ in range(S))
@@ -67,7 +68,7 @@ class HiNet(MultiScenarioArchitecture):
         self.num_scenario_experts = num_scenario_experts
         self.scenario_experts = ExpertBank(S * num_scenario_experts, dim, scenario_expert_hidden, activation, dropout)
         self.scenario_gates = nn.ModuleList(Gate(dim, num_scenario_experts) for _ in range(S))
-        self.san = nn.Linear(self.domain_slice.stop - self.domain_slice.start, S)
+        self.san = nn.Linear(self.scenario_slice.stop - self.scenario_slice.start, S)
         width = self.shared_experts.output_dim
         self.task_layer = ExtractionLevel(self.task_names, 3 * width, num_task_experts, num_task_shared_experts,
                                           task_expert_hidden, activation, dropout, with_shared_gate=False)
@@ -82,7 +83,7 @@ class HiNet(MultiScenarioArchitecture):
     def san_weights(self, x: Tensor, domain: Tensor) -> Tensor:
         """SAN's attention over the other scenarios: ``(B, S)``, zero on the own scenario, rows sum to one
         (all zero with a single scenario)."""
-        scores = self.san(x[:, self.domain_slice])  # (B, S): from the scenario's own embedding
+        scores = self.san(x[:, self.scenario_slice])  # (B, S)
         own = F.one_hot(domain, self.num_domains).bool()
         if self.num_domains == 1:
             return torch.zeros_like(scores)

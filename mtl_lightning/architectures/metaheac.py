@@ -59,7 +59,8 @@ class MetaHeac(MultiScenarioArchitecture):
         if num_critics < 1:
             raise ValueError(f"MetaHeac: num_critics must be >= 1, got {num_critics}")
         super().__init__(features, tasks, domain_feature, num_domains)
-        task_dim = self.domain_slice.stop - self.domain_slice.start  # the task embedding t is the domain's
+        self.task_slice = self.domain_slice  # the task embedding t inside x: the domain's
+        task_dim = self.task_slice.stop - self.task_slice.start
         self.experts = ExpertBank(num_experts, self.embedding.output_dim, expert_hidden, activation, dropout)
         self.expert_gates = nn.ModuleDict({t: Gate(task_dim, num_experts) for t in self.task_names})
         self.critics = nn.ModuleDict({
@@ -76,7 +77,7 @@ class MetaHeac(MultiScenarioArchitecture):
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         self.domain_ids(features)  # checks the ids
         x = self.embedding(features)  # (B, D)
-        t = x[:, self.domain_slice]  # (B, d): the scenario's (task's) embedding
+        t = x[:, self.task_slice]  # (B, d): the scenario's (task's) embedding
         experts = self.experts(x)  # (B, E, H)
         outputs: dict[str, Tensor] = {}
         for task in self.task_names:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -255,3 +257,18 @@ def test_mmoe_with_one_gate_is_omoe():
     multi = MMoE(FEATURES, TASKS[:2], num_experts=3, expert_hidden=(6,), tower_hidden=())
     assert sorted(multi.gates) == ["click", "conversion"]
     assert not any(id(p) in {id(q) for q in multi.shared_parameters()} for p in multi.gates.parameters())
+
+
+# state_dict keys and shapes of every architecture built by ``arguments(name)``, written by the code of 807107a
+STATE_DICTS = next(p for p in Path(__file__).resolve().parents if p.name == "tests") / "fixtures" / \
+    "architecture_state_dicts.json"
+
+
+@pytest.mark.parametrize("name", sorted(json.loads(STATE_DICTS.read_text())))
+def test_checkpoints_written_before_still_fit(name):
+    """The parameter and buffer names and shapes are those earlier checkpoints hold, so they load (strict)."""
+    recorded = json.loads(STATE_DICTS.read_text())[name]
+    torch.manual_seed(0)
+    model = registry.create(name, **arguments(name))
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == recorded
+    model.load_state_dict({k: torch.zeros(shape) for k, shape in recorded.items()})
