@@ -87,14 +87,14 @@ class Registry(Generic[T]):
         def decorator(cls: C) -> C:
             base = self.base
             if not (isinstance(cls, type) and issubclass(cls, base)):
-                raise TypeError(f"@register({name!r}) of the {self.kind} registry decorates {base.__qualname__} "
+                raise TypeError(f"@register({name!r}) of the {self.kind} registry decorates {base.__name__} "
                                 f"subclasses, got {cls!r}")
             if name in self._classes and self._classes[name] is not cls:
                 raise ValueError(f"{self.kind} name {name!r} is already registered by "
-                                 f"{self._classes[name].__qualname__}")
+                                 f"{self._classes[name].__name__}")
             earlier = cls.__dict__.get("registry_name")
             if isinstance(earlier, str) and earlier != name and self._classes.get(earlier) is cls:
-                raise ValueError(f"{cls.__qualname__} is already registered as {self.kind} {earlier!r}")
+                raise ValueError(f"{cls.__name__} is already registered as {self.kind} {earlier!r}")
             self._classes[name] = cls
             cls.registry_name = name  # type: ignore[attr-defined]
             return cls
