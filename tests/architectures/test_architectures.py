@@ -260,8 +260,7 @@ def test_mmoe_with_one_gate_is_omoe():
 
 
 # state_dict keys and shapes of every architecture built by ``arguments(name)``, written by the code of 807107a
-STATE_DICTS = next(p for p in Path(__file__).resolve().parents if p.name == "tests") / "fixtures" / \
-    "architecture_state_dicts.json"
+STATE_DICTS = Path(__file__).with_name("architecture_state_dicts.json")
 
 
 @pytest.mark.parametrize("name", sorted(json.loads(STATE_DICTS.read_text())))
