@@ -306,6 +306,19 @@ class MultiTaskDataModule(L.LightningDataModule):
         theirs = preprocessing_part(state)
         return theirs == preprocessing_part(self.state_dict()) or self.preprocessing.is_grown_from(state)
 
+    def adopt_checkpoint_state(self, state: Mapping[str, Any]) -> bool:
+        """Take the state saved in the checkpoint a model was loaded from; ``True`` when it changed the mapping.
+
+        The hook ``MultiTaskLightningModule`` calls at ``setup`` when it was built by
+        ``load_from_checkpoint`` (``mtl_lightning.growth.hand_datamodule_state``):
+        a state that maps values as this data module does (``same_preprocessing``)
+        changes nothing; any other is loaded (``load_state_dict``).
+        """
+        if not state or self.same_preprocessing(state):
+            return False
+        self.load_state_dict(dict(state))
+        return True
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Adopt a checkpoint's features, encoders and statistics; splits read with another mapping are re-read.
 

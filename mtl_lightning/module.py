@@ -26,38 +26,14 @@ label is used only where o_i = 1). See ``mtl_lightning.losses.counterfactual``.
 
 Logged (to whatever logger the Trainer has): ``train/<task>/loss``,
 ``train/<task>/weight``, ``train/loss``, ``train/aux_loss`` (when the
-architecture has one); ``val/<task>/auc``, ``val/<task>/logloss`` (binary),
-``val/<task>/mse``, ``val/<task>/mae`` (regression) and ``val/loss``
-(the static-weighted sum of per-task log-loss/MSE over the whole epoch),
-``val/<task>/gauc`` (binary, when the batches carry a ``group`` tensor: see
-``metrics.GroupAUC``); the same under ``test/``.
+architecture has one), on the steps the logger writes and the last of an epoch;
+``val/...`` and ``test/...`` metrics per task, group and scenario at the end of
+each evaluation epoch, computed by ``mtl_lightning.evaluation`` (where what is
+skipped as undefined, and why, is written).
 
-Per scenario (domain): ``val/<task>/auc/domain=<id>`` for every binary task
-and every scenario id in the split, and ``val/<task>/gauc/domain=<id>`` when
-the batches also carry a ``group``; the same under ``test/``. The scenario
-ids are the batch's ``scenario`` tensor (``ParquetDataModule(scenario=...)``,
-any architecture) or else, for a multi-scenario architecture
-(``model.multi_scenario``), its domain feature ``model.domain_feature``. The
-rows of every rank are gathered first (``metrics.ScenarioAUC``), so under DDP
-every rank logs the same scenarios and values. A scenario whose valid labels
-are of one class gets no AUC (warned once per task and split).
-
-Undefined evaluation metrics are skipped, never logged as numbers that look
-real (and never NaN, so a ``ModelCheckpoint`` monitoring another key is not
-disturbed): every metric of a task with no row with a valid label in the split
-(e.g. the CVR task when every row is unclicked, its labels all
-``ignore_label``), and AUC/GAUC of a task whose valid labels are all of one
-class (GAUC also when no group has both classes). ``<stage>/loss`` is the
-weighted sum over the tasks that have valid rows (not logged when none has).
-Each case is warned about once per task and split (the sanity check counts as
-a split of its own) for the module's lifetime; validation, training and
-``trainer.test`` go on with the other metrics. The decision uses label counts
-summed over every rank, so under DDP all ranks log the same keys. A key
-skipped in an epoch is also dropped from ``trainer.callback_metrics``, where
-Lightning would otherwise keep an earlier epoch's value (possible when the
-split changes between epochs): a callback monitoring it finds it missing (a
-``ModelCheckpoint`` then says so) rather than a stale number. Monitor
-``val/loss`` to be safe from this.
+Warnings about tasks that cannot learn (``mtl_lightning.training_checks``): a
+task with no valid label in the rows of the first training epoch of a fit, a
+logged training loss or evaluation metric that is inf or NaN.
 
 Learning rates: ``lr``, ``sparse_lr`` and ``weight_decay`` must be finite and
 >= 0; anything else raises ``ValueError`` when the module is built.
@@ -65,36 +41,42 @@ Learning rates: ``lr``, ``sparse_lr`` and ``weight_decay`` must be finite and
 Resuming (``trainer.fit(ckpt_path=...)``, ``load_from_checkpoint``,
 ``load_state_dict``) into a model whose embedding tables have another number of
 rows than the checkpoint's (the inferred vocabulary grew or shrank) raises
-``ValueError`` naming each such feature and both sizes.
+``ValueError`` naming each such feature and both sizes, unless the data module
+grew them (incremental training, ``mtl_lightning.growth``). Resuming into
+another architecture than the checkpoint's (an MMoE from a SharedBottom
+checkpoint) raises ``ValueError`` naming both classes; a truncated or corrupt
+checkpoint file given to ``trainer.fit/validate/test/predict(ckpt_path=...)``
+raises ``ValueError`` naming the file, whatever the Trainer's checkpoint I/O.
+
+Precision: ``precision="bf16-true"`` and ``"16-true"`` (every parameter and
+input cast to half precision) are refused when training starts, with a
+``ValueError`` that says to use ``"bf16-mixed"`` / ``"16-mixed"``; the dense
+inputs, losses and metrics are computed in float32.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics import Metric
 
 from .architectures.base import MultiTaskArchitecture
-from .checkpoint import CheckpointLoading
+from .batch import Batch
+from .checkpoint import CheckpointLoading, check_checkpoint_file
 from .config import build
-from .features import feature_from_config
-from .layers.embedding import FeatureEmbedding, grown_rows, vocabulary_mismatch
-from .losses import CounterfactualCVR, masked_loss, valid_mask
-from .metrics import (
-    Skipped, compute_task_metrics, flatten_metrics, group_auc_metrics, scenario_auc_metrics, task_metrics,
-)
+from .evaluation import SplitEvaluation, task_labels
+from .growth import TableGrowth, check_vocabularies, datamodule_states, grow_checkpoint_tables, hand_datamodule_state
+from .layers.embedding import FeatureEmbedding
+from .losses import CounterfactualCVR, masked_loss
 from .optim import build_optimizers, no_weight_decay, optimizer_class
 from .tasks import Task, check_tasks
+from .training_checks import TrainingChecks
 from .weighting import WeightingStrategy, create_weighting
-
-Batch = Mapping[str, Any]
 
 
 def _check_rate(name: str, value: Any, optional: bool = False) -> None:
@@ -142,21 +124,6 @@ def _check_sparse_strategy(strategy: Any) -> None:
             "supported: only DDPStrategy with the gloo backend all-reduces sparse gradients correctly. Use "
             "strategy=DDPStrategy(process_group_backend='gloo') or sparse_embeddings=False"
         )
-
-
-# Top-level checkpoint entries that Lightning writes itself; the others that hold a mapping are the data
-# module's state (under its class name) and the like.
-_LIGHTNING_CHECKPOINT_KEYS = frozenset({
-    "state_dict", "loops", "callbacks", "optimizer_states", "lr_schedulers", "hyper_parameters",
-    "datamodule_hyper_parameters", "hparams_type", "hparams_name", "datamodule_hparams_name",
-})
-
-
-def _reset(metric: nn.Module) -> None:
-    """``metric.reset()`` outside inference mode: the fresh states are normal tensors, so a later ``fit`` (whose
-    validation runs under ``no_grad``, not inference mode) can update them in place after ``trainer.validate``."""
-    with torch.inference_mode(False):
-        metric.reset()
 
 
 class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
@@ -283,28 +250,21 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         self.hparams["weighting"] = weighting if isinstance(weighting, str) else self.weighting.config()
         self.hparams["counterfactual"] = self.counterfactual.to_config() if self.counterfactual is not None else None
 
-        self.val_metrics = task_metrics(self.tasks)
-        self.test_metrics = task_metrics(self.tasks)
-        self.val_gauc = group_auc_metrics(self.tasks)
-        self.test_gauc = group_auc_metrics(self.tasks)
-        self.val_scenario = scenario_auc_metrics(self.tasks)
-        self.test_scenario = scenario_auc_metrics(self.tasks)
-        self._skip_warned: set[tuple[str, str, str]] = set()  # see _warn_skipped
+        domain_feature = model.domain_feature if model.multi_scenario else None
+        self.val_evaluation = SplitEvaluation("val", self.tasks, ignore_label, domain_feature)
+        self.test_evaluation = SplitEvaluation("test", self.tasks, ignore_label, domain_feature)
+        self.training_checks = TrainingChecks(self.tasks, ignore_label)
+        self._table_growth: TableGrowth | None = None  # a loaded checkpoint's grown tables, see on_load_checkpoint
+        self._checkpoint_datamodule_states: dict[str, Mapping[str, Any]] = {}
 
     # ------------------------------------------------------------------ losses
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return self.model(features)
 
-    def _labels(self, labels: Mapping[str, Tensor], task: Task) -> Tensor:
-        try:
-            return labels[task.name]
-        except KeyError:
-            raise ValueError(f"the batch has no label for task {task.name!r}; it has {sorted(labels)}") from None
-
     def compute_losses(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Unweighted loss per task: masked, or the counterfactual L_CVR for the conversion task."""
         losses = {
-            t.name: masked_loss(outputs[t.name], self._labels(labels, t), t.kind, self.hparams.ignore_label)
+            t.name: masked_loss(outputs[t.name], task_labels(labels, t), t.kind, self.hparams.ignore_label)
             for t in self.tasks
             if self.counterfactual is None or t.name != self.counterfactual.conversion_task
         }
@@ -344,14 +304,17 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         outputs = self.model(batch["features"])
         losses = self.compute_losses(outputs, batch["labels"])
-        total = self.weighting([losses[t.name] for t in self.tasks])  # a list: see weighting/base.py
+        task_losses = [losses[t.name] for t in self.tasks]
+        total = self.weighting(task_losses)  # a list: see weighting/base.py
         aux = self.model.auxiliary_loss(outputs, batch["labels"])
         if aux is not None:
             total = total + aux
         imputation = self.imputation_loss(outputs, batch["labels"])
         if imputation is not None:
             total = total + imputation
+        self.training_checks.count_labels(batch["labels"])
         if self._logs_this_step(batch_idx):
+            self.training_checks.check_losses(task_losses, total)
             logged = {f"train/{name}/loss": loss.detach() for name, loss in losses.items()}
             logged.update({f"train/{t.name}/weight": w for t, w in zip(self.tasks, self.weighting.last_weights.detach())})
             if aux is not None:
@@ -365,6 +328,9 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self.weighting.begin_epoch(self.current_epoch)
 
+    def on_train_epoch_end(self) -> None:
+        self.training_checks.end_epoch(self.current_epoch, self._reduce_sum, self.device)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.weighting.before_optimizer_step()
 
@@ -376,153 +342,51 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
 
         ``self.log`` costs Lightning about a millisecond per key and step on the CPU, and on-step values
         of the other steps are never written, so on those steps the values are not even gathered (no
-        per-step cost, and no host sync: they become numbers only when written).
+        per-step cost, and no host sync: they become numbers only when written). The step is the
+        Trainer's ``global_step`` (optimizer steps taken so far: the module has one optimizer), the one
+        Lightning's logger connector counts its ``log_every_n_steps`` in.
         """
         trainer = self._trainer
-        if trainer is not None and trainer.barebones:
-            return False
-        stepped = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-        stepped = getattr(stepped, "_batches_that_stepped", None)
-        if trainer is None or stepped is None or trainer.fast_dev_run:
+        if trainer is None:
             return True
+        if trainer.barebones:
+            return False
+        if trainer.fast_dev_run:
+            return True
+        step = trainer.global_step
         every = trainer.log_every_n_steps  # 0: the logger writes no step
-        if every and (stepped + 1) % every == 0:
+        if every and (step + 1) % every == 0:
             return True
         return bool(
             trainer.is_last_batch or trainer.should_stop or batch_idx + 1 >= trainer.num_training_batches
-            or (trainer.max_steps > 0 and stepped + 1 >= trainer.max_steps)
+            or (trainer.max_steps > 0 and step + 1 >= trainer.max_steps)
         )
 
+    def _reduce_sum(self, value: Tensor) -> Tensor:
+        """``value`` summed over every rank (itself without a Trainer)."""
+        return self.trainer.strategy.reduce(value, reduce_op="sum") if self._trainer is not None else value
+
     # -------------------------------------------------------------- evaluation
-    def _scenario_ids(self, batch: Batch) -> Tensor | None:
-        """The batch's scenario ids: the data module's ``scenario`` column, else a multi-scenario model's domain."""
-        scenario = batch.get("scenario")
-        if scenario is None and self.model.multi_scenario:
-            scenario = batch["features"][self.model.domain_feature]
-        return scenario
-
-    def _update_metrics(self, metrics: nn.Module, batch: Batch, gauc: nn.ModuleDict | None = None,
-                        scenario_metrics: nn.ModuleDict | None = None) -> None:
-        outputs = self.model(batch["features"])
-        group = batch.get("group")
-        scenario = self._scenario_ids(batch) if scenario_metrics is not None else None
-        for t in self.tasks:
-            labels = self._labels(batch["labels"], t)
-            mask = valid_mask(labels, self.hparams.ignore_label)
-            metrics.task_metrics[t.name].update(outputs[t.name][mask].float(), labels[mask].float())
-            if group is not None and gauc is not None and t.name in gauc:
-                gauc[t.name].update(outputs[t.name][mask], labels[mask], group[mask])
-            if scenario is not None and t.name in scenario_metrics:
-                scenario_metrics[t.name].update(outputs[t.name][mask], labels[mask], scenario[mask],
-                                                None if group is None else group[mask])
-
-    def _joined(self, metric: Metric, *empty_args: Tensor) -> bool:
-        """Whether any rank updated ``metric`` this epoch; a rank that did not (an empty shard, a split smaller
-        than the world size) updates it with ``empty_args`` (typed empty states, so the gather matches the other
-        ranks' dtypes) and then joins the collective of ``compute()`` that the other ranks run."""
-        used = torch.tensor(float(metric.update_called), device=self.device)
-        if self._trainer is not None:
-            used = self.trainer.strategy.reduce(used, reduce_op="sum")
-        if not used:
-            return False
-        if not metric.update_called:
-            metric.update(*empty_args)
-        return True
-
-    def _log_metrics(self, stage: str, metrics: nn.Module, gauc: nn.ModuleDict | None = None,
-                     scenario_metrics: nn.ModuleDict | None = None) -> None:
-        """Log the split's defined metrics; undefined ones are skipped with one warning per task and split.
-
-        Every decision below reads values computed from states synced over the
-        ranks (``compute_task_metrics``' label counts, GAUC itself), so every
-        rank logs the same keys and runs the same collectives.
-        """
-        computed, skipped = compute_task_metrics(metrics, self.tasks)
-        logged = flatten_metrics(stage, computed)
-        empty = torch.zeros(0, device=self.device)
-        for name, metric in (gauc or {}).items():
-            if not self._joined(metric, empty, empty, empty.long()):  # no rank saw a group column
-                continue
-            if name in skipped:  # no valid row, or one class: no group can have both classes
-                skipped[name] = skipped[name]._replace(metrics=(*skipped[name].metrics, "gauc"))
-            else:
-                value = metric.compute()
-                if torch.isnan(value):
-                    skipped[name] = Skipped(("gauc",), "has no group (user) with both a positive and a "
-                                            "negative label, so GAUC is undefined", False)
-                else:
-                    logged[f"{stage}/{name}/gauc"] = value
-            _reset(metric)
-        for name, metric in (scenario_metrics or {}).items():
-            if not self._joined(metric, empty, empty, empty.long()):  # no scenario ids (or no rows) on any rank
-                continue
-            one_class = []
-            for scenario, values in metric.compute().items():
-                logged.update({f"{stage}/{name}/{m}/domain={scenario}": value for m, value in values.items()})
-                if "auc" not in values:
-                    one_class.append(scenario)
-            _reset(metric)
-            if one_class:
-                self._warn_one_class_scenarios(stage, name, one_class)
-        terms = [
-            t.weight * computed[t.name]["logloss" if t.kind == "binary" else "mse"]
-            for t in self.tasks if ("logloss" if t.kind == "binary" else "mse") in computed[t.name]
-        ]
-        if terms:
-            logged[f"{stage}/loss"] = torch.as_tensor(sum(terms))
-        for name, skip in skipped.items():
-            self._warn_skipped(stage, name, skip, loss_skipped=not terms)
-        if self._trainer is not None:  # no stale value of an earlier epoch for callbacks to mistake for this one's
-            stale = [f"{stage}/{name}/{m}" for name, skip in skipped.items() for m in skip.metrics]
-            for key in stale + ([] if terms else [f"{stage}/loss"]):
-                self.trainer.callback_metrics.pop(key, None)
-            for key in [k for k in self.trainer.callback_metrics if "/domain=" in k and k.startswith(f"{stage}/")]:
-                if key not in logged:  # a scenario absent (or undefined) this epoch
-                    self.trainer.callback_metrics.pop(key)
-        self.log_dict(logged, sync_dist=False)
-        _reset(metrics)
-
-    def _warn_skipped(self, stage: str, task: str, skip: Skipped, loss_skipped: bool) -> None:
-        """One warning per task, split and reason for the module's lifetime (the sanity check counts apart)."""
-        split = f"{stage} (sanity check)" if self._trainer is not None and self.trainer.sanity_checking else stage
-        key = (split, task, skip.reason)
-        if key in self._skip_warned:
-            return
-        self._skip_warned.add(key)
-        keys = ", ".join(f"{stage}/{task}/{m}" for m in skip.metrics)
-        verb = "is" if len(skip.metrics) == 1 else "are"
-        if skip.empty:
-            detail = f"every label is ignore_label={self.hparams.ignore_label!r} or NaN"
-            loss = (f"nor is {stage}/loss (no task has a valid row)" if loss_skipped
-                    else f"and {stage}/loss sums the other tasks only")
-            message = f"{split} split: task {task!r} {skip.reason} ({detail}); {keys} {verb} not logged, {loss}"
-        else:
-            message = f"{split} split: task {task!r} {skip.reason}; {keys} {verb} not logged"
-        rank_zero_warn(message + ". Training and the other metrics go on (warned once per task and split).")
-
-    def _warn_one_class_scenarios(self, stage: str, task: str, scenarios: list[int]) -> None:
-        split = f"{stage} (sanity check)" if self._trainer is not None and self.trainer.sanity_checking else stage
-        key = (split, task, "one-class scenarios")
-        if key in self._skip_warned:
-            return
-        self._skip_warned.add(key)
-        keys = ", ".join(f"{stage}/{task}/auc/domain={s}" for s in scenarios[:5]) + (", ..." if len(scenarios) > 5
-                                                                                     else "")
-        rank_zero_warn(f"{split} split: task {task!r} has labels of one class only in scenarios {scenarios[:20]}, "
-                       f"so their AUC is undefined and {keys} not logged; the other scenarios' are "
-                       "(warned once per task and split).")
-
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._update_metrics(self.val_metrics, batch, self.val_gauc, self.val_scenario)
+        self.val_evaluation.update(self.model(batch["features"]), batch)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val", self.val_metrics, self.val_gauc, self.val_scenario)
+        self._log_evaluation(self.val_evaluation)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._update_metrics(self.test_metrics, batch, self.test_gauc, self.test_scenario)
+        self.test_evaluation.update(self.model(batch["features"]), batch)
 
     def on_test_epoch_end(self) -> None:
-        self._log_metrics("test", self.test_metrics, self.test_gauc, self.test_scenario)
+        self._log_evaluation(self.test_evaluation)
+
+    def _log_evaluation(self, evaluation: SplitEvaluation) -> None:
+        """Log the split's defined metrics (``SplitEvaluation.compute``: skips, warnings, stale keys dropped)."""
+        trainer = self._trainer
+        logged = evaluation.compute(
+            self._reduce_sum, sanity_checking=trainer is not None and trainer.sanity_checking,
+            callback_metrics=trainer.callback_metrics if trainer is not None else None,
+        )
+        self.log_dict(logged, sync_dist=False)
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """Probabilities (binary) or values (regression) of every output of the architecture, plus ``row_id``.
@@ -538,120 +402,66 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
 
     # ------------------------------------------------------------- checkpoints
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint whose embedding tables were built for another vocabulary, naming the features.
+        """Refuse a checkpoint of another architecture or vocabulary, naming the classes or features; grow tables.
 
         Lightning calls this before ``load_state_dict`` (``trainer.fit(ckpt_path=...)``,
         ``validate``/``test``/``predict`` with ``ckpt_path``, ``load_from_checkpoint``).
-        The checkpoint's feature specs (``hyper_parameters["model"]["init_args"]["features"]``)
-        are compared with ``self.model.features``, so the message names the very
-        feature. Without them (a model that is not plain data, or
-        ``load_from_checkpoint(path, model=...)``, whose ``model`` Lightning writes
-        over the checkpoint's) ``FeatureEmbedding`` checks the tables as they load
-        and names the features sharing a mismatched fused weight.
 
-        The one change of size that loads: incremental training. When the
-        Trainer's data module grew vocabularies since the state saved in this
-        checkpoint (``ParquetDataModule(grow_vocabulary=True)``, which declares
-        it through ``embedding_row_sources()``), the checkpoint's tables are
-        grown the same way before they load: every existing id keeps its
-        trained row, a new id's row stays as this model initialised it, and the
-        optimizer state of those weights (Adam's moments...) is resized alike,
-        zero for new rows, when the Trainer restores it.
+        * A checkpoint whose architecture (``hyper_parameters["model"]["class_path"]``)
+          is another class than ``self.model``'s, and whose model weights do not
+          fit it, raises ``ValueError`` naming both classes.
+        * Incremental training: when the Trainer's data module grew vocabularies
+          since the state saved in this checkpoint, the checkpoint's tables (and,
+          once the optimizers exist, their optimizer state) are grown the same
+          way (``mtl_lightning.growth.grow_checkpoint_tables``).
+        * Any other change of a table's size raises ``ValueError`` naming each
+          feature and both sizes (``mtl_lightning.growth.check_vocabularies``;
+          without plain feature specs in the checkpoint, ``FeatureEmbedding``
+          checks the tables as they load).
+
+        The data module state saved beside the model is kept for ``setup``
+        (``mtl_lightning.growth.hand_datamodule_state``).
         """
-        # the data module's state saved beside the model (its fitted encoders and statistics), kept so that
-        # ``setup`` can hand it to a data module that fitted its own (see ``_adopt_checkpoint_datamodule_state``)
-        self._checkpoint_datamodule_states = {
-            key: value for key, value in checkpoint.items()
-            if isinstance(value, Mapping) and key not in _LIGHTNING_CHECKPOINT_KEYS
-        }
-        grown = self._grow_tables(checkpoint)  # incremental training: vocabularies the data module grew
+        self._checkpoint_datamodule_states = datamodule_states(checkpoint)
+        self._check_architecture(checkpoint)
+        grown, self._table_growth = grow_checkpoint_tables(self, checkpoint, self._datamodule())
+        self._grow_optimizer_states()
+        check_vocabularies(self.model, checkpoint, grown)
+
+    def _check_architecture(self, checkpoint: Mapping[str, Any]) -> None:
+        """``ValueError`` naming both classes when the checkpoint's model is another architecture whose weights
+        do not fit this one (Lightning would list every missing and unexpected key instead)."""
         config = (checkpoint.get("hyper_parameters") or {}).get("model")
-        init_args = config.get("init_args") if isinstance(config, Mapping) else None
-        features = init_args.get("features") if isinstance(init_args, Mapping) else None
-        if not isinstance(features, (list, tuple)) or not isinstance(getattr(self.model, "features", None), tuple):
-            return
-        try:
-            saved = [feature_from_config(f) for f in features]
-        except (TypeError, ValueError):
-            return  # specs this version cannot read: the state dict's own checks apply
-        saved = [dataclasses.replace(f, vocab_size=grown[f.name][1])
-                 if f.name in grown and getattr(f, "vocab_size", None) == grown[f.name][0] else f for f in saved]
-        message = vocabulary_mismatch(saved, self.model.features)
-        if message is not None:
-            raise ValueError(message)
-
-    def _grow_tables(self, checkpoint: dict[str, Any]) -> dict[str, tuple[int, int]]:
-        """Grow the checkpoint's embedding tables as the data module grew its vocabularies; ``{feature: (before, after)}``.
-
-        Only a growth the Trainer's data module declares is applied (its
-        ``embedding_row_sources()``: for each grown feature, the table size
-        before and each new id's old id or -1), and only to weights whose rows
-        in the checkpoint are exactly the sizes before. The optimizer state of
-        those weights is resized by ``_grow_optimizer_states`` once the
-        optimizers exist (before Lightning restores them).
-        """
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        declare = getattr(datamodule, "embedding_row_sources", None)
-        growth = declare() if callable(declare) else {}
+        class_path = config.get("class_path") if isinstance(config, Mapping) else None
         state = checkpoint.get("state_dict")
-        if not growth or not isinstance(state, dict):
-            return {}
-        sources = {name: (int(before), torch.as_tensor(index, dtype=torch.long))
-                   for name, (before, index) in growth.items()}
-        done: dict[str, tuple[int, int]] = {}
-        self._table_growth: dict[str, tuple[Tensor, int]] = {}
-        for prefix, layer in self.named_modules():
-            if not isinstance(layer, FeatureEmbedding):
-                continue
-            mine = {name: value for name, value in sources.items() if name in layer.table_layout()}
-            if not mine:
-                continue
-            plan = grown_rows(layer, mine)
-            if any(not isinstance(state.get(f"{prefix}.{key}"), Tensor) or state[f"{prefix}.{key}"].shape[0] != rows
-                   for key, (_, rows) in plan.items()):
-                continue  # not the checkpoint these vocabularies grew from: the size checks report it
-            for key, (index, _) in plan.items():
-                name = f"{prefix}.{key}"
-                saved = state[name]
-                weight = self.get_parameter(name).detach().to(device=saved.device, dtype=saved.dtype).clone()
-                keep = index >= 0
-                weight[keep] = saved[index[keep]]  # new rows: as this model initialised them
-                state[name] = weight
-                self._table_growth[name] = (index, saved.shape[0])
-            done.update({name: (before, len(index)) for name, (before, index) in mine.items()})
-        if self._table_growth:
-            self._growing_checkpoint = checkpoint
-            self._grow_optimizer_states()
-        return done
+        if not isinstance(class_path, str) or not isinstance(state, Mapping):
+            return
+        mine = type(self.model)
+        if class_path.rpartition(".")[2] == mine.__name__:
+            return
+        saved = {key for key in state if isinstance(key, str) and key.startswith("model.")}
+        if saved == {f"model.{key}" for key in self.model.state_dict()}:
+            return  # another class with the very same weights (a subclass, a renamed copy): it loads
+        raise ValueError(
+            f"the checkpoint holds a {class_path.rpartition('.')[2]} model ({class_path}), but this module's model "
+            f"is a {mine.__name__} ({mine.__module__}.{mine.__qualname__}): its weights do not fit. Load it with "
+            "MultiTaskLightningModule.load_from_checkpoint(path) (which builds the checkpoint's architecture), or "
+            f"build the module with a {class_path.rpartition('.')[2]} to resume it"
+        )
+
+    def _datamodule(self) -> Any:
+        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
 
     def _grow_optimizer_states(self) -> None:
-        """Resize the checkpoint's optimizer state of grown tables (old rows moved with them, new rows zero)."""
-        growth = getattr(self, "_table_growth", None)
-        checkpoint = getattr(self, "_growing_checkpoint", None)
+        """Resize the loaded checkpoint's optimizer state of grown tables, once the Trainer's optimizers exist."""
         optimizers = self.trainer.optimizers if self._trainer is not None else []
-        if not growth or checkpoint is None or not optimizers:
-            return  # the optimizers are made later: on_fit_start calls this again
-        names = {id(p): name for name, p in self.named_parameters()}
-        for optimizer, saved in zip(optimizers, checkpoint.get("optimizer_states") or []):
-            position = 0  # torch numbers the parameters across param_groups, in order
-            for group in optimizer.param_groups:
-                for parameter in group["params"]:
-                    name = names.get(id(parameter))
-                    entry = saved.get("state", {}).get(position)
-                    if name in growth and isinstance(entry, dict):
-                        index, rows = growth[name]
-                        keep = index >= 0
-                        for key, value in entry.items():
-                            if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == rows:
-                                value = value.to_dense() if value.is_sparse else value
-                                resized = value.new_zeros((len(index), *value.shape[1:]))
-                                resized[keep] = value[index[keep].to(value.device)]
-                                entry[key] = resized
-                    position += 1
-        self._table_growth, self._growing_checkpoint = {}, None
+        if self._table_growth is not None and optimizers:
+            self._table_growth.grow_optimizer_states(self, optimizers)
+            self._table_growth = None
 
     def on_fit_start(self) -> None:
         self._grow_optimizer_states()  # a checkpoint whose tables grew, loaded before the optimizers existed
+        self.training_checks.start_fit()
 
     # --------------------------------------------------------------- optimizer
     def optimized_parameters(self) -> list[nn.Parameter]:
@@ -660,39 +470,29 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         return [p for p in self.parameters() if id(p) not in private]
 
     def setup(self, stage: str) -> None:
-        self._adopt_checkpoint_datamodule_state()
-        if self.hparams.get("sparse_embeddings") and self.trainer is not None:
+        if self._trainer is not None:
+            self._check_trainer(self.trainer)
+        hand_datamodule_state(self._datamodule(), self._checkpoint_datamodule_states)
+        if self.hparams.get("sparse_embeddings") and self._trainer is not None:
             _check_sparse_strategy(self.trainer.strategy)
         if self.hparams.get("compile_model") and not getattr(self, "_compiled", False):
             self.model.compile()
             self._compiled = True
 
-    def _adopt_checkpoint_datamodule_state(self) -> None:
-        """Give the Trainer's data module the encoders/statistics this model was trained with, loudly.
-
-        A module loaded with ``load_from_checkpoint`` remembers the data module
-        state of its checkpoint (fitted categorical encoders, normalisation
-        statistics, feature specs). If the data module now attached fitted its own
-        (e.g. from a new ``train=`` split, because no ``ckpt_path`` was given)
-        and they differ, its ids and scales no longer mean what the model learnt:
-        the checkpoint's state is loaded into the data module (which re-reads its
-        splits) with a warning. Resuming with ``ckpt_path=`` restores the same
-        state through Lightning, so nothing changes there.
-        """
-        states = getattr(self, "_checkpoint_datamodule_states", None)
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if not states or datamodule is None or not hasattr(datamodule, "load_state_dict"):
-            return
-        state = states.get(type(datamodule).__qualname__)
-        same = getattr(datamodule, "same_preprocessing", None)  # ParquetDataModule: ignores its partition record
-        if not state or (same(state) if callable(same) else datamodule.state_dict() == state):
-            return
-        rank_zero_warn(
-            f"{type(datamodule).__name__}: its encoders/normalisation statistics differ from those this model was "
-            "trained with (saved in its checkpoint); using the checkpoint's, so ids and scales mean what the model "
-            "learnt. To train with new encoders, build a new model instead of loading this checkpoint."
-        )
-        datamodule.load_state_dict(state)
+    @staticmethod
+    def _check_trainer(trainer: L.Trainer) -> None:
+        """Refuse, before any step, a half ``-true`` precision and a truncated or corrupt local ``ckpt_path``."""
+        if trainer.precision in ("bf16-true", "16-true"):
+            mixed = trainer.precision.replace("-true", "-mixed")
+            raise ValueError(
+                f"Trainer(precision={trainer.precision!r}) casts every parameter and input to half precision, which "
+                "MultiTaskLightningModule does not train with: dense inputs, losses and metrics are computed in "
+                f"float32 (the first layer would see float32 inputs against half weights). Use "
+                f"precision={mixed!r} (autocast over float32 weights, on CPU and GPU) or '32-true'"
+            )
+        path = trainer.ckpt_path
+        if isinstance(path, (str, Path)) and "://" not in str(path) and Path(path).is_file():
+            check_checkpoint_file(path)  # ValueError naming the file, before Lightning's torch.load fails obscurely
 
     def configure_optimizers(self) -> Any:
         """The optimizer over ``optimized_parameters()`` with weight-decay groups (see ``mtl_lightning.optim``)."""

@@ -1,0 +1,260 @@
+"""Evaluation of one split (validation or test): metric updates, the values to log, and the warnings.
+
+``MultiTaskLightningModule`` holds one :class:`SplitEvaluation` per split
+(``val``, ``test``), updates it in ``validation_step`` / ``test_step`` and logs
+what :meth:`SplitEvaluation.compute` returns at the end of the epoch.
+
+Logged: ``<stage>/<task>/auc``, ``<stage>/<task>/logloss`` (binary),
+``<stage>/<task>/mse``, ``<stage>/<task>/mae`` (regression) and ``<stage>/loss``
+(the ``Task.weight``-weighted sum of per-task log-loss/MSE over the whole epoch),
+``<stage>/<task>/gauc`` (binary, when the batches carry a ``group`` tensor: see
+``metrics.GroupAUC``).
+
+Per scenario (domain): ``<stage>/<task>/auc/domain=<id>`` for every binary task
+and every scenario id in the split, and ``<stage>/<task>/gauc/domain=<id>`` when
+the batches also carry a ``group``. The scenario ids are the batch's
+``scenario`` tensor (``ParquetDataModule(scenario=...)``, any architecture) or
+else, for a multi-scenario architecture (``model.multi_scenario``), its domain
+feature ``model.domain_feature``. The rows of every rank are gathered first
+(``metrics.ScenarioAUC``), so under DDP every rank logs the same scenarios and
+values. A scenario whose valid labels are of one class gets no AUC (warned
+once per task and split).
+
+Undefined metrics are skipped, never logged as numbers that look real (and
+never NaN, so a ``ModelCheckpoint`` monitoring another key is not disturbed):
+every metric of a task with no row with a valid label in the split (e.g. the
+CVR task when every row is unclicked, its labels all ``ignore_label``), and
+AUC/GAUC of a task whose valid labels are all of one class (GAUC also when no
+group has both classes). ``<stage>/loss`` is the weighted sum over the tasks
+that have valid rows (not logged when none has). Each case is warned about once
+per task and split (the sanity check counts as a split of its own) for the
+module's lifetime; validation, training and ``trainer.test`` go on with the
+other metrics. The decision uses label counts summed over every rank, so under
+DDP all ranks log the same keys. A key skipped in an epoch is also dropped
+from ``trainer.callback_metrics``, where Lightning would otherwise keep an
+earlier epoch's value (possible when the split changes between epochs): a
+callback monitoring it finds it missing (a ``ModelCheckpoint`` then says so)
+rather than a stale number. Monitor ``val/loss`` to be safe from this.
+
+A metric that is defined but not finite (``inf`` or NaN: regression labels or
+predictions so large that their squared error overflows float32, above about
+1.8e19, or a model that diverged) is logged as it is and warned about once per
+key and split, naming the task.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, MutableMapping, Sequence
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from .batch import Batch
+from .losses import valid_mask
+from .metrics import (
+    COUNTS, Skipped, compute_task_metrics, flatten_metrics, group_auc_metrics, scenario_auc_metrics, task_metrics,
+)
+from .tasks import Task
+
+ReduceSum = Callable[[Tensor], Tensor]
+"""Sums a tensor over every rank (``trainer.strategy.reduce(t, reduce_op="sum")``); the identity in one process."""
+
+
+def _reset(metric: nn.Module) -> None:
+    """``metric.reset()`` outside inference mode: the fresh states are normal tensors, so a later ``fit`` (whose
+    validation runs under ``no_grad``, not inference mode) can update them in place after ``trainer.validate``."""
+    with torch.inference_mode(False):
+        metric.reset()
+
+
+def _no_reduce(value: Tensor) -> Tensor:
+    return value
+
+
+class SplitEvaluation(nn.Module):
+    """The metrics of one evaluation split: per-task metrics, group AUC, per-scenario AUC (see the module docstring).
+
+    Args:
+        stage: the split's name, the prefix of every logged key (``"val"``, ``"test"``).
+        tasks: the tasks evaluated.
+        ignore_label: the label value that means "no label" (NaN always does).
+        domain_feature: the feature holding the scenario ids of a multi-scenario
+            architecture, used when a batch has no ``scenario`` tensor; ``None``
+            for other architectures.
+
+    The metric states are not part of the module's ``state_dict``.
+    """
+
+    def __init__(self, stage: str, tasks: Sequence[Task], ignore_label: float | None = -1,
+                 domain_feature: str | None = None) -> None:
+        super().__init__()
+        self.stage = stage
+        self.tasks = tuple(tasks)
+        self.ignore_label = ignore_label
+        self.domain_feature = domain_feature
+        self.task_metrics = task_metrics(self.tasks)
+        self.group_auc = group_auc_metrics(self.tasks)
+        self.scenario_auc = scenario_auc_metrics(self.tasks)
+        self._warned: set[tuple[str, str, str]] = set()  # (split, task or key, reason): warned for this lifetime
+
+    def scenario_ids(self, batch: Batch) -> Tensor | None:
+        """The batch's scenario ids: the data module's ``scenario`` tensor, else the domain feature's ids."""
+        scenario = batch.get("scenario")
+        if scenario is None and self.domain_feature is not None:
+            scenario = batch["features"][self.domain_feature]
+        return scenario
+
+    def update(self, outputs: dict[str, Tensor], batch: Batch) -> None:
+        """Add one batch: the model's ``outputs`` (logits / values per task) against the batch's labels."""
+        group = batch.get("group")
+        scenario = self.scenario_ids(batch)
+        for t in self.tasks:
+            labels = task_labels(batch["labels"], t)
+            mask = valid_mask(labels, self.ignore_label)
+            self.task_metrics.task_metrics[t.name].update(outputs[t.name][mask].float(), labels[mask].float())
+            if group is not None and t.name in self.group_auc:
+                self.group_auc[t.name].update(outputs[t.name][mask], labels[mask], group[mask])
+            if scenario is not None and t.name in self.scenario_auc:
+                self.scenario_auc[t.name].update(outputs[t.name][mask], labels[mask], scenario[mask],
+                                                 None if group is None else group[mask])
+
+    def compute(self, reduce_sum: ReduceSum = _no_reduce, sanity_checking: bool = False,
+                callback_metrics: MutableMapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The epoch's defined metrics as ``{key: value}``, warning about what is skipped; resets every metric.
+
+        Every decision reads values computed from states synced over the ranks
+        (``compute_task_metrics``' label counts, GAUC itself, ``reduce_sum``),
+        so every rank returns the same keys and runs the same collectives.
+        Keys skipped this epoch are removed from ``callback_metrics`` (the
+        Trainer's) so no earlier epoch's value stays there.
+        """
+        stage = self.stage
+        split = f"{stage} (sanity check)" if sanity_checking else stage
+        computed, skipped = compute_task_metrics(self.task_metrics, self.tasks)
+        logged = flatten_metrics(stage, computed)
+        device = self.task_metrics.task_metrics[self.tasks[0].name][COUNTS].rows.device
+        empty = torch.zeros(0, device=device)
+        for name, metric in self.group_auc.items():
+            if not _joined(metric, reduce_sum, device, empty, empty, empty.long()):  # no rank saw a group column
+                continue
+            if name in skipped:  # no valid row, or one class: no group can have both classes
+                skipped[name] = skipped[name]._replace(metrics=(*skipped[name].metrics, "gauc"))
+            else:
+                value = metric.compute()
+                if torch.isnan(value):
+                    skipped[name] = Skipped(("gauc",), "has no group (user) with both a positive and a "
+                                            "negative label, so GAUC is undefined", False)
+                else:
+                    logged[f"{stage}/{name}/gauc"] = value
+            _reset(metric)
+        for name, metric in self.scenario_auc.items():
+            if not _joined(metric, reduce_sum, device, empty, empty, empty.long()):  # no scenario ids on any rank
+                continue
+            one_class = []
+            for scenario, values in metric.compute().items():
+                logged.update({f"{stage}/{name}/{m}/domain={scenario}": value for m, value in values.items()})
+                if "auc" not in values:
+                    one_class.append(scenario)
+            _reset(metric)
+            if one_class:
+                self._warn_one_class_scenarios(split, name, one_class)
+        terms = [
+            t.weight * computed[t.name]["logloss" if t.kind == "binary" else "mse"]
+            for t in self.tasks if ("logloss" if t.kind == "binary" else "mse") in computed[t.name]
+        ]
+        if terms:
+            logged[f"{stage}/loss"] = torch.as_tensor(sum(terms))
+        for name, skip in skipped.items():
+            self._warn_skipped(split, name, skip, loss_skipped=not terms)
+        self._warn_non_finite(split, logged)
+        if callback_metrics is not None:  # no stale value of an earlier epoch for callbacks to mistake for this one's
+            stale = [f"{stage}/{name}/{m}" for name, skip in skipped.items() for m in skip.metrics]
+            for key in stale + ([] if terms else [f"{stage}/loss"]):
+                callback_metrics.pop(key, None)
+            for key in [k for k in callback_metrics if "/domain=" in k and k.startswith(f"{stage}/")]:
+                if key not in logged:  # a scenario absent (or undefined) this epoch
+                    callback_metrics.pop(key)
+        _reset(self.task_metrics)
+        return logged
+
+    # ---------------------------------------------------------------- warnings
+    def _once(self, split: str, subject: str, reason: str) -> bool:
+        """Whether this warning is new for this split (and records it)."""
+        key = (split, subject, reason)
+        if key in self._warned:
+            return False
+        self._warned.add(key)
+        return True
+
+    def _warn_skipped(self, split: str, task: str, skip: Skipped, loss_skipped: bool) -> None:
+        """One warning per task, split and reason for the module's lifetime (the sanity check counts apart)."""
+        if not self._once(split, task, skip.reason):
+            return
+        stage = self.stage
+        keys = ", ".join(f"{stage}/{task}/{m}" for m in skip.metrics)
+        verb = "is" if len(skip.metrics) == 1 else "are"
+        if skip.empty:
+            detail = f"every label is ignore_label={self.ignore_label!r} or NaN"
+            loss = (f"nor is {stage}/loss (no task has a valid row)" if loss_skipped
+                    else f"and {stage}/loss sums the other tasks only")
+            message = f"{split} split: task {task!r} {skip.reason} ({detail}); {keys} {verb} not logged, {loss}"
+        else:
+            message = f"{split} split: task {task!r} {skip.reason}; {keys} {verb} not logged"
+        rank_zero_warn(message + ". Training and the other metrics go on (warned once per task and split).")
+
+    def _warn_one_class_scenarios(self, split: str, task: str, scenarios: list[int]) -> None:
+        if not self._once(split, task, "one-class scenarios"):
+            return
+        keys = ", ".join(f"{self.stage}/{task}/auc/domain={s}" for s in scenarios[:5]) + (
+            ", ..." if len(scenarios) > 5 else "")
+        rank_zero_warn(f"{split} split: task {task!r} has labels of one class only in scenarios {scenarios[:20]}, "
+                       f"so their AUC is undefined and {keys} not logged; the other scenarios' are "
+                       "(warned once per task and split).")
+
+    def _warn_non_finite(self, split: str, logged: dict[str, Tensor]) -> None:
+        """Warn once per key and split about a logged value that is inf or NaN, naming the task."""
+        values = [torch.as_tensor(v).float().reshape(()) for v in logged.values()]
+        if not values or bool(torch.stack([v.to(values[0].device) for v in values]).isfinite().all()):
+            return  # the usual case: one check, one host sync
+        tasks = {t.name: t for t in self.tasks}
+        for key, value in logged.items():
+            number = float(value)
+            if math.isfinite(number) or not self._once(split, key, "non-finite"):
+                continue
+            task = key.split("/")[1]
+            if task in tasks:
+                owner = f"task {task!r} ({tasks[task].kind})"
+                hint = ("its labels or predictions are so large that their squared error overflows float32 (above "
+                        "about 1.8e19): scale the labels (e.g. log or standardise them)"
+                        if tasks[task].kind == "regression" else "its predictions are not finite")
+            else:
+                owner = "the weighted sum over the tasks"
+                hint = "some task's metric is not finite (see that task's keys)"
+            rank_zero_warn(f"{split} split: {key} of {owner} is {number}: {hint}, or the model diverged (check "
+                           "the learning rate). It is logged as it is (warned once per key and split).")
+
+
+def task_labels(labels: dict[str, Tensor], task: Task) -> Tensor:
+    """The labels of ``task`` in a batch's ``labels``; ``ValueError`` naming the task and the keys there are."""
+    try:
+        return labels[task.name]
+    except KeyError:
+        raise ValueError(f"the batch has no label for task {task.name!r}; it has {sorted(labels)}") from None
+
+
+def _joined(metric: Metric, reduce_sum: ReduceSum, device: torch.device, *empty_args: Tensor) -> bool:
+    """Whether any rank updated ``metric`` this epoch; a rank that did not (an empty shard, a split smaller than
+    the world size) updates it with ``empty_args`` (typed empty states, so the gather matches the other ranks'
+    dtypes) and then joins the collective of ``compute()`` that the other ranks run."""
+    used = reduce_sum(torch.tensor(float(metric.update_called), device=device))
+    if not used:
+        return False
+    if not metric.update_called:
+        metric.update(*empty_args)
+    return True
+
+
+__all__ = ["SplitEvaluation", "task_labels"]
