@@ -45,6 +45,8 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from mtl_lightning.batch import Batch
+
 from .store import ColumnStore
 
 # Each worker yields exactly its share of len() batches (see ParquetBatches.__iter__),
@@ -170,7 +172,7 @@ class ParquetBatches(EpochIterable):
             order = torch.cat([order, order[: total - n]])
         return order
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         start, stop, _ = self.shard_bounds()
         order = self.order()
         worker, workers = _worker()

@@ -6,7 +6,7 @@ row ids and integer keys as int64, dense values and labels as float32), allocate
 once from the files' footers. A batch is built by indexing every block with a
 slice of a row permutation (``index_select``), so a batch costs one gather per
 block, whatever the number of columns. Batches are
-``{"features": {name: Tensor}, "labels": {task: Tensor}, "row_id": Tensor}``
+``{"features": {name: Tensor}, "labels": {task: Tensor}, "row_id": Tensor}`` (``mtl_lightning.batch.Batch``)
 with int64 ids.
 """
 
@@ -23,6 +23,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
+from mtl_lightning.batch import Batch
 from mtl_lightning.features import DenseFeature, Feature, SequenceFeature, SparseFeature
 from mtl_lightning.tasks import Task
 
@@ -159,7 +160,7 @@ class ColumnStore:
         blocks = {dtype: torch.cat([s.blocks[dtype] for s in stores]) for dtype in stores[0].blocks}
         return ColumnStore(stores[0].slots, sum(s.num_rows for s in stores), blocks)
 
-    def batch(self, index: Tensor | slice) -> dict[str, Any]:
+    def batch(self, index: Tensor | slice) -> Batch:
         """``{"features", "labels", "row_id"[, "keys"]}`` of the rows at ``index``, as compact tensors."""
         values: list[Tensor | None] = [None] * len(self.slots)
         rows = self._rows(index)

@@ -64,13 +64,14 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from mtl_lightning.batch import Batch
+
 from .batches import EpochIterable, _worker
 from .files import ParquetReader, open_file
 from .paths import DataFile, Partition, as_data_file
 from .storage import Storage
 from .store import ColumnStore, TableConverter
 
-Batch = dict[str, Any]
 
 
 @dataclass(frozen=True)

@@ -44,9 +44,7 @@ rows than the checkpoint's (the inferred vocabulary grew or shrank) raises
 ``ValueError`` naming each such feature and both sizes, unless the data module
 grew them (incremental training, ``mtl_lightning.growth``). Resuming into
 another architecture than the checkpoint's (an MMoE from a SharedBottom
-checkpoint) raises ``ValueError`` naming both classes; a truncated or corrupt
-checkpoint file given to ``trainer.fit/validate/test/predict(ckpt_path=...)``
-raises ``ValueError`` naming the file, whatever the Trainer's checkpoint I/O.
+checkpoint) raises ``ValueError`` naming both classes.
 
 Precision: ``precision="bf16-true"`` and ``"16-true"`` (every parameter and
 input cast to half precision) are refused when training starts, with a
@@ -58,7 +56,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import lightning as L
@@ -67,13 +64,13 @@ from torch import Tensor, nn
 
 from .architectures.base import MultiTaskArchitecture
 from .batch import Batch
-from .checkpoint import CheckpointLoading, check_checkpoint_file
+from .checkpoint import CheckpointLoading
 from .config import build
 from .evaluation import SplitEvaluation, task_labels
 from .growth import TableGrowth, check_vocabularies, datamodule_states, grow_checkpoint_tables, hand_datamodule_state
-from .layers.embedding import FeatureEmbedding
 from .losses import CounterfactualCVR, masked_loss
 from .optim import build_optimizers, no_weight_decay, optimizer_class
+from .sparse_embeddings import check_sparse_strategy, embedding_tables, enable_sparse_embeddings
 from .tasks import Task, check_tasks
 from .training_checks import TrainingChecks
 from .weighting import WeightingStrategy, create_weighting
@@ -92,38 +89,7 @@ def _check_rate(name: str, value: Any, optional: bool = False) -> None:
         )
 
 
-def _embedding_tables(model: nn.Module) -> list[nn.Parameter]:
-    return [p for m in model.modules() if isinstance(m, FeatureEmbedding) for p in m.embedding_parameters()]
-
-
-def _enable_sparse_embeddings(model: nn.Module, weighting: WeightingStrategy) -> None:
-    layers = [m for m in model.modules() if isinstance(m, FeatureEmbedding)]
-    if not layers or not _embedding_tables(model):
-        raise ValueError(f"sparse_embeddings=True: {type(model).__name__} has no FeatureEmbedding table to make sparse")
-    if weighting.needs_embedding_gradients:
-        raise ValueError(
-            f"sparse_embeddings=True cannot be combined with weighting {type(weighting).__name__!r}: it works on "
-            "per-task gradients of the shared parameters, embedding tables included, which sparse gradients do "
-            "not provide; use sparse_embeddings=False"
-        )
-    for layer in layers:
-        layer.sparse = True
-
-
-def _check_sparse_strategy(strategy: Any) -> None:
-    """Sparse gradients are reduced correctly by DDP on gloo only; anything else multi-process is refused."""
-    world_size = getattr(strategy, "world_size", 1)
-    if world_size <= 1:
-        return
-    from lightning.pytorch.strategies import DDPStrategy
-
-    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
-    if type(strategy) is not DDPStrategy or backend != "gloo":
-        raise ValueError(
-            f"sparse_embeddings=True under {type(strategy).__name__} (process group backend {backend!r}) is not "
-            "supported: only DDPStrategy with the gloo backend all-reduces sparse gradients correctly. Use "
-            "strategy=DDPStrategy(process_group_backend='gloo') or sparse_embeddings=False"
-        )
+_check_sparse_strategy = check_sparse_strategy  # importable from here as before
 
 
 class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
@@ -134,7 +100,8 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         tasks: the tasks to train; defaults to ``model.tasks`` (less the DR
             imputation output). Every task must be an output of the model
             (``model.output_names``); labels in the batch are keyed by task name.
-            Outputs that are not tasks get no loss of their own.
+            Outputs that are not tasks get no loss of their own. Tasks whose
+            weights are all 0 raise ``ValueError`` (nothing would train).
         lr: the learning rate.
         weight_decay: optimizer settings with ``lr``; finite numbers >= 0 (anything else
             raises ``ValueError`` here, before any step: SGD would otherwise
@@ -212,6 +179,12 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         if tasks is None and self.counterfactual is not None and self.counterfactual.mode == "dr":
             tasks = [t for t in model.tasks if t.name != self.counterfactual.imputation_output]
         self.tasks = check_tasks(tasks if tasks is not None else model.tasks)
+        if all(t.weight == 0 for t in self.tasks):
+            raise ValueError(
+                f"every task has weight 0 ({[t.name for t in self.tasks]}): Task.weight weighs the static training "
+                "loss (and starts most weighting strategies) and val/loss, which would be 0, so nothing would train "
+                "or be compared; give the tasks to train a weight > 0 (Task(..., weight=1.0))"
+            )
         missing = [t.name for t in self.tasks if t.name not in model.output_names]
         if missing:
             raise ValueError(f"tasks {missing} are not outputs of {type(model).__name__} (outputs: {model.output_names})")
@@ -237,7 +210,7 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         self.weighting = create_weighting(weighting)
         self.weighting.setup(self.tasks, self.model)
         if sparse_embeddings:
-            _enable_sparse_embeddings(self.model, self.weighting)
+            enable_sparse_embeddings(self.model, self.weighting)
 
         self.save_hyperparameters(ignore=["model", "weighting", "tasks", "counterfactual"])
         # Plain-data versions, so checkpoints load with weights_only=True and
@@ -261,14 +234,26 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return self.model(features)
 
-    def compute_losses(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Unweighted loss per task: masked, or the counterfactual L_CVR for the conversion task."""
+    def compute_losses(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor],
+                       weights: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Unweighted loss per task: masked, or the counterfactual L_CVR for the conversion task.
+
+        ``weights`` are a batch's per-task sample weights (``Batch["weights"]``):
+        a task listed there has the weighted mean over its valid rows as loss
+        (``losses.masked_loss``); the counterfactual conversion task takes none.
+        """
+        weights = weights or {}
         losses = {
-            t.name: masked_loss(outputs[t.name], task_labels(labels, t), t.kind, self.hparams.ignore_label)
+            t.name: masked_loss(outputs[t.name], task_labels(labels, t), t.kind, self.hparams.ignore_label,
+                                weights.get(t.name))
             for t in self.tasks
             if self.counterfactual is None or t.name != self.counterfactual.conversion_task
         }
         if self.counterfactual is not None:
+            if self.counterfactual.conversion_task in weights:
+                raise ValueError(f"the batch has sample weights for {self.counterfactual.conversion_task!r}, the "
+                                 "counterfactual conversion task, whose IPS/DR loss takes none; leave it out of "
+                                 "batch['weights']")
             losses[self.counterfactual.conversion_task] = self.counterfactual.cvr_loss(
                 outputs, labels, self.hparams.ignore_label)
         return losses
@@ -303,7 +288,7 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
     # ---------------------------------------------------------------- training
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         outputs = self.model(batch["features"])
-        losses = self.compute_losses(outputs, batch["labels"])
+        losses = self.compute_losses(outputs, batch["labels"], batch.get("weights"))
         task_losses = [losses[t.name] for t in self.tasks]
         total = self.weighting(task_losses)  # a list: see weighting/base.py
         aux = self.model.auxiliary_loss(outputs, batch["labels"])
@@ -474,14 +459,14 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
             self._check_trainer(self.trainer)
         hand_datamodule_state(self._datamodule(), self._checkpoint_datamodule_states)
         if self.hparams.get("sparse_embeddings") and self._trainer is not None:
-            _check_sparse_strategy(self.trainer.strategy)
+            check_sparse_strategy(self.trainer.strategy)
         if self.hparams.get("compile_model") and not getattr(self, "_compiled", False):
             self.model.compile()
             self._compiled = True
 
     @staticmethod
     def _check_trainer(trainer: L.Trainer) -> None:
-        """Refuse, before any step, a half ``-true`` precision and a truncated or corrupt local ``ckpt_path``."""
+        """Refuse, before any step, a half ``-true`` precision (see the module docstring)."""
         if trainer.precision in ("bf16-true", "16-true"):
             mixed = trainer.precision.replace("-true", "-mixed")
             raise ValueError(
@@ -490,14 +475,11 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
                 f"float32 (the first layer would see float32 inputs against half weights). Use "
                 f"precision={mixed!r} (autocast over float32 weights, on CPU and GPU) or '32-true'"
             )
-        path = trainer.ckpt_path
-        if isinstance(path, (str, Path)) and "://" not in str(path) and Path(path).is_file():
-            check_checkpoint_file(path)  # ValueError naming the file, before Lightning's torch.load fails obscurely
 
     def configure_optimizers(self) -> Any:
         """The optimizer over ``optimized_parameters()`` with weight-decay groups (see ``mtl_lightning.optim``)."""
         hp = self.hparams
-        tables = {id(t) for t in _embedding_tables(self.model)} if hp.get("sparse_embeddings") else set()
+        tables = {id(t) for t in embedding_tables(self.model)} if hp.get("sparse_embeddings") else set()
         sparse_tables = [p for p in self.parameters() if id(p) in tables]
         return build_optimizers(
             self.optimized_parameters(), optimizer=hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay,

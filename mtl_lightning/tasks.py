@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -14,7 +16,12 @@ class Task:
 
     ``kind`` picks the loss (``binary``: BCE on logits; ``regression``: MSE),
     ``label`` is the label column (defaults to ``name``) and ``weight`` the
-    static loss weight used by the default weighting strategy.
+    static loss weight used by the default weighting strategy (and by others
+    as their starting point, and in ``val/loss``): a finite number >= 0. A
+    negative weight would maximise the task's loss and a NaN or infinite one
+    turn every parameter into NaN, so both raise ``ValueError`` naming the task;
+    0 leaves the task out of the weighted loss (``MultiTaskLightningModule``
+    refuses tasks whose weights are all 0).
     """
 
     name: str
@@ -27,6 +34,14 @@ class Task:
             raise ValueError(f"Task: name must be a non-empty string, got {self.name!r}")
         if self.kind not in TASK_KINDS:
             raise ValueError(f"Task {self.name!r}: kind must be one of {TASK_KINDS}, got {self.kind!r}")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, numbers.Real):
+            raise TypeError(f"Task {self.name!r}: weight must be a number, got {type(self.weight).__name__} "
+                            f"{self.weight!r}")
+        if not math.isfinite(self.weight) or self.weight < 0:
+            raise ValueError(
+                f"Task {self.name!r}: weight must be a finite number >= 0, got {self.weight!r}; a negative weight "
+                "maximises the task's loss and a NaN or infinite one turns every parameter into NaN"
+            )
         if self.label is None:
             object.__setattr__(self, "label", self.name)
 

@@ -63,6 +63,7 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from ..batch import Batch
 from ..checkpoint import load_checkpoint
 from ..layers.embedding import FeatureEmbedding, deferred_tables
 from ..weighting import WeightingStrategy
@@ -610,7 +611,7 @@ class _EqualBatches:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["loader"], name)
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Batch]:
         template = None
         iterator = iter(self.loader)
         while True:
@@ -623,7 +624,7 @@ class _EqualBatches:
                 return
             yield batch if batch is not None else (template if template is not None else self._spec_batch())
 
-    def _spec_batch(self) -> dict[str, Any]:
+    def _spec_batch(self) -> Batch:
         """An empty batch built from the module's feature specs and tasks (a rank with no batch at all)."""
         from ..features import DenseFeature, SequenceFeature
 

@@ -4,6 +4,10 @@ A row takes part in a task's loss only when its label is neither
 ``ignore_label`` nor NaN. The loss is the mean over those rows; when a batch
 has none, the loss is an exact ``0`` that still depends on the prediction (so
 the autograd graph, and DDP's gradient buckets, see the parameters).
+
+With per-row sample ``weights`` (a batch's ``weights[task]``, see
+``mtl_lightning.batch``) the loss is the weighted mean over the valid rows,
+``sum_i w_i l_i / sum_i w_i``, and an exact ``0`` when those weights sum to 0.
 """
 
 from __future__ import annotations
@@ -38,11 +42,25 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return (values * weights).sum() / weights.sum().clamp(min=1.0)
 
 
-def masked_loss(prediction: Tensor, labels: Tensor, kind: str, ignore_label: float | None = -1) -> Tensor:
-    """Mean loss of one task over its valid rows (see module docstring)."""
+def masked_loss(prediction: Tensor, labels: Tensor, kind: str, ignore_label: float | None = -1,
+                weights: Tensor | None = None) -> Tensor:
+    """Mean loss of one task over its valid rows, weighted by ``weights`` (``(B,)``, >= 0) when given.
+
+    See the module docstring. ``weights`` of another shape than ``labels``
+    raise ``ValueError``; their values are not checked here (a data source that
+    produces them checks them when it reads them).
+    """
     prediction = prediction.float()
     labels = labels.to(prediction.dtype)
     mask = valid_mask(labels, ignore_label)
     # Replace ignored labels before the loss: NaN * 0 would still be NaN.
     safe = torch.where(mask, labels, torch.zeros_like(labels))
-    return masked_mean(elementwise_loss(prediction, safe, kind), mask)
+    losses = elementwise_loss(prediction, safe, kind)
+    if weights is None:
+        return masked_mean(losses, mask)
+    if weights.shape != labels.shape:
+        raise ValueError(f"sample weights of shape {tuple(weights.shape)} for labels of shape {tuple(labels.shape)}; "
+                         "a batch's weights[task] holds one weight per row")
+    weights = torch.where(mask, weights.to(losses.dtype), torch.zeros_like(losses))
+    total = weights.sum()
+    return (losses * weights).sum() / torch.where(total > 0, total, torch.ones_like(total))
