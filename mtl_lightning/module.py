@@ -394,7 +394,10 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
 
         * A checkpoint whose architecture (``hyper_parameters["model"]["class_path"]``)
           is another class than ``self.model``'s, and whose model weights do not
-          fit it, raises ``ValueError`` naming both classes.
+          fit it, raises ``ValueError`` naming both classes (unless
+          ``strict_loading`` is off). ``load_from_checkpoint(path, model=...)``
+          replaces that class path with the given model before this runs:
+          there Lightning's listing of the keys remains.
         * Incremental training: when the Trainer's data module grew vocabularies
           since the state saved in this checkpoint, the checkpoint's tables (and,
           once the optimizers exist, their optimizer state) are grown the same
@@ -419,8 +422,8 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         config = (checkpoint.get("hyper_parameters") or {}).get("model")
         class_path = config.get("class_path") if isinstance(config, Mapping) else None
         state = checkpoint.get("state_dict")
-        if not isinstance(class_path, str) or not isinstance(state, Mapping):
-            return
+        if not isinstance(class_path, str) or not isinstance(state, Mapping) or not self.strict_loading:
+            return  # (load_from_checkpoint(path, model=...) writes the given model over the class path)
         mine = type(self.model)
         if class_path.rpartition(".")[2] == mine.__name__:
             return

@@ -1,6 +1,6 @@
 """Checkpoints written by an earlier version load, predict and resume exactly as they did then.
 
-``tests/data/checkpoints/`` holds three small checkpoints written by
+``tests/fixtures/checkpoints/`` holds three small checkpoints written by
 ``make_checkpoints.py`` with the code of commit ``807107a`` (MMoE + GradNorm with
 an encoded and a normalised column, ESCM with the DR counterfactual loss,
 SharedBottom with ``sparse_embeddings=True`` and a step scheduler), a fixed
@@ -22,7 +22,7 @@ import torch
 from mtl_lightning import MultiTaskLightningModule
 from mtl_lightning.checkpoint import load_checkpoint
 
-FIXTURES = Path(__file__).resolve().parent / "data" / "checkpoints"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints"
 _spec = importlib.util.spec_from_file_location("make_checkpoints", FIXTURES / "make_checkpoints.py")
 make_checkpoints = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(make_checkpoints)
