@@ -17,8 +17,10 @@ their types for readers and type checkers. Keys:
 * ``scenario`` (optional): int64 ``(B,)`` scenario (domain) ids, for per-scenario AUC;
 * ``keys`` (optional): ``{column: Tensor}``, columns carried to the prediction writer.
 
-The key names are the constants below (``FEATURES``, ``LABELS`` ...), for code
-that builds or reads batches generically.
+This ``TypedDict`` is the one definition of the keys: code reads and writes
+them as literal keys (``batch["features"]``), which a type checker checks
+against it; code that handles batches generically reads
+``Batch.__required_keys__`` and ``Batch.__optional_keys__``.
 """
 
 from __future__ import annotations
@@ -26,15 +28,6 @@ from __future__ import annotations
 from typing import TypedDict
 
 from torch import Tensor
-
-FEATURES = "features"
-LABELS = "labels"
-ROW_ID = "row_id"
-WEIGHTS = "weights"
-GROUP = "group"
-SCENARIO = "scenario"
-KEYS = "keys"
-
 
 class _BatchRequired(TypedDict):
     features: dict[str, Tensor]
@@ -52,4 +45,4 @@ class Batch(_BatchRequired, total=False):
     keys: dict[str, Tensor]
 
 
-__all__ = ["Batch", "FEATURES", "LABELS", "ROW_ID", "WEIGHTS", "GROUP", "SCENARIO", "KEYS"]
+__all__ = ["Batch"]
