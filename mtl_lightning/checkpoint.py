@@ -1,4 +1,4 @@
-"""Loading checkpoints as data: ``weights_only=True``, and a clear error for a truncated or corrupt file.
+"""Checkpoints as data: loaded with ``weights_only=True`` (clear errors for a truncated or corrupt file), saved atomically.
 
 A checkpoint is data, never code. Everything here loads with
 ``torch.load(..., weights_only=True)``, which unpickles only tensors and plain
@@ -15,9 +15,26 @@ instantiates subclasses of the expected base.
   (sharded tables) loads too: its tables are read whole into the plain
   ``FeatureEmbedding`` layout (``mtl_lightning.distributed.checkpoint.consolidate``).
 * :class:`SafeCheckpointIO` does the same for the Trainer
-  (``trainer.fit(ckpt_path=...)``, ``validate``/``test``/``predict``):
-  ``Trainer(plugins=[SafeCheckpointIO()])``; the ``mtl-lightning`` CLI adds it
-  unless the config names another ``CheckpointIO``.
+  (``trainer.fit(ckpt_path=...)``, ``validate``/``test``/``predict``), and
+  saves atomically (:func:`atomic_save`). ``MultiTaskLightningModule`` installs
+  it on any Trainer whose strategy has no ``CheckpointIO`` of the user's
+  (:class:`SafeCheckpointing`, a callback the module returns from
+  ``configure_callbacks``), so a plain ``L.Trainer()`` gets it; the
+  ``mtl-lightning`` CLI adds it too, unless the config names another
+  ``CheckpointIO``. ``Trainer(plugins=[TorchCheckpointIO()])`` opts out (for a
+  checkpoint you wrote yourself that holds other objects).
+
+Saving is atomic on any filesystem: the checkpoint is written to a hidden
+temporary file in the destination folder (``.<name>.tmp-<host>-<pid>-<token>``,
+never the system's temporary folder, which may be another filesystem),
+flushed and ``fsync``-ed, then renamed over the destination with
+``os.replace`` (and the folder ``fsync``-ed). A save that fails (a full disk)
+or is interrupted (``KeyboardInterrupt``) removes its temporary file and
+leaves the previous checkpoint of that name as it was; one killed outright
+(``kill -9``, power loss) leaves only its temporary file, which the next save
+into that folder removes (:func:`remove_stale_temporaries`: files of this
+host's processes that no longer run). A reader never sees a partly written
+checkpoint under its final name.
 
 A file cut short (a copy or an upload that stopped, a full disk) lacks the zip
 archive's central directory, which sits at its end: :func:`check_checkpoint_file`
@@ -28,14 +45,22 @@ reads only that directory, so it costs next to nothing, and raises
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pickle
+import re
+import secrets
+import shutil
+import socket
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Union
 
+import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
 PathLike = Union[str, Path]
 
@@ -51,6 +76,18 @@ def check_checkpoint_file(path: PathLike) -> Path:
     cheap even for a large checkpoint.
     """
     path = Path(path)
+    if path.is_dir():
+        from .distributed.checkpoint import is_sharded_checkpoint
+
+        if is_sharded_checkpoint(path):
+            raise ValueError(
+                f"checkpoint {path} is a TorchRecStrategy checkpoint folder (sharded embedding tables), which only "
+                "TorchRecStrategy loads as a Trainer checkpoint: use Trainer(strategy=TorchRecStrategy(...)) (or "
+                "--trainer.strategy=torchrec), or MultiTaskLightningModule.load_from_checkpoint(folder) to read it "
+                "into one process, or `python -m mtl_lightning.distributed.checkpoint FOLDER OUT.ckpt` to write it "
+                "as one plain checkpoint file")
+        raise ValueError(f"checkpoint {path} is a folder, not a checkpoint file (nor a TorchRecStrategy checkpoint "
+                         "folder: it has no meta.pt and .metadata)")
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist or is not a file")
     size = path.stat().st_size
@@ -104,12 +141,19 @@ def _explained(name: Any) -> Iterator[None]:
 
 
 class CheckpointLoading:
-    """Mixin for a ``LightningModule``: ``load_from_checkpoint`` loads with ``weights_only=True``.
+    """Mixin for a ``LightningModule``: ``load_from_checkpoint`` loads with ``weights_only=True``, and the Trainer
+    gets :class:`SafeCheckpointIO` (loading as data, atomic saves) unless the user gave it a ``CheckpointIO``.
 
     Put it before ``lightning.LightningModule`` in the bases. A truncated,
     corrupt or code-carrying checkpoint raises ``ValueError`` naming the file.
     ``weights_only=False`` is there for a checkpoint you wrote yourself and trust.
+    A subclass that overrides ``configure_callbacks`` keeps this by adding
+    ``super().configure_callbacks()`` to its own.
     """
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """:class:`SafeCheckpointing`, which installs :class:`SafeCheckpointIO` at set-up (see the class doc)."""
+        return [SafeCheckpointing()]
 
     @classmethod
     def load_from_checkpoint(
@@ -138,11 +182,104 @@ class CheckpointLoading:
                           weights_only=weights_only, **kwargs)
 
 
-class SafeCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose loading is :func:`load_checkpoint` (``weights_only=True``, clear errors).
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<host>[A-Za-z0-9_]+)-(?P<pid>[0-9]+)-(?P<token>[0-9a-f]+)$")
 
-    ``Trainer(plugins=[SafeCheckpointIO()])``; saving is unchanged.
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+
+
+def temporary_path(path: PathLike) -> Path:
+    """A fresh hidden name beside ``path`` for writing its replacement: ``.<name>.tmp-<host>-<pid>-<token>``."""
+    path = Path(path)
+    return path.parent / f".{path.name}.tmp-{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: PathLike) -> list[Path]:
+    """Remove the temporary files (and folders) that killed saves left in ``folder``; returns them.
+
+    Only names made by :func:`temporary_path` on this host whose process no
+    longer runs are removed (a save in progress in another process is left
+    alone; another host's are left to that host).
     """
+    folder, host, removed = Path(folder), _host(), []
+    with contextlib.suppress(OSError):
+        for entry in folder.iterdir():
+            match = _TEMPORARY.match(entry.name)
+            if match is None or match["host"] != host or int(match["pid"]) == os.getpid() \
+                    or _running(int(match["pid"])):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+                removed.append(entry)
+    return removed
+
+
+def sync_folder(folder: PathLike) -> None:
+    """``fsync`` a folder, so that a rename in it survives a power loss (no-op where folders cannot be opened)."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def atomic_save(checkpoint: Any, path: PathLike) -> None:
+    """``torch.save(checkpoint)`` to the local ``path`` atomically (see the module docstring).
+
+    Writes a temporary file in ``path``'s folder, flushes and ``fsync``-s it,
+    and renames it over ``path``. On any failure or interruption the temporary
+    file is removed and ``path`` is left as it was; a failed write raises
+    ``OSError`` naming ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent)
+    temporary = temporary_path(path)
+    try:
+        with open(temporary, "xb") as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException as error:  # KeyboardInterrupt too: no temporary file stays behind
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        cause = error if isinstance(error, OSError) else error.__cause__ or error.__context__
+        if isinstance(error, (OSError, RuntimeError)) and isinstance(cause, OSError):
+            raise OSError(cause.errno, f"checkpoint {path} could not be written ({cause.strerror or cause}); "
+                                       "the checkpoint there before, if any, is unchanged") from error
+        raise
+    sync_folder(path.parent)
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` that loads with :func:`load_checkpoint` (``weights_only=True``, clear errors) and
+    saves local files with :func:`atomic_save`.
+
+    ``Trainer(plugins=[SafeCheckpointIO()])``; ``MultiTaskLightningModule`` installs it by itself when the
+    Trainer has no ``CheckpointIO`` of the user's (:class:`SafeCheckpointing`). Remote paths (``s3://`` ...)
+    are saved by ``TorchCheckpointIO`` (an object store's upload replaces the object whole).
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: PathLike, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local(path):
+            return super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+        atomic_save(checkpoint, path)
 
     def load_checkpoint(
         self, path: PathLike, map_location: Any = lambda storage, location: storage, weights_only: bool | None = None
@@ -155,4 +292,34 @@ class SafeCheckpointIO(TorchCheckpointIO):
         return load_checkpoint(path, map_location=map_location)
 
 
-__all__ = ["check_checkpoint_file", "load_checkpoint", "CheckpointLoading", "SafeCheckpointIO"]
+def install_safe_checkpoint_io(strategy: Any) -> bool:
+    """Give a Trainer's ``strategy`` a :class:`SafeCheckpointIO` unless the user gave it a ``CheckpointIO``.
+
+    Lightning keeps a ``CheckpointIO`` given through ``plugins=`` or the
+    strategy's ``checkpoint_io=`` in ``strategy._checkpoint_io``; ``None`` there
+    means none was given (the public ``checkpoint_io`` property would create a
+    plain ``TorchCheckpointIO`` on first use, indistinguishable from one the
+    user chose, so the attribute is read instead). A wrapping IO
+    (``AsyncCheckpointIO``) without its own inner IO gets one. Returns whether
+    one was installed.
+    """
+    current = getattr(strategy, "_checkpoint_io", None)
+    if current is None:
+        strategy.checkpoint_io = SafeCheckpointIO()
+        return True
+    if isinstance(current, _WrappingCheckpointIO) and current.checkpoint_io is None:
+        current.checkpoint_io = SafeCheckpointIO()
+        return True
+    return False
+
+
+class SafeCheckpointing(L.Callback):
+    """Installs :class:`SafeCheckpointIO` at set-up (before any checkpoint is read or written) when the Trainer's
+    strategy has no ``CheckpointIO`` of the user's; ``MultiTaskLightningModule.configure_callbacks`` returns it."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        install_safe_checkpoint_io(trainer.strategy)
+
+
+__all__ = ["check_checkpoint_file", "load_checkpoint", "CheckpointLoading", "SafeCheckpointIO", "SafeCheckpointing",
+           "atomic_save", "install_safe_checkpoint_io", "remove_stale_temporaries", "temporary_path", "sync_folder"]

@@ -112,32 +112,36 @@ def _resolve_registry_names(value: Any) -> Any:
 _SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
-def check_class_paths(config: Any, where: str = "") -> None:
+def check_class_paths(config: Any, where: str = "", import_modules: bool = False) -> None:
     """Refuse a ``model.model`` / ``model.weighting`` class path that is not a registered name or a subclass of its base.
 
     ``config`` is a config tree (a loaded YAML file, possibly under a
     subcommand key) or, with ``where="model."``, a module's ``hyper_parameters``.
     Raises ``ValueError``/``TypeError`` naming the key and the class path
     (see :func:`mtl_lightning.config.resolve_class`); nothing is called.
+    ``import_modules=True`` (the user's own config files and flags) imports the
+    module of a dotted path first; a checkpoint's are only looked up among the
+    modules already imported.
     """
     if not isinstance(config, dict):
         return
     if not where:
         for subcommand in _SUBCOMMANDS:
-            check_class_paths(config.get(subcommand), f"{subcommand}.")
-        check_class_paths(config.get("model"), "model.")
+            check_class_paths(config.get(subcommand), f"{subcommand}.", import_modules)
+        check_class_paths(config.get("model"), "model.", import_modules)
         return
     if where in {f"{s}." for s in _SUBCOMMANDS}:
-        check_class_paths(config.get("model"), f"{where}model.")
+        check_class_paths(config.get("model"), f"{where}model.", import_modules)
         return
     model = config.get("model")
     if isinstance(model, str) and "." in model:
-        resolve_class(model, MultiTaskArchitecture, f"{where}model")
+        resolve_class(model, MultiTaskArchitecture, f"{where}model", import_modules=import_modules)
     if isinstance(model, dict) and "class_path" in model:
-        resolve_class(model["class_path"], MultiTaskArchitecture, f"{where}model")
+        resolve_class(model["class_path"], MultiTaskArchitecture, f"{where}model", import_modules=import_modules)
     weighting = config.get("weighting")
     if isinstance(weighting, dict) and "class_path" in weighting:
-        resolve_class(weighting["class_path"], WeightingStrategy, f"{where}weighting", registered=STRATEGIES)
+        resolve_class(weighting["class_path"], WeightingStrategy, f"{where}weighting", registered=STRATEGIES,
+                      import_modules=import_modules)
 
 
 _TASK_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Task) if f.default is not dataclasses.MISSING}
@@ -163,7 +167,7 @@ def _complete_tasks(config: Any) -> Any:
 
 def _load_yaml(text: str) -> Any:
     config = _complete_tasks(_resolve_registry_names(yaml.safe_load(text)))
-    check_class_paths(config)
+    check_class_paths(config, import_modules=True)
     return config
 
 
@@ -217,20 +221,34 @@ def resolve_registry_args(args: Sequence[str]) -> list[str]:
     return out
 
 
-_CHECKED_KEYS = ("--model.model", "--model.model.class_path", "--model.weighting", "--model.weighting.class_path")
+_CHECKED_KEYS = ("--model", "--model.model", "--model.model.class_path", "--model.weighting",
+                 "--model.weighting.class_path")
 
 
 def _check_argument(key: str, value: str) -> None:
-    """A class path given on the command line (``--model.model=pkg.Cls``, ``--model.weighting='{class_path: ...}'``)."""
+    """A class path given on the command line (``--model.model=pkg.Cls``, ``--model.weighting='{class_path: ...}'``,
+    ``--model=module.yaml``: the module's arguments, a file or a YAML string)."""
     name = key.lstrip("-").removesuffix(".class_path")
+    if key == "--model":  # the module's own arguments, whose model / weighting are checked as a config's
+        try:
+            text = Path(value).read_text() if value and Path(value).is_file() else value
+            loaded = yaml.safe_load(text) if text.lstrip().startswith("{") or Path(value).is_file() else None
+        except (OSError, yaml.YAMLError):
+            return  # jsonargparse reports it
+        where = f"--model {value}" if Path(value).is_file() else "--model"
+        try:
+            check_class_paths(_resolve_registry_names(loaded), "model.", import_modules=True)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{where}: {error}") from None
+        return
     try:
         loaded = yaml.safe_load(value) if value.lstrip().startswith("{") else value
     except yaml.YAMLError:
         return  # jsonargparse reports it
     if isinstance(loaded, dict):
-        check_class_paths({name.split(".")[1]: loaded}, "model.")
+        check_class_paths({name.split(".")[1]: loaded}, "model.", import_modules=True)
     elif isinstance(loaded, str) and (key.endswith(".class_path") or name == "model.model") and "." in loaded:
-        check_class_paths({name.split(".")[1]: {"class_path": loaded}}, "model.")
+        check_class_paths({name.split(".")[1]: {"class_path": loaded}}, "model.", import_modules=True)
 
 
 def _features_of(data: LightningDataModule) -> list:

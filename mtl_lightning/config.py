@@ -12,9 +12,19 @@ callable: its ``class_path`` must be a registered name, or the import path of a
 class (a ``type``, not a function) that subclasses the base the caller expects
 (``MultiTaskArchitecture`` for ``model``, ``WeightingStrategy`` for
 ``weighting`` ...). That is checked before anything is called; anything else
-raises naming the key and the class path. A registered name (or the name of an
-already imported subclass, such as ``MMoE``) is resolved without importing
-anything; a dotted path imports its module, as jsonargparse and Lightning do.
+raises naming the key and the class path.
+
+Nothing is imported to resolve a class path: a registered name (or the class
+name of a registered class, such as ``MMoE``) is looked up in the registries,
+and a dotted path ``package.module.Class`` only in modules already imported
+(``sys.modules``). Importing a module runs its code (``venv.__main__`` exits
+the process, a ``helpers.py`` beside a checkpoint runs whatever it holds), so
+a path whose module is not imported is refused, without running it, with a
+``ValueError`` saying to import the module first. Your own architecture or
+strategy therefore loads from a checkpoint once your code has imported its
+module (``import my_models`` before ``load_from_checkpoint``). Only the CLI's
+own config files and flags, which are code the user runs as much as a script
+is, pass ``import_modules=True`` (jsonargparse would import them anyway).
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import sys
+from types import ModuleType
 from typing import Any, Mapping, TypeVar
 
 from .features import DenseFeature, SequenceFeature, SparseFeature, feature_to_config
@@ -110,15 +122,46 @@ def _registered_names(base: type, registered: Mapping[str, type] | None) -> dict
     return names
 
 
-def resolve_class(class_path: Any, base: type[T], key: str, registered: Mapping[str, type] | None = None) -> type[T]:
-    """The class ``class_path`` names, which must be a subclass of ``base``; nothing is called.
+def _imported_object(class_path: str, key: str, imported_now: bool = False) -> Any:
+    """What the dotted ``class_path`` names inside an already imported module; nothing is imported."""
+    parts = class_path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):  # the longest prefix that is an imported module
+        module = sys.modules.get(".".join(parts[:cut]))
+        if isinstance(module, ModuleType):
+            break
+    else:
+        module_name = class_path.rpartition(".")[0]
+        raise ValueError(
+            f"{key}: class_path {class_path!r}: module {module_name!r} is not imported, and a class path read from a "
+            f"checkpoint is never imported (importing runs the module's code); if you trust it, import "
+            f"{module_name} in your own code first, then load the checkpoint"
+        )
+    found: Any = module
+    for depth, attribute in enumerate(parts[cut:]):
+        # no module __getattr__ and no import of a submodule: only what the module defines or imports
+        found = vars(found).get(attribute) if isinstance(found, (ModuleType, type)) else None
+        if found is None:
+            owner = ".".join(parts[:cut + depth])
+            why = "" if imported_now else (" (nor is it a submodule already imported: a class path read from a "
+                                           "checkpoint never imports one, as that would run its code)")
+            raise ValueError(f"{key}: class_path {class_path!r}: {owner!r} has no {attribute!r}{why}")
+    return found
+
+
+def resolve_class(class_path: Any, base: type[T], key: str, registered: Mapping[str, type] | None = None,
+                  import_modules: bool = False) -> type[T]:
+    """The class ``class_path`` names, which must be a subclass of ``base``; nothing is called or imported.
 
     ``class_path`` is a registered name (``registered``, or the ``@register``
     name of an imported subclass of ``base``), the class name of a registered
-    class (``MMoE`` as well as ``mmoe``), or a dotted import path ``package.module.Class``. Raises ``ValueError`` for a
-    name or path that resolves to nothing and ``TypeError`` for one that
-    resolves to something other than a subclass of ``base`` (a function such as
-    ``subprocess.run``, another class), naming ``key`` and ``class_path``.
+    class (``MMoE`` as well as ``mmoe``), or a dotted path ``package.module.Class``
+    into a module that is already imported (see the module docstring).
+    ``import_modules=True`` imports the module of a dotted path first, as
+    jsonargparse does: only for the CLI's own config files and flags. Raises
+    ``ValueError`` for a name or path that resolves to nothing (or to a module
+    not imported) and ``TypeError`` for one that resolves to something other than
+    a subclass of ``base`` (a function such as ``subprocess.run``, another class),
+    naming ``key`` and ``class_path``.
     """
     expected = f"a subclass of {base.__module__}.{base.__qualname__}"
     if not isinstance(class_path, str) or not class_path:
@@ -132,14 +175,16 @@ def resolve_class(class_path: Any, base: type[T], key: str, registered: Mapping[
             )
         found: Any = names[class_path]
     else:
-        module_name, _, attribute = class_path.rpartition(".")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as error:
-            raise ValueError(f"{key}: class_path {class_path!r}: cannot import module {module_name!r} ({error})") from None
-        found = module.__dict__.get(attribute)  # no module __getattr__: only what the module defines or imports
-        if found is None:
-            raise ValueError(f"{key}: class_path {class_path!r}: module {module_name!r} has no {attribute!r}")
+        if any(not part.isidentifier() for part in class_path.split(".")):
+            raise ValueError(f"{key}: class_path {class_path!r} is not a dotted import path package.module.Class")
+        if import_modules:
+            module_name = class_path.rpartition(".")[0]
+            try:
+                importlib.import_module(module_name)
+            except ImportError as error:
+                raise ValueError(f"{key}: class_path {class_path!r}: cannot import module {module_name!r} "
+                                 f"({error})") from None
+        found = _imported_object(class_path, key, imported_now=import_modules)
     if not isinstance(found, type) or not issubclass(found, base):
         what = "a class that is not" if isinstance(found, type) else f"a {type(found).__name__}, not"
         raise TypeError(

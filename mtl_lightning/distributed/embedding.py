@@ -108,6 +108,11 @@ class TorchRecEmbedding(nn.Module):
             each rank's shards).
     """
 
+    #: Its tables train from the backward pass through it (fused optimizers inside it; ``data_parallel``
+    #: tables from their gradients), not from gradients a weighting strategy computes beforehand and hands
+    #: to the optimizer: ``WeightingStrategy.backward_through_model`` reads this.
+    trains_in_backward = True
+
     def __init__(self, layer: FeatureEmbedding, device: torch.device | str | None = None) -> None:
         super().__init__()
         require_torchrec()

@@ -36,10 +36,11 @@ process fed the ``N`` batches at once (for losses that are means over rows).
 Limits: only the fused optimizers (``embedding_optimizer``), at a constant
 ``embedding_lr`` (learning-rate schedulers act on the dense optimizer);
 gradient clipping and accumulation do not reach the sharded tables (they are
-updated at every backward); weighting strategies that take per-task gradients
-of the shared parameters when those include a table (``takes_shared_gradients``:
-PCGrad, MGDA, ExcessMTL, PE-LTR, ...) are refused;
-``sparse_embeddings=True`` is refused (the fused optimizers replace it).
+updated at every backward); a weighting strategy whose per-task gradients
+include a table (what it declares it reads: :func:`refused_weighting`) is
+refused, and so is ``sparse_embeddings=True`` (the fused optimizers replace it).
+Checkpoints are folders, written atomically and read as data only
+(``mtl_lightning.distributed.checkpoint``).
 ``row_wise``/``table_row_wise`` sharding and fused Adam exist in TorchRec only
 on CUDA.
 """
@@ -60,24 +61,18 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ..batch import Batch
 from ..checkpoint import load_checkpoint
 from ..layers.embedding import FeatureEmbedding, deferred_tables
-from ..weighting import WeightingStrategy
+from ..weighting import STRATEGIES, WeightingStrategy
 from ._torchrec import require_torchrec
-from .checkpoint import FORMAT, is_sharded_checkpoint, load_sharded, read_meta, save_sharded, stored_keys
+from .checkpoint import EMBEDDING_OPTIMIZERS, FORMAT, is_sharded_checkpoint, read_meta, save_sharded
 from .embedding import TableSpec, TorchRecEmbedding, is_sharded_tensor, replace_feature_embeddings, table_specs
+from .planning import SHARDING_TYPES, check_sharding, table_constraints
+from .table_state import ShardedTables
 
-SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise", "data_parallel")
-CUDA_ONLY_SHARDING = ("row_wise", "table_row_wise")
-EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd", "adam")
-# the optimizer state each keeps per table, under the names fbgemm gives it
-_STATE_NAMES = {"rowwise_adagrad": ("momentum1",), "adagrad": ("momentum1",), "sgd": (), "adam": ("momentum1", "momentum2")}
-# ... and where a torch optimizer (data_parallel tables) keeps the same state
-_TORCH_STATE = {"rowwise_adagrad": ("sum",), "adagrad": ("sum",), "sgd": (), "adam": ("exp_avg", "exp_avg_sq")}
 _KWARGS = {"rowwise_adagrad": ("eps",), "adagrad": ("eps",), "sgd": (), "adam": ("eps", "betas")}
 
 
@@ -90,18 +85,29 @@ def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
 
 
 def refused_weighting(weighting: WeightingStrategy, model: nn.Module) -> str | None:
-    """Why ``weighting`` cannot run under ``TorchRecStrategy`` (it needs per-task gradients of tables), or ``None``."""
+    """Why ``weighting`` cannot run under ``TorchRecStrategy``, or ``None``.
+
+    Refused: a strategy that declares ``needs_embedding_gradients``, or one whose
+    per-task gradients (``weighting.per_task_gradient_parameters(model)``, derived
+    from what the strategy declares it reads) include an embedding table: the
+    tables are updated inside the backward pass and have no per-task gradients.
+    The alternatives the message lists are derived the same way from every
+    registered strategy.
+    """
     tables = {id(p) for m in model.modules() if isinstance(m, FeatureEmbedding) for p in m.embedding_parameters()}
-    shared = model.shared_parameters() if weighting.takes_shared_gradients else []
-    if weighting.needs_embedding_gradients or any(id(p) in tables for p in shared):
-        return (
-            f"weighting {type(weighting).__name__!r} takes per-task gradients of the architecture's shared "
-            "parameters, embedding tables included; under TorchRecStrategy the tables are updated inside the backward "
-            "pass by a fused optimizer and have no per-task gradients. Use a loss-weighting strategy (static, "
-            "gradnorm, uncertainty, dwa, rlw, scheduled, famo, gls, stch), MGDA-UB or GradDrop on a representation, "
-            "or DDPStrategy for this one"
-        )
-    return None
+    if not weighting.needs_embedding_gradients and \
+            not any(id(p) in tables for p in weighting.per_task_gradient_parameters(model)):
+        return None
+    runnable = sorted(name for name, cls in STRATEGIES.items() if cls.runs_with_fused_tables())
+    on_representation = sorted(f"{name}({', '.join(f'{k}={v!r}' for k, v in cls.representation_arguments.items())})"
+                               for name, cls in STRATEGIES.items() if cls.representation_arguments)
+    return (
+        f"weighting {type(weighting).__name__!r} takes per-task gradients of the architecture's shared "
+        "parameters, embedding tables included; under TorchRecStrategy the tables are updated inside the backward "
+        f"pass by a fused optimizer and have no per-task gradients. Use a strategy that reads no per-task table "
+        f"gradient ({', '.join(runnable)}), one on a shared representation ({', '.join(on_representation)}), "
+        "or DDPStrategy for this one"
+    )
 
 
 class TorchRecStrategy(DDPStrategy):
@@ -150,7 +156,7 @@ class TorchRecStrategy(DDPStrategy):
                          cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
                          precision_plugin=precision_plugin, process_group_backend=process_group_backend,
                          timeout=timeout, start_method=start_method)
-        self.sharding = self._check_sharding(sharding)
+        self.sharding = check_sharding(sharding)
         if embedding_optimizer not in EMBEDDING_OPTIMIZERS:
             raise ValueError(f"embedding_optimizer must be one of {EMBEDDING_OPTIMIZERS} (TorchRec's fused "
                              f"optimizers), got {embedding_optimizer!r}")
@@ -173,24 +179,9 @@ class TorchRecStrategy(DDPStrategy):
         self._sharded_module: nn.Module | None = None
         self._fit_ready = False  # set up for training (the dense part data-parallel), not for evaluation only
         self._dmp: nn.Module | None = None
-        self._table_optimizer: torch.optim.Optimizer | None = None
-        self._data_parallel_tables: dict[str, nn.Parameter] = {}  # "<layer>.<table>" -> replicated weight
+        self._tables: ShardedTables | None = None  # the sharded tables as checkpoint tensors, once set up
 
     # ------------------------------------------------------------- arguments
-    @staticmethod
-    def _check_sharding(sharding: str | Mapping[str, str]) -> str | dict[str, str]:
-        choices = ("auto", *SHARDING_TYPES)
-        if isinstance(sharding, str):
-            if sharding not in choices:
-                raise ValueError(f"sharding must be one of {choices} or a dict {{feature: type}}, got {sharding!r}")
-            return sharding
-        if not isinstance(sharding, Mapping):
-            raise TypeError(f"sharding must be a string or a dict {{feature: type}}, got {type(sharding).__name__}")
-        bad = {k: v for k, v in sharding.items() if v not in SHARDING_TYPES}
-        if bad:
-            raise ValueError(f"sharding types must be among {SHARDING_TYPES}; got {bad}")
-        return dict(sharding)
-
     def _fused_kwargs(self) -> dict[str, Any]:
         kwargs = {"lr": self.embedding_lr, **self.embedding_optimizer_kwargs}
         if "betas" in kwargs:
@@ -264,8 +255,6 @@ class TorchRecStrategy(DDPStrategy):
         # layers, in layer.source until copied, are out of the tree: deferred or not, they stay where they are)
         module._apply(lambda t: t if t.is_meta else t.to(device))
         self._agree_on_table_seeds()
-        if isinstance(getattr(module, "weighting", None), WeightingStrategy):
-            module.weighting.backward_through_model = True  # the tables learn in the backward pass (GradNorm)
         group = dist.group.WORLD
         sharders = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
         self.plan = self._planner().collective_plan(module, sharders, group)
@@ -289,12 +278,13 @@ class TorchRecStrategy(DDPStrategy):
                                        data_parallel_wrapper=wrapper)
         for layer in self._layers.values():
             layer.copy_tables_from(layer.__dict__.pop("source"))
-        self._data_parallel_tables = {}
+        data_parallel_tables = {}  # "<layer>.<table>" -> replicated weight
         for path, layer in self._layers.items():
             for collection in layer.collections().values():
                 for key, parameter in collection.named_parameters():
                     if f"{path}.{key.split('.')[-2]}" in data_parallel_paths:
-                        self._data_parallel_tables[f"{path}.{key.split('.')[-2]}"] = parameter
+                        data_parallel_tables[f"{path}.{key.split('.')[-2]}"] = parameter
+        self._tables = ShardedTables(self._layers, self.plan, self.embedding_optimizer, data_parallel_tables)
         self._broadcast_replicated(module)
         return dmp
 
@@ -331,47 +321,8 @@ class TorchRecStrategy(DDPStrategy):
             constraints=self._constraints(tables),
         )
 
-    def _constraints(self, tables: list[TableSpec]) -> dict[str, Any]:
-        """The planner's constraints per table; ``ValueError`` for a sharding or optimizer the device lacks."""
-        from torchrec.distributed.planner import ParameterConstraints
-
-        cuda = self.root_device.type == "cuda"
-        offered = [t for t in SHARDING_TYPES if cuda or t not in CUDA_ONLY_SHARDING]
-        fused_on_device = cuda or self.embedding_optimizer != "adam"
-        constraints = {}
-        for table in tables:
-            wanted = self._requested(table.name, table.readers)
-            if wanted is not None and wanted not in offered:
-                raise ValueError(f"sharding {wanted!r} (table {table.name!r}) needs CUDA: TorchRec offers row-wise "
-                                 f"sharding only there; on {self.root_device.type} use one of {offered}")
-            if wanted == "data_parallel" and table.unpooled:
-                raise ValueError(
-                    f"table {table.name!r} is read by a max-pooled sequence, which TorchRec serves from an "
-                    "EmbeddingCollection; its data_parallel sharding gives wrong shapes on CPU (TorchRec 1.8): "
-                    f"shard it table_wise or column_wise, e.g. sharding={{{table.name!r}: 'table_wise', ...}}")
-            if wanted not in (None, "data_parallel") and not fused_on_device:
-                raise ValueError(
-                    f"embedding_optimizer='adam' has no fused kernel on {self.root_device.type} (fbgemm has fused "
-                    f"Adam on CUDA only), so table {table.name!r} cannot be sharded {wanted!r}; use "
-                    "rowwise_adagrad, adagrad or sgd, or sharding='data_parallel'")
-            if wanted is not None:
-                types = [wanted]
-            else:
-                types = [t for t in offered if (fused_on_device or t == "data_parallel")
-                         and not (table.unpooled and t == "data_parallel")]
-            kernels = (["dense"] if types == ["data_parallel"] else ["fused"] if "data_parallel" not in types
-                       else None)
-            constraints[table.name] = ParameterConstraints(sharding_types=types, compute_kernels=kernels)
-        return constraints
-
-    def _requested(self, table: str, readers: tuple[str, ...]) -> str | None:
-        if isinstance(self.sharding, str):
-            return None if self.sharding == "auto" else self.sharding
-        named = {self.sharding[r] for r in readers if r in self.sharding}
-        if len(named) > 1:
-            raise ValueError(f"sharding names {sorted(named)} for features {list(readers)}, which share table "
-                             f"{table!r}: give one type per table")
-        return named.pop() if named else None
+    def _constraints(self, tables: list[TableSpec]) -> dict[str, Any]:  # ValueError: a sharding the device lacks
+        return table_constraints(tables, self.sharding, self.embedding_optimizer, self.root_device.type)
 
     def _broadcast_replicated(self, module: nn.Module) -> None:
         """Every rank takes rank 0's replicated tensors (dense part, data_parallel tables)."""
@@ -394,16 +345,18 @@ class TorchRecStrategy(DDPStrategy):
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 group["params"] = [p for p in group["params"] if id(p) not in tables]
-        replicated = list(self._data_parallel_tables.values())
-        self._table_optimizer = (_optimizer_class(self.embedding_optimizer)(replicated, **self._torch_kwargs())
-                                 if replicated else None)
+        assert self._tables is not None
+        replicated = list(self._tables.data_parallel.values())
+        self._tables.replicated_optimizer = \
+            _optimizer_class(self.embedding_optimizer)(replicated, **self._torch_kwargs()) if replicated else None
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any],
                        model: L.LightningModule | nn.Module | None = None, **kwargs: Any) -> Any:
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
-        if self._table_optimizer is not None:
-            self._table_optimizer.step()
-            self._table_optimizer.zero_grad(set_to_none=True)
+        table_optimizer = self._tables.replicated_optimizer if self._tables is not None else None
+        if table_optimizer is not None:
+            table_optimizer.step()
+            table_optimizer.zero_grad(set_to_none=True)
         return output
 
     # ------------------------------------------------------------ evaluation
@@ -419,84 +372,30 @@ class TorchRecStrategy(DDPStrategy):
             return dataloader
         return _EqualBatches(dataloader, self)
 
-    # ----------------------------------------------------------- checkpoints
-    def _table_records(self) -> list[dict[str, Any]]:
-        records = []
-        for path, layer in self._layers.items():
-            placement = {table: sharding for name in layer.collections()
-                         for table, sharding in self.plan.plan.get(f"{path}.{name}", {}).items()}
-            for table in layer.tables.values():
-                records.append({"key": f"tables.{path}.{table.name}", "layer": path, "table": table.name,
-                                "rows": table.rows, "dim": table.dim, "plain_key": table.plain_key,
-                                "first_row": table.first_row, "dtype": "float32",
-                                "sharding": placement[table.name].sharding_type})
-        return records
-
-    def _table_keys(self) -> set[str]:
-        """The module ``state_dict`` keys of the tables (kept out of ``meta.pt``)."""
-        keys = set()
-        for path, layer in self._layers.items():
-            for name, collection in layer.collections().items():
-                keys.update(f"{path}.{name}.{key}" for key in collection.state_dict())
-        return keys
-
-    def _table_state(self, with_optimizer: bool) -> dict[str, Tensor]:
-        """``tables.<layer>.<table>`` (and ``table_optimizer.<layer>.<table>.<state>``): this rank's shards."""
-        tensors: dict[str, Tensor] = {}
-        for path, layer in self._layers.items():
-            for table, value in layer.table_tensors().items():
-                tensors[f"tables.{path}.{table}"] = value
-            if with_optimizer:
-                tensors.update(self._optimizer_tensors(path, layer))
-        return tensors
-
-    def _optimizer_tensors(self, path: str, layer: TorchRecEmbedding) -> dict[str, Tensor]:
-        names = _STATE_NAMES[self.embedding_optimizer]
-        found: dict[str, Tensor] = {}
-        for collection in layer.collections().values():
-            for param_key, state in collection.fused_optimizer.state_dict()["state"].items():
-                table = param_key.split(".")[-2]
-                for state_name in names:
-                    value = state.get(f"{table}.{state_name}")
-                    if value is not None:
-                        found[f"table_optimizer.{path}.{table}.{state_name}"] = value
-        if self._table_optimizer is not None:
-            for key, parameter in self._data_parallel_tables.items():
-                if not key.startswith(path + "."):
-                    continue
-                state = self._table_optimizer.state.get(parameter, {})
-                table = layer.tables[key[len(path) + 1:]]
-                if not names:
-                    continue
-                if "step" not in state:  # Adam's state exists after its first step only: made here to be loaded into
-                    state["step"] = torch.zeros(())
-                    for torch_name in _TORCH_STATE[self.embedding_optimizer]:
-                        state[torch_name] = torch.zeros_like(parameter)
-                    self._table_optimizer.state[parameter] = state
-                for state_name, torch_name in zip(names, _TORCH_STATE[self.embedding_optimizer]):
-                    value = state[torch_name]
-                    if self.embedding_optimizer == "rowwise_adagrad":
-                        value = value.view(table.rows)  # (rows, 1) in torchrec's RowWiseAdagrad, (rows,) fused
-                    found[f"table_optimizer.{path}.{table.name}.{state_name}"] = value
-                # the step count (Adam's bias correction); fused kernels keep none a checkpoint can hold on CPU
-                found[f"table_optimizer.{path}.{table.name}.step"] = state["step"]
-        return found
+    # ------------------------------ checkpoints (format: .checkpoint; the tables as its tensors: .table_state)
+    def _sharded_tables(self) -> ShardedTables:
+        if self._tables is None:
+            raise ValueError("TorchRecStrategy has not sharded a module yet: its checkpoints exist once a Trainer "
+                             "with it has set the module up (fit, validate, test or predict)")
+        return self._tables
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The module's state without the tables (those go to the DCP files)."""
-        tables = self._table_keys()
+        tables = self._sharded_tables().module_keys()
         return {k: v for k, v in self.lightning_module.state_dict().items() if k not in tables}
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path,
                         storage_options: Any | None = None) -> None:
-        """Write the checkpoint folder ``filepath`` (see ``mtl_lightning.distributed.checkpoint``); every rank calls it."""
+        """Write the checkpoint folder ``filepath`` atomically (see ``mtl_lightning.distributed.checkpoint``);
+        every rank calls it."""
         if storage_options is not None:
             raise TypeError("TorchRecStrategy.save_checkpoint takes no storage_options")
+        tables = self._sharded_tables()
         with_optimizer = "optimizer_states" in checkpoint
         meta = dict(checkpoint)
-        meta["torchrec"] = {"format": FORMAT, "world_size": self.world_size, "tables": self._table_records(),
+        meta["torchrec"] = {"format": FORMAT, "world_size": self.world_size, "tables": tables.records(),
                             "embedding_optimizer": self.embedding_optimizer if with_optimizer else None}
-        save_sharded(filepath, meta, self._table_state(with_optimizer), dist.group.WORLD, self.is_global_zero,
+        save_sharded(filepath, meta, tables.tensors(with_optimizer), dist.group.WORLD, self.is_global_zero,
                      lambda data, path: self.checkpoint_io.save_checkpoint(data, path))
 
     def remove_checkpoint(self, filepath: str | Path) -> None:
@@ -512,8 +411,8 @@ class TorchRecStrategy(DDPStrategy):
         (weights only: ``validate``/``test``/``predict``, not resuming ``fit``)."""
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
         if is_sharded_checkpoint(checkpoint_path):
-            checkpoint = read_meta(checkpoint_path)
-            self._load_tables(Path(checkpoint_path), checkpoint["torchrec"], fitting)
+            checkpoint = read_meta(checkpoint_path)  # validated, as is the index before anything is read
+            self._sharded_tables().load(Path(checkpoint_path), checkpoint["torchrec"], fitting)
             return checkpoint
         checkpoint = load_checkpoint(checkpoint_path)  # weights_only=True, clear errors
         if fitting:
@@ -528,71 +427,17 @@ class TorchRecStrategy(DDPStrategy):
         checkpoint["state_dict"] = state
         return checkpoint
 
-    def _load_tables(self, path: Path, info: Mapping[str, Any], fitting: bool) -> None:
-        saved = info.get("embedding_optimizer")
-        with_optimizer = fitting and saved == self.embedding_optimizer
-        if fitting and saved is not None and saved != self.embedding_optimizer:
-            rank_zero_warn(f"checkpoint {path}: its embedding tables were trained with {saved!r}, this strategy uses "
-                           f"{self.embedding_optimizer!r}; the tables' optimizer state starts afresh")
-        tensors = self._table_state(with_optimizer)
-        stored = stored_keys(path)
-        tensors = {k: v for k, v in tensors.items() if k in stored or not k.endswith(".step")}  # from fused: none
-        reshaped = sorted(k for k, v in tensors.items() if k.startswith("table_optimizer.") and k in stored
-                          and tuple(v.shape) != stored[k])
-        if reshaped:  # row-wise accumulators are per column shard in TorchRec: another column split has others
-            rank_zero_warn(f"checkpoint {path}: the embedding optimizer's state of {reshaped} was written for another "
-                           "column split of those tables (row-wise accumulators are kept per column shard); it starts "
-                           "afresh, the tables themselves are loaded")
-            tensors = {k: v for k, v in tensors.items() if not k.startswith("table_optimizer.")}
-            with_optimizer = False
-        missing = sorted(set(tensors) - set(stored))
-        if missing:
-            raise ValueError(f"checkpoint {path} lacks {missing}: it was written for other embedding tables (features "
-                             "added or renamed since)")
-        shapes = {r["key"]: (r["rows"], r["dim"]) for r in info["tables"]}
-        for key, value in tensors.items():
-            if key in shapes and tuple(value.shape) != shapes[key]:
-                raise ValueError(f"checkpoint {path}: table {key[len('tables.'):]!r} is {shapes[key][0]} x "
-                                 f"{shapes[key][1]} there and {value.shape[0]} x {value.shape[1]} in the model (the "
-                                 "vocabulary or embedding_dim changed since it was written)")
-        load_sharded(path, tensors, dist.group.WORLD)
-        if with_optimizer:
-            self._restore_fused_state(tensors)
-
-    def _restore_fused_state(self, tensors: Mapping[str, Tensor]) -> None:
-        """Hand the loaded optimizer state to the fused optimizers and the data_parallel tables' optimizer."""
-        names = _STATE_NAMES[self.embedding_optimizer]
-        for path, layer in self._layers.items():
-            for collection in layer.collections().values():
-                optimizer = collection.fused_optimizer
-                state = optimizer.state_dict()
-                for param_key, entries in state["state"].items():
-                    table = param_key.split(".")[-2]
-                    for state_name in names:
-                        key = f"table_optimizer.{path}.{table}.{state_name}"
-                        if f"{table}.{state_name}" in entries and key in tensors:
-                            entries[f"{table}.{state_name}"] = tensors[key]
-                optimizer.load_state_dict(state)
-
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         """The dense part (the tables were loaded with the checkpoint); anything else missing or unexpected raises."""
         result = self.lightning_module.load_state_dict(checkpoint["state_dict"], strict=False)
-        missing = sorted(set(result.missing_keys) - self._table_keys())
+        missing = sorted(set(result.missing_keys) - self._sharded_tables().module_keys())
         if strict and (missing or result.unexpected_keys):
             raise ValueError(f"the checkpoint does not fit the module: missing keys {missing}, unexpected keys "
                              f"{sorted(result.unexpected_keys)}")
 
     def table_memory(self) -> dict[str, int]:
         """Bytes this rank holds for the tables: ``{"weights": ..., "optimizer": ...}`` (its shards only)."""
-        weights = optimizer = 0
-        for path, layer in self._layers.items():
-            for value in layer.table_tensors().values():
-                weights += sum(s.tensor.numel() * s.tensor.element_size() for s in value.local_shards()) \
-                    if is_sharded_tensor(value) else value.numel() * value.element_size()
-            for value in self._optimizer_tensors(path, layer).values():
-                optimizer += sum(s.tensor.numel() * s.tensor.element_size() for s in value.local_shards()) \
-                    if is_sharded_tensor(value) else value.numel() * value.element_size()
-        return {"weights": weights, "optimizer": optimizer}
+        return self._sharded_tables().memory()
 
 
 StrategyRegistry.register(

@@ -37,7 +37,7 @@ ranks take the same decision and hold identical state.
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -50,6 +50,9 @@ from ..tasks import Task
 
 
 S = TypeVar("S", bound="type[WeightingStrategy]")
+
+#: What a strategy may declare it reads (``WeightingStrategy.reads``).
+READS = ("losses", "last_shared_gradients", "shared_gradients", "representation_gradients", "sampled_gradients")
 
 #: Every registered strategy by name (a :class:`~mtl_lightning.registry.Registry`, read like a dict), filled by
 #: :func:`register_weighting` as each strategy's file is imported (``mtl_lightning.weighting`` imports every
@@ -130,28 +133,58 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 class WeightingStrategy(Configurable, nn.Module, metaclass=ABCMeta):
     """Base class: ``forward(per-task losses) -> loss to back-propagate``; see the module docstring for the hooks."""
 
-    #: ``True`` for a strategy that needs *dense* per-task gradients of the embedding tables and
-    #: so cannot run when their gradients are sparse: ``MultiTaskLightningModule(sparse_embeddings=True)``
-    #: refuses it, and so does ``TorchRecStrategy`` (tables updated inside the backward pass).
-    #: No built-in strategy sets it: the ones that read per-task gradients of ``shared_parameters()``
-    #: (``takes_shared_gradients``) densify a sparse per-task table gradient and hand their combination
-    #: back sparse, so they run with ``sparse_embeddings=True`` (tested for every registered name).
+    #: ``True`` for a strategy that needs *dense* per-task table gradients, so cannot run with sparse ones:
+    #: ``sparse_embeddings=True`` and ``TorchRecStrategy`` refuse it. No built-in strategy sets it (those
+    #: reading per-task gradients densify a sparse table gradient and hand it back sparse; tested).
     needs_embedding_gradients: bool = False
 
-    #: ``True`` for a strategy that takes per-task gradients of the architecture's ``shared_parameters()``
-    #: (``torch.autograd.grad`` of each task's loss with respect to them), which include the embedding
-    #: tables of most architectures: every ``GradientStrategy`` on its shared parameters (not MGDA-UB or
-    #: GradDrop on a representation, not IMTL-L alone), ExcessMTL, PE-LTR, MoDo and SDMGrad.
-    #: ``TorchRecStrategy`` refuses such a strategy when a table is among the shared parameters (its
-    #: tables are updated inside the backward pass and have no per-task gradients). Loss-only strategies,
-    #: FAMO and GradNorm (last shared dense layer) leave it ``False``; tests/weighting/test_weighting.py checks the
-    #: attribute against the gradients every registered strategy actually takes.
-    takes_shared_gradients: bool = False
+    #: What a step reads besides the losses (one of ``READS``), declared in the strategy's own file or by its
+    #: base class, or set by an instance from its arguments: ``"losses"``; ``"last_shared_gradients"``
+    #: (GradNorm's norms); ``"shared_gradients"``, per-task gradients of ``shared_parameters()``
+    #: (``GradientStrategy``, ExcessMTL, PE-LTR); ``"representation_gradients"``, of one shared representation
+    #: (MGDA-UB, GradDrop on ``representation=``); ``"sampled_gradients"``, of ``shared_parameters()`` on
+    #: several samples of the batch (``SampledGradientStrategy``). Tested against what every strategy takes.
+    reads: str = "losses"
 
-    #: Set by a Trainer strategy that updates parameters inside the backward pass (``TorchRecStrategy``'s
-    #: fused embedding optimizers): the returned loss must then back-propagate through the model itself,
-    #: not only through a surrogate of gradients computed beforehand (see ``GradNorm``).
-    backward_through_model: bool = False
+    #: The arguments that make the strategy read a shared representation instead of the shared parameters
+    #: (``{"representation": "<submodule>"}``), for strategies that offer it; ``{}`` for the others.
+    representation_arguments: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("reads", READS[0]) not in READS:
+            raise TypeError(f"{cls.__name__}.reads must be one of {READS}, got {cls.__dict__['reads']!r}")
+
+    @property
+    def takes_shared_gradients(self) -> bool:
+        """Whether a step takes per-task gradients of ``shared_parameters()`` (derived from ``reads``)."""
+        return self.reads in ("shared_gradients", "sampled_gradients")
+
+    @takes_shared_gradients.setter
+    def takes_shared_gradients(self, value: bool) -> None:  # the older way to declare it
+        self.reads = "shared_gradients" if value else "losses"
+
+    def per_task_gradient_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The parameters of ``model`` whose per-task gradients a step takes (``TorchRecStrategy`` refuses a
+        strategy when an embedding table is among them): ``shared_parameters()`` when
+        ``takes_shared_gradients``, else none."""
+        return [p for p in model.shared_parameters() if p.requires_grad] if self.takes_shared_gradients else []  # type: ignore[operator]
+
+    @classmethod
+    def runs_with_fused_tables(cls) -> bool:
+        """Whether, at its defaults, the strategy takes no per-task gradient of any table (so runs under
+        ``TorchRecStrategy``): it reads the losses or the last shared layer only, and needs no table gradient."""
+        takes = cls.takes_shared_gradients if isinstance(cls.takes_shared_gradients, bool) else False
+        return cls.reads in ("losses", "last_shared_gradients") and not takes and not cls.needs_embedding_gradients
+
+    @property
+    def backward_through_model(self) -> bool:
+        """Whether the returned loss must back-propagate through the model itself rather than hand gradients
+        computed beforehand to the optimizer (see ``GradNorm``): true once a layer of the architecture trains
+        its parameters from the backward pass through it (declares ``trains_in_backward``, as
+        ``TorchRecStrategy``'s sharded embedding layers do). Derived from the architecture bound by ``setup``."""
+        model = self.__dict__.get("_model")
+        return model is not None and any(getattr(m, "trains_in_backward", False) for m in model.modules())
 
     def __init__(self) -> None:
         nn.Module.__init__(self)
@@ -160,9 +193,10 @@ class WeightingStrategy(Configurable, nn.Module, metaclass=ABCMeta):
         self.register_buffer("last_weights", torch.zeros(0), persistent=False)
 
     def setup(self, tasks: Sequence[Task], model: nn.Module) -> None:
-        """Bind the strategy to the tasks (and the architecture, for gradient-based strategies)."""
+        """Bind the strategy to the tasks and the architecture (kept unregistered: not a submodule of the strategy)."""
         self.tasks = tuple(tasks)
         self.task_names = [t.name for t in tasks]
+        self.__dict__["_model"] = model
 
     @property
     def num_tasks(self) -> int:
@@ -226,7 +260,11 @@ class GradientStrategy(WeightingStrategy):
     gradients is combined densely and handed back sparse (its non-zero rows).
     """
 
-    takes_shared_gradients = True
+    reads = "shared_gradients"
+
+    def per_task_gradient_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Every trainable parameter: the per-task gradients are taken of the shared and the task-specific ones."""
+        return trainable_parameters(model) if self.reads == "shared_gradients" else []
 
     def setup(self, tasks: Sequence[Task], model: nn.Module) -> None:
         super().setup(tasks, model)
@@ -343,7 +381,7 @@ class SampledGradientStrategy(WeightingStrategy):
     gradient of ``sum_i o_i`` on the whole batch (``o_i = Task.weight_i L_i``; each tower its own task's).
     """
 
-    takes_shared_gradients = True
+    reads = "sampled_gradients"
     num_samples: int = 3
 
     def __init__(self, seed: int = 0) -> None:
@@ -447,5 +485,6 @@ def _dense(gradient: Tensor | None, like: Tensor) -> Tensor:
     return gradient.to_dense() if gradient.is_sparse else gradient
 
 
-__all__ = ["WeightingStrategy", "GradientStrategy", "SampledGradientStrategy", "STRATEGIES", "register_weighting", "distributed_mean",
-           "gradient_surrogate", "flat_gradient", "trainable_parameters", "RepresentationCapture", "scalarize"]
+__all__ = ["WeightingStrategy", "GradientStrategy", "SampledGradientStrategy", "STRATEGIES", "READS", "register_weighting",
+           "distributed_mean", "gradient_surrogate", "flat_gradient", "trainable_parameters", "RepresentationCapture",
+           "scalarize"]

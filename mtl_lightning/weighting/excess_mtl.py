@@ -56,7 +56,7 @@ class ExcessMTL(WeightingStrategy):
             code). The weights of tasks still warming up do not move by their own ratio.
     """
 
-    takes_shared_gradients = True
+    reads = "shared_gradients"
 
     def __init__(self, step_size: float = 0.01, warmup_steps: int = 1) -> None:
         super().__init__()

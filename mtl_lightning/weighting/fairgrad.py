@@ -18,7 +18,7 @@ Solving (open in the paper, whose code calls SciPy's ``least_squares`` on the re
 ``w`` is the unique minimiser of the strictly convex ``f(w) = 1/2 w^T M w - sum_i phi(w_i)`` on
 ``w > 0``, ``phi(w) = w^(1 - 1/alpha) / (1 - 1/alpha)`` (``log w`` for ``alpha = 1``), whose gradient
 ``M w - w^(-1/alpha)`` vanishes exactly at the condition: Newton's method with a backtracking line
-search keeping ``w > 0`` (Hessian ``M + diag(w^(-1/alpha - 1) / alpha)``), in float64 on the CPU.
+search keeping ``w > 0`` (``mtl_lightning.weighting.solvers.fair_weights``; Hessian ``M + diag(w^(-1/alpha - 1) / alpha)``), in float64 on the CPU.
 ``M`` is divided by its Frobenius norm ``n`` first and the solution scaled back by
 ``n^(-alpha / (alpha + 1))``. It stops when the scaled residual is at most ``tol sqrt(T)`` or after
 ``max_iter`` steps, from the previous step's solution (1 at the first step; checkpointed). Under DDP
@@ -27,7 +27,6 @@ the per-task gradients are averaged across ranks first. Logged weight: ``w_i``.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -35,37 +34,7 @@ from torch import Tensor, nn
 
 from ..tasks import Task
 from .base import GradientStrategy, register_weighting
-
-
-def fair_weights(gram: Tensor, alpha: float = 1.0, start: Tensor | None = None, max_iter: int = 100,
-                 tol: float = 1e-10) -> Tensor:
-    """The solution ``w > 0`` of ``M w = w^(-1/alpha)`` for ``M = gram``, by Newton's method (float64, CPU)."""
-    M = gram.detach().double().cpu()
-    num = M.shape[0]
-    w = torch.ones(num, dtype=torch.float64) if start is None else start.detach().double().cpu().clone()
-    if not bool((w > 0).all()):
-        w = torch.ones(num, dtype=torch.float64)
-    power = 1.0 / alpha
-
-    def objective(v: Tensor) -> float:
-        concave = torch.log(v).sum() if alpha == 1.0 else (v ** (1 - power)).sum() / (1 - power)
-        return float(0.5 * v @ M @ v - concave)
-
-    for _ in range(max_iter):
-        residual = M @ w - w ** (-power)
-        if float(residual.norm()) <= tol * math.sqrt(num):
-            break
-        move = -torch.linalg.solve(M + torch.diag(power * w ** (-power - 1)), residual)
-        step, current, slope = 1.0, objective(w), float(residual @ move)
-        while step > 1e-12:
-            candidate = w + step * move
-            if bool((candidate > 0).all()) and objective(candidate) <= current + 1e-4 * step * slope:
-                break
-            step /= 2
-        else:
-            break
-        w = candidate
-    return w
+from .solvers import fair_weights
 
 
 @register_weighting("fairgrad")

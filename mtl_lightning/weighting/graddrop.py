@@ -56,13 +56,15 @@ class GradDrop(GradientStrategy):
         seed: the seed of the strategy's generator.
     """
 
+    representation_arguments = {"representation": "<submodule>"}
+
     def __init__(self, leak: float = 0.0, representation: str | None = None, seed: int = 0) -> None:
         super().__init__()
         if not 0.0 <= leak <= 1.0:
             raise ValueError(f"GradDrop: leak must be in [0, 1], got {leak}")
         self.leak = float(leak)
         self.representation = representation
-        self.takes_shared_gradients = representation is None  # at Z: gradients of Z only
+        self.reads = "shared_gradients" if representation is None else "representation_gradients"
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         self._representation: RepresentationCapture | None = None

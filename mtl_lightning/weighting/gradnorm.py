@@ -57,6 +57,12 @@ class GradNorm(WeightingStrategy):
     The initial weights are ``Task.weight`` rescaled to sum to ``T`` (all 1 by default, as in the paper).
     """
 
+    reads = "last_shared_gradients"
+
+    def per_task_gradient_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """``W``, the last shared layer (never a table): its per-task gradient norms are GradNorm's input."""
+        return [p for p in model.last_shared_parameters() if p.requires_grad]  # type: ignore[operator]
+
     def __init__(self, alpha: float = 1.5, lr: float = 0.01, initial_loss_steps: int = 1,
                  min_weight: float = 1e-4) -> None:
         super().__init__()
@@ -130,9 +136,10 @@ class GradNorm(WeightingStrategy):
     def _task_gradients(self, losses: list[Tensor]) -> Tensor:
         """``(T, |W|)`` per-task gradients on ``W``, one pass per task down to ``W`` only.
 
-        Used when ``backward_through_model`` is set (under ``TorchRecStrategy``,
-        whose fused optimizers update the tables during the backward pass):
-        the model's gradient then comes from Lightning's backward of the loss.
+        Used when ``backward_through_model`` holds (under ``TorchRecStrategy``,
+        whose sharded embedding layers train their tables from the backward pass
+        through them): the model's gradient then comes from Lightning's backward
+        of the loss.
         """
         return torch.stack([
             flat_gradient(torch.autograd.grad(loss, self._shared, retain_graph=True, allow_unused=True), self._shared)

@@ -71,7 +71,7 @@ class IMTL(GradientStrategy):
         if mode not in MODES:
             raise ValueError(f"IMTL: mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
-        self.takes_shared_gradients = mode != "loss"  # IMTL-L alone: one ordinary backward
+        self.reads = "losses" if mode == "loss" else "shared_gradients"  # IMTL-L alone: one ordinary backward
 
     def setup(self, tasks: Sequence[Task], model: nn.Module) -> None:
         super().setup(tasks, model)

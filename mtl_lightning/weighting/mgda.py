@@ -13,18 +13,10 @@ scales the raw losses by ``alpha``); every task-specific parameter gets its own 
 (the paper's Algorithm 2). ``-sum_i alpha_i ĝ_i`` decreases every task's loss to first order, or is
 0 at a Pareto-stationary point.
 
-Solver. The problem depends only on the Gram matrix ``M = Ĝ Ĝ^T`` (``T x T``, solved in float64 on
-the CPU: one host sync per step). The paper's Algorithm 2 runs Frank-Wolfe (move towards the vertex
-``e_t``, ``t = argmin_i (M alpha)_i``, by the exact line search of its Algorithm 1), which
-approaches the solution at an ``O(1/k)`` rate. Here Frank-Wolfe is made *fully corrective*: Wolfe's
-min-norm-point algorithm (Wolfe, Math. Programming 1976) adds the same vertex ``e_t`` to an active
-set and then moves to the min-norm point of the active set's affine hull (one ``(k+1) x (k+1)``
-linear solve), dropping vertices whose weight would turn negative. It ends after finitely many
-steps at the exact min-norm point, where the Frank-Wolfe gap ``alpha^T M alpha - min_i (M alpha)_i``
-is 0 (the KKT conditions; the test checks them to 1e-10). It stops once the gap is at most ``tol``
-times the largest ``M_ii``, or after ``max_iter`` vertices. It starts from the shortest ``ĝ_i``
-(the paper's initialisation, 1/T, would need a warm-start state Wolfe's method has no use for), so
-MGDA keeps no state.
+Solver: the min-norm point of the ``ĝ_i``'s convex hull from their Gram matrix ``M = Ĝ Ĝ^T``
+(``T x T``, float64 on the CPU: one host sync per step), exactly, by Wolfe's min-norm-point algorithm
+(fully corrective Frank-Wolfe): ``mtl_lightning.weighting.solvers.min_norm_weights``, whose docstring says
+how. It starts from the shortest ``ĝ_i``, so MGDA keeps no state.
 
 Normalisation ``n_i`` (``normalization``, the official code's options; the paper's Algorithm 2
 has none, the default): ``"none"`` (1), ``"l2"`` (``||g_i||``), ``"loss"`` (``L_i``),
@@ -57,57 +49,9 @@ from torch import Tensor, nn
 
 from ..tasks import Task
 from .base import GradientStrategy, RepresentationCapture, _requires_backward, distributed_mean, register_weighting
+from .solvers import min_norm_weights
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
-
-
-def min_norm_weights(gram: Tensor, max_iter: int = 250, tol: float = 1e-12) -> Tensor:
-    """``argmin_{alpha in simplex} alpha^T M alpha`` for a PSD ``gram = M`` (``T x T``); float64, on the CPU.
-
-    Wolfe's min-norm-point algorithm: fully corrective Frank-Wolfe (see the module docstring).
-    ``tol`` is relative to the largest diagonal entry of ``M``.
-    """
-    M = gram.detach().double().cpu()
-    num = M.shape[0]
-    scale = max(float(M.diagonal().max()), 1e-300)
-    first = int(torch.argmin(M.diagonal()))
-    support = [first]
-    alpha = torch.zeros(num, dtype=torch.float64)
-    alpha[first] = 1.0
-    for _ in range(max_iter):
-        m_alpha = M @ alpha  # (M alpha)_i = <g_i, x> for the current point x = G^T alpha
-        toward = int(torch.argmin(m_alpha))
-        if float(alpha @ m_alpha - m_alpha[toward]) <= tol * scale or toward in support:
-            break  # the Frank-Wolfe gap is 0: the KKT conditions hold
-        support.append(toward)
-        for _ in range(num):  # minor cycle: the affine minimiser of the support, kept inside the simplex
-            affine = _affine_min_norm(M, support)
-            if all(float(affine[i]) > 0 for i in support):
-                alpha = affine
-                break
-            ratios = {i: float(alpha[i] / (alpha[i] - affine[i])) for i in support if float(affine[i]) <= 0}
-            drop = min(ratios, key=ratios.__getitem__)  # the first weight to reach 0 on the way to ``affine``
-            alpha = alpha + ratios[drop] * (affine - alpha)
-            alpha[drop] = 0.0
-            support = [i for i in support if i != drop and float(alpha[i]) > 0]
-            alpha[[i for i in range(num) if i not in support]] = 0.0
-            alpha = alpha / alpha.sum()
-    return alpha
-
-
-def _affine_min_norm(M: Tensor, support: list[int]) -> Tensor:
-    """The weights (summing to 1, zero off ``support``) of the min-norm point of the affine hull of ``support``."""
-    size = len(support)
-    system = torch.zeros(size + 1, size + 1, dtype=torch.float64)
-    system[:size, :size] = M[support][:, support]
-    system[:size, size] = 1.0
-    system[size, :size] = 1.0
-    rhs = torch.zeros(size + 1, dtype=torch.float64)
-    rhs[size] = 1.0
-    solution = torch.linalg.lstsq(system, rhs.unsqueeze(1), driver="gelsd").solution.squeeze(1)
-    weights = torch.zeros(M.shape[0], dtype=torch.float64)
-    weights[support] = solution[:size] / solution[:size].sum()
-    return weights
 
 
 def gradient_normalizers(gram: Tensor, losses: Tensor | None, normalization: str) -> Tensor:
@@ -136,6 +80,8 @@ class MGDA(GradientStrategy):
         tol: the solver's relative Frank-Wolfe gap.
     """
 
+    representation_arguments = {"upper_bound": True, "representation": "<submodule>"}
+
     def __init__(self, normalization: str = "none", upper_bound: bool = False, representation: str | None = None,
                  max_iter: int = 250, tol: float = 1e-12) -> None:
         super().__init__()
@@ -149,7 +95,7 @@ class MGDA(GradientStrategy):
         self.normalization = normalization
         self.upper_bound = bool(upper_bound)
         self.representation = representation
-        self.takes_shared_gradients = not self.upper_bound  # MGDA-UB: gradients at Z only
+        self.reads = "representation_gradients" if self.upper_bound else "shared_gradients"  # MGDA-UB: at Z only
         self.max_iter = int(max_iter)
         self.tol = float(tol)
         self._representation: RepresentationCapture | None = None

@@ -33,15 +33,7 @@ from torch import Tensor, nn
 
 from ..tasks import Task
 from .base import GradientStrategy, register_weighting
-
-
-def project_to_simplex(vector: Tensor) -> Tensor:
-    """The Euclidean projection of ``vector`` onto the probability simplex (sort-based, exact)."""
-    ordered, _ = torch.sort(vector, descending=True)
-    cumulative = ordered.cumsum(0) - 1
-    index = torch.arange(1, len(vector) + 1, dtype=vector.dtype, device=vector.device)
-    count = int((ordered - cumulative / index > 0).sum())
-    return (vector - cumulative[count - 1] / count).clamp(min=0)
+from .solvers import project_to_simplex
 
 
 @register_weighting("moco")

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from ..tasks import Task
 from .base import SampledGradientStrategy, register_weighting
-from .moco import project_to_simplex
+from .solvers import project_to_simplex
 
 
 @register_weighting("modo")

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ..tasks import Task
 from .base import GradientStrategy, register_weighting
-from .fairgrad import fair_weights
+from .solvers import fair_weights
 
 
 def nash_weights(gram: Tensor, start: Tensor | None = None, max_iter: int = 100, tol: float = 1e-10) -> Tensor:

@@ -49,8 +49,7 @@ from torch import Tensor, nn
 
 from ..tasks import Task
 from .base import WeightingStrategy, _requires_backward, distributed_mean, flat_gradient, register_weighting
-from .mgda import min_norm_weights
-from .moco import project_to_simplex
+from .solvers import min_norm_weights, project_to_simplex
 
 SOLVERS = ("pec", "exact")
 
@@ -93,7 +92,7 @@ class PELTR(WeightingStrategy):
         solver: ``"pec"`` (the paper's relaxed solution and projection, default) or ``"exact"``.
     """
 
-    takes_shared_gradients = True
+    reads = "shared_gradients"
 
     def __init__(self, lower_bounds: float | Mapping[str, float] = 0.0, solver: str = "pec") -> None:
         super().__init__()

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from ..tasks import Task
 from .base import SampledGradientStrategy, register_weighting
-from .moco import project_to_simplex
+from .solvers import project_to_simplex
 
 
 def sdmgrad_inner(gram: Tensor, start: Tensor, regularization: float, num_steps: int = 20, lr: float = 10.0,

@@ -14,7 +14,8 @@ from mtl_lightning.architectures import MMoE
 from mtl_lightning.config import build
 from mtl_lightning.features import DenseFeature, SequenceFeature
 from mtl_lightning.weighting import (
-    DBMTL, DWA, RLW, STRATEGIES, GradNorm, PCGrad, Scheduled, Static, Uncertainty, WeightingStrategy, create_weighting,
+    DBMTL, DWA, RLW, STRATEGIES, GradientStrategy, GradNorm, PCGrad, Scheduled, Static, Uncertainty, WeightingStrategy,
+    create_weighting,
     register_weighting,
 )
 from mtl_lightning.weighting.dwa import dwa_weights
@@ -1299,17 +1300,53 @@ def test_pe_ltr_steps_with_the_current_weights_then_solves_the_next():
 
 
 # ---------------------------------------------------- per-task gradients of the shared parameters
-# the strategies whose per-task gradients reach the shared parameters (embedding tables included) in a step
-TAKES_SHARED = {"aligned_mtl", "cagrad", "dbmtl", "excess_mtl", "fairgrad", "graddrop", "gradvac", "imtl",
-                "metabalance", "mgda", "moco", "modo", "nash_mtl", "pcgrad", "pe_ltr", "sdmgrad", "upgrad"}
+# what each strategy reads is declared in its own file (or by its base class): ``reads``, from which
+# ``takes_shared_gradients`` and the TorchRec refusal are derived; no list of names is kept here
+
+
+def test_what_a_strategy_reads_is_declared_and_the_torchrec_advice_derived_from_it():
+    """A new strategy declares ``reads`` in its own class; the refusal message of TorchRecStrategy lists it among the
+    runnable ones (loss-only) or not (per-task shared gradients) without any list being edited."""
+    from mtl_lightning.distributed import refused_weighting
+    from mtl_lightning.weighting.base import READS
+
+    assert all(cls.reads in READS for cls in STRATEGIES.values())
+    assert STRATEGIES["pcgrad"].reads == "shared_gradients" and STRATEGIES["static"].reads == "losses"
+    assert STRATEGIES["gradnorm"].reads == "last_shared_gradients" and STRATEGIES["modo"].reads == "sampled_gradients"
+    with pytest.raises(TypeError, match="reads must be one of"):
+        type("Wrong", (WeightingStrategy,), {"reads": "everything", "total_loss": lambda self, l, p: l.sum()})
+
+    class Halves(WeightingStrategy):  # loss-only
+        def total_loss(self, losses, per_task):
+            return self._weighted_sum(torch.full_like(losses, 0.5), losses)
+
+    class Projects(GradientStrategy):  # per-task gradients of the shared parameters, by its base class
+        def combine(self, gradients, losses=None):
+            return gradients.sum(dim=0)
+
+    model = MMoE(synthetic_features(4), synthetic_tasks(), num_experts=2, expert_hidden=(8,), tower_hidden=(4,))
+    STRATEGIES["halves_test"], STRATEGIES["projects_test"] = Halves, Projects
+    try:
+        projects = Projects()
+        projects.setup(synthetic_tasks(), model)
+        assert projects.takes_shared_gradients and not Halves().takes_shared_gradients
+        reason = refused_weighting(projects, model)
+        runnable = reason.split("reads no per-task table gradient (")[1].split(")")[0].split(", ")
+        assert "halves_test" in runnable and "static" in runnable and "gradnorm" in runnable
+        assert "projects_test" not in runnable and "pcgrad" not in runnable and "modo" not in runnable
+        assert "mgda(upper_bound=True, representation='<submodule>')" in reason
+        assert refused_weighting(Halves(), model) is None
+    finally:
+        del STRATEGIES["halves_test"], STRATEGIES["projects_test"]
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_takes_shared_gradients_is_true_of_the_code_and_decides_the_torchrec_refusal(name, monkeypatch):
     """For every registered strategy: a spy on torch.autograd.grad records whether a step takes per-task gradients
-    with respect to an embedding table (at least one call per task); that must equal ``takes_shared_gradients`` (and the hand-written list), and
-    ``refused_weighting`` (TorchRecStrategy's check) refuses exactly those. MGDA-UB and GradDrop on a representation,
-    and IMTL-L alone, take no table gradient and are not refused."""
+    with respect to an embedding table (at least one call per task); that must equal ``takes_shared_gradients``,
+    derived from the ``reads`` the strategy declares, and ``refused_weighting`` (TorchRecStrategy's check) refuses
+    exactly those. MGDA-UB and GradDrop on a representation, and IMTL-L alone, take no table gradient and are not
+    refused; a step that reads a representation takes a gradient of it."""
     from mtl_lightning.distributed import refused_weighting
 
     features = synthetic_features(4)
@@ -1332,12 +1369,14 @@ def test_takes_shared_gradients_is_true_of_the_code_and_decides_the_torchrec_ref
         model = MMoE(features, synthetic_tasks(), num_experts=2, expert_hidden=(8,), tower_hidden=(4,))
         module = MultiTaskLightningModule(model, weighting=spec)
         tables = {id(p) for p in model.embedding.embedding_parameters()}
-        seen = []
+        parameters = {id(p) for p in model.parameters()}
+        seen, of_activations = [], []
         real_grad = torch.autograd.grad
 
         def spy(outputs, inputs, *args, **kwargs):
             listed = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
             seen.append(any(id(t) in tables for t in listed))
+            of_activations.append(not any(id(t) in parameters for t in listed))
             return real_grad(outputs, inputs, *args, **kwargs)
 
         monkeypatch.setattr(torch.autograd, "grad", spy)
@@ -1346,7 +1385,12 @@ def test_takes_shared_gradients_is_true_of_the_code_and_decides_the_torchrec_ref
         monkeypatch.setattr(torch.autograd, "grad", real_grad)
         takes = module.weighting.takes_shared_gradients
         per_task = sum(seen) >= len(module.tasks)  # one gradient per task (GradNorm: one of its weighted total)
-        assert takes == per_task == (label in TAKES_SHARED), (label, takes, seen)
+        assert takes == per_task, (label, module.weighting.reads, seen)
+        assert (module.weighting.reads == "representation_gradients") == (label in ("mgda_ub", "graddrop_z")), label
+        if module.weighting.reads in ("representation_gradients", "sampled_gradients"):
+            assert sum(of_activations) >= len(module.tasks), label  # gradients of activations / outputs, per task
+        if module.weighting.reads == "losses":
+            assert not any(seen), label
         reason = refused_weighting(module.weighting, model)
         assert (reason is not None) == takes, label
         if takes:
