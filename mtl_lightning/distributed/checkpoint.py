@@ -339,8 +339,16 @@ def load_sharded(path: str | Path, tensors: dict[str, Tensor], process_group: An
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
-    dcp.load(tensors, storage_reader=_reader(Path(path)), planner=_tensor_only_planner(Path(path)),
-             process_group=process_group, no_dist=not dist.is_initialized() or process_group is None)
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load(tensors, storage_reader=_reader(Path(path)), planner=_tensor_only_planner(Path(path)),
+                 process_group=process_group, no_dist=not dist.is_initialized() or process_group is None)
+    except CheckpointException as error:  # DCP wraps every rank's error: a refusal is raised as itself
+        refusals = [failure for failure, _ in error.failures.values() if isinstance(failure, ValueError)]
+        if refusals:
+            raise refusals[0] from None
+        raise
 
 
 def stored_entries(path: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -18,17 +18,20 @@ from a third ``zeta`` (the paper's Algorithm 1):
 with ``G_s`` the ``(T, P)`` gradients of ``Task.weight_i * L_i`` on the shared parameters from sample
 ``s`` and ``w`` warm-started from the previous step (``1/T`` at the first).
 
-Choices the paper leaves open, and how they are made here (as the authors' code, which LibMTL follows):
+Choices the paper leaves open, and how they are made here. The authors' code (OptMN-Lab/sdmgrad,
+``methods/weight_methods.py``) and LibMTL's port (``LibMTL/weighting/SDMGrad.py``) differ on several;
+each choice says whose it follows:
 
 * ``G_xi G_xi'^T`` is divided by the square of the mean of ``sqrt(max(diag, 0))`` (plus 1e-8): the
-  inner problem is then scale-free (LibMTL's form: the official ``sqrt(diag + 1e-4)`` is NaN where two
-  independent samples' gradients of a task point apart, and not scale-free);
-* the inner solver is ``num_steps = 20`` steps of SGD with ``lr = 10`` and momentum 0.5 (a fresh
-  momentum buffer every outer step, as the official code builds a new optimizer each time; PyTorch's
-  rule ``b <- 0.5 b + grad``, the first ``b = grad``), each followed by the exact Euclidean projection
-  onto the simplex; ``lambda = 0.3``;
-* ``d`` is not multiplied by ``T`` (the official code does, "to match the sum loss"; LibMTL does not,
-  and neither do this library's MGDA and CAGrad);
+  inner problem is then scale-free. This is LibMTL's form; the authors' ``sqrt(diag + 1e-4)`` is NaN
+  where two independent samples' gradients of a task point apart, and not scale-free;
+* the inner solver is ``num_steps = 20`` steps of SGD with momentum 0.5 (both codes) and ``lr = 10``
+  (the authors' code; LibMTL uses ``lr = 5``), a fresh momentum buffer every outer step (both build a
+  new optimizer each time; PyTorch's rule ``b <- 0.5 b + grad``, the first ``b = grad``), each step
+  followed by the exact Euclidean projection onto the simplex; ``lambda = 0.3`` (LibMTL's default and
+  the authors' NYUv2 script; their class default is 0.6);
+* ``d`` is not multiplied by ``T`` (the authors' code does, "to match the sum loss", and also clips the
+  shared gradient's norm to 1; LibMTL's SDMGrad does neither, nor do this library's MGDA and CAGrad);
 * the three samples: the paper draws three mini-batches per iteration; under Lightning one step gets one
   batch, so its rows are split into three disjoint random groups (``base.SampledGradientStrategy``:
   seeded permutation, checkpointed, the same on every rank; each group's gradient is ``B / |s|`` times

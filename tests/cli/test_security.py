@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,9 +91,12 @@ def test_build_refuses_anything_but_a_subclass_of_the_base_before_calling_it(tmp
                                         "not a subclass of .*MultiTaskArchitecture"):
         build({"class_path": "mtl_lightning.weighting.GradNorm"}, MultiTaskArchitecture, "model")
     assert not marker.exists()
-    with pytest.raises(ValueError, match=r"model: class_path 'no_such_module\.Thing': cannot import module"):
+    with pytest.raises(ValueError, match=r"model: class_path 'no_such_module\.Thing': module 'no_such_module' is not "
+                                         "imported, and a class path read from a checkpoint is never imported"):
         resolve_class("no_such_module.Thing", MultiTaskArchitecture, "model")
-    with pytest.raises(ValueError, match=r"model: class_path 'subprocess\.nothing': module 'subprocess' has no"):
+    with pytest.raises(ValueError, match=r"model: class_path 'no_such_module\.Thing': cannot import module"):
+        resolve_class("no_such_module.Thing", MultiTaskArchitecture, "model", import_modules=True)  # CLI configs
+    with pytest.raises(ValueError, match=r"model: class_path 'subprocess\.nothing': 'subprocess' has no 'nothing'"):
         resolve_class("subprocess.nothing", MultiTaskArchitecture, "model")
     with pytest.raises(ValueError, match=r"model: class_path 'nope' is not a registered name; use one of \[.*'mmoe'"):
         resolve_class("nope", MultiTaskArchitecture, "model")
@@ -164,8 +168,8 @@ def test_checkpoint_holding_a_pickled_object_is_refused_everywhere(tmp_path, tin
     data = _tiny_data(tiny_paths)
     with pytest.raises(ValueError, match=refused):
         quiet_trainer(max_epochs=1, plugins=[SafeCheckpointIO()]).fit(_small_module(), data, ckpt_path=path)
-    # Lightning's own resume also loads with weights_only (torch's default, as Lightning passes None)
-    with pytest.raises(Exception, match="Weights only load failed"):
+    # a plain Trainer gets SafeCheckpointIO from the module (no plugin given)
+    with pytest.raises(ValueError, match=refused):
         quiet_trainer(max_epochs=1).fit(_small_module(), data, ckpt_path=path)
     with pytest.raises(ValueError, match="weights_only=True only"):
         SafeCheckpointIO().load_checkpoint(path, weights_only=False)
@@ -203,6 +207,184 @@ def test_truncated_checkpoint_is_named(tmp_path, tiny_paths, quiet_trainer):
     with pytest.warns(UserWarning, match="already trained on the partition"):
         resumed.fit(_small_module(), _tiny_data(tiny_paths, allow_retraining=True), ckpt_path=good)
     assert resumed.global_step == 2
+
+
+# --------------------------------------------------------------------------------- class paths import nothing
+HELPERS = """import pathlib
+pathlib.Path({marker!r}).touch()  # what importing this file does
+
+from mtl_lightning.architectures import SharedBottom
+
+
+class Evil(SharedBottom):
+    pass
+"""
+
+
+def test_a_checkpoint_class_path_never_imports_its_module(tmp_path, monkeypatch):
+    """``helpers.py`` beside the checkpoint (and on sys.path, as the working folder is) and ``venv.__main__`` (which
+    exits the process when imported) are refused by name, before anything of theirs runs; a module the user imported
+    first resolves."""
+    import sys
+
+    marker = tmp_path / "marker"
+    (tmp_path / "helpers.py").write_text(HELPERS.format(marker=str(marker)))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = _save(_small_module(), tmp_path / "helpers.ckpt",
+                 model={"class_path": "helpers.Evil", "init_args": dict(_small_module().hparams["model"]["init_args"])})
+    with pytest.raises(ValueError, match=r"^model: class_path 'helpers\.Evil': module 'helpers' is not imported"):
+        MultiTaskLightningModule.load_from_checkpoint(path)
+    assert not marker.exists() and "helpers" not in sys.modules
+    exits = _save(_small_module(), tmp_path / "venv.ckpt", weighting={"class_path": "venv.__main__.Anything"})
+    with pytest.raises(ValueError, match=r"weighting: class_path 'venv\.__main__\.Anything': module "
+                                         r"'venv\.__main__' is not imported"):
+        MultiTaskLightningModule.load_from_checkpoint(exits)
+    assert "venv.__main__" not in sys.modules
+    from mtl_lightning.cli import check_checkpoint
+
+    with pytest.raises(ValueError, match=rf"checkpoint {path}: hyper_parameters model.model: class_path "
+                                         r"'helpers\.Evil': module 'helpers' is not imported"):
+        check_checkpoint(path)  # the CLI's --ckpt_path check
+    assert not marker.exists()
+    import helpers  # noqa: F401  (the user trusts it and imports it: now it resolves)
+
+    monkeypatch.delitem(sys.modules, "helpers")  # (undone after the test; the class object stays alive below)
+    sys.modules["helpers"] = helpers
+    assert type(MultiTaskLightningModule.load_from_checkpoint(path).model).__name__ == "Evil"
+
+
+# ------------------------------------------------------------------------------- TorchRec checkpoint folders as data
+TABLE = {"key": "tables.model.embedding.item", "layer": "model.embedding", "table": "item", "rows": 4, "dim": 2,
+         "plain_key": "tables.item.weight", "first_row": 0, "dtype": "float32"}
+
+
+def _folder(path: Path, stored: dict | None = None, table: dict | None = None) -> Path:
+    """A checkpoint folder as TorchRecStrategy writes one (meta.pt + DCP files), without TorchRec."""
+    import torch.distributed.checkpoint as dcp
+
+    path.mkdir(parents=True)
+    stored = {TABLE["key"]: torch.arange(8.0).view(4, 2)} if stored is None else stored
+    dcp.save(stored, storage_writer=dcp.FileSystemWriter(str(path)), no_dist=True)
+    torch.save({"torchrec": {"format": 1, "world_size": 1, "tables": [table or TABLE], "embedding_optimizer": None},
+                "state_dict": {}, "epoch": 0, "global_step": 0}, path / "meta.pt")
+    return path
+
+
+def _rewrite_index(path: Path, change) -> None:
+    import pickle
+
+    index = path / ".metadata"
+    metadata = pickle.loads(index.read_bytes())  # the test's own, trusted file
+    change(metadata)
+    index.write_bytes(pickle.dumps(metadata))
+
+
+def _refused_everywhere(folder: Path, entry: str) -> None:
+    """``consolidate``, ``load_from_checkpoint`` and ``python -m mtl_lightning.distributed.checkpoint`` refuse the
+    folder with a ValueError naming it and the entry."""
+    from mtl_lightning.distributed.checkpoint import consolidate
+
+    message = rf"checkpoint folder {folder}: {entry}"
+    with pytest.raises(ValueError, match=message):
+        consolidate(folder)
+    with pytest.raises(ValueError, match=message):
+        MultiTaskLightningModule.load_from_checkpoint(folder)
+    done = subprocess.run([sys.executable, "-m", "mtl_lightning.distributed.checkpoint", str(folder),
+                           str(folder.parent / "out.ckpt")], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and f"checkpoint folder {folder}: " in done.stderr, done.stderr
+    assert not (folder.parent / "out.ckpt").exists()
+
+
+def test_a_valid_folder_consolidates(tmp_path):
+    from mtl_lightning.distributed.checkpoint import consolidate
+
+    state = consolidate(_folder(tmp_path / "good.ckpt"))["state_dict"]
+    assert torch.equal(state["model.embedding.tables.item.weight"], torch.arange(8.0).view(4, 2))
+
+
+def test_a_bytes_item_in_a_folder_runs_nothing(tmp_path):
+    """DCP's default planner would ``torch.load(weights_only=False)`` a bytes item: the payload would touch the marker.
+    The index check refuses it; without that check the tensor-only planner still does."""
+    from mtl_lightning.distributed import checkpoint as folders
+
+    marker = tmp_path / "marker"
+    folder = _folder(tmp_path / "evil.ckpt", stored={TABLE["key"]: _RunsOnUnpickling(marker)})
+    _refused_everywhere(folder, rf"index entry '{TABLE['key']}': is a bytes item")
+    target = {TABLE["key"]: torch.zeros(4, 2)}
+    original = folders.check_index
+    try:
+        folders.check_index = lambda path, metadata: None  # the planner alone
+        with pytest.raises(ValueError, match=rf"checkpoint folder {folder}: index entry '{TABLE['key']}': is a bytes"):
+            folders.load_sharded(folder, target)
+    finally:
+        folders.check_index = original
+    assert not marker.exists()
+
+
+def test_folder_storage_outside_it_absurd_sizes_and_bad_dtypes_are_refused(tmp_path):
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    outside = _folder(tmp_path / "outside.ckpt")
+    (tmp_path / "elsewhere.distcp").write_bytes((outside / "__0_0.distcp").read_bytes())
+
+    def point_outside(metadata):
+        for info in metadata.storage_data.values():
+            info.relative_path = "../elsewhere.distcp"
+
+    _rewrite_index(outside, point_outside)
+    _refused_everywhere(outside, r"storage file '\.\./elsewhere\.distcp': not a plain file inside")
+
+    linked = _folder(tmp_path / "linked.ckpt")
+    (linked / "__0_0.distcp").unlink()
+    (linked / "__0_0.distcp").symlink_to(tmp_path / "elsewhere.distcp")
+    _refused_everywhere(linked, r"storage file '__0_0\.distcp': not a plain file inside")
+
+    huge = _folder(tmp_path / "huge_meta.ckpt", table={**TABLE, "rows": 10 ** 12})
+    _refused_everywhere(huge, rf"table '{TABLE['key']}': meta.pt says \(1000000000000, 2\)")
+
+    def grow(metadata):  # the index itself claims 10**12 rows
+        entry = metadata.state_dict_metadata[TABLE["key"]]
+        entry.size = torch.Size([10 ** 12, 2])
+        entry.chunks = [ChunkStorageMetadata(offsets=torch.Size([0, 0]), sizes=torch.Size([10 ** 12, 2]))]
+
+    huge_index = _folder(tmp_path / "huge_index.ckpt", table={**TABLE, "rows": 10 ** 12})
+    _rewrite_index(huge_index, grow)
+    _refused_everywhere(huge_index, rf"index entry '{TABLE['key']}': its chunk at \(0, 0\) of \(1000000000000, 2\) "
+                                    "needs 8000000000000 bytes")
+
+    bad_meta = _folder(tmp_path / "bad_meta.ckpt", table={**TABLE, "dtype": "complex128"})
+    _refused_everywhere(bad_meta, rf"meta.pt table 0 \({TABLE['key']}\) dtype: 'complex128' is not among")
+    bad_index = _folder(tmp_path / "bad_index.ckpt", stored={TABLE["key"]: torch.zeros(4, 2, dtype=torch.complex64)})
+    _refused_everywhere(bad_index, rf"index entry '{TABLE['key']}': dtype torch.complex64 is not among")
+    rows = _folder(tmp_path / "rows.ckpt", table={**TABLE, "rows": True})
+    _refused_everywhere(rows, r"meta.pt table 0 'rows': True is not a int")
+
+
+def test_a_torchrec_folder_under_another_strategy_says_what_it_is(tmp_path, tiny_paths):
+    folder = _folder(tmp_path / "last.ckpt")
+    said = rf"checkpoint {folder} is a TorchRecStrategy checkpoint folder .* Trainer\(strategy=TorchRecStrategy"
+    with pytest.raises(ValueError, match=said):
+        SafeCheckpointIO().load_checkpoint(folder)
+    with pytest.raises(ValueError, match=said):  # a plain Trainer: SafeCheckpointIO comes with the module
+        quiet_trainer(max_epochs=1).validate(_small_module(), _tiny_data(tiny_paths), ckpt_path=folder)
+    with pytest.raises(ValueError, match=rf"checkpoint {tmp_path} is a folder, not a checkpoint file"):
+        check_checkpoint_file(tmp_path)
+
+
+def test_cli_model_file_with_a_bad_class_path_is_named(tiny_paths, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for class_path, said in [("mtl_lightning.architectures.NoSuchArch", "'mtl_lightning.architectures' has no "
+                                                                        "'NoSuchArch'"),
+                             ("nosuchpkg.Arch", "cannot import module 'nosuchpkg'"),
+                             ("subprocess.run", "is a function, not a subclass")]:
+        model = tmp_path / "model.yaml"
+        model.write_text(yaml.safe_dump({"model": {"class_path": class_path, "init_args": {}}}))
+        with pytest.raises(SystemExit):
+            build_cli(["fit", *MMOE_CONFIG, "--model", str(model), *_data_args(tiny_paths), *QUIET])
+        err = capsys.readouterr().err
+        assert f"--model {model}: model.model: class_path '{class_path}'" in err and said in err, err
+        assert "linked_targets" not in err and "Traceback" not in err
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI
