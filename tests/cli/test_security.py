@@ -361,7 +361,7 @@ def test_folder_storage_outside_it_absurd_sizes_and_bad_dtypes_are_refused(tmp_p
     _refused_everywhere(rows, r"meta.pt table 0 'rows': True is not a int")
 
 
-def test_a_torchrec_folder_under_another_strategy_says_what_it_is(tmp_path, tiny_paths):
+def test_a_torchrec_folder_under_another_strategy_says_what_it_is(tmp_path, tiny_paths, quiet_trainer):
     folder = _folder(tmp_path / "last.ckpt")
     said = rf"checkpoint {folder} is a TorchRecStrategy checkpoint folder .* Trainer\(strategy=TorchRecStrategy"
     with pytest.raises(ValueError, match=said):

@@ -18,11 +18,26 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from datamodules import ParquetDataModule
+from datamodules.synthetic import synthetic_features, synthetic_tasks, write_synthetic
+from mtl_lightning import MultiTaskLightningModule, registry
 from mtl_lightning.checkpoint import SafeCheckpointIO, atomic_save, load_checkpoint
 
-from conftest import quiet_trainer
+ROOT = Path(__file__).resolve().parents[2]
+TABLE = {"key": "tables.model.embedding.item", "layer": "model.embedding", "table": "item", "rows": 4, "dim": 2,
+         "plain_key": "tables.item.weight", "first_row": 0, "dtype": "float32"}
 
-ROOT = Path(__file__).resolve().parents[1]
+
+def _small_module() -> MultiTaskLightningModule:
+    model = registry.create("shared_bottom", features=synthetic_features(embedding_dim=4), tasks=synthetic_tasks(),
+                            bottom_hidden=(8,), tower_hidden=(4,))
+    return MultiTaskLightningModule(model)
+
+
+def _data(folder: Path) -> ParquetDataModule:
+    paths = write_synthetic(folder, (200, 100, 100))
+    return ParquetDataModule(train=paths["train"], tasks=synthetic_tasks(), features=synthetic_features(embedding_dim=4),
+                             batch_size=100)
 
 # trains a tiny module with a plain Trainer (no plugin) saving epoch=<e>-step=<s>.ckpt and last.ckpt every epoch; the
 # fourth save (the second epoch's last.ckpt) writes 4 kB of its temporary file, says STALLED and sleeps (a slow
@@ -33,7 +48,7 @@ KILLED_SAVE = textwrap.dedent("""
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader
-    from datamodules.synthetic import synthetic_features, synthetic_tasks
+    from datamodules.synthetic import synthetic_features, synthetic_tasks, write_synthetic
     from mtl_lightning import MultiTaskLightningModule, registry
 
     real_save, calls = torch.save, [0]
@@ -76,11 +91,8 @@ def _temporaries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name)
 
 
-def test_a_plain_trainer_gets_safe_checkpoint_io_and_a_users_choice_is_kept(tmp_path):
-    from test_security import _small_module, _tiny_data  # noqa: F401  (the same small module and data)
-    from datamodules.synthetic import write_synthetic
-
-    data = _tiny_data(write_synthetic(tmp_path / "data", (200, 100, 100)))
+def test_a_plain_trainer_gets_safe_checkpoint_io_and_a_users_choice_is_kept(tmp_path, quiet_trainer):
+    data = _data(tmp_path / "data")
     plain = quiet_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0)
     plain.fit(_small_module(), data)
     assert type(plain.strategy.checkpoint_io) is SafeCheckpointIO
@@ -190,7 +202,6 @@ def test_a_torchrec_folder_is_replaced_whole_or_not_at_all(tmp_path):
     """``save_sharded`` (TorchRecStrategy's writer; here in one process, without TorchRec) swaps the folder: a save
     that fails leaves the previous folder and no staging folder."""
     from mtl_lightning.distributed.checkpoint import consolidate, save_sharded
-    from test_security import TABLE
 
     meta = {"torchrec": {"format": 1, "world_size": 1, "tables": [TABLE], "embedding_optimizer": None},
             "state_dict": {}, "epoch": 0}
@@ -214,12 +225,9 @@ def test_a_torchrec_folder_is_replaced_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in path.iterdir()) == [".metadata", "__0_0.distcp", "meta.pt"]
 
 
-def test_trainer_checkpoints_resume_after_a_killed_save(tmp_path):
-    """``ckpt_path="last"`` still resumes from the whole previous ``last.ckpt`` after a killed save (above)."""
-    from test_security import _small_module, _tiny_data
-    from datamodules.synthetic import write_synthetic
-
-    data = _tiny_data(write_synthetic(tmp_path / "data", (200, 100, 100)))
+def test_trainer_checkpoints_resume_after_a_killed_save(tmp_path, quiet_trainer):
+    """``ckpt_path="last"`` resumes from ``last.ckpt`` with another host's leftover temporary file beside it."""
+    data = _data(tmp_path / "data")
     folder = tmp_path / "checkpoints"
     saver = ModelCheckpoint(dirpath=folder, save_top_k=0, save_last=True)
     first = quiet_trainer(max_epochs=1, limit_val_batches=0, enable_checkpointing=True, callbacks=[saver])
