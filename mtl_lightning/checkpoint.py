@@ -152,8 +152,13 @@ class CheckpointLoading:
     """
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """:class:`SafeCheckpointing`, which installs :class:`SafeCheckpointIO` at set-up (see the class doc)."""
-        return [SafeCheckpointing()]
+        """:class:`SafeCheckpointing`, which installs :class:`SafeCheckpointIO` at set-up (see the class doc);
+        nothing when the Trainer has it already (a second ``fit``/``validate`` ... with the same Trainer)."""
+        try:
+            callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
+        except RuntimeError:  # not attached to a Trainer
+            callbacks = []
+        return [] if any(isinstance(c, SafeCheckpointing) for c in callbacks) else [SafeCheckpointing()]
 
     @classmethod
     def load_from_checkpoint(
