@@ -1325,7 +1325,8 @@ def test_what_a_strategy_reads_is_declared_and_the_torchrec_advice_derived_from_
             return gradients.sum(dim=0)
 
     model = MMoE(synthetic_features(4), synthetic_tasks(), num_experts=2, expert_hidden=(8,), tower_hidden=(4,))
-    STRATEGIES["halves_test"], STRATEGIES["projects_test"] = Halves, Projects
+    register_weighting("halves_test")(Halves)
+    register_weighting("projects_test")(Projects)
     try:
         projects = Projects()
         projects.setup(synthetic_tasks(), model)
