@@ -34,10 +34,10 @@ def _small_module() -> MultiTaskLightningModule:
     return MultiTaskLightningModule(model)
 
 
-def _data(folder: Path) -> ParquetDataModule:
+def _data(folder: Path, **kwargs) -> ParquetDataModule:
     paths = write_synthetic(folder, (200, 100, 100))
     return ParquetDataModule(train=paths["train"], tasks=synthetic_tasks(), features=synthetic_features(embedding_dim=4),
-                             batch_size=100)
+                             batch_size=100, **kwargs)
 
 # trains a tiny module with a plain Trainer (no plugin) saving epoch=<e>-step=<s>.ckpt and last.ckpt every epoch; the
 # fourth save (the second epoch's last.ckpt) writes 4 kB of its temporary file, says STALLED and sleeps (a slow
@@ -227,7 +227,7 @@ def test_a_torchrec_folder_is_replaced_whole_or_not_at_all(tmp_path):
 
 def test_trainer_checkpoints_resume_after_a_killed_save(tmp_path, quiet_trainer):
     """``ckpt_path="last"`` resumes from ``last.ckpt`` with another host's leftover temporary file beside it."""
-    data = _data(tmp_path / "data")
+    data = _data(tmp_path / "data", allow_retraining=True)  # the second fit trains the same day on
     folder = tmp_path / "checkpoints"
     saver = ModelCheckpoint(dirpath=folder, save_top_k=0, save_last=True)
     first = quiet_trainer(max_epochs=1, limit_val_batches=0, enable_checkpointing=True, callbacks=[saver])
