@@ -34,13 +34,13 @@ shape, with the activation after every layer.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..features import Feature
-from ..layers import ExpertBank, FeatureEmbedding, Gate, mix
+from ..layers import ExpertBank, Gate, mix
 from ..registry import register
 from ..tasks import Task
 from .base import MultiTaskArchitecture, parameters_of, squeeze_logit
@@ -125,15 +125,16 @@ class AdaTT(MultiTaskArchitecture):
         tower_hidden: Sequence[int] = (64,),
         activation: str = "relu",
         dropout: float = 0.0,
+        interaction: str | Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(features, tasks)
+        super().__init__(features, tasks, interaction=interaction)
         if num_levels < 1:
             raise ValueError(f"num_levels must be >= 1, got {num_levels}")
         if num_task_experts < 1:
             raise ValueError(f"num_task_experts must be >= 1, got {num_task_experts}")
         if num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be >= 0 (0 is AdaTT-sp), got {num_shared_experts}")
-        self.embedding = FeatureEmbedding(self.features)
+        self.embedding = self.input_layer()
         self.levels = nn.ModuleList()
         width = self.embedding.output_dim
         for level in range(num_levels):

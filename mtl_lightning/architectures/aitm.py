@@ -33,13 +33,13 @@ linear layer, as in the authors' code; the calibrator averages over the batch.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..features import Feature
-from ..layers import MLP, FeatureEmbedding
+from ..layers import MLP
 from ..registry import register
 from ..tasks import Task
 from .base import MultiTaskArchitecture, parameters_of, squeeze_logit
@@ -76,8 +76,9 @@ class AITM(MultiTaskArchitecture):
         calibrator_weight: float = 0.6,
         activation: str = "relu",
         dropout: float = 0.0,
+        interaction: str | Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(features, tasks)
+        super().__init__(features, tasks, interaction=interaction)
         regression = [t.name for t in self.tasks if t.kind != "binary"]
         if regression:
             raise ValueError(f"AITM: every task is one step of a conversion funnel, so binary; got regression {regression}")
@@ -86,7 +87,7 @@ class AITM(MultiTaskArchitecture):
         if calibrator_weight < 0:
             raise ValueError(f"AITM: calibrator_weight must be >= 0, got {calibrator_weight}")
         self.calibrator_weight = float(calibrator_weight)
-        self.embedding = FeatureEmbedding(self.features)
+        self.embedding = self.input_layer()
         self.bottoms = nn.ModuleDict({
             name: MLP(self.embedding.output_dim, bottom_hidden, activation=activation, dropout=dropout)
             for name in self.task_names

@@ -25,13 +25,13 @@ the low-rank layer ``x U V``.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..features import Feature
-from ..layers import MLP, FeatureEmbedding, activation_layer, check_feature_names, feature_slices
+from ..layers import MLP, activation_layer, check_feature_names, feature_slices
 from ..registry import register
 from ..tasks import Task
 from .base import MultiTaskArchitecture, parameters_of, squeeze_logit
@@ -98,14 +98,16 @@ class APG(MultiTaskArchitecture):
         tower_hidden: Sequence[int] = (64,),
         activation: str = "relu",
         dropout: float = 0.0,
+        interaction: str | Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(features, tasks)
+        super().__init__(features, tasks, interaction=interaction)
         if len(hidden) == 0:
             raise ValueError("hidden must list at least one layer size")
         names = check_feature_names("APG", "condition_features", condition_features, self.features)
-        self.embedding = FeatureEmbedding(self.features)
+        self.embedding = self.input_layer()
         slices = feature_slices(self.embedding)
-        columns = [torch.arange(slices[n].start, slices[n].stop) for n in names]
+        columns = [torch.arange(start, stop) for start, stop in dict.fromkeys((slices[n].start, slices[n].stop)
+                                                                               for n in names)]
         self.register_buffer("condition_columns", torch.cat(columns) if columns else torch.zeros(0, dtype=torch.long),
                              persistent=False)
         self.self_condition = not names
@@ -121,9 +123,8 @@ class APG(MultiTaskArchitecture):
         self.towers = self._towers(width, tower_hidden, activation, dropout)
 
     def bottom(self, features: Mapping[str, Tensor]) -> Tensor:
-        flat = self.embedding(features)  # (B, D)
+        flat, h = self.embedding.embed_and_interact(features)  # embedded (B, D), what the layers read
         condition = None if self.self_condition else flat.index_select(-1, self.condition_columns)
-        h = flat
         for layer in self.layers:
             h = self.dropout(self.activation(layer(h, h if condition is None else condition)))
         return h

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
 import inspect
-from typing import ClassVar, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -51,12 +51,40 @@ class MultiTaskArchitecture(Configurable, nn.Module, metaclass=ABCMeta):
                 raise TypeError(f"{cls.__name__} is multi-scenario (multi_scenario = True), so its __init__ must take "
                                 f"domain_feature= and num_domains=; it lacks {missing}")
 
-    def __init__(self, features: Sequence[Feature | dict], tasks: Sequence[Task | dict]) -> None:
+    #: Why this architecture cannot take an ``interaction=`` (``None``: it can). Set by an architecture that
+    #: reads the input layer's fields or columns in a way a feature interaction's output does not keep.
+    interaction_refused: ClassVar[str | None] = None
+
+    def __init__(self, features: Sequence[Feature | dict], tasks: Sequence[Task | dict],
+                 interaction: str | Mapping[str, Any] | None = None) -> None:
         nn.Module.__init__(self)
         self.features = tuple(feature_from_config(f) for f in features)
         if not self.features:
             raise ValueError(f"{type(self).__name__} needs at least one feature")
         self.tasks = check_tasks(tasks)
+        if interaction is not None and self.interaction_refused:
+            raise ValueError(f"{type(self).__name__} takes no interaction= (got {interaction!r}): "
+                             f"{self.interaction_refused}")
+        #: the ``interaction=`` setting (a registered name or a dict), applied by :meth:`input_layer`
+        self.interaction = interaction
+
+    def input_layer(self, field_view: bool = False) -> FeatureEmbedding:
+        """The input layer every architecture reads: a :class:`FeatureEmbedding` over ``features``.
+
+        It embeds sparse ids, pools or encodes sequences (``SequenceFeature(pooling=...)``:
+        ``mean``/``sum``/``max`` or the encoders ``din``/``attention``/``transformer``)
+        and passes dense values, then applies the architecture's
+        ``interaction=`` (DCN-v2, SENet, MaskNet ...): its ``forward`` returns
+        what the architecture's bottom reads, ``output_dim`` wide, and
+        ``embed_and_interact`` also the embedded vector whose columns
+        ``feature_slices`` locate. ``field_view=True`` is for an architecture
+        that reads per-field vectors; an interaction's output is one flat
+        vector, so the two do not combine.
+        """
+        if field_view and self.interaction is not None:
+            raise ValueError(f"{type(self).__name__} reads per-field vectors of the input layer; a feature "
+                             f"interaction ({self.interaction!r}) returns one flat vector per row")
+        return FeatureEmbedding(self.features, field_view=field_view, interaction=self.interaction)
 
     @property
     def task_names(self) -> list[str]:
@@ -137,8 +165,9 @@ class MultiScenarioArchitecture(MultiTaskArchitecture):
     (default: its ``vocab_size``) fits its vocabulary, keeps both under those
     names, and builds the input layer ``self.embedding`` (a flat
     ``FeatureEmbedding`` over every feature, the domain included) with
-    ``self.feature_slices``, where each feature's vector sits in its
-    ``(B, D)`` output. A subclass calls it first, then builds its own layers, and
+    ``self.feature_slices``, where each feature's vector sits in its embedded
+    ``(B, D)`` vector (``self.embedding.embed_and_interact(x)`` returns that vector
+    and, with an ``interaction=``, what the bottom reads). A subclass calls it first, then builds its own layers, and
     reads the batch's domain ids with :meth:`domain_ids` in ``forward``.
     Error messages name the subclass.
     """
@@ -151,11 +180,12 @@ class MultiScenarioArchitecture(MultiTaskArchitecture):
         tasks: Sequence[Task | dict],
         domain_feature: str = "domain",
         num_domains: int | None = None,
+        interaction: str | Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(features, tasks)
+        super().__init__(features, tasks, interaction)
         self.domain_feature = domain_feature
         self.num_domains = resolve_domain(type(self).__name__, self.features, domain_feature, num_domains)
-        self.embedding = FeatureEmbedding(self.features)
+        self.embedding = self.input_layer()
         self.feature_slices = feature_slices(self.embedding)
 
     @property
@@ -173,7 +203,8 @@ class MultiScenarioArchitecture(MultiTaskArchitecture):
 
     def columns(self, names: Sequence[str]) -> Tensor:
         """The columns of the flat ``(B, D)`` input holding the features ``names``, in that order (int64)."""
-        parts = [torch.arange(self.feature_slices[n].start, self.feature_slices[n].stop) for n in names]
+        slices = list(dict.fromkeys((self.feature_slices[n].start, self.feature_slices[n].stop) for n in names))
+        parts = [torch.arange(start, stop) for start, stop in slices]  # a group's members share one slice
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
     def domain_ids(self, features: Mapping[str, Tensor]) -> Tensor:

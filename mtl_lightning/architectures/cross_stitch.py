@@ -18,13 +18,13 @@ Choice where the paper is open: one ``alpha`` per layer (not per channel).
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..features import Feature
-from ..layers import FeatureEmbedding, activation_layer
+from ..layers import activation_layer
 from ..registry import register
 from ..tasks import Task
 from .base import MultiTaskArchitecture, parameters_of, squeeze_logit
@@ -43,14 +43,15 @@ class CrossStitch(MultiTaskArchitecture):
         self_weight: float = 0.9,
         activation: str = "relu",
         dropout: float = 0.0,
+        interaction: str | Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(features, tasks)
+        super().__init__(features, tasks, interaction=interaction)
         if len(column_hidden) == 0:
             raise ValueError("column_hidden must list at least one layer size")
         if not 0.0 <= self_weight <= 1.0:
             raise ValueError(f"self_weight must be in [0, 1], got {self_weight}")
         num_tasks = len(self.tasks)
-        self.embedding = FeatureEmbedding(self.features)
+        self.embedding = self.input_layer()
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         self.stitches = nn.ParameterList()

@@ -32,13 +32,13 @@ it optional per task).
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..features import Feature
-from ..layers import MLP, ExpertBank, FeatureEmbedding, Gate, mix
+from ..layers import MLP, ExpertBank, Gate, mix
 from ..registry import register
 from ..tasks import Task
 from .base import MultiTaskArchitecture, parameters_of, squeeze_logit
@@ -86,8 +86,9 @@ class DBMTL(MultiTaskArchitecture):
         relation_hidden: Sequence[int] = (32,),
         activation: str = "relu",
         dropout: float = 0.0,
+        interaction: str | Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(features, tasks)
+        super().__init__(features, tasks, interaction=interaction)
         if num_experts < 0:
             raise ValueError(f"num_experts must be >= 0 (0: no MMoE layer), got {num_experts}")
         if not bottom_hidden and not num_experts:
@@ -98,7 +99,7 @@ class DBMTL(MultiTaskArchitecture):
             dependencies = {t: self.task_names[:k] for k, t in enumerate(self.task_names) if k}
         self.dependencies = {t: list(dependencies.get(t, ())) for t in self.task_names}
         self.order = dependency_order(self.task_names, dependencies)
-        self.embedding = FeatureEmbedding(self.features)
+        self.embedding = self.input_layer()
         self.bottom = MLP(self.embedding.output_dim, bottom_hidden, activation=activation, dropout=dropout)
         width = self.bottom.output_dim
         self.experts = self.gates = None

@@ -26,7 +26,7 @@ over D (the impressions), like ESCM²'s.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -83,9 +83,10 @@ class DCMT(ESMM):
         counterfactual_output: str = "counterfactual_cvr",
         propensity_clip: Sequence[float] = (0.01, 0.99),
         constraint_weight: float = 1.0,
+        interaction: str | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(features, tasks, tower_hidden, bottom_hidden, activation, dropout, click_task,
-                         conversion_task, ctcvr_task)
+                         conversion_task, ctcvr_task, interaction=interaction)
         if counterfactual_output in (click_task, conversion_task, ctcvr_task):
             raise ValueError(f"DCMT: counterfactual_output {counterfactual_output!r} must differ from the task outputs")
         clip = tuple(float(v) for v in propensity_clip)

@@ -40,13 +40,13 @@ the activation after every layer, as in MMoE.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..features import Feature
-from ..layers import ExpertBank, FeatureEmbedding, mix
+from ..layers import ExpertBank, mix
 from ..registry import register
 from ..tasks import Task
 from .base import MultiTaskArchitecture, parameters_of, squeeze_logit
@@ -138,12 +138,13 @@ class DSelectK(MultiTaskArchitecture):
         tower_hidden: Sequence[int] = (64,),
         activation: str = "relu",
         dropout: float = 0.0,
+        interaction: str | Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(features, tasks)
+        super().__init__(features, tasks, interaction=interaction)
         if not entropy_weight >= 0:
             raise ValueError(f"entropy_weight must be >= 0, got {entropy_weight}")
         self.entropy_weight = float(entropy_weight)
-        self.embedding = FeatureEmbedding(self.features)
+        self.embedding = self.input_layer()
         self.experts = ExpertBank(num_experts, self.embedding.output_dim, expert_hidden, activation, dropout)
         self.gates = nn.ModuleDict({
             name: DSelectKGate(self.embedding.output_dim, num_experts, num_selected, gamma, per_example)

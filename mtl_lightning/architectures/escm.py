@@ -21,7 +21,7 @@ the ignore label on non-clicked rows) and ``ctcvr`` (purchase) trained with
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from torch import Tensor
 
@@ -49,9 +49,10 @@ class ESCM(ESMM):
         conversion_task: str = "cvr",
         ctcvr_task: str = "ctcvr",
         imputation_output: str = "imputation",
+        interaction: str | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(features, tasks, tower_hidden, bottom_hidden, activation, dropout, click_task,
-                         conversion_task, ctcvr_task)
+                         conversion_task, ctcvr_task, interaction=interaction)
         if imputation_output in (click_task, conversion_task, ctcvr_task):
             raise ValueError(f"ESCM: imputation_output {imputation_output!r} must differ from the task outputs")
         self.imputation_output = imputation_output

@@ -34,13 +34,13 @@ with the module's ``counterfactual=`` option, the ESCM² IPS/DR loss.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..features import Feature
-from ..layers import MLP, FeatureEmbedding
+from ..layers import MLP
 from ..registry import register
 from ..tasks import Task
 from .base import MultiTaskArchitecture, parameters_of, squeeze_logit
@@ -66,8 +66,9 @@ class ESMM(MultiTaskArchitecture):
         click_task: str = "ctr",
         conversion_task: str = "cvr",
         ctcvr_task: str = "ctcvr",
+        interaction: str | Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(features, tasks)
+        super().__init__(features, tasks, interaction=interaction)
         names = (click_task, conversion_task, ctcvr_task)
         if len(set(names)) != 3:
             raise ValueError(f"{type(self).__name__}: click_task, conversion_task and ctcvr_task must differ, got {names}")
@@ -81,7 +82,7 @@ class ESMM(MultiTaskArchitecture):
         regression = [t.name for t in self.tasks if t.kind != "binary"]
         if regression:
             raise ValueError(f"{type(self).__name__}: every task is a probability, so binary; got regression {regression}")
-        self.embedding = FeatureEmbedding(self.features)
+        self.embedding = self.input_layer()
         self.bottom = MLP(self.embedding.output_dim, bottom_hidden, activation=activation, dropout=dropout)
         self.towers = self._towers(self.bottom.output_dim, tower_hidden, activation, dropout,
                                    names=(click_task, conversion_task))

@@ -24,7 +24,7 @@ between scenarios.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +57,9 @@ class HiNet(MultiScenarioArchitecture):
         tower_hidden: Sequence[int] = (32,),
         activation: str = "relu",
         dropout: float = 0.0,
+        interaction: str | Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(features, tasks, domain_feature, num_domains)
+        super().__init__(features, tasks, domain_feature, num_domains, interaction=interaction)
         dim = self.embedding.output_dim
         self.scenario_slice = self.domain_slice
         S = self.num_domains
@@ -80,30 +81,30 @@ class HiNet(MultiScenarioArchitecture):
         experts = experts.view(x.shape[0], self.num_domains, self.num_scenario_experts, -1)  # (B, S, n, H)
         return torch.stack([mix(gate(x), experts[:, j]) for j, gate in enumerate(self.scenario_gates)], dim=1)
 
-    def san_weights(self, x: Tensor, domain: Tensor) -> Tensor:
+    def san_weights(self, scenario: Tensor, domain: Tensor) -> Tensor:
         """SAN's attention over the other scenarios: ``(B, S)``, zero on the own scenario, rows sum to one
-        (all zero with a single scenario)."""
-        scores = self.san(x[:, self.scenario_slice])  # (B, S)
+        (all zero with a single scenario). ``scenario`` is the scenario feature's embedding ``(B, d)``."""
+        scores = self.san(scenario)  # (B, S)
         own = F.one_hot(domain, self.num_domains).bool()
         if self.num_domains == 1:
             return torch.zeros_like(scores)
         return torch.softmax(scores.masked_fill(own, float("-inf")), dim=-1)
 
-    def scenario_layer(self, x: Tensor, domain: Tensor) -> Tensor:
-        """``C = [G ; S_d ; A]``: ``(B, 3H)``."""
+    def scenario_layer(self, x: Tensor, domain: Tensor, scenario: Tensor) -> Tensor:
+        """``C = [G ; S_d ; A]``: ``(B, 3H)``; ``scenario`` is the scenario feature's embedding (SAN's input)."""
         rows = torch.arange(x.shape[0], device=x.device)
         shared_experts = self.shared_experts(x)  # (B, Es, H)
         gates = torch.stack([gate(x) for gate in self.shared_gates], dim=1)[rows, domain]  # (B, Es): own scenario's
         shared = mix(gates, shared_experts)  # G: (B, H)
         every = self.scenario_representations(x)  # (B, S, H)
         own = every[rows, domain]  # S_d: (B, H)
-        others = torch.einsum("bs,bsh->bh", self.san_weights(x, domain), every)  # A: (B, H)
+        others = torch.einsum("bs,bsh->bh", self.san_weights(scenario, domain), every)  # A: (B, H)
         return torch.cat([shared, own, others], dim=-1)
 
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         domain = self.domain_ids(features)
-        x = self.embedding(features)  # (B, D)
-        c = self.scenario_layer(x, domain)  # (B, 3H)
+        flat, x = self.embedding.embed_and_interact(features)  # embedded (B, D), what the experts read
+        c = self.scenario_layer(x, domain, flat[:, self.scenario_slice])  # (B, 3H)
         task_outputs, _ = self.task_layer({t: c for t in self.task_names}, c)
         return {t: squeeze_logit(self.towers[t](task_outputs[t])) for t in self.task_names}
 

@@ -31,7 +31,7 @@ from the other scenarios; ``own_scenario_bias = 0`` starts from a uniform mix.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -60,8 +60,9 @@ class HMoE(MultiScenarioArchitecture):
         activation: str = "relu",
         dropout: float = 0.0,
         own_scenario_bias: float = 2.0,
+        interaction: str | Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(features, tasks, domain_feature, num_domains)
+        super().__init__(features, tasks, domain_feature, num_domains, interaction=interaction)
         dim = self.embedding.output_dim
         self.experts = ExpertBank(num_experts, dim, expert_hidden, activation, dropout)
         scenarios = range(self.num_domains)

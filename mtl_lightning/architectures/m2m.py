@@ -27,7 +27,7 @@ Choices where the paper is open or differs from this library:
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -85,15 +85,17 @@ class M2M(MultiScenarioArchitecture):
         tower_layers: int = 2,
         activation: str = "relu",
         dropout: float = 0.0,
+        interaction: str | Mapping[str, Any] | None = None,
     ) -> None:
         if tower_layers < 0 or attention_dim < 1:
             raise ValueError(f"M2M: tower_layers must be >= 0 and attention_dim >= 1, got {tower_layers} and "
                              f"{attention_dim}")
         if not scenario_hidden:
             raise ValueError("M2M: scenario_hidden must list at least one layer size")
-        super().__init__(features, tasks, domain_feature, num_domains)
+        super().__init__(features, tasks, domain_feature, num_domains, interaction=interaction)
         self.scenario_features = self.domain_and("scenario_features", scenario_features)
-        self.scenario_slices = [self.feature_slices[n] for n in self.scenario_features]
+        spans = dict.fromkeys((self.feature_slices[n].start, self.feature_slices[n].stop) for n in self.scenario_features)
+        self.scenario_slices = [slice(start, stop) for start, stop in spans]  # a sequence group's members share one
         scenario_input = sum(s.stop - s.start for s in self.scenario_slices)
         self.scenario_mlp = MLP(scenario_input, scenario_hidden, activation=activation, dropout=dropout)
         self.experts = ExpertBank(num_experts, self.embedding.output_dim, expert_hidden, activation, dropout)
@@ -107,9 +109,9 @@ class M2M(MultiScenarioArchitecture):
         })
         self.outputs = nn.ModuleDict({t: nn.Linear(width, 1) for t in self.task_names})
 
-    def scenario_knowledge(self, x: Tensor) -> Tensor:
-        """``s``: the scenario MLP over the scenario features' embeddings, ``(B, S)``."""
-        return self.scenario_mlp(torch.cat([x[:, part] for part in self.scenario_slices], dim=-1))
+    def scenario_knowledge(self, flat: Tensor) -> Tensor:
+        """``s``: the scenario MLP over the scenario features' embeddings (read from the embedded ``flat``), ``(B, S)``."""
+        return self.scenario_mlp(torch.cat([flat[:, part] for part in self.scenario_slices], dim=-1))
 
     def attention_weights(self, experts: Tensor, s: Tensor, task_index: int) -> Tensor:
         """Meta attention of one task over the experts: ``(B, K)``, rows sum to one."""
@@ -119,8 +121,8 @@ class M2M(MultiScenarioArchitecture):
 
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         self.domain_ids(features)  # checks the ids
-        x = self.embedding(features)  # (B, D)
-        s = self.scenario_knowledge(x)  # (B, S)
+        flat, x = self.embedding.embed_and_interact(features)  # embedded (B, D), what the experts read
+        s = self.scenario_knowledge(flat)  # (B, S)
         experts = self.experts(x)  # (B, K, H)
         outputs: dict[str, Tensor] = {}
         for k, task in enumerate(self.task_names):

@@ -27,7 +27,7 @@ Choices where the paper is open or where this library draws the line:
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -55,10 +55,11 @@ class MetaHeac(MultiScenarioArchitecture):
         critic_hidden: Sequence[int] = (64,),
         activation: str = "relu",
         dropout: float = 0.0,
+        interaction: str | Mapping[str, Any] | None = None,
     ) -> None:
         if num_critics < 1:
             raise ValueError(f"MetaHeac: num_critics must be >= 1, got {num_critics}")
-        super().__init__(features, tasks, domain_feature, num_domains)
+        super().__init__(features, tasks, domain_feature, num_domains, interaction=interaction)
         self.task_slice = self.domain_slice  # the task embedding t inside x: the domain's
         task_dim = self.task_slice.stop - self.task_slice.start
         self.experts = ExpertBank(num_experts, self.embedding.output_dim, expert_hidden, activation, dropout)
@@ -76,8 +77,8 @@ class MetaHeac(MultiScenarioArchitecture):
 
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         self.domain_ids(features)  # checks the ids
-        x = self.embedding(features)  # (B, D)
-        t = x[:, self.task_slice]  # (B, d): the scenario's (task's) embedding
+        flat, x = self.embedding.embed_and_interact(features)  # embedded (B, D), what the experts read
+        t = flat[:, self.task_slice]  # (B, d): the scenario's (task's) embedding
         experts = self.experts(x)  # (B, E, H)
         outputs: dict[str, Tensor] = {}
         for task in self.task_names:

@@ -15,12 +15,12 @@ f(x) = sum_e g(x)_e * expert_e(x) (and the gate is a shared parameter).
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from torch import Tensor, nn
 
 from ..features import Feature
-from ..layers import ExpertBank, FeatureEmbedding, Gate, mix
+from ..layers import ExpertBank, Gate, mix
 from ..registry import register
 from ..tasks import Task
 from .base import MultiTaskArchitecture, parameters_of, squeeze_logit
@@ -40,10 +40,11 @@ class MMoE(MultiTaskArchitecture):
         activation: str = "relu",
         dropout: float = 0.0,
         single_gate: bool = False,
+        interaction: str | Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(features, tasks)
+        super().__init__(features, tasks, interaction=interaction)
         self.single_gate = bool(single_gate)
-        self.embedding = FeatureEmbedding(self.features)
+        self.embedding = self.input_layer()
         self.experts = ExpertBank(num_experts, self.embedding.output_dim, expert_hidden, activation, dropout)
         gate_names = ["shared"] if self.single_gate else self.task_names  # OMoE: one gate for every task
         self.gates = nn.ModuleDict({name: Gate(self.embedding.output_dim, num_experts) for name in gate_names})

@@ -41,7 +41,7 @@ after every layer.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -58,7 +58,8 @@ class FieldSparseConnection(nn.Module):
 
     def __init__(self, embedding: FeatureEmbedding, num_units: int) -> None:
         super().__init__()
-        slices = list(feature_slices(embedding).values())
+        spans = dict.fromkeys((s.start, s.stop) for s in feature_slices(embedding).values())
+        slices = [slice(start, stop) for start, stop in spans]  # a sequence group's members share one slice
         membership = torch.zeros(embedding.output_dim, len(slices))  # (D, F): column c belongs to field i
         for i, columns in enumerate(slices):
             membership[columns, i] = 1.0
@@ -111,6 +112,9 @@ class CellLevel(nn.Module):
 class MSSM(MultiTaskArchitecture):
     """embedding -> per-unit field masks (FSCM) -> routed, transformed cell levels (CSSM) -> task towers."""
 
+    interaction_refused = ("its field-level sparse connections (FSCM) select the input layer's columns field by "
+                           "field, and a feature interaction's output has no fields")
+
     def __init__(
         self,
         features: Sequence[Feature | dict],
@@ -125,8 +129,9 @@ class MSSM(MultiTaskArchitecture):
         dropout: float = 0.0,
         l0_weight: float = 1e-3,
         log_alpha_init: float = 1.0,
+        interaction: str | Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(features, tasks)
+        super().__init__(features, tasks, interaction=interaction)
         if num_levels < 1:
             raise ValueError(f"num_levels must be >= 1, got {num_levels}")
         if transform_dim < 1:
@@ -134,7 +139,7 @@ class MSSM(MultiTaskArchitecture):
         if l0_weight < 0:
             raise ValueError(f"l0_weight must be >= 0, got {l0_weight}")
         self.l0_weight = float(l0_weight)
-        self.embedding = FeatureEmbedding(self.features)
+        self.embedding = self.input_layer()
         self.fields = FieldSparseConnection(self.embedding, num_units=len(self.tasks) + 1)  # tasks, then shared
         self.levels = nn.ModuleList()
         width = self.embedding.output_dim

@@ -29,7 +29,7 @@ see the domain directly too); the output layer's input is gated too;
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -58,16 +58,18 @@ class PEPNet(MultiScenarioArchitecture):
         gate_scale: float = 2.0,
         activation: str = "relu",
         dropout: float = 0.0,
+        interaction: str | Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(features, tasks, domain_feature, num_domains)
+        super().__init__(features, tasks, domain_feature, num_domains, interaction=interaction)
         self.domain_side = self.domain_and("domain_side_features", domain_side_features)
         self.prior = check_feature_names("PEPNet", "prior_features", prior_features, self.features)
         if domain_feature in self.prior:
             raise ValueError("PEPNet: prior_features must not contain the domain feature")
-        self.general = tuple(f.name for f in self.features)
-        for part, names in (("general", self.general), ("domain", self.domain_side), ("prior", self.prior)):
+        for part, names in (("domain", self.domain_side), ("prior", self.prior)):
             self.register_buffer(f"{part}_columns", self.columns(names), persistent=False)  # where it sits in (B, D)
-        general_dim, domain_dim, prior_dim = (len(getattr(self, f"{p}_columns")) for p in ("general", "domain", "prior"))
+        # E, the general input: every feature's embedding, the input layer's output (after an interaction=, if any)
+        general_dim = self.embedding.output_dim
+        domain_dim, prior_dim = (len(getattr(self, f"{p}_columns")) for p in ("domain", "prior"))
         self.epnet = ScaledSigmoidGate(domain_dim + general_dim, gate_hidden, general_dim, gate_scale)
 
         widths = [general_dim, *tower_hidden]  # inputs of each tower linear layer
@@ -85,9 +87,9 @@ class PEPNet(MultiScenarioArchitecture):
     def _part(self, flat: Tensor, part: str) -> Tensor:
         return flat.index_select(-1, getattr(self, f"{part}_columns"))
 
-    def epnet_gate(self, flat: Tensor) -> Tensor:
-        """``delta_domain = GateNU(E_d ++ sg(E))``: ``(B, general_dim)`` in ``(0, gate_scale)``."""
-        general = self._part(flat, "general")
+    def epnet_gate(self, flat: Tensor, general: Tensor) -> Tensor:
+        """``delta_domain = GateNU(E_d ++ sg(E))``: ``(B, general_dim)`` in ``(0, gate_scale)``; ``E_d`` from the
+        embedded ``flat``, ``E = general`` (the input layer's output)."""
         return self.epnet(torch.cat([self._part(flat, "domain"), general.detach()], dim=-1))
 
     def ppnet_gates(self, flat: Tensor, epnet_output: Tensor) -> list[Tensor]:
@@ -97,8 +99,8 @@ class PEPNet(MultiScenarioArchitecture):
 
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         self.domain_ids(features)
-        flat = self.embedding(features)  # (B, D)
-        epnet_output = self.epnet_gate(flat) * self._part(flat, "general")  # O_ep, (B, general_dim)
+        flat, general = self.embedding.embed_and_interact(features)  # embedded (B, D); E (B, general_dim)
+        epnet_output = self.epnet_gate(flat, general) * general  # O_ep, (B, general_dim)
         gates = self.ppnet_gates(flat, epnet_output)
         outputs = {}
         for k, name in enumerate(self.task_names):

@@ -23,13 +23,13 @@ shape at every level (the input of level l > 1 is a gate output of width
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..features import Feature
-from ..layers import ExpertBank, FeatureEmbedding, Gate, mix
+from ..layers import ExpertBank, Gate, mix
 from ..registry import register
 from ..tasks import Task
 from .base import MultiTaskArchitecture, parameters_of, squeeze_logit
@@ -91,11 +91,12 @@ class PLE(MultiTaskArchitecture):
         tower_hidden: Sequence[int] = (64,),
         activation: str = "relu",
         dropout: float = 0.0,
+        interaction: str | Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(features, tasks)
+        super().__init__(features, tasks, interaction=interaction)
         if num_levels < 1:
             raise ValueError(f"num_levels must be >= 1, got {num_levels}")
-        self.embedding = FeatureEmbedding(self.features)
+        self.embedding = self.input_layer()
         self.levels = nn.ModuleList()
         width = self.embedding.output_dim
         for level in range(num_levels):

@@ -22,7 +22,7 @@ embedding. Gate MLPs have one hidden layer of ``gate_hidden`` units (ReLU).
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -36,12 +36,13 @@ from .base import MultiTaskArchitecture, parameters_of, squeeze_logit
 
 
 class _PersonalizationCode(nn.Module):
-    """Picks the ``x_pc`` columns out of the flat embedding (all of them when no feature is named)."""
+    """Picks the ``x_pc`` columns out of the embedded flat vector (all of them when no feature is named)."""
 
     def __init__(self, embedding: FeatureEmbedding, names: tuple[str, ...]) -> None:
         super().__init__()
         slices = feature_slices(embedding)
-        columns = [torch.arange(slices[n].start, slices[n].stop) for n in names] or [torch.arange(embedding.output_dim)]
+        spans = dict.fromkeys((slices[n].start, slices[n].stop) for n in names)  # a group's members share a span
+        columns = [torch.arange(start, stop) for start, stop in spans] or [torch.arange(embedding.embedded_dim)]
         self.register_buffer("columns", torch.cat(columns), persistent=False)
         self.output_dim = len(self.columns)
 
@@ -64,12 +65,13 @@ class POSOMLP(MultiTaskArchitecture):
         gate_scale: float = 2.0,
         activation: str = "relu",
         dropout: float = 0.0,
+        interaction: str | Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(features, tasks)
+        super().__init__(features, tasks, interaction=interaction)
         if len(bottom_hidden) == 0:
             raise ValueError("bottom_hidden must list at least one layer size")
         names = check_feature_names("POSOMLP", "personalization_features", personalization_features, self.features)
-        self.embedding = FeatureEmbedding(self.features)
+        self.embedding = self.input_layer()
         self.code = _PersonalizationCode(self.embedding, names)
         self.layers = nn.ModuleList()
         self.gates = nn.ModuleList()
@@ -83,9 +85,8 @@ class POSOMLP(MultiTaskArchitecture):
         self.towers = self._towers(width, tower_hidden, activation, dropout)
 
     def bottom(self, features: Mapping[str, Tensor]) -> Tensor:
-        flat = self.embedding(features)  # (B, D)
+        flat, h = self.embedding.embed_and_interact(features)  # embedded (B, D), what the layers read
         code = self.code(flat)  # (B, D_pc)
-        h = flat
         for layer, gate in zip(self.layers, self.gates):
             h = self.dropout(gate(code) * self.activation(layer(h)))  # (B, H_l)
         return h
@@ -117,24 +118,25 @@ class POSOMMoE(MultiTaskArchitecture):
         gate_scale: float = 2.0,
         activation: str = "relu",
         dropout: float = 0.0,
+        interaction: str | Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(features, tasks)
+        super().__init__(features, tasks, interaction=interaction)
         names = check_feature_names("POSOMMoE", "personalization_features", personalization_features, self.features)
-        self.embedding = FeatureEmbedding(self.features)
+        self.embedding = self.input_layer()
         self.code = _PersonalizationCode(self.embedding, names)
         self.experts = ExpertBank(num_experts, self.embedding.output_dim, expert_hidden, activation, dropout)
         self.personal_gate = ScaledSigmoidGate(self.code.output_dim, gate_hidden, num_experts, gate_scale)
         self.gates = nn.ModuleDict({name: Gate(self.embedding.output_dim, num_experts) for name in self.task_names})
         self.towers = self._towers(self.experts.output_dim, tower_hidden, activation, dropout)
 
-    def personalized_experts(self, flat: Tensor) -> Tensor:
-        """``C sigmoid(MLP(x_pc))_e * expert_e(x)``: ``(B, E, H)``."""
-        return self.personal_gate(self.code(flat)).unsqueeze(-1) * self.experts(flat)
+    def personalized_experts(self, flat: Tensor, x: Tensor) -> Tensor:
+        """``C sigmoid(MLP(x_pc))_e * expert_e(x)``: ``(B, E, H)`` (``x_pc`` from the embedded ``flat``)."""
+        return self.personal_gate(self.code(flat)).unsqueeze(-1) * self.experts(x)
 
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        flat = self.embedding(features)  # (B, D)
-        experts = self.personalized_experts(flat)  # (B, E, H)
-        return {name: squeeze_logit(self.towers[name](mix(self.gates[name](flat), experts)))
+        flat, x = self.embedding.embed_and_interact(features)  # embedded (B, D), what the experts read
+        experts = self.personalized_experts(flat, x)  # (B, E, H)
+        return {name: squeeze_logit(self.towers[name](mix(self.gates[name](x), experts)))
                 for name in self.task_names}
 
     def shared_parameters(self) -> list[nn.Parameter]:

@@ -9,12 +9,12 @@ in one logit.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from torch import Tensor, nn
 
 from ..features import Feature
-from ..layers import MLP, FeatureEmbedding
+from ..layers import MLP
 from ..registry import register
 from ..tasks import Task
 from .base import MultiTaskArchitecture, parameters_of, squeeze_logit
@@ -33,11 +33,12 @@ class SharedBottom(MultiTaskArchitecture):
         activation: str = "relu",
         dropout: float = 0.0,
         batch_norm: bool = False,
+        interaction: str | Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(features, tasks)
+        super().__init__(features, tasks, interaction=interaction)
         if len(bottom_hidden) == 0:
             raise ValueError("bottom_hidden must list at least one layer size")
-        self.embedding = FeatureEmbedding(self.features)
+        self.embedding = self.input_layer()
         self.bottom = MLP(self.embedding.output_dim, bottom_hidden, activation=activation, dropout=dropout,
                           batch_norm=batch_norm)
         self.towers = self._towers(self.bottom.output_dim, tower_hidden, activation, dropout)

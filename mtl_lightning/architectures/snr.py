@@ -27,13 +27,13 @@ training, ``beta = 2/3, gamma = -0.1, zeta = 1.1`` (Louizos et al.), and
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..features import Feature
-from ..layers import ExpertBank, FeatureEmbedding, HardConcreteGate
+from ..layers import ExpertBank, HardConcreteGate
 from ..registry import register
 from ..tasks import Task
 from .base import MultiTaskArchitecture, parameters_of, squeeze_logit
@@ -58,7 +58,7 @@ class _SubNetworkRouting(MultiTaskArchitecture):
         if l0_weight < 0:
             raise ValueError(f"l0_weight must be >= 0, got {l0_weight}")
         self.l0_weight = float(l0_weight)
-        self.embedding = FeatureEmbedding(self.features)
+        self.embedding = self.input_layer()
         self.experts = ExpertBank(num_experts, self.embedding.output_dim, expert_hidden, activation, dropout)
         width = self.experts.output_dim
         num_tasks = len(self.tasks)
@@ -114,8 +114,9 @@ class SNRTrans(_SubNetworkRouting):
         dropout: float = 0.0,
         l0_weight: float = 1e-3,
         log_alpha_init: float = 1.0,
+        interaction: str | Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(features, tasks)
+        super().__init__(features, tasks, interaction=interaction)
         self._build(num_experts, expert_hidden, transform_dim, tower_hidden, activation, dropout, l0_weight,
                     log_alpha_init)
 
@@ -137,6 +138,7 @@ class SNRAver(_SubNetworkRouting):
         dropout: float = 0.0,
         l0_weight: float = 1e-3,
         log_alpha_init: float = 1.0,
+        interaction: str | Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(features, tasks)
+        super().__init__(features, tasks, interaction=interaction)
         self._build(num_experts, expert_hidden, 0, tower_hidden, activation, dropout, l0_weight, log_alpha_init)

@@ -26,7 +26,7 @@ embedding (plus the features named in ``auxiliary_features``).
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -75,10 +75,11 @@ class STAR(MultiScenarioArchitecture):
         activation: str = "relu",
         dropout: float = 0.0,
         norm_momentum: float = 0.1,
+        interaction: str | Mapping[str, Any] | None = None,
     ) -> None:
         if len(star_hidden) == 0:
             raise ValueError("star_hidden must list at least one layer size")
-        super().__init__(features, tasks, domain_feature, num_domains)
+        super().__init__(features, tasks, domain_feature, num_domains, interaction=interaction)
         names = self.domain_and("auxiliary_features", auxiliary_features)
         self.register_buffer("auxiliary_columns", self.columns(names), persistent=False)
         self.norm = PartitionedNorm(self.embedding.output_dim, self.num_domains, momentum=norm_momentum)
@@ -97,8 +98,8 @@ class STAR(MultiScenarioArchitecture):
 
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         domain = self.domain_ids(features)
-        flat = self.embedding(features)  # (B, D)
-        h = self.norm(flat, domain)
+        flat, x = self.embedding.embed_and_interact(features)  # embedded (B, D), what the star layers read
+        h = self.norm(x, domain)
         for layer in self.layers:
             h = self.dropout(self.activation(layer(h, domain)))  # (B, H_l)
         auxiliary_input = flat.index_select(-1, self.auxiliary_columns)

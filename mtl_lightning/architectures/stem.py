@@ -34,13 +34,13 @@ reaches), so STEM trains there unchanged, with ``T + 1`` times the table memory.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..features import Feature
-from ..layers import MLP, ExpertBank, FeatureEmbedding, mix
+from ..layers import MLP, ExpertBank, mix
 from ..registry import register
 from ..tasks import Task
 from .base import MultiTaskArchitecture, parameters_of, squeeze_logit
@@ -114,12 +114,13 @@ class STEM(MultiTaskArchitecture):
         tower_hidden: Sequence[int] = (64,),
         activation: str = "relu",
         dropout: float = 0.0,
+        interaction: str | Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(features, tasks)
+        super().__init__(features, tasks, interaction=interaction)
         if num_levels < 1:
             raise ValueError(f"num_levels must be >= 1, got {num_levels}")
-        self.embedding = FeatureEmbedding(self.features)  # the shared embedding e_s
-        self.task_embeddings = nn.ModuleDict({t: FeatureEmbedding(self.features) for t in self.task_names})
+        self.embedding = self.input_layer()  # the shared embedding e_s
+        self.task_embeddings = nn.ModuleDict({t: self.input_layer() for t in self.task_names})
         self.levels = nn.ModuleList()
         width = self.embedding.output_dim
         for level in range(num_levels):

@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 from torch import Tensor
 
-from ..features import DenseFeature, Feature, SparseFeature
+from ..features import Feature, SparseFeature
 from .embedding import FeatureEmbedding
 
 
@@ -58,14 +58,12 @@ def domain_ids(owner: str, features: Mapping[str, Tensor], domain_feature: str, 
 
 
 def feature_slices(embedding: FeatureEmbedding) -> dict[str, slice]:
-    """Where each feature's vector sits in ``embedding``'s flat ``(B, D)`` output."""
-    slices: dict[str, slice] = {}
-    start = 0
-    for f in embedding.features:
-        width = f.dim if isinstance(f, DenseFeature) else f.embedding_dim
-        slices[f.name] = slice(start, start + width)
-        start += width
-    return slices
+    """Where each feature's vector sits in ``embedding``'s embedded flat ``(B, embedded_dim)`` vector.
+
+    The members of a group of encoded sequences share the group's slice (see
+    :meth:`FeatureEmbedding.feature_slices`).
+    """
+    return embedding.feature_slices()
 
 
 def check_feature_names(owner: str, argument: str, names: Sequence[str], features: Sequence[Feature]) -> tuple[str, ...]:

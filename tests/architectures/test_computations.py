@@ -136,7 +136,7 @@ def test_pepnet_gates_lie_in_zero_two_and_stop_gradients_hold():
     flat = model.embedding(x)
     with torch.no_grad():  # push the gates towards saturation: still strictly inside (0, 2)
         model.epnet.mlp.last_linear().weight.mul_(10)
-    delta = model.epnet_gate(flat)
+    delta = model.epnet_gate(flat, flat)
     assert delta.shape == (32, 4 * 3 + 1) and (delta > 0).all() and (delta < 2).all()
     assert delta.max() > 1.9 and delta.min() < 0.2  # a wide spread, yet bounded
     # EPNet: the gate reads sg(E): its gradient reaches the domain embedding only
@@ -148,7 +148,7 @@ def test_pepnet_gates_lie_in_zero_two_and_stop_gradients_hold():
     # PPNet: gates read the prior features and sg(O_ep): no gradient into EPNet or non-prior tables
     model.zero_grad()
     flat = model.embedding(x)
-    o_ep = model.epnet_gate(flat) * flat
+    o_ep = model.epnet_gate(flat, flat) * flat
     gates = model.ppnet_gates(flat, o_ep)
     assert [g.shape for g in gates] == [(32, 2, 13), (32, 2, 8), (32, 2, 4)]
     assert all(((g > 0) & (g < 2)).all() for g in gates)
@@ -191,7 +191,7 @@ def test_poso_gates_scale_modules_and_a_neutral_gate_is_the_plain_network():
     flat = mmoe.embedding(x)
     scale = mmoe.personal_gate(mmoe.code(flat))  # one value per expert, in (0, 2)
     assert scale.shape == (16, 3) and ((scale > 0) & (scale < 2)).all()
-    torch.testing.assert_close(mmoe.personalized_experts(flat), scale.unsqueeze(-1) * mmoe.experts(flat))
+    torch.testing.assert_close(mmoe.personalized_experts(flat, flat), scale.unsqueeze(-1) * mmoe.experts(flat))
     mixed = torch.einsum("be,beh->bh", mmoe.gates["click"](flat), scale.unsqueeze(-1) * mmoe.experts(flat))
     torch.testing.assert_close(mmoe(x)["click"], mmoe.towers["click"](mixed).squeeze(-1))
 

@@ -100,10 +100,10 @@ def test_hinet_san_attends_to_the_other_scenarios_and_builds_shared_own_other():
     x = batch()
     flat = model.embedding(x)
     domain = x["domain"]
-    weights = model.san_weights(flat, domain)
+    weights = model.san_weights(flat[:, model.scenario_slice], domain)
     hand = {0: [0, 2 / 5, 3 / 5], 1: [1 / 4, 0, 3 / 4], 2: [1 / 3, 2 / 3, 0]}  # own scenario left out
     torch.testing.assert_close(weights, torch.tensor([hand[int(d)] for d in domain]))
-    c = model.scenario_layer(flat, domain)  # [G ; S_d ; A]
+    c = model.scenario_layer(flat, domain, flat[:, model.scenario_slice])  # [G ; S_d ; A]
     every = model.scenario_representations(flat)  # (B, S, H)
     rows = torch.arange(9)
     torch.testing.assert_close(c[:, 5:10], every[rows, domain])
@@ -114,7 +114,7 @@ def test_hinet_san_attends_to_the_other_scenarios_and_builds_shared_own_other():
     shared = model.shared_experts(flat)  # (B, 2, H)
     share = (domain + 1).float() / (domain + 2).float()
     expected = (1 - share)[:, None] * shared[:, 0] + share[:, None] * shared[:, 1]
-    torch.testing.assert_close(model.scenario_layer(flat, domain)[:, :5], expected)
+    torch.testing.assert_close(model.scenario_layer(flat, domain, flat[:, model.scenario_slice])[:, :5], expected)
     # scenario j's representation uses scenario j's experts and gate only
     experts = model.scenario_experts(flat).view(9, 3, 2, 5)
     torch.testing.assert_close(every[:, 1], torch.einsum("be,beh->bh", model.scenario_gates[1](flat), experts[:, 1]))
@@ -123,7 +123,8 @@ def test_hinet_san_attends_to_the_other_scenarios_and_builds_shared_own_other():
 def test_hinet_with_one_scenario_has_no_other_scenarios():
     model = HiNet(FEATURES, TASKS, num_domains=1, scenario_expert_hidden=(5,), task_expert_hidden=(4,))
     x = {**batch(), "domain": torch.zeros(9, dtype=torch.long)}
-    c = model.scenario_layer(model.embedding(x), x["domain"])
+    flat = model.embedding(x)
+    c = model.scenario_layer(flat, x["domain"], flat[:, model.scenario_slice])
     assert torch.equal(c[:, 10:], torch.zeros(9, 5))
     with pytest.raises(ValueError, match=r"domain feature 'domain' has id 2, outside \[0, 1\)"):
         model(batch())
