@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from ..features import DenseFeature, Feature, SequenceFeature, SparseFeature
 from ..layers.embedding import INIT_CHUNK_ROWS, FeatureEmbedding
+from ..layers.input_views import InputViews
 from ._torchrec import require_torchrec
 
 
@@ -48,7 +49,7 @@ class TableSpec:
     rows: int
     dim: int
     readers: tuple[str, ...]
-    unpooled: bool  # in the EmbeddingCollection (a max-pooled sequence reads it)
+    unpooled: bool  # in the EmbeddingCollection (a max-pooled or an encoded sequence reads it)
     plain_key: str  # FeatureEmbedding state_dict key holding it, relative to the layer
     first_row: int  # its rows are [first_row, first_row + rows) of plain_key
 
@@ -65,7 +66,8 @@ def table_specs(layer: FeatureEmbedding) -> dict[str, TableSpec]:
         if "." in owner:
             raise ValueError(f"feature {owner!r}: TorchRec names a table after its feature and refuses a '.' in it; "
                              "rename the column (e.g. with '_')")
-        unpooled = any(isinstance(features[n], SequenceFeature) and features[n].pooling == "max" for n in readers[owner])
+        unpooled = any(isinstance(features[n], SequenceFeature) and (features[n].pooling == "max" or features[n].encoded)
+                       for n in readers[owner])
         specs[owner] = TableSpec(owner, rows, features[owner].embedding_dim, tuple(readers[owner]), unpooled, key,
                                  first)
     return specs
@@ -96,7 +98,7 @@ def write_table(target: Tensor, rows: Tensor | Callable[[int, int], Tensor]) -> 
                 local[first:last].copy_(read(row + first, row + last)[:, column : column + num_columns])
 
 
-class TorchRecEmbedding(nn.Module):
+class TorchRecEmbedding(InputViews, nn.Module):
     """A ``FeatureEmbedding`` whose tables are TorchRec collections; see the module docstring.
 
     Args:
@@ -121,17 +123,30 @@ class TorchRecEmbedding(nn.Module):
         tables = [p for p in layer.embedding_parameters() if not p.is_meta]
         device = torch.device(device) if device is not None else tables[0].device if tables else torch.device("cpu")
         self.features: tuple[Feature, ...] = layer.features
+        self.embedded_dim = layer.embedded_dim
         self.output_dim = layer.output_dim
         self.num_fields = layer.num_fields
         self.field_dim = layer.field_dim
-        self.dense_projections = layer.dense_projections  # the same parameters
+        self._slices = layer.feature_slices()
+        # the same parameters: the field view's projections, the sequence encoders and the interaction
+        self.dense_projections = layer.dense_projections
+        self.group_projections = layer.group_projections
+        self.encoders = layer.encoders
+        self.interaction = layer.interaction
         self.tables = table_specs(layer)
         self._by_name = {f.name: f for f in self.features}
         self._table_of = {reader: spec.name for spec in self.tables.values() for reader in spec.readers}
+        # an encoded sequence keeps its padding positions (its group's members stay aligned; the encoders mask them)
+        self._encoded = {m.name for members in self.encoders.groups.values() for m in members}
         self._skip_padding = {
             name for name, owner in self._table_of.items()
-            if isinstance(self._by_name[name], SequenceFeature) or isinstance(self._by_name[owner], SequenceFeature)
+            if name not in self._encoded and (isinstance(self._by_name[name], SequenceFeature)
+                                              or isinstance(self._by_name[owner], SequenceFeature))
         }
+        # spec order: every feature, except that an encoded group stands at its first member (by its key)
+        firsts = {members[0].name: key for key, members in self.encoders.groups.items()}
+        self._items: list[Feature | str] = [firsts.get(f.name, f) for f in self.features
+                                            if f.name not in self._encoded or f.name in firsts]
         bag_tables = [t for t in self.tables.values() if not t.unpooled]
         sequence_tables = [t for t in self.tables.values() if t.unpooled]
         # each collection's keys: first the sparse features that read one id per row with no padding (checked and
@@ -228,7 +243,10 @@ class TorchRecEmbedding(nn.Module):
             ids = self._column(x, name)
             FeatureEmbedding._check_ids(ids if ids.dim() > 1 else ids.unsqueeze(1), self.tables[self._table_of[name]].rows,
                                         [name])
-            if name in self._skip_padding:
+            if name in self._encoded:  # every position, padding included: (B * L) ids, L per row
+                values.append(ids.reshape(-1))
+                lengths.append(torch.full_like(ids[:, 0], ids.shape[1]))
+            elif name in self._skip_padding:
                 present = ids != 0  # (B,) or (B, L)
                 count = present.long() if ids.dim() == 1 else present.sum(dim=1)  # (B,)
                 values.append(ids[present])
@@ -240,9 +258,11 @@ class TorchRecEmbedding(nn.Module):
         jagged = KeyedJaggedTensor(keys=keys, values=torch.cat(values).long(), lengths=torch.cat(lengths).int())
         return jagged, counts
 
-    def _lookup(self, x: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """``{feature: (B, d)}`` for every sparse and sequence feature, pooled."""
+    def _lookup(self, x: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
+        """``{feature: (B, d)}`` for every sparse and pooled sequence feature, and ``{feature: ((B, L, d), ids)}``
+        for every encoded sequence."""
         out: dict[str, Tensor] = {}
+        sequences: dict[str, tuple[Tensor, Tensor]] = {}
         if self.bags is not None:
             jagged, counts = self._jagged(x, "bags", self._bag_keys)
             pooled = self.bags(jagged).to_dict()  # by name: sharded outputs come in another key order
@@ -257,7 +277,10 @@ class TorchRecEmbedding(nn.Module):
             unpooled = self.sequences(jagged)
             for name in self._sequence_keys:
                 f, rows = self._by_name[name], unpooled[name]
-                if isinstance(f, SparseFeature):  # one id per row, none where it was skipped (reads as zeros)
+                if name in self._encoded:
+                    sequences[name] = (rows.to_padded_dense(desired_length=f.max_len, padding_value=0.0),
+                                       self._column(x, name))  # (B, L, d), (B, L)
+                elif isinstance(f, SparseFeature):  # one id per row, none where it was skipped (reads as zeros)
                     out[name] = rows.to_padded_dense(desired_length=1, padding_value=0.0)[:, 0]  # (B, d)
                 elif f.pooling == "max":
                     padded = rows.to_padded_dense(desired_length=f.max_len, padding_value=float("-inf"))  # (B, L, d)
@@ -267,25 +290,24 @@ class TorchRecEmbedding(nn.Module):
                     summed = rows.to_padded_dense(desired_length=f.max_len, padding_value=0.0).sum(dim=1)  # (B, d)
                     out[name] = (summed if f.pooling == "sum"
                                  else summed / counts[name].clamp(min=1).unsqueeze(1).to(summed.dtype))
-        return out
+        return out, sequences
 
-    def forward(self, x: Mapping[str, Tensor], view: str = "flat") -> Tensor:
-        if view not in ("flat", "field"):
-            raise ValueError(f"view must be 'flat' or 'field', got {view!r}")
-        if view == "field" and self.field_dim is None:
-            raise ValueError("construct FeatureEmbedding(..., field_view=True) to use view='field'")
-        embedded = self._lookup(x)
-        parts = []
+    def _parts(self, x: Mapping[str, Tensor]) -> list[tuple[Feature | str, Tensor]]:
+        """Spec-ordered pieces, as ``FeatureEmbedding._parts`` gives them (see ``InputViews``)."""
+        embedded, sequences = self._lookup(x)
         for f in self.features:
             if isinstance(f, DenseFeature):
                 value = self._column(x, f.name).float()
-                value = value.unsqueeze(-1) if value.dim() == 1 else value  # (B, dim)
-                parts.append(self.dense_projections[f.name](value) if view == "field" else value)
+                embedded[f.name] = value.unsqueeze(-1) if value.dim() == 1 else value  # (B, dim)
+        parts: list[tuple[Feature | str, Tensor]] = []
+        for item in self._items:
+            if isinstance(item, str):  # an encoded group
+                members = self.encoders.groups[item]
+                parts.append((item, self.encoders.encode(item, [sequences[m.name] for m in members],
+                                                         [embedded[q] for q in self.encoders.queries[item]])))
             else:
-                parts.append(embedded[f.name])  # (B, d)
-        if view == "flat":
-            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (B, D)
-        return torch.stack(parts, dim=1)  # (B, F, d)
+                parts.append((item, embedded[item.name]))
+        return parts
 
 
 def replace_feature_embeddings(root: nn.Module, device: torch.device | str) -> dict[str, TorchRecEmbedding]:

@@ -18,6 +18,7 @@ from .deferred import INIT_CHUNK_ROWS, deferred_tables, initial_rows, tables_def
 from .embedding_state import (VOCABULARY_HINT, check_table_rows, fuse_earlier_tables, grown_rows,
                               vocabulary_mismatch)
 from .pooling import pool_sequence, sequence_embeddings
+from .input_views import InputViews, interaction_view
 from .sequence_groups import SequenceEncoders
 
 
@@ -43,7 +44,7 @@ class _Encoded(NamedTuple):
     key: str
 
 
-class FeatureEmbedding(nn.Module):
+class FeatureEmbedding(InputViews, nn.Module):
     """Embeds sparse ids, pools sequences and passes dense values through.
 
     * ``forward(x)`` / ``view="flat"`` -> ``(B, D)``: sparse embeddings, pooled
@@ -245,12 +246,12 @@ class FeatureEmbedding(nn.Module):
         self.field_dim: int | None = None
         self.dense_projections = nn.ModuleDict()
         self.group_projections = nn.ModuleDict()
-        interaction_view = _interaction_view(interaction)
-        if field_view or interaction_view == "field":
+        reads = interaction_view(interaction)
+        if field_view or reads == "field":
             dims = {f.embedding_dim for f in self.features if not isinstance(f, DenseFeature)}
             if len(dims) > 1:
                 raise ValueError(f"the per-field view needs one embedding_dim for all features, got {sorted(dims)}"
-                                 + (f" (the interaction {interaction!r} reads per-field vectors)" if interaction_view
+                                 + (f" (the interaction {interaction!r} reads per-field vectors)" if reads
                                     == "field" else ""))
             self.field_dim = dims.pop() if dims else 16
             for f in self.features:
@@ -259,23 +260,7 @@ class FeatureEmbedding(nn.Module):
             for key in self.encoders:
                 if self.encoders.output_dim(key) != self.field_dim:
                     self.group_projections[key] = nn.Linear(self.encoders.output_dim(key), self.field_dim, bias=False)
-        self.interaction = None
-        if interaction is not None:
-            from ..interactions import create_interaction  # the interactions package builds on the layers
-
-            field = interaction_view == "field"
-            self.interaction = create_interaction(
-                interaction, input_dim=self.num_fields * self.field_dim if field else self.embedded_dim,
-                num_fields=self.num_fields, field_dim=self.field_dim)
-        self.output_dim = self.embedded_dim if self.interaction is None else int(self.interaction.output_dim)
-
-    def feature_slices(self) -> dict[str, slice]:
-        """Where each feature's vector sits in the embedded flat ``(B, embedded_dim)`` vector.
-
-        The members of a group of encoded sequences share their group's slice
-        (the encoder's output).
-        """
-        return dict(self._slices)
+        self._build_interaction(interaction, reads)
 
     # ------------------------------------------------------------ deferred tables
     @property
@@ -480,70 +465,12 @@ class FeatureEmbedding(nn.Module):
                 parts[i] = (item.key, self.encoders.encode(item.key, sequences, queries))
         return parts
 
-    def _field(self, owner: Feature | str | None, part: Tensor) -> Tensor:
-        """A piece of :meth:`_parts` as ``(B, k, field_dim)`` fields."""
-        if owner is None:
-            return part
-        if isinstance(owner, str):  # an encoded group
-            return (self.group_projections[owner](part) if owner in self.group_projections else part).unsqueeze(1)
-        return (self.dense_projections[owner.name](part) if isinstance(owner, DenseFeature) else part).unsqueeze(1)
-
-    def _view(self, parts: list[tuple[Feature | str | None, Tensor]], view: str) -> Tensor:
-        if view == "flat":
-            flat = [p.flatten(1) if f is None else p for f, p in parts]
-            return flat[0] if len(flat) == 1 else torch.cat(flat, dim=-1)  # (B, embedded_dim)
-        if view == "field":
-            if self.field_dim is None:
-                raise ValueError("construct FeatureEmbedding(..., field_view=True) to use view='field'")
-            fields = [self._field(f, p) for f, p in parts]
-            return fields[0] if len(fields) == 1 else torch.cat(fields, dim=1)  # (B, F, d)
-        raise ValueError(f"view must be 'flat' or 'field', got {view!r}")
-
     def _check_materialized(self) -> None:
         if self.table_seed is not None and self.deferred:
             raise RuntimeError(
                 "this FeatureEmbedding's tables are deferred (built inside deferred_tables(), e.g. `with "
                 "trainer.init_module():` under TorchRecStrategy) and hold no values yet: train it under that "
                 "TorchRecStrategy, which allocates each process's shards, or call materialize_tables() first")
-
-    def embed_and_interact(self, x: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """``(embedded (B, embedded_dim), output (B, output_dim))`` from one lookup.
-
-        ``embedded`` is the flat vector (:meth:`feature_slices` index it),
-        ``output`` what ``forward`` returns: the interaction's output, or
-        ``embedded`` itself without an interaction.
-        """
-        self._check_materialized()
-        parts = self._parts(x)
-        embedded = self._view(parts, "flat")
-        if self.interaction is None:
-            return embedded, embedded
-        read = embedded if self.interaction.view == "flat" else self._view(parts, "field")
-        return embedded, self.interaction(read)
-
-    def forward(self, x: Mapping[str, Tensor], view: str = "flat") -> Tensor:
-        """``view="flat"``: ``(B, output_dim)`` (after the interaction, if any); ``"field"``: ``(B, F, d)``."""
-        self._check_materialized()
-        if self.interaction is not None:
-            if view != "flat":
-                raise ValueError(f"this layer ends in the interaction {type(self.interaction).__name__}, whose "
-                                 "output is one flat vector per row; there is no per-field view of it")
-            return self.embed_and_interact(x)[1]
-        return self._view(self._parts(x), view)
-
-
-def _interaction_view(spec: str | Mapping | None) -> str | None:
-    """What the interaction ``spec`` names reads (``"flat"`` / ``"field"``), ``None`` without one."""
-    if spec is None:
-        return None
-    from ..interactions import INTERACTIONS
-
-    if isinstance(spec, Mapping) and "class_path" in spec:
-        return INTERACTIONS.resolve(spec["class_path"], "interaction").view
-    name = spec if isinstance(spec, str) else spec.get("name") if isinstance(spec, Mapping) else None
-    if not isinstance(name, str):
-        return None  # create_interaction explains what is wrong with the spec
-    return INTERACTIONS.get(name).view
 
 
 __all__ = ["FeatureEmbedding", "deferred_tables", "INIT_CHUNK_ROWS", "VOCABULARY_HINT", "vocabulary_mismatch",

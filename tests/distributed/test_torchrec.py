@@ -103,18 +103,47 @@ def test_torchrec_layer_computes_what_feature_embedding_computes():
         adapted({**x, "user": torch.full((16,), 50)})
 
 
+@pytest.mark.parametrize("interaction", [None, "senet"])
+def test_torchrec_layer_encodes_sequence_groups_as_feature_embedding_does(interaction):
+    """A DIN group of aligned sequences (one sharing a sparse feature's block) read from the EmbeddingCollection,
+    every position kept (a padded category inside a valid click stays aligned), then an interaction: the same
+    outputs and gradients as ``FeatureEmbedding``."""
+    from mtl_lightning.distributed.embedding import TorchRecEmbedding
+    from tests.architectures.test_architectures import GROUP_FEATURES
+
+    torch.manual_seed(0)
+    layer = FeatureEmbedding(GROUP_FEATURES, interaction=interaction)
+    x = feature_batch(16)
+    x["history_cat"][2, 0] = 0  # a click without a category: the position stays valid through its item
+    adapted = TorchRecEmbedding(layer)
+    assert adapted.tables["item"].unpooled and adapted.tables["history_cat"].unpooled
+    assert adapted.encoders is layer.encoders and adapted.interaction is layer.interaction
+    out, expected = adapted(x), layer(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    assert adapted.feature_slices() == layer.feature_slices() and adapted.output_dim == layer.output_dim
+    ours = torch.autograd.grad(out.square().sum(), list(layer.encoders.parameters()))
+    theirs = torch.autograd.grad(expected.square().sum(), list(layer.encoders.parameters()))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 # ------------------------------------------------------- every architecture, 1 process
-@pytest.mark.parametrize("deferred", [False, True], ids=["eager", "deferred"])
+@pytest.mark.parametrize("deferred, inputs", [(False, "plain"), (True, "plain"), (True, "din_group"),
+                                               (False, "dcn_v2")], ids=["eager", "deferred", "din_group", "dcn_v2"])
 @pytest.mark.parametrize("name", registry.names())
-def test_every_architecture_trains_under_the_strategy(name, deferred):
-    """Built as usual, or inside ``trainer.init_module()`` (deferred tables: no whole table is ever allocated)."""
+def test_every_architecture_trains_under_the_strategy(name, deferred, inputs):
+    """Built as usual, or inside ``trainer.init_module()`` (deferred tables: no whole table is ever allocated); with
+    the plain input, a DIN-encoded group of aligned sequences (read from the EmbeddingCollection) or a DCN-v2
+    interaction."""
+    if inputs == "dcn_v2" and registry.get(name).interaction_refused:
+        pytest.skip(f"{name} refuses interactions")
     from mtl_lightning.distributed import TorchRecStrategy
 
     torch.manual_seed(0)
     strategy = TorchRecStrategy(sharding="auto", embedding_lr=0.1, find_unused_parameters=name == "escm")
     fit = trainer(strategy, max_epochs=4, callbacks=[losses := Losses()], use_distributed_sampler=False)
     with fit.init_module(empty_init=deferred):
-        module = MultiTaskLightningModule(registry.create(name, **arguments(name)), lr=0.03)
+        module = MultiTaskLightningModule(registry.create(name, **arguments(name, inputs)), lr=0.03)
     embedding = module.model.embedding
     assert embedding.deferred == deferred
     before = {n: (embedding.initial_rows(n, 0, embedding.table_weight(n).shape[0]) if deferred
@@ -302,11 +331,12 @@ def test_two_ranks_match_one_process_without_torchrec(two_ranks, name):
         assert mean[-2:].mean() < mean[:2].mean()  # batches 0, 1, 0, 1, 0, 1
 
 
-@pytest.mark.parametrize("name", registry.names())
-def test_two_ranks_train_every_architecture(two_ranks, name):
-    """Every registered architecture on 2 ranks (table_wise): the whole batch's loss goes down."""
-    losses = np.mean([json.loads((two_ranks / f"losses-every-{name}-rank{r}.json").read_text()) for r in (0, 1)],
-                     axis=0)  # the two ranks' losses: the whole batch's
+@pytest.mark.parametrize("name, inputs", _script_module().EVERY)
+def test_two_ranks_train_every_architecture(two_ranks, name, inputs):
+    """Every registered architecture on 2 ranks (table_wise), also with a DIN group (some with an interaction): the
+    whole batch's loss goes down."""
+    losses = np.mean([json.loads((two_ranks / f"losses-every-{name}-{inputs}-rank{r}.json").read_text())
+                      for r in (0, 1)], axis=0)  # the two ranks' losses: the whole batch's
     assert len(losses) == _script_module().EVERY_STEPS
     first, last = losses[:2].mean(), losses[-2:].mean()  # batches 0, 1, 0, 1, ...
     assert last < 0.95 * first, f"{name}: {[round(v, 3) for v in losses]}"

@@ -116,19 +116,25 @@ def equivalence(out: Path) -> None:
             (out / f"losses-{name}-{sharding}-rank{trainer.global_rank}.json").write_text(json.dumps(record.losses))
 
 
+#: (architecture, inputs) pairs of :func:`every_architecture`: every architecture with the plain input and with a
+#: DIN-encoded group of aligned sequences (its tables in the EmbeddingCollection), three with a DCN-v2 interaction
+EVERY = [*((name, inputs) for inputs in ("plain", "din_group") for name in registry.names()),
+         *((name, "dcn_v2") for name in ("mmoe", "ple", "star"))]
+
+
 def every_architecture(out: Path) -> None:
-    """Every registered architecture, ``table_wise`` on 2 ranks, Adam on the dense part, row-wise Adagrad on the
+    """Every pair of :data:`EVERY`, ``table_wise`` on 2 ranks, Adam on the dense part, row-wise Adagrad on the
     tables, ``EVERY_STEPS`` steps over the two batches of :class:`RankBatches`; writes
-    ``losses-every-<arch>-rank<R>.json``."""
-    for name in registry.names():
+    ``losses-every-<arch>-<inputs>-rank<R>.json``."""
+    for name, inputs in EVERY:
         torch.manual_seed(0)
-        module = MultiTaskLightningModule(registry.create(name, **arguments(name)), lr=0.03)
+        module = MultiTaskLightningModule(registry.create(name, **arguments(name, inputs)), lr=0.03)
         record = RecordLosses()
         trainer = quiet(strategy=TorchRecStrategy(sharding="table_wise", embedding_lr=0.1,
                                                   find_unused_parameters=name == "escm"),
                         max_steps=EVERY_STEPS, max_epochs=-1, use_distributed_sampler=False, callbacks=[record])
         trainer.fit(module, datamodule=RankBatches())
-        (out / f"losses-every-{name}-rank{trainer.global_rank}.json").write_text(json.dumps(record.losses))
+        (out / f"losses-every-{name}-{inputs}-rank{trainer.global_rank}.json").write_text(json.dumps(record.losses))
 
 
 def deferred(out: Path) -> None:
