@@ -143,7 +143,9 @@ def test_every_architecture_trains_under_the_strategy(name, deferred, inputs):
     strategy = TorchRecStrategy(sharding="auto", embedding_lr=0.1, find_unused_parameters=name == "escm")
     fit = trainer(strategy, max_epochs=4, callbacks=[losses := Losses()], use_distributed_sampler=False)
     with fit.init_module(empty_init=deferred):
-        module = MultiTaskLightningModule(registry.create(name, **arguments(name, inputs)), lr=0.03)
+        # the unnormalised DIN weights sum over the positions: a smaller step keeps every architecture stable
+        module = MultiTaskLightningModule(registry.create(name, **arguments(name, inputs)),
+                                          lr=0.01 if inputs == "din_group" else 0.03)
     embedding = module.model.embedding
     assert embedding.deferred == deferred
     before = {n: (embedding.initial_rows(n, 0, embedding.table_weight(n).shape[0]) if deferred
