@@ -72,6 +72,8 @@ def imports_of(name: str, path: Path, modules: set[str]) -> list[tuple[str, int,
         return out
 
     def visit(node: ast.AST, stack: list[ast.AST]) -> None:
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            return  # annotations only: nothing is imported when the program runs
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             lazy = _in_backwards_compatible_getattr(stack)
             for target in targets(node):

@@ -62,22 +62,14 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from ..checkpoint import atomic_save, load_checkpoint, remove_stale_temporaries, sync_folder, temporary_path
+from ..checkpoint_files import (META, atomic_save, is_sharded_checkpoint, load_checkpoint,  # noqa: F401
+                                remove_stale_temporaries, sync_folder, temporary_path)
 
-META = "meta.pt"
 FORMAT = 1
 #: dtypes a checkpoint folder may hold (tables, optimizer state, step counts)
 ALLOWED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32)
 TABLE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd", "adam")
-
-
-def is_sharded_checkpoint(path: Any) -> bool:
-    """Whether ``path`` is a folder written by ``TorchRecStrategy`` (``meta.pt`` and DCP's ``.metadata``)."""
-    if not isinstance(path, (str, Path)) or "://" in str(path):
-        return False
-    path = Path(path)
-    return path.is_dir() and (path / META).is_file() and (path / ".metadata").is_file()
 
 
 # DCP's .metadata is a pickle of these dataclasses (and torch.Size / dtypes / enums): nothing else is accepted.

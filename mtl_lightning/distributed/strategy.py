@@ -64,7 +64,7 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from torch import Tensor, nn
 
 from ..batch import Batch
-from ..checkpoint import load_checkpoint
+from ..checkpoint_files import load_checkpoint
 from ..layers.embedding import FeatureEmbedding, deferred_tables
 from ..weighting import STRATEGIES, WeightingStrategy
 from ._torchrec import require_torchrec
