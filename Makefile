@@ -32,8 +32,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
+# `make test`: the suite in 2 pytest-xdist workers (one torch thread each, tests/conftest.py), each test file on
+# one worker (--dist loadfile: module fixtures such as test_torchrec.py's 2-rank run happen once). One area:
+# `.venv/bin/python -m pytest -q tests/<area>` (docs/contributing.md, "Tests").
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 # `make docs`: the MkDocs site (mkdocs.yml) into site/, strict: a broken link, anchor, snippet or API reference
 # fails the build. `.venv/bin/mkdocs serve` serves it while you edit.
