@@ -389,10 +389,11 @@ def test_ips_and_dr_beat_click_only_training_on_the_entire_space(tmp_path, quiet
     print("entire-space CVR log-loss against p_conversion: "
           + ", ".join(f"{mode} {value:.4f}" for mode, value in scores.items())
           + f"; DCMT mean |1 - (r + r*)| {constraint:.4f}")
-    # measured: naive 0.822, IPS 0.584, DR 0.561 (margins 0.24 and 0.26); IPS without its 1/ô factor
-    # reaches 0.795 (margin 0.03). The margin required sits between the two, far from both.
-    assert scores["ips"] < scores["naive"] - 0.12
-    assert scores["dr"] < scores["naive"] - 0.12
+    # measured at seed 0: naive 0.822, IPS 0.584, DR 0.561 (margins 0.24 and 0.26); IPS without its 1/ô factor
+    # reaches 0.795 (margin 0.03). Over torch seeds 0-7 (docs/contributing.md, "Tests") the margins are 0.137-0.275
+    # (IPS) and 0.141-0.292 (DR): the margin required sits between the broken variant's and the smallest measured.
+    assert scores["ips"] < scores["naive"] - 0.08
+    assert scores["dr"] < scores["naive"] - 0.08
     # DCMT (its factual term is IPS; its counterfactual term trains r̂* towards 1 on unclicked rows and the constraint
     # ties r̂ to 1 - r̂*, so it pulls the CVR of unclicked rows down): measured 0.805, near naive, while its towers
     # keep r̂ + r̂* = 1 (measured mean |1 - (r̂ + r̂*)| 0.060; without the auxiliary loss it is not trained at all)
