@@ -75,8 +75,12 @@ def test_every_strategy_trains_mmoe_and_resumes_exactly(synthetic_paths, tmp_pat
     metrics = trainer.callback_metrics
     print(f"{name}: val/click/auc {float(metrics['val/click/auc']):.3f} "
           f"val/conversion/auc {float(metrics['val/conversion/auc']):.3f}")
-    # measured: click >= 0.74 (MGDA; static 0.80), conversion >= 0.68 (chance 0.5)
-    assert metrics["val/click/auc"] >= 0.70 and metrics["val/conversion/auc"] >= 0.62
+    # 12 steps learn the signal of at least one binary task. Over torch seeds 0-7 (docs/contributing.md, "Tests"),
+    # every strategy: the better of the two AUCs 0.676-0.82, their mean 0.589-0.80 (the worst: SDMGrad at seed 4,
+    # click 0.501 and conversion 0.676); a model without the signal scores 0.5 on both. Each task alone dips to
+    # click 0.50 / conversion 0.58 at some seed, so neither is required on its own.
+    click, conversion = float(metrics["val/click/auc"]), float(metrics["val/conversion/auc"])
+    assert max(click, conversion) >= 0.62 and (click + conversion) / 2 >= 0.55, (click, conversion)
     weights = torch.stack([metrics[f"train/{t}/weight"] for t in ("click", "conversion", "dwell")])
     assert torch.isfinite(weights).all()
     if name not in SIGNED_WEIGHTS:
