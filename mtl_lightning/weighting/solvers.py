@@ -16,7 +16,7 @@ algorithm (Wolfe, Math. Programming 1976) adds the same vertex ``e_t`` to an act
 to the min-norm point of the active set's affine hull (one ``(k+1) x (k+1)`` linear solve), dropping
 vertices whose weight would turn negative. It ends after finitely many steps at the exact min-norm
 point, where the Frank-Wolfe gap ``alpha^T M alpha - min_i (M alpha)_i`` is 0 (the KKT conditions;
-tests/test_weighting.py checks them to 1e-10). It stops once the gap is at most ``tol`` times the
+tests/weighting/test_gradient_solvers.py checks them to 1e-10). It stops once the gap is at most ``tol`` times the
 largest ``M_ii``, or after ``max_iter`` vertices. It starts from the vertex of the smallest ``M_ii``
 (the paper's initialisation, 1/T, would need a warm-start state Wolfe's method has no use for), so a
 caller keeps no state.

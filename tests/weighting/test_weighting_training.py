@@ -23,7 +23,8 @@ TINY = dict(num_experts=2, expert_hidden=(16,), tower_hidden=(8,))
 SPECS = {name: name for name in STRATEGIES}
 SPECS["scheduled"] = {"name": "scheduled", "gamma": {"dwell": 0.5}}  # a schedule that actually moves
 SPECS["stch"] = {"name": "stch", "warmup_epochs": 0}  # the nadir from epoch 0, STCH from epoch 1 on
-# variants on a shared representation (the expert outputs): in the DDP test, and in test_weighting.py's formulas
+# variants on a shared representation (the expert outputs): in the DDP test, and in the formulas' tests
+# (tests/weighting/test_gradient_*.py)
 VARIANTS = {"mgda_ub": {"name": "mgda", "upper_bound": True, "representation": "experts"},
             "graddrop_z": {"name": "graddrop", "representation": "experts"}}
 FIXED_WEIGHTS = {"static", "pcgrad", "graddrop", "gradvac"}  # these log Task.weight
