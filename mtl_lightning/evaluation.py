@@ -4,21 +4,33 @@
 (``val``, ``test``), updates it in ``validation_step`` / ``test_step`` and logs
 what :meth:`SplitEvaluation.compute` returns at the end of the epoch.
 
-Logged: ``<stage>/<task>/auc``, ``<stage>/<task>/logloss`` (binary),
-``<stage>/<task>/mse``, ``<stage>/<task>/mae`` (regression) and ``<stage>/loss``
+Logged: ``<stage>/<task>/auc``, ``logloss``, ``ne``, ``pcoc``, ``ece`` (binary),
+``<stage>/<task>/mse``, ``mae``, ``xauc`` (regression; formulas in
+``mtl_lightning.metrics.calibration`` and ``metrics.regression``) and ``<stage>/loss``
 (the ``Task.weight``-weighted sum of per-task log-loss/MSE over the whole epoch),
 ``<stage>/<task>/gauc`` (binary, when the batches carry a ``group`` tensor: see
 ``metrics.GroupAUC``).
 
-Per scenario (domain): ``<stage>/<task>/auc/domain=<id>`` for every binary task
-and every scenario id in the split, and ``<stage>/<task>/gauc/domain=<id>`` when
-the batches also carry a ``group``. The scenario ids are the batch's
+Per scenario (domain): ``<stage>/<task>/<metric>/domain=<id>`` for ``auc``,
+``logloss``, ``ne``, ``pcoc`` and ``ece`` of every binary task and every scenario
+id in the split, and ``<stage>/<task>/gauc/domain=<id>`` when the batches also
+carry a ``group``. The scenario ids are the batch's
 ``scenario`` tensor (``ParquetDataModule(scenario=...)``, any architecture) or
 else, for a multi-scenario architecture (``model.multi_scenario``), its domain
 feature ``model.domain_feature``. The rows of every rank are gathered first
 (``metrics.ScenarioAUC``), so under DDP every rank logs the same scenarios and
 values. A scenario whose valid labels are of one class gets no AUC (warned
 once per task and split).
+
+Sample weights (a batch's ``weights[task]``, ``Task(sample_weight=...)``) weigh
+log-loss, NE, PCOC, ECE, MSE and MAE as they weigh the training loss.
+
+Reliability. At the end of each split :meth:`SplitEvaluation.compute` keeps, for
+every binary task with valid rows, the reliability table of the epoch (rows of
+every rank; ``metrics.calibration.reliability_table``'s columns) in
+``reliability_tables[task]``; :func:`log_reliability_figures` draws them
+(``metrics.calibration.reliability_figure``) into a TensorBoard logger as the
+images ``<stage>/<task>/reliability``.
 
 Undefined metrics are skipped, never logged as numbers that look real (and
 never NaN, so a ``ModelCheckpoint`` monitoring another key is not disturbed):
@@ -47,6 +59,7 @@ from __future__ import annotations
 import math
 from typing import Callable, MutableMapping, Sequence
 
+import pandas as pd
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -55,7 +68,8 @@ from torchmetrics import Metric
 from .batch import Batch
 from .losses import valid_mask
 from .metrics import (
-    COUNTS, Skipped, compute_task_metrics, flatten_metrics, group_auc_metrics, scenario_auc_metrics, task_metrics,
+    COUNTS, Skipped, compute_task_metrics, flatten_metrics, group_auc_metrics, reliability_figure,
+    scenario_auc_metrics, task_metrics,
 )
 from .tasks import Task
 
@@ -84,20 +98,22 @@ class SplitEvaluation(nn.Module):
         domain_feature: the feature holding the scenario ids of a multi-scenario
             architecture, used when a batch has no ``scenario`` tensor; ``None``
             for other architectures.
+        bins: the number of equal-width probability bins of ``ece`` and the reliability tables.
 
     The metric states are not part of the module's ``state_dict``.
     """
 
     def __init__(self, stage: str, tasks: Sequence[Task], ignore_label: float | None = -1,
-                 domain_feature: str | None = None) -> None:
+                 domain_feature: str | None = None, bins: int = 10) -> None:
         super().__init__()
         self.stage = stage
         self.tasks = tuple(tasks)
         self.ignore_label = ignore_label
         self.domain_feature = domain_feature
-        self.task_metrics = task_metrics(self.tasks)
+        self.task_metrics = task_metrics(self.tasks, bins)
+        self.reliability_tables: dict[str, pd.DataFrame] = {}  # the last epoch's, per binary task
         self.group_auc = group_auc_metrics(self.tasks)
-        self.scenario_auc = scenario_auc_metrics(self.tasks)
+        self.scenario_auc = scenario_auc_metrics(self.tasks, bins)
         self._warned: set[tuple[str, str, str]] = set()  # (split, task or key, reason): warned for this lifetime
 
     def scenario_ids(self, batch: Batch) -> Tensor | None:
@@ -111,15 +127,19 @@ class SplitEvaluation(nn.Module):
         """Add one batch: the model's ``outputs`` (logits / values per task) against the batch's labels."""
         group = batch.get("group")
         scenario = self.scenario_ids(batch)
+        weights = batch.get("weights") or {}
         for t in self.tasks:
             labels = task_labels(batch["labels"], t)
             mask = valid_mask(labels, self.ignore_label)
-            self.task_metrics.task_metrics[t.name].update(outputs[t.name][mask].float(), labels[mask].float())
+            weight = weights.get(t.name)
+            self.task_metrics.task_metrics[t.name].update(outputs[t.name][mask].float(), labels[mask].float(),
+                                                          weight=None if weight is None else weight[mask])
             if group is not None and t.name in self.group_auc:
                 self.group_auc[t.name].update(outputs[t.name][mask], labels[mask], group[mask])
             if scenario is not None and t.name in self.scenario_auc:
                 self.scenario_auc[t.name].update(outputs[t.name][mask], labels[mask], scenario[mask],
-                                                 None if group is None else group[mask])
+                                                 None if group is None else group[mask],
+                                                 None if weight is None else weight[mask])
 
     def compute(self, reduce_sum: ReduceSum = _no_reduce, sanity_checking: bool = False,
                 callback_metrics: MutableMapping[str, Tensor] | None = None) -> dict[str, Tensor]:
@@ -135,6 +155,9 @@ class SplitEvaluation(nn.Module):
         split = f"{stage} (sanity check)" if sanity_checking else stage
         computed, skipped = compute_task_metrics(self.task_metrics, self.tasks)
         logged = flatten_metrics(stage, computed)
+        self.reliability_tables = {  # a collective per task, run by every rank (the decision reads synced counts)
+            t.name: self.task_metrics.task_metrics[t.name]["ece"].reliability()
+            for t in self.tasks if t.kind == "binary" and "ece" in computed[t.name]}
         device = self.task_metrics.task_metrics[self.tasks[0].name][COUNTS].rows.device
         empty = torch.zeros(0, device=device)
         for name, metric in self.group_auc.items():
@@ -257,4 +280,20 @@ def _joined(metric: Metric, reduce_sum: ReduceSum, device: torch.device, *empty_
     return True
 
 
-__all__ = ["SplitEvaluation", "task_labels"]
+def log_reliability_figures(loggers: Sequence[object], evaluation: SplitEvaluation, step: int) -> list[str]:
+    """Write ``evaluation.reliability_tables`` as images ``<stage>/<task>/reliability`` to every TensorBoard
+    logger in ``loggers`` (other loggers are left alone); returns the tags written. Call it on rank 0 only."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    boards = [logger for logger in loggers if isinstance(logger, TensorBoardLogger)]
+    tags = []
+    for task, table in evaluation.reliability_tables.items() if boards else ():
+        tag = f"{evaluation.stage}/{task}/reliability"
+        figure = reliability_figure(table, title=f"{tag} (step {step})")
+        for logger in boards:
+            logger.experiment.add_figure(tag, figure, global_step=step, close=False)
+        tags.append(tag)
+    return tags
+
+
+__all__ = ["SplitEvaluation", "task_labels", "log_reliability_figures"]

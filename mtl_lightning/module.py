@@ -29,7 +29,8 @@ Logged (to whatever logger the Trainer has): ``train/<task>/loss``,
 architecture has one), on the steps the logger writes and the last of an epoch;
 ``val/...`` and ``test/...`` metrics per task, group and scenario at the end of
 each evaluation epoch, computed by ``mtl_lightning.evaluation`` (where what is
-skipped as undefined, and why, is written).
+skipped as undefined, and why, is written), and a reliability diagram per binary
+task as a TensorBoard image ``<stage>/<task>/reliability``.
 
 Warnings about tasks that cannot learn (``mtl_lightning.training_checks``): a
 task with no valid label in the rows of the first training epoch of a fit, a
@@ -66,9 +67,10 @@ from .architectures.base import MultiTaskArchitecture
 from .batch import Batch
 from .checkpoint import CheckpointLoading
 from .config import build
-from .evaluation import SplitEvaluation, task_labels
+from .evaluation import SplitEvaluation, log_reliability_figures, task_labels
 from .growth import TableGrowth, check_vocabularies, datamodule_states, grow_checkpoint_tables, hand_datamodule_state
 from .losses import CounterfactualCVR, masked_loss
+from .losses.counterfactual import check_counterfactual
 from .optim import build_optimizers, no_weight_decay, optimizer_class
 from .sparse_embeddings import check_sparse_strategy, embedding_tables, enable_sparse_embeddings
 from .tasks import Task, check_tasks
@@ -148,6 +150,7 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
             dense Adam keeps moving it on momentum, so rare ids learn slower at
             the same rate; a larger ``sparse_lr`` makes up for it. Finite and
             >= 0 like ``lr``.
+        ece_bins: equal-width probability bins of ``ece`` and the reliability diagrams (``mtl_lightning.evaluation``).
     """
 
     def __init__(
@@ -168,6 +171,7 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         compile_model: bool = False,
         sparse_lr: float | None = None,
         decay_embeddings: bool = False,
+        ece_bins: int = 10,
     ) -> None:
         super().__init__()
         if isinstance(model, dict):
@@ -189,7 +193,7 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         if missing:
             raise ValueError(f"tasks {missing} are not outputs of {type(model).__name__} (outputs: {model.output_names})")
         if self.counterfactual is not None:
-            self._check_counterfactual()
+            check_counterfactual(self.counterfactual, self.tasks, self.model)
         optimizer_class(optimizer)
         if decay_embeddings and sparse_embeddings:
             raise ValueError("decay_embeddings=True cannot apply with sparse_embeddings=True: the tables' SparseAdam "
@@ -224,8 +228,8 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         self.hparams["counterfactual"] = self.counterfactual.to_config() if self.counterfactual is not None else None
 
         domain_feature = model.domain_feature if model.multi_scenario else None
-        self.val_evaluation = SplitEvaluation("val", self.tasks, ignore_label, domain_feature)
-        self.test_evaluation = SplitEvaluation("test", self.tasks, ignore_label, domain_feature)
+        self.val_evaluation = SplitEvaluation("val", self.tasks, ignore_label, domain_feature, ece_bins)
+        self.test_evaluation = SplitEvaluation("test", self.tasks, ignore_label, domain_feature, ece_bins)
         self.training_checks = TrainingChecks(self.tasks, ignore_label)
         self._table_growth: TableGrowth | None = None  # a loaded checkpoint's grown tables, see on_load_checkpoint
         self._checkpoint_datamodule_states: dict[str, Mapping[str, Any]] = {}
@@ -263,27 +267,6 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         if self.counterfactual is None:
             return None
         return self.counterfactual.imputation_loss(outputs, labels, self.hparams.ignore_label)
-
-    def _check_counterfactual(self) -> None:
-        cf = self.counterfactual
-        by_name = {t.name: t for t in self.tasks}
-        for role, name in (("click_task", cf.click_task), ("conversion_task", cf.conversion_task)):
-            if name not in by_name:
-                raise ValueError(f"counterfactual {role}={name!r} is not one of the trained tasks {list(by_name)}")
-            if by_name[name].kind != "binary":
-                raise ValueError(f"counterfactual {role}={name!r} must be a binary task, it is {by_name[name].kind}")
-        if cf.mode == "dr":
-            if cf.imputation_output not in self.model.output_names:
-                raise ValueError(
-                    f"counterfactual mode 'dr' reads the imputation output {cf.imputation_output!r}, which "
-                    f"{type(self.model).__name__} does not return (outputs: {self.model.output_names}); use ESCM, or "
-                    "give the architecture a regression task of that name"
-                )
-            if cf.imputation_output in by_name:
-                raise ValueError(
-                    f"{cf.imputation_output!r} is DR's imputation output, trained by the imputation loss; "
-                    "leave it out of the module's tasks"
-                )
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
@@ -372,6 +355,8 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
             callback_metrics=trainer.callback_metrics if trainer is not None else None,
         )
         self.log_dict(logged, sync_dist=False)
+        if trainer is not None and not trainer.sanity_checking and trainer.is_global_zero:
+            log_reliability_figures(trainer.loggers, evaluation, trainer.global_step)
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """Probabilities (binary) or values (regression) of every output of the architecture, plus ``row_id``.

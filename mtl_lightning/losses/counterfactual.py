@@ -34,7 +34,7 @@ row in D the losses are an exact 0 that keeps the graph.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -191,4 +191,27 @@ class CounterfactualCVR:
         return self.imputation_weight * loss
 
 
-__all__ = ["CounterfactualCVR", "propensity", "ips_cvr_loss", "dr_cvr_loss", "dr_imputation_loss", "MODES"]
+def check_counterfactual(cf: CounterfactualCVR, tasks: Sequence[Any], model: Any) -> None:
+    """``ValueError`` unless ``cf``'s click and conversion tasks are binary tasks among ``tasks`` and, for DR, the
+    imputation output is an output of ``model`` (``model.output_names``) that is not one of ``tasks``."""
+    by_name = {t.name: t for t in tasks}
+    for role, name in (("click_task", cf.click_task), ("conversion_task", cf.conversion_task)):
+        if name not in by_name:
+            raise ValueError(f"counterfactual {role}={name!r} is not one of the trained tasks {list(by_name)}")
+        if by_name[name].kind != "binary":
+            raise ValueError(f"counterfactual {role}={name!r} must be a binary task, it is {by_name[name].kind}")
+    if cf.mode == "dr":
+        if cf.imputation_output not in model.output_names:
+            raise ValueError(
+                f"counterfactual mode 'dr' reads the imputation output {cf.imputation_output!r}, which "
+                f"{type(model).__name__} does not return (outputs: {model.output_names}); use ESCM, or "
+                "give the architecture a regression task of that name"
+            )
+        if cf.imputation_output in by_name:
+            raise ValueError(
+                f"{cf.imputation_output!r} is DR's imputation output, trained by the imputation loss; "
+                "leave it out of the module's tasks"
+            )
+
+
+__all__ = ["CounterfactualCVR", "check_counterfactual", "propensity", "ips_cvr_loss", "dr_cvr_loss", "dr_imputation_loss", "MODES"]

@@ -109,7 +109,7 @@ def test_fit_validate_test_predict(tiny_paths, tmp_path, monkeypatch, capsys):
     assert f"run folder (TensorBoard logs): {cli.trainer.log_dir}" in printed
     assert f"best checkpoint: {cli.trainer.checkpoint_callback.best_model_path}" in printed
     table = printed[printed.index("final validation metrics:"):].splitlines()
-    assert table[1].split() == ["task", "auc", "gauc", "logloss", "mse", "mae"]
+    assert table[1].split() == ["task", "auc", "gauc", "logloss", "ne", "pcoc", "ece", "mse", "mae", "xauc"]
     click_row = next(line.split() for line in table if line.startswith("click "))
     assert float(click_row[1]) == pytest.approx(float(cli.trainer.callback_metrics["val/click/auc"]), abs=1e-4)
     assert next(line.split() for line in table if line.startswith("dwell "))[1:3] == ["-", "-"]  # no AUC for regression

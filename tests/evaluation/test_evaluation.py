@@ -84,6 +84,15 @@ def expected_metrics(module: MultiTaskLightningModule, batches: list[dict]) -> d
     return out
 
 
+BINARY = ("auc", "logloss", "ne", "pcoc", "ece")
+REGRESSION = ("mse", "mae", "xauc")
+
+
+def keys(stage: str, **tasks: tuple[str, ...]) -> set[str]:
+    """The keys logged for ``tasks`` (``task=metric names``), plus ``<stage>/loss``."""
+    return {f"{stage}/{task}/{m}" for task, names in tasks.items() for m in names} | {f"{stage}/loss"}
+
+
 def skip_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
     return [str(w.message) for w in caught if "warned once per task and split" in str(w.message)]
 
@@ -97,7 +106,7 @@ def test_validation_without_labels_for_a_task_skips_its_metrics_and_warns_once(q
         result = trainer.validate(module, loader(batches), verbose=False)[0]
         again = trainer.validate(module, loader(batches), verbose=False)[0]  # a second epoch: no second warning
     assert result == again
-    assert set(result) == {"val/click/auc", "val/click/logloss", "val/dwell/mse", "val/dwell/mae", "val/loss"}
+    assert set(result) == keys("val", click=BINARY, dwell=REGRESSION)
     expected = expected_metrics(module, batches)
     for key in ("click/auc", "click/logloss", "dwell/mse", "dwell/mae"):
         assert result[f"val/{key}"] == pytest.approx(float(expected[key]), rel=1e-5), key
@@ -106,7 +115,8 @@ def test_validation_without_labels_for_a_task_skips_its_metrics_and_warns_once(q
     messages = skip_warnings(caught)
     assert len(messages) == 1, messages
     assert "val split: task 'conversion' has no row with a valid label" in messages[0]
-    assert "val/conversion/auc, val/conversion/logloss are not logged" in messages[0]
+    assert ("val/conversion/auc, val/conversion/ece, val/conversion/logloss, val/conversion/ne, val/conversion/pcoc "
+            "are not logged") in messages[0]
     assert "ignore_label=-1" in messages[0]
 
 
@@ -116,7 +126,7 @@ def test_test_split_returns_the_other_metrics_and_names_the_split(quiet_trainer)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = quiet_trainer().test(module, loader(batches), verbose=False)[0]
-    assert set(result) == {"test/click/auc", "test/click/logloss", "test/dwell/mse", "test/dwell/mae", "test/loss"}
+    assert set(result) == keys("test", click=BINARY, dwell=REGRESSION)
     assert result["test/click/auc"] == pytest.approx(float(expected_metrics(module, batches)["click/auc"]), rel=1e-5)
     messages = skip_warnings(caught)
     assert len(messages) == 1 and messages[0].startswith("test split: task 'conversion'"), messages
@@ -128,7 +138,8 @@ def test_one_class_split_does_not_log_auc_or_gauc_as_numbers(quiet_trainer):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = quiet_trainer().validate(module, loader(batches), verbose=False)[0]
-    assert "val/click/auc" not in result and "val/click/gauc" not in result
+    assert "val/click/auc" not in result and "val/click/gauc" not in result and "val/click/ne" not in result
+    assert result["val/click/pcoc"] > 0  # defined: there are positives
     expected = expected_metrics(module, batches)
     assert result["val/click/logloss"] == pytest.approx(float(expected["click/logloss"]), rel=1e-5)
     assert result["val/conversion/auc"] == pytest.approx(float(expected["conversion/auc"]), rel=1e-5)
@@ -141,7 +152,7 @@ def test_one_class_split_does_not_log_auc_or_gauc_as_numbers(quiet_trainer):
     messages = skip_warnings(caught)
     assert len(messages) == 1, messages
     assert "val split: task 'click' has labels of one class only (all 96 valid labels are 1)" in messages[0]
-    assert "val/click/auc, val/click/gauc are not logged" in messages[0]
+    assert "so AUC, NE are undefined; val/click/auc, val/click/ne, val/click/gauc are not logged" in messages[0]
 
 
 def test_regression_task_without_valid_rows_and_no_task_at_all(quiet_trainer):
@@ -152,7 +163,7 @@ def test_regression_task_without_valid_rows_and_no_task_at_all(quiet_trainer):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = quiet_trainer().validate(module, loader(batches), verbose=False)[0]
-    assert set(result) == {"val/click/auc", "val/click/logloss", "val/loss"}
+    assert set(result) == keys("val", click=BINARY)
     assert result["val/loss"] == pytest.approx(result["val/click/logloss"], rel=1e-6)
     assert sorted(m.split("'")[1] for m in skip_warnings(caught)) == ["conversion", "dwell"]
 
@@ -233,7 +244,7 @@ def test_ddp_ranks_skip_the_same_metrics_on_synced_counts(tmp_path):
     partial = runs["partial", 0]
     assert partial["metrics"]["val/conversion/auc"] == pytest.approx(partial["expected_conversion_auc"], abs=1e-6)
     assert partial["warnings"] == []
-    assert set(runs["none", 0]["metrics"]) == {"val/click/auc", "val/click/logloss", "val/loss"}
+    assert set(runs["none", 0]["metrics"]) == keys("val", click=BINARY)
     assert len(runs["none", 0]["warnings"]) == 1 and "task 'conversion'" in runs["none", 0]["warnings"][0]
     assert runs["none", 1]["warnings"] == []  # rank_zero_warn: rank 0 only
 

@@ -3,6 +3,7 @@ logs them for multi-scenario architectures and for any model given a scenario co
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import lightning as L
@@ -41,7 +42,18 @@ def check_hand_values(result: dict) -> None:
     for scenario in (0, 2):
         assert result[scenario]["auc"].item() == pytest.approx(HAND_AUC[scenario], abs=1e-6)
         assert result[scenario]["gauc"].item() == pytest.approx(HAND_GAUC[scenario], abs=1e-6)
-    assert result[5] == {}
+    # scenario 5 (positives 0.4, 0.8): no AUC, NE or GAUC; log-loss, PCOC and ECE are defined
+    assert set(result[5]) == {"logloss", "pcoc", "ece"}
+    assert result[5]["logloss"].item() == pytest.approx(-(math.log(0.4) + math.log(0.8)) / 2, abs=1e-6)
+    assert result[5]["pcoc"].item() == pytest.approx((0.4 + 0.8) / 2, abs=1e-6)
+    assert result[5]["ece"].item() == pytest.approx((0.6 + 0.2) / 2, abs=1e-6)  # bins 4 and 8: |0.4-1|, |0.8-1|
+    # scenario 2 (0.3+, 0.3-, 0.1-): base rate 1/3, PCOC 0.7 / 1
+    entropy = -(math.log(1 / 3) / 3 + 2 * math.log(2 / 3) / 3)
+    logloss = -(math.log(0.3) + math.log(0.7) + math.log(0.9)) / 3
+    assert result[2]["ne"].item() == pytest.approx(logloss / entropy, abs=1e-6)
+    assert result[2]["pcoc"].item() == pytest.approx(0.7, abs=1e-6)
+    # bins: 0.1 -> bin 1 (|0.1 - 0|), 0.3 and 0.3 -> bin 3 (|0.6 - 1|): (0.1 + 0.4) / 3
+    assert result[2]["ece"].item() == pytest.approx(0.5 / 3, abs=1e-6)
 
 
 def test_scenario_auc_hand_count_across_batches():
@@ -52,7 +64,9 @@ def test_scenario_auc_hand_count_across_batches():
     check_hand_values(metric.compute())
     metric.reset()
     metric.update(scores, labels, scenarios)  # without groups: AUC only
-    assert {s: set(v) for s, v in metric.compute().items()} == {0: {"auc"}, 2: {"auc"}, 5: set()}
+    calibration = {"logloss", "ne", "pcoc", "ece"}
+    assert {s: set(v) for s, v in metric.compute().items()} == {
+        0: {"auc"} | calibration, 2: {"auc"} | calibration, 5: calibration - {"ne"}}
     with pytest.raises(ValueError, match="integer scenario ids"):
         metric.update(scores, labels, scenarios.float())
     with pytest.raises(ValueError, match=r"\(N,\) preds, target, scenarios"):
@@ -112,8 +126,10 @@ def test_multi_scenario_model_logs_auc_and_gauc_per_domain(quiet_trainer):
         gauc = group_auc(logits[rows], labels[rows], groups[rows]).item()
         assert logged[f"val/click/gauc/domain={d}"] == pytest.approx(gauc, abs=1e-5)
         assert 0.0 < auc < 1.0 and abs(auc - logged["val/click/auc"]) > 1e-4  # not the overall AUC
-    # domain 3 has one class: not logged, warned; the regression task has no per-domain metric
-    assert not [k for k in logged if "domain=3" in k or k.startswith("val/dwell/") and "domain=" in k]
+    # domain 3 has one class: no AUC, NE or GAUC, warned; the regression task has no per-domain metric
+    assert sorted(k for k in logged if "domain=3" in k) == [
+        "val/click/ece/domain=3", "val/click/logloss/domain=3", "val/click/pcoc/domain=3"]
+    assert not [k for k in logged if k.startswith("val/dwell/") and "domain=" in k]
     assert any("scenarios [3]" in str(w.message) and "val/click/auc/domain=3" in str(w.message) for w in caught)
 
     # an epoch whose split lacks domain 1 drops domain 1's values of the epoch before from callback_metrics
@@ -161,7 +177,7 @@ def test_any_model_logs_per_scenario_with_a_scenario_tensor_and_only_then(quiet_
     logits, labels, _, groups = by_domain(module, batches)
     scenario = torch.cat([b["scenario"] for b in tagged])[torch.cat([b["labels"]["click"] for b in batches]) != -1]
     assert sorted(k for k in logged if "domain=" in k) == [
-        "val/click/auc/domain=0", "val/click/auc/domain=1", "val/click/gauc/domain=0", "val/click/gauc/domain=1"]
+        f"val/click/{m}/domain={s}" for m in ("auc", "ece", "gauc", "logloss", "ne", "pcoc") for s in (0, 1)]
     for s in (0, 1):
         rows = scenario == s
         assert logged[f"val/click/auc/domain={s}"] == pytest.approx(
@@ -170,7 +186,8 @@ def test_any_model_logs_per_scenario_with_a_scenario_tensor_and_only_then(quiet_
     single = [{**b, "scenario": torch.zeros_like(b["features"]["user"])} for b in batches]
     one = quiet_trainer().validate(module, DataLoader(single, batch_size=None), verbose=False)[0]
     assert one["val/click/auc/domain=0"] == pytest.approx(one["val/click/auc"], abs=1e-6)
-    assert one["val/click/gauc/domain=0"] == pytest.approx(one["val/click/gauc"], abs=1e-6)
+    for m in ("gauc", "logloss", "ne", "pcoc", "ece"):
+        assert one[f"val/click/{m}/domain=0"] == pytest.approx(one[f"val/click/{m}"], abs=1e-6), m
     # test split too
     tested = quiet_trainer().test(module, DataLoader(tagged, batch_size=None), verbose=False)[0]
     assert tested["test/click/auc/domain=1"] == pytest.approx(logged["val/click/auc/domain=1"], abs=1e-6)

@@ -57,7 +57,7 @@ def test_fit_from_python_reports_the_best_checkpoint_and_final_metrics(tmp_path,
     assert best.endswith(".ckpt") and f"best checkpoint: {best}" in out
     lines = summary.text.splitlines()
     table = lines[lines.index("final validation metrics:") + 1:]
-    assert table[0].split() == ["task", "auc", "logloss"]
+    assert table[0].split() == ["task", "auc", "logloss", "ne", "pcoc", "ece"]
     assert float(table[1].split()[1]) == pytest.approx(float(trainer.callback_metrics["val/click/auc"]), abs=1e-4)
 
     logs = "\n".join(record.getMessage() for record in caplog.records)

@@ -1,14 +1,18 @@
 """Per-task metrics built on torchmetrics.
 
-Binary tasks: AUROC and log-loss; regression tasks: MSE and MAE. Every metric
-takes the model's raw output (logits for binary tasks), so log-loss is
-computed stably from logits. Rows whose label is ignored are filtered out
-before ``update``.
+Binary tasks: AUROC, log-loss, NE, PCOC and ECE (``metrics.calibration``, which
+also has the reliability table); regression tasks: MSE, MAE and XAUC
+(``metrics.regression``). Every metric takes the model's raw output (logits for
+binary tasks), so log-loss is computed stably from logits. Rows whose label is
+ignored are filtered out before ``update``; per-row sample weights weigh
+log-loss, NE, PCOC, ECE, MSE and MAE (never AUC, GAUC or XAUC).
 
 Undefined values are skipped, not reported as numbers: :func:`compute_task_metrics`
 leaves out every metric of a task that had no row with a valid label in the
 split (AUROC would crash, the means would be 0/0), and AUC of a binary task
-whose valid labels are all of one class (AUROC would return 0.0). The decision
+whose valid labels are all of one class (AUROC would return 0.0; NE divides
+by the base rate's entropy, 0 there; PCOC by the positives, when they are 0), and XAUC of a
+regression task whose valid labels are all equal. The decision
 is made on :class:`LabelCounts`, whose ``compute`` returns the counts summed over
 every rank (``dist_reduce_fx="sum"``), so under DDP every rank skips the same
 metrics and calls the same collectives.
@@ -19,9 +23,9 @@ per-group AUC: ``GAUC = sum_u n_u AUC_u / sum_u n_u`` over the groups
 (users) ``u`` that have both a positive and a negative row, with ``n_u`` the
 group's number of rows; groups with a single class are skipped.
 
-Per-scenario AUC and GAUC (``ScenarioAUC``, logged as
-``<stage>/<task>/auc/domain=<id>`` and ``<stage>/<task>/gauc/domain=<id>`` for
-binary tasks) are the same two metrics over the rows of one scenario (domain)
+Per-scenario AUC, GAUC, log-loss, NE, PCOC and ECE (``ScenarioAUC``, logged as
+``<stage>/<task>/auc/domain=<id>``, ``<stage>/<task>/pcoc/domain=<id>`` ... for
+binary tasks) are the same metrics over the rows of one scenario (domain)
 ``id``: the scenario ids come from a multi-scenario architecture's domain
 feature or from the data module's ``scenario=`` column.
 """
@@ -31,34 +35,17 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics import MeanAbsoluteError, MeanSquaredError, Metric, MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import BinaryAUROC
 from torchmetrics.wrappers import MultitaskWrapper
 
-from .tasks import Task
-
-
-class BinaryLogLoss(Metric):
-    """Mean binary cross-entropy computed from logits (exact for any logit, no clipping)."""
-
-    is_differentiable = False
-    higher_is_better = False
-    full_state_update = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, logits: Tensor, target: Tensor) -> None:
-        loss = F.binary_cross_entropy_with_logits(logits.double(), target.double(), reduction="sum")
-        self.total += loss
-        self.count += target.numel()
-
-    def compute(self) -> Tensor:
-        return (self.total / self.count.clamp(min=1)).float()
+from ..tasks import Task
+from .calibration import (
+    PCOC, BinaryLogLoss, ExpectedCalibrationError, NormalizedEntropy, calibration_values, reliability_figure,
+    reliability_table,
+)
+from .regression import XAUC, WeightedMeanError, xauc
 
 
 class LabelCounts(Metric):
@@ -178,30 +165,34 @@ class GroupAUC(Metric):
 
 
 class ScenarioAUC(Metric):
-    """AUC and group AUC of one binary task in every scenario (domain), over every row seen on every rank.
+    """AUC, group AUC and calibration of one binary task in every scenario (domain), over every row seen on every rank.
 
-    ``update(preds, target, scenarios, groups=None)`` takes logits, 0/1 labels,
-    integer scenario ids and, optionally, group (user) ids, all ``(N,)``. The
+    ``update(preds, target, scenarios, groups=None, weight=None)`` takes logits, 0/1 labels,
+    integer scenario ids and, optionally, group (user) ids and sample weights, all ``(N,)``. The
     rows are kept (gathered over the ranks before ``compute``, like
     :class:`GroupAUC`), so every rank computes the same numbers for the same
-    scenarios. ``compute()`` returns ``{scenario id: {"auc": v, "gauc": v}}``
-    for every scenario seen; ``auc`` is left out where the scenario's labels
-    are of one class, ``gauc`` where no group of the scenario has both classes
-    or where some batch came without groups.
+    scenarios. ``compute()`` returns ``{scenario id: {"auc": v, "gauc": v, "logloss": v, "ne": v, "pcoc": v,
+    "ece": v}}`` for every scenario seen; ``auc`` and ``ne`` are left out where the scenario's labels
+    are of one class, ``pcoc`` where it has no positive, ``gauc`` where no group of the scenario has both classes
+    or where some batch came without groups. The calibration values are ``metrics.calibration.calibration_values``
+    of the scenario's rows (``bins`` equal-width bins for ``ece``).
     """
 
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, bins: int = 10, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.bins = bins
         self.add_state("preds", default=[], dist_reduce_fx="cat")
         self.add_state("target", default=[], dist_reduce_fx="cat")
         self.add_state("scenarios", default=[], dist_reduce_fx="cat")
         self.add_state("groups", default=[], dist_reduce_fx="cat")
+        self.add_state("weights", default=[], dist_reduce_fx="cat")
 
-    def update(self, preds: Tensor, target: Tensor, scenarios: Tensor, groups: Tensor | None = None) -> None:
+    def update(self, preds: Tensor, target: Tensor, scenarios: Tensor, groups: Tensor | None = None,
+               weight: Tensor | None = None) -> None:
         if not (preds.shape == target.shape == scenarios.shape) or (groups is not None and groups.shape != preds.shape):
             raise ValueError(f"ScenarioAUC needs (N,) preds, target, scenarios (and groups), got {tuple(preds.shape)}, "
                              f"{tuple(target.shape)}, {tuple(scenarios.shape)}"
@@ -213,10 +204,12 @@ class ScenarioAUC(Metric):
         self.scenarios.append(scenarios.detach().long().flatten())
         # without groups an empty tensor, so the gathered groups are shorter than the rows and no GAUC is computed
         self.groups.append(scenarios.new_zeros(0, dtype=torch.long) if groups is None else groups.detach().long())
+        self.weights.append(torch.ones_like(self.preds[-1]) if weight is None else weight.detach().double().flatten())
 
     def compute(self) -> dict[int, dict[str, Tensor]]:
         cat = lambda x: torch.cat(x) if isinstance(x, list) else x  # noqa: E731  (a list before sync, a tensor after)
-        preds, target, scenarios, groups = (cat(x) for x in (self.preds, self.target, self.scenarios, self.groups))
+        preds, target, scenarios, groups, weights = (
+            cat(x) for x in (self.preds, self.target, self.scenarios, self.groups, self.weights))
         # AUC on float32 probabilities, exactly what ``auc`` ranks (BinaryAUROCFromLogits), so one scenario's AUC is
         # the split's; GAUC on the logits, as GroupAUC
         ids, _, auc, defined = per_group_auc(torch.sigmoid(preds.float()), target, scenarios)
@@ -224,17 +217,18 @@ class ScenarioAUC(Metric):
         out: dict[int, dict[str, Tensor]] = {}
         for scenario, value, ok in zip(ids.tolist(), auc, defined.tolist()):
             out[scenario] = {"auc": value.float()} if ok else {}
+            rows = scenarios == scenario
+            out[scenario].update(calibration_values(preds[rows], target[rows], weights[rows], self.bins))
             if with_groups:
-                rows = scenarios == scenario
                 gauc = group_auc(preds[rows], target[rows], groups[rows])
                 if not torch.isnan(gauc):
                     out[scenario]["gauc"] = gauc.float()
         return out
 
 
-def scenario_auc_metrics(tasks: Sequence[Task]) -> torch.nn.ModuleDict:
+def scenario_auc_metrics(tasks: Sequence[Task], bins: int = 10) -> torch.nn.ModuleDict:
     """One ``ScenarioAUC`` per binary task."""
-    return torch.nn.ModuleDict({t.name: ScenarioAUC() for t in tasks if t.kind == "binary"})
+    return torch.nn.ModuleDict({t.name: ScenarioAUC(bins) for t in tasks if t.kind == "binary"})
 
 
 def group_auc_metrics(tasks: Sequence[Task]) -> torch.nn.ModuleDict:
@@ -242,18 +236,22 @@ def group_auc_metrics(tasks: Sequence[Task]) -> torch.nn.ModuleDict:
     return torch.nn.ModuleDict({t.name: GroupAUC() for t in tasks if t.kind == "binary"})
 
 
-def task_metrics(tasks: Sequence[Task]) -> MultitaskWrapper:
-    """``MultitaskWrapper`` with ``auc``/``logloss`` (binary) or ``mse``/``mae`` (regression) per task.
+def task_metrics(tasks: Sequence[Task], bins: int = 10) -> MultitaskWrapper:
+    """``MultitaskWrapper`` with, per task, ``auc``/``logloss``/``ne``/``pcoc``/``ece`` (binary, ``ece`` over
+    ``bins`` equal-width bins) or ``mse``/``mae``/``xauc`` (regression).
 
     Each task's collection also holds a :class:`LabelCounts` under :data:`COUNTS`;
     compute with :func:`compute_task_metrics`, which skips undefined metrics.
+    ``update(preds, target, weight=w)`` passes per-row sample weights to the
+    metrics that take them (all but ``auc`` and ``xauc``).
     """
     collections = {}
     for task in tasks:
         if task.kind == "binary":
-            metrics = {"auc": BinaryAUROCFromLogits(validate_args=False), "logloss": BinaryLogLoss()}
+            metrics = {"auc": BinaryAUROCFromLogits(validate_args=False), "logloss": BinaryLogLoss(),
+                       "ne": NormalizedEntropy(), "pcoc": PCOC(), "ece": ExpectedCalibrationError(bins)}
         else:
-            metrics = {"mse": MeanSquaredError(), "mae": MeanAbsoluteError()}
+            metrics = {"mse": WeightedMeanError(2), "mae": WeightedMeanError(1), "xauc": XAUC()}
         metrics[COUNTS] = LabelCounts()
         collections[task.name] = MetricCollection(metrics, compute_groups=False)
     return MultitaskWrapper(collections)
@@ -287,14 +285,34 @@ def compute_task_metrics(
         if rows == 0:
             skipped[task.name] = Skipped(tuple(names), "has no row with a valid label", True)
         elif task.kind == "binary" and positives in (0, rows):
+            undefined = ("auc", "ne") if positives else ("auc", "ne", "pcoc")
             skipped[task.name] = Skipped(
-                ("auc",), f"has labels of one class only (all {rows} valid labels are {int(positives > 0)}), "
-                "so AUC is undefined", False)
+                undefined, f"has labels of one class only (all {rows} valid labels are {int(positives > 0)}), "
+                f"so {', '.join(m.upper() for m in undefined)} {'is' if len(undefined) == 1 else 'are'} undefined",
+                False)
         left_out = skipped[task.name].metrics if task.name in skipped else ()
         computed[task.name] = {name: collection[name].compute() for name in names if name not in left_out}
+        # values synced over the ranks, so every rank drops the same: XAUC of equal labels, NE/PCOC whose
+        # weighted base rate is 0 or 1 (sample weights 0 on every row of one class)
+        undefined = tuple(name for name in ("xauc", "ne", "pcoc") if name in computed[task.name]
+                          and torch.isnan(computed[task.name][name]))
+        if undefined and task.name not in skipped:
+            for name in undefined:
+                del computed[task.name][name]
+            reason = ("has one label value on every valid row, so XAUC is undefined" if task.kind == "regression"
+                      else "has sample weights 0 on every row of one class, so NE/PCOC are undefined")
+            skipped[task.name] = Skipped(undefined, reason, False)
     return computed, skipped
 
 
 def flatten_metrics(stage: str, computed: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
     """``{task: {metric: v}}`` -> ``{"<stage>/<task>/<metric>": v}``."""
     return {f"{stage}/{task}/{name}": value for task, values in computed.items() for name, value in values.items()}
+
+
+__all__ = [
+    "COUNTS", "LabelCounts", "Skipped", "BinaryAUROCFromLogits", "BinaryLogLoss", "NormalizedEntropy", "PCOC",
+    "ExpectedCalibrationError", "WeightedMeanError", "XAUC", "xauc", "reliability_table", "reliability_figure",
+    "calibration_values", "GroupAUC", "ScenarioAUC", "group_auc", "per_group_auc", "group_auc_metrics", "scenario_auc_metrics",
+    "task_metrics", "compute_task_metrics", "flatten_metrics",
+]
