@@ -191,6 +191,7 @@ class MultiTaskDataModule(L.LightningDataModule):
     def _not_features(self) -> set[str]:
         """Columns that are never inferred as features: labels, row id, keys, excluded and encoded columns, fills."""
         names = {t.label for t in self.tasks} | ({self.row_id} if self.row_id else set()) | self.exclude
+        names |= {t.sample_weight for t in self.tasks if t.sample_weight}
         names |= set(self.categorical) | set(self.keys) | set(self.labels)
         return names | {column for pair in self.implied_labels.items() for column in pair}
 
@@ -416,7 +417,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         """The checks and conversion of the split's tables."""
         return TableConverter(self.features, tasks, self.row_id, self._carried_keys(), self.encoders, self.normalizers,
                               implied_labels=self.implied_labels if split != "predict" else None,
-                              ignore_label=self.ignore_label, fillers=self.fillers)
+                              ignore_label=self.ignore_label, fillers=self.fillers, sample_weights=split != "predict")
 
     def read_store(self, split: str, progress: Any = None) -> ColumnStore:
         """Every row of ``split`` checked and converted into one ``ColumnStore`` (from ``read_tables``).

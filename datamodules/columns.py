@@ -174,6 +174,25 @@ def _label_array(column: pa.ChunkedArray, task: Task, path: Path, ignore_label: 
     return values
 
 
+def _weight_array(column: pa.ChunkedArray, task: Task, path: Path) -> np.ndarray:
+    """A task's per-row sample weights as float32: every value must be a finite number >= 0 (no null).
+
+    Anything else is refused with the file, the column, the number of bad rows
+    and an example: a negative weight would push the loss of its row up, a
+    non-finite one turn the loss into NaN, and a null has no meaning to guess.
+    """
+    where = f"{path}: sample weight column {task.sample_weight!r} of task {task.name!r}"
+    if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type) or pa.types.is_boolean(column.type)):
+        raise ValueError(f"{where} has type {column.type}; it must be numeric")
+    values = column.cast(pa.float64(), safe=False).fill_null(float("nan")).to_numpy(zero_copy_only=False)
+    bad = ~np.isfinite(values) | (values < 0)
+    count = int(np.count_nonzero(bad))
+    if count:
+        raise ValueError(f"{where} has {count} rows whose weight is negative, null or not finite (e.g. "
+                         f"{values[np.flatnonzero(bad)[0]]!r}); every sample weight must be a finite number >= 0")
+    return values.astype(np.float32)
+
+
 def key_array(column: pa.ChunkedArray, name: str, path: Path) -> np.ndarray:
     """A key column carried to prediction files: integers stay int64, floats become float64."""
     if pa.types.is_integer(column.type):

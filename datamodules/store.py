@@ -28,7 +28,8 @@ from mtl_lightning.features import DenseFeature, Feature, SequenceFeature, Spars
 from mtl_lightning.tasks import Task
 
 from .columns import (
-    _column, _dense_array, _key_dtype, _label_array, _sequence_array, _sparse_array, check_implied_labels, key_array,
+    _column, _dense_array, _key_dtype, _label_array, _sequence_array, _sparse_array, _weight_array, check_implied_labels,
+    key_array,
 )
 from .encoders import CategoricalEncoder, DenseNormalizer, MissingFiller, encode_table, fill_table
 from .files import ParquetReader, open_file
@@ -205,8 +206,10 @@ class TableConverter:
         implied_labels: Mapping[str, str] | None = None,
         ignore_label: float | None = -1,
         fillers: Mapping[str, MissingFiller] | None = None,
+        sample_weights: bool = True,
     ) -> None:
         self.features = list(features)
+        self.sample_weights = sample_weights  # read the tasks' sample weight columns (not in a predict split)
         self.fillers = dict(fillers or {})
         self._indicators = {f.indicator_name for f in self.fillers.values() if f.indicator}
         self.ignore_label = ignore_label
@@ -220,9 +223,14 @@ class TableConverter:
     @property
     def columns(self) -> list[str]:
         names = [f.name for f in self.features if f.name not in self._indicators]  # indicators come from their column
-        names += [t.label for t in self.tasks] + self.keys
+        names += [t.label for t in self.tasks] + self.keys + [t.sample_weight for t in self.weighted_tasks]
         names += [c for pair in self.implied_labels.items() for c in pair]
         return list(dict.fromkeys(names + ([self.row_id] if self.row_id else [])))
+
+    @property
+    def weighted_tasks(self) -> list[Task]:
+        """The tasks whose sample weights are read (``Task(sample_weight=...)``; none without ``sample_weights``)."""
+        return [t for t in self.tasks if t.sample_weight] if self.sample_weights else []
 
     def slots(self, schema: pa.Schema, path: Path) -> list[Slot]:
         """The store layout: features in spec order, labels, row id, then keys (dtype from ``schema``)."""
@@ -234,6 +242,7 @@ class TableConverter:
             else:
                 slots.append(Slot("features", f.name, "float32", () if f.dim == 1 else (f.dim,)))
         slots += [Slot("labels", t.name, "float32") for t in self.tasks]
+        slots += [Slot("weights", t.name, "float32") for t in self.weighted_tasks]
         slots.append(Slot("row_id", "row_id", "int64"))
         for k in self.keys:
             if k not in schema.names:
@@ -270,6 +279,9 @@ class TableConverter:
         for t in self.tasks:
             store.array("labels", t.name)[rows] = _label_array(_column(table, t.label, path, "label"), t, path,
                                                                  self.ignore_label)
+        for t in self.weighted_tasks:
+            store.array("weights", t.name)[rows] = _weight_array(_column(table, t.sample_weight, path, "sample weight"),
+                                                                 t, path)
         if self.row_id:
             column = _column(table, self.row_id, path, "row id")
             if not pa.types.is_integer(column.type):
@@ -326,7 +338,7 @@ def read_split(
                 raise ValueError(f"{path}: file is empty (0 rows)")
         convert = TableConverter(features, tasks, row_id, keys, encoders, normalizers,
                                  implied_labels if labels_required else None, ignore_label=ignore_label,
-                                 fillers=fillers)
+                                 fillers=fillers, sample_weights=labels_required)
         store = ColumnStore(convert.slots(schemas[0], files[0].path), sum(p.metadata.num_rows for p in parquets))
         at = 0
         for path, parquet, schema in zip(files, parquets, schemas):

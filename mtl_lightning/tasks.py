@@ -22,12 +22,18 @@ class Task:
     turn every parameter into NaN, so both raise ``ValueError`` naming the task;
     0 leaves the task out of the weighted loss (``MultiTaskLightningModule``
     refuses tasks whose weights are all 0).
+
+    ``sample_weight`` names a column of per-row weights (finite, >= 0; the data
+    module refuses anything else naming the file and column): the task's loss
+    is then the weighted mean of its rows' losses over its valid rows, and its
+    log-loss, NE, PCOC, ECE, MSE and MAE are weighted the same way.
     """
 
     name: str
     kind: str = "binary"
     label: str | None = None
     weight: float = 1.0
+    sample_weight: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -42,6 +48,8 @@ class Task:
                 f"Task {self.name!r}: weight must be a finite number >= 0, got {self.weight!r}; a negative weight "
                 "maximises the task's loss and a NaN or infinite one turns every parameter into NaN"
             )
+        if self.sample_weight is not None and (not isinstance(self.sample_weight, str) or not self.sample_weight):
+            raise ValueError(f"Task {self.name!r}: sample_weight must be a column name, got {self.sample_weight!r}")
         if self.label is None:
             object.__setattr__(self, "label", self.name)
 
