@@ -3,7 +3,9 @@
 Both exports compute the same thing as ``MultiTaskLightningModule.predict_step``:
 one output per task (and per extra output of the architecture, such as
 ESMM's ``cvr``), the probability (``sigmoid`` of the logit) for binary
-tasks and the value for regression tasks, in evaluation mode.
+tasks and the value for regression tasks, in evaluation mode. A module with
+a calibration attached (``mtl_lightning.calibration.calibrate``) exports its
+calibrated probabilities (isotonic maps as a lookup of their knots).
 
 * :func:`export_onnx` writes an ONNX graph whose inputs are the feature
   columns, named after the features in the architecture's feature order
@@ -153,7 +155,8 @@ def id_limits(features: tuple[Feature, ...]) -> dict[str, int]:
 
 class ServingModel(nn.Module):
     """The architecture plus the serving transforms: out-of-vocabulary ids -> 0 on the way in, and
-    probabilities for binary tasks, values for regression on the way out."""
+    probabilities for binary tasks (calibrated when the module has a calibration attached), values for
+    regression on the way out."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -164,6 +167,8 @@ class ServingModel(nn.Module):
         # every output of the architecture (tasks, then extra outputs such as ESMM's cvr), as predict_step
         self.binary = {name: kind == "binary" for name, kind in self.model.output_kinds().items()}
         self.id_limits = id_limits(self.model.features)
+        calibration = getattr(model, "calibration", None)  # a module's attached calibration (mtl_lightning.calibration)
+        self.calibration = None if calibration is None else copy.deepcopy(calibration).cpu()
 
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         features = dict(features)
@@ -171,7 +176,8 @@ class ServingModel(nn.Module):
             if name in features:  # a missing one is reported by the embedding layer
                 ids = features[name]
                 features[name] = torch.where((ids >= 0) & (ids < limit), ids, torch.zeros_like(ids))
-        return self.model.predictions(self.model(features))  # the outputs and transforms of predict_step
+        outputs = self.model.predictions(self.model(features))  # the outputs and transforms of predict_step
+        return outputs if self.calibration is None else self.calibration(outputs, features)
 
 
 class _PositionalServingModel(ServingModel):

@@ -65,6 +65,7 @@ from torch import Tensor, nn
 
 from .architectures.base import MultiTaskArchitecture
 from .batch import Batch
+from .calibration import Calibration, apply_calibration, evaluated_outputs, load_calibration, save_calibration
 from .checkpoint import CheckpointLoading
 from .config import build
 from .evaluation import SplitEvaluation, log_reliability_figures, task_labels
@@ -233,6 +234,7 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         self.training_checks = TrainingChecks(self.tasks, ignore_label)
         self._table_growth: TableGrowth | None = None  # a loaded checkpoint's grown tables, see on_load_checkpoint
         self._checkpoint_datamodule_states: dict[str, Mapping[str, Any]] = {}
+        self.calibration: Calibration | None = None  # attached by mtl_lightning.calibration.calibrate
 
     # ------------------------------------------------------------------ losses
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -336,13 +338,13 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
 
     # -------------------------------------------------------------- evaluation
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self.val_evaluation.update(self.model(batch["features"]), batch)
+        self.val_evaluation.update(evaluated_outputs(self, self.model(batch["features"]), batch["features"]), batch)
 
     def on_validation_epoch_end(self) -> None:
         self._log_evaluation(self.val_evaluation)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self.test_evaluation.update(self.model(batch["features"]), batch)
+        self.test_evaluation.update(evaluated_outputs(self, self.model(batch["features"]), batch["features"]), batch)
 
     def on_test_epoch_end(self) -> None:
         self._log_evaluation(self.test_evaluation)
@@ -363,9 +365,10 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
 
         The outputs are the architecture's ``output_names`` (its tasks, then its extra outputs such as ESMM's
         ``cvr``, or a DR imputation task the module does not train as a task), computed by
-        ``MultiTaskArchitecture.predictions``: the same outputs the ONNX and TorchScript exports return.
+        ``MultiTaskArchitecture.predictions``, then the attached calibration (``mtl_lightning.calibration``): the
+        same outputs the ONNX and TorchScript exports return.
         """
-        predictions = self.model.predictions(self.model(batch["features"]))
+        predictions = apply_calibration(self, self.model.predictions(self.model(batch["features"])), batch["features"])
         if "row_id" in batch:
             predictions["row_id"] = batch["row_id"]
         return predictions
@@ -396,10 +399,14 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         (``mtl_lightning.growth.hand_datamodule_state``).
         """
         self._checkpoint_datamodule_states = datamodule_states(checkpoint)
+        load_calibration(self, checkpoint)
         self._check_architecture(checkpoint)
         grown, self._table_growth = grow_checkpoint_tables(self, checkpoint, self._datamodule())
         self._grow_optimizer_states()
         check_vocabularies(self.model, checkpoint, grown)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        save_calibration(self, checkpoint)  # the attached calibration, as plain data
 
     def _check_architecture(self, checkpoint: Mapping[str, Any]) -> None:
         """``ValueError`` naming both classes when the checkpoint's model is another architecture whose weights
