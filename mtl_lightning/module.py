@@ -74,7 +74,7 @@ from .losses import CounterfactualCVR, masked_loss
 from .losses.counterfactual import check_counterfactual
 from .optim import build_optimizers, no_weight_decay, optimizer_class
 from .sparse_embeddings import check_sparse_strategy, embedding_tables, enable_sparse_embeddings
-from .tasks import Task, check_tasks
+from .tasks import Task, check_sampling_rates, check_tasks
 from .training_checks import TrainingChecks
 from .weighting import WeightingStrategy, create_weighting
 
@@ -195,6 +195,7 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
             raise ValueError(f"tasks {missing} are not outputs of {type(model).__name__} (outputs: {model.output_names})")
         if self.counterfactual is not None:
             check_counterfactual(self.counterfactual, self.tasks, self.model)
+        check_sampling_rates(self.tasks, model.tasks)
         optimizer_class(optimizer)
         if decay_embeddings and sparse_embeddings:
             raise ValueError("decay_embeddings=True cannot apply with sparse_embeddings=True: the tables' SparseAdam "

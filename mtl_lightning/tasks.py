@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Mapping, Sequence
+
+from torch import Tensor
 
 TASK_KINDS = ("binary", "regression")
 
@@ -27,6 +29,13 @@ class Task:
     module refuses anything else naming the file and column): the task's loss
     is then the weighted mean of its rows' losses over its valid rows, and its
     log-loss, NE, PCOC, ECE, MSE and MAE are weighted the same way.
+
+    ``negative_sampling_rate`` (binary tasks, in ``(0, 1]``): the training data
+    kept only this fraction of the task's negatives. The model then learns the
+    logit of the sampled data; predictions, validation/test metrics and the
+    exports use the corrected probability ``p / (p + (1 - p) / r)``, i.e. the
+    logit plus ``log r`` (:func:`corrected_logits`), so they hold for unsampled
+    data (give unsampled validation and test splits).
     """
 
     name: str
@@ -34,6 +43,7 @@ class Task:
     label: str | None = None
     weight: float = 1.0
     sample_weight: str | None = None
+    negative_sampling_rate: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -50,6 +60,12 @@ class Task:
             )
         if self.sample_weight is not None and (not isinstance(self.sample_weight, str) or not self.sample_weight):
             raise ValueError(f"Task {self.name!r}: sample_weight must be a column name, got {self.sample_weight!r}")
+        rate = self.negative_sampling_rate
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 < rate <= 1:
+            raise ValueError(f"Task {self.name!r}: negative_sampling_rate must be a number in (0, 1] (the share of "
+                             f"negatives kept), got {rate!r}")
+        if rate != 1 and self.kind != "binary":
+            raise ValueError(f"Task {self.name!r}: negative_sampling_rate applies to binary tasks, not {self.kind}")
         if self.label is None:
             object.__setattr__(self, "label", self.name)
 
@@ -59,6 +75,27 @@ class Task:
     @classmethod
     def from_config(cls, config: dict[str, Any] | Task) -> Task:
         return config if isinstance(config, Task) else cls(**config)
+
+
+def corrected_logits(tasks: Sequence[Task], outputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``outputs`` with ``log r`` added to the logit of every task of ``tasks`` whose ``negative_sampling_rate``
+    ``r`` is below 1: ``sigmoid(z + log r) = p / (p + (1 - p) / r)``, the probability on unsampled data."""
+    out = dict(outputs)
+    for task in tasks:
+        if task.negative_sampling_rate != 1 and task.name in out:
+            out[task.name] = out[task.name] + math.log(task.negative_sampling_rate)
+    return out
+
+
+def check_sampling_rates(tasks: Sequence[Task], model_tasks: Sequence[Task]) -> None:
+    """``ValueError`` when a task's ``negative_sampling_rate`` differs from the architecture's task of that name:
+    predictions and exports correct with the architecture's tasks, so the rate belongs there."""
+    rates = {t.name: t.negative_sampling_rate for t in model_tasks}
+    for task in tasks:
+        if task.name in rates and rates[task.name] != task.negative_sampling_rate:
+            raise ValueError(f"task {task.name!r} has negative_sampling_rate={task.negative_sampling_rate} but the "
+                             f"architecture's task has {rates[task.name]}; give the same Task to both (the "
+                             "architecture's predictions and exports apply the rate)")
 
 
 def check_tasks(tasks: Any) -> tuple[Task, ...]:

@@ -29,7 +29,7 @@ from ..config import Configurable
 from ..features import Feature, feature_from_config
 from ..layers import MLP, FeatureEmbedding, check_feature_names, domain_ids, feature_slices, resolve_domain
 from ..registry import ARCHITECTURES
-from ..tasks import Task, check_tasks
+from ..tasks import Task, check_tasks, corrected_logits
 
 
 @ARCHITECTURES.base_class
@@ -115,8 +115,10 @@ class MultiTaskArchitecture(Configurable, nn.Module, metaclass=ABCMeta):
         order, as float32 probabilities (binary: the sigmoid of the logit) or values (regression).
 
         ``MultiTaskLightningModule.predict_step`` and the ONNX / TorchScript exports both call this, so they
-        always return the same outputs.
+        always return the same outputs. A task with ``negative_sampling_rate=r < 1`` gives the corrected
+        probability ``sigmoid(logit + log r)`` (``tasks.corrected_logits``).
         """
+        outputs = corrected_logits(self.tasks, outputs)
         return {name: torch.sigmoid(outputs[name].float()) if kind == "binary" else outputs[name].float()
                 for name, kind in self.output_kinds().items()}
 

@@ -56,6 +56,8 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
+from ..tasks import corrected_logits
+
 METHODS = ("isotonic", "platt")
 PROBABILITY_EPS = 1e-7  # p is clipped to [eps, 1 - eps] before Platt's logit
 LABEL_EPS = 1e-6  # isotonic knot values are clipped to [eps, 1 - eps]
@@ -230,13 +232,14 @@ def apply_calibration(module: nn.Module, predictions: dict[str, Tensor], feature
 
 
 def evaluated_outputs(module: nn.Module, outputs: dict[str, Tensor], features: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The outputs the evaluation reads: the model's, with each calibrated task's logit replaced by the logit of
-    its calibrated probability (float64, clipped to ``[1e-12, 1 - 1e-12]``)."""
+    """The outputs the evaluation reads: the model's, corrected for negative sampling (``Task(negative_sampling_rate=
+    ...)``, ``tasks.corrected_logits``), each calibrated task's logit replaced by the logit of its calibrated
+    probability (float64, clipped to ``[1e-12, 1 - 1e-12]``)."""
+    out = corrected_logits(module.model.tasks, outputs)
     calibration = getattr(module, "calibration", None)
     if calibration is None:
-        return outputs
+        return out
     calibrated = calibration(module.model.predictions(outputs), features)
-    out = dict(outputs)
     for name in calibration.tasks:
         out[name] = torch.logit(calibrated[name].double(), eps=1e-12)
     return out
