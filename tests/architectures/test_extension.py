@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import textwrap
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import pytest
 import yaml
@@ -25,7 +25,7 @@ from mtl_lightning import registry
 from mtl_lightning.architectures import MultiTaskArchitecture
 from mtl_lightning.architectures.base import parameters_of, squeeze_logit
 from mtl_lightning.features import Feature
-from mtl_lightning.layers import MLP, FeatureEmbedding
+from mtl_lightning.layers import MLP
 from mtl_lightning.tasks import Task
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -88,9 +88,10 @@ def test_a_new_file_in_a_package_is_discovered(tmp_path, monkeypatch, private_re
 class PerTaskLinear(MultiTaskArchitecture):
     """A throwaway architecture (not registered at import): shared ReLU layer, then one linear tower per task."""
 
-    def __init__(self, features: Sequence[Feature | dict], tasks: Sequence[Task | dict], hidden: int = 16) -> None:
-        super().__init__(features, tasks)
-        self.embedding = FeatureEmbedding(self.features)
+    def __init__(self, features: Sequence[Feature | dict], tasks: Sequence[Task | dict], hidden: int = 16,
+                 interaction: str | Mapping[str, Any] | None = None) -> None:
+        super().__init__(features, tasks, interaction)
+        self.embedding = self.input_layer()  # sequence encoders and the interaction come with it
         self.bottom = MLP(self.embedding.output_dim, (hidden,))
         self.towers = self._towers(hidden, ())
 
@@ -113,8 +114,9 @@ def throwaway(private_registry) -> str:
 
 def test_a_throwaway_architecture_meets_the_parametrised_suites(throwaway, tmp_path):
     assert throwaway in registry.names() and registry.get(throwaway) is PerTaskLinear
-    architecture_suite.test_every_architecture_forward_and_backward(throwaway)
-    architecture_suite.test_every_architecture_rebuilds_from_its_config(throwaway)
+    for inputs in architecture_suite.INPUTS:
+        architecture_suite.test_every_architecture_forward_and_backward(throwaway, inputs)
+        architecture_suite.test_every_architecture_rebuilds_from_its_config(throwaway, inputs)
     export_suite.test_onnx_and_torchscript_match_pytorch(throwaway, tmp_path)
 
 
