@@ -18,6 +18,12 @@ calibrated probabilities (isotonic maps as a lookup of their knots).
   It is a frozen copy: its parameters do not require gradients, so its
   outputs are plain tensors (``out["click"].numpy()`` works).
 
+Sequence encoders (``pooling="din"``, ``"attention"``, ``"transformer"``,
+groups of aligned sequences) and interactions (``interaction="dcn_v2"`` ...)
+are modules of the input layer and export with it; padding is masked inside
+the graph. A sequence input is ``(batch, max_len)``, right-padded with 0, as
+the data module pads and truncates it (its first ``max_len`` ids).
+
 Out-of-vocabulary ids. Training refuses an id outside ``[0, vocab_size)`` (the
 data module and the embedding layer check it), but a serving system sees ids
 that training never did: new users and items, or ids from another encoding.
@@ -43,7 +49,9 @@ nulls, NaN) with the data module's own converter, so served outputs equal
 ``trainer.predict``'s. ``export_torchscript`` also writes
 ``model.preprocessing.pt``, the same transform as a TorchScript module
 (:class:`ScriptedPreprocessing`): vocabularies, integer hashing, fills and
-normalisation; a column hashed from strings (pandas' SipHash, which TorchScript
+normalisation, raw list columns (ragged lists, padded and truncated to
+``max_len`` as in training, encoded by their vocabulary or by the one they
+share with ``vocabulary_of``); a column hashed from strings (pandas' SipHash, which TorchScript
 does not have) is refused there with a message pointing to the Python
 ``Preprocessor``.
 
