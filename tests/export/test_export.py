@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 
 import numpy as np
 import onnx
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from datamodules.synthetic import synthetic_features, synthetic_tasks
-from mtl_lightning import MultiTaskLightningModule, SparseFeature, Task, registry
+from mtl_lightning import MultiTaskLightningModule, SequenceFeature, SparseFeature, Task, registry
 from mtl_lightning.export import ServingModel, example_features, export_onnx, export_torchscript, id_limits, main
 from mtl_lightning.layers import FeatureEmbedding
 from tests.architectures.test_architectures import arguments as model_arguments
@@ -112,6 +113,33 @@ def test_exports_with_a_din_group_and_with_an_interaction(name, inputs, tmp_path
     # the sequences of the group are aligned: their padding is at the same positions
     if inputs == "din_group":
         torch.testing.assert_close(batch["history"] > 0, batch["history_cat"] > 0)
+
+
+ENCODERS = {
+    "attention": dict(pooling="attention", pooling_options={"attention_dim": 6}),
+    "transformer": dict(pooling="transformer", pooling_options={"num_heads": 2}),
+    "transformer_flatten": dict(pooling="transformer", pooling_options={"num_heads": 2, "output": "flatten"}),
+    "din_dice_softmax": dict(pooling="din", pooling_options={"attention_hidden": (8,), "activation": "dice",
+                                                             "normalization": "softmax"}),
+}
+
+
+@pytest.mark.parametrize("variant", [*ENCODERS, "senet", "masknet"])
+def test_every_sequence_encoder_and_interaction_exports(variant, tmp_path):
+    """MMoE with each other encoder (in the same group of two aligned histories) and each other interaction."""
+    kwargs = model_arguments("mmoe", "din_group" if variant in ENCODERS else "plain")
+    if variant in ENCODERS:
+        kwargs["features"] = [dataclasses.replace(f, **ENCODERS[variant]) if isinstance(f, SequenceFeature) else f
+                              for f in kwargs["features"]]
+    else:
+        kwargs["interaction"] = variant
+    torch.manual_seed(0)
+    model = _spread(registry.create("mmoe", **kwargs))
+    for module in model.modules():  # Dice's running statistics, as after training, not at their initial 0 / 1
+        if hasattr(module, "running_var"):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 2.0)
+    _check_exports(model, tmp_path)
 
 
 def test_onnx_batch_dimension_is_dynamic_and_module_exports(tmp_path, synthetic_paths):
