@@ -41,7 +41,8 @@ from mtl_lightning.features import Feature, feature_from_config
 from mtl_lightning.tasks import Task, check_tasks
 
 from .batches import EpochDataLoader, EpochIterable, ParquetBatches
-from .files import check_unique
+from .feature_specs import apply_feature_overrides, check_feature_overrides
+from .id_columns import carried_keys, check_id_columns, id_columns, move_id_columns
 from .partitions import PartitionRecord, fit_is_ending, partition_keys
 from .paths import DataFile
 from .preprocessing import Preprocessing, preprocessing_part
@@ -105,6 +106,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         fill_missing: Mapping[str, float | str] | None = None,
         missing_indicator: bool | Sequence[str] = False,
         progress: bool = True,
+        feature_overrides: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         self.paths = {split: splits.get(split) for split in SPLITS}
@@ -114,6 +116,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.features: list[Feature] | None = (
             [feature_from_config(f) for f in features] if features is not None else None
         )
+        self._given = frozenset(f.name for f in self.features or ())  # the user's own specs
+        self.feature_overrides = check_feature_overrides(feature_overrides)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if read_rows < 1:
@@ -217,17 +221,20 @@ class MultiTaskDataModule(L.LightningDataModule):
         if self.features is None:
             self.features = self.infer()
             rank_zero_info(f"{type(self).__name__} inferred features: " + ", ".join(
-                f"{f.name} ({type(f).__name__}" + (f", vocab_size={f.vocab_size})" if hasattr(f, "vocab_size") else ")")
+                f"{f.name} ({type(f).__name__}" + (", encoded)" if f.name in self.categorical else
+                                                   f", vocab_size={f.vocab_size})" if hasattr(f, "vocab_size") else ")")
                 for f in self.features))
         if self.preprocessing.active:
             has_train = self.paths["train"] is not None
             self.features, grew = self.preprocessing.prepare(
                 self.features,
                 (lambda columns: self.read_tables("train", columns, max(self.read_rows, 65_536))) if has_train else None,
-                lambda: self._progress_bar("train", "fitting vocabularies/statistics on the"),
+                lambda: self._progress_bar("train", "fitting vocabularies/statistics on the"), given=self._given,
             )
             if grew:
                 self._forget_reads()
+        if self.feature_overrides and self.preprocessing.fitted():
+            self.features = apply_feature_overrides(self.features, self.feature_overrides, self.categorical)
         return self.features
 
     def _forget_reads(self) -> None:
@@ -373,38 +380,19 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.load_state_dict(loaded[key])
         self.partitions.enforce()  # continuing from a checkpoint: the train split is to be trained next
 
-    # --------------------------------------------------- group / scenario
+    # --------------------------------------------------- group / scenario (datamodules.id_columns)
     def _id_columns(self) -> dict[str, str]:
-        """``{batch slot: column}`` of the group and scenario columns that are given."""
-        return {slot: column for slot, column in (("group", self.group), ("scenario", self.scenario)) if column}
+        return id_columns(self.group, self.scenario)
 
     def _carried_keys(self) -> list[str]:
-        """``keys`` plus the group and scenario columns (read like keys, moved to ``batch["group"]`` and
-        ``batch["scenario"]`` by ``on_before_batch_transfer``)."""
-        extra = [c for c in dict.fromkeys(self._id_columns().values()) if c not in self.keys]
-        return self.keys + extra
+        """``keys`` plus the group and scenario columns (moved to their slots by ``on_before_batch_transfer``)."""
+        return carried_keys(self.keys, self._id_columns())
 
     def _check_id_columns(self, path: Any, schema: pa.Schema) -> None:
-        for slot, column in self._id_columns().items():
-            if column not in schema.names:
-                raise ValueError(f"{path}: missing {slot} column {column!r} (columns: {schema.names})")
-            check_unique(schema, [column], path)
-            if not pa.types.is_integer(schema.field(column).type):
-                what = "user ids" if slot == "group" else "scenario ids; encode the scenarios as integers first"
-                raise ValueError(f"{path}: {slot} column {column!r} has type {schema.field(column).type}; "
-                                 f"it must hold integer ids ({what})")
+        check_id_columns(path, schema, self._id_columns())
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        columns = self._id_columns()
-        if columns and isinstance(batch, dict) and "keys" in batch:
-            keys = batch["keys"]
-            for slot, column in columns.items():
-                batch[slot] = keys[column]
-            for column in set(columns.values()) - set(self.keys):  # carried for the slots only
-                keys.pop(column)
-            if not keys:
-                del batch["keys"]
-        return batch
+        return move_id_columns(batch, self._id_columns(), self.keys)
 
     # ------------------------------------------------------------ reading
     def _split_tasks(self, split: str, names: Sequence[Sequence[str]]) -> list[Task]:

@@ -39,9 +39,12 @@ def _check_ids(values: pa.Array | pa.ChunkedArray, vocab_size: int, path: Path, 
 
 def _sparse_array(column: pa.ChunkedArray, feature: SparseFeature, path: Path) -> np.ndarray:
     if not pa.types.is_integer(column.type):
+        hint = (f"; a column of lists is a SequenceFeature: give SequenceFeature({feature.name!r}, vocab_size, max_len) "
+                "in features=" if pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
+                or pa.types.is_fixed_size_list(column.type) else "")
         raise ValueError(
             f"{path}: column {feature.name!r} is a SparseFeature but has type {column.type}; "
-            "it must hold integer ids (encode raw categories first)"
+            f"it must hold integer ids (encode raw categories first){hint}"
         )
     if column.null_count:
         raise ValueError(f"{path}: column {feature.name!r} has {column.null_count} null ids")

@@ -30,8 +30,26 @@ newcomer), whose embedding row the model then starts afresh. ``grow`` returns,
 for each id of the grown vocabulary, the id the same value had before, or -1
 for a new value: what the model needs to resize its tables.
 
+List columns. A raw ``list<string>`` or ``list<int>`` column (a behaviour
+history) is encoded value by value: every value of every list gets the id its
+vocabulary (or hash) gives, in place, so ``["b", "zz", "a"]`` becomes ``[2, 0,
+1]`` (an unseen or null value becomes id 0, which a ``SequenceFeature`` reads
+as padding); a null list stays null (the data module refuses it: give an empty
+list). Fitting counts every value of every list.
+
+Shared vocabularies. ``{"vocabulary_of": "item_id"}`` makes a column use
+another categorical column's encoder (``SharedVocabulary``): ``hist_item``'s
+ids are then ``item_id``'s ids, so its ``SequenceFeature`` can read
+``item_id``'s embedding table (``shared_with="item_id"``). The vocabulary is
+fitted on the union of both columns' training values: a value counts once per
+occurrence, as a candidate or inside any history, and ``min_freq`` /
+``max_size`` apply to that sum (an item clicked often but rarely shown as a
+candidate still gets its own id and row). It grows and evicts as one
+vocabulary, counting both columns, so the two columns never disagree on an id.
+
 Every encoder's ``state_dict()`` is plain Python data; the data module puts it
-in its own ``state_dict`` so that checkpoints carry it.
+in its own ``state_dict`` so that checkpoints carry it (a shared one holds only
+``{"kind": "shared", "vocabulary_of": column}``).
 
 The rest of the preprocessing lives beside this module: ``datamodules.dense``
 (``DenseNormalizer``, ``MissingFiller``) and ``datamodules.fitting`` (the
@@ -41,7 +59,7 @@ here, where they used to live.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -57,11 +75,47 @@ from .fitting import FIT_READ_ROWS, fit_preprocessing, grow_vocabularies, iter_c
 _MERGE_EVERY = 16
 
 
+def is_list_type(dtype: pa.DataType) -> bool:
+    """Whether ``dtype`` is a list type (``list``, ``large_list`` or ``fixed_size_list``)."""
+    return pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype)
+
+
+def _one_array(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(column, pa.ChunkedArray):
+        if column.num_chunks == 0:
+            return pa.array([], column.type)
+        return column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    return column
+
+
+def _lists(column: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, pa.Array, pa.Array]:
+    """A list column as ``(values, offsets from 0, null mask)``: ``values`` every value of every list, in order."""
+    column = _one_array(column)
+    if pa.types.is_fixed_size_list(column.type):
+        column = column.cast(pa.list_(column.type.value_type))
+    offsets = column.offsets
+    first, last = offsets[0].as_py(), offsets[-1].as_py()
+    values = column.values.slice(first, last - first)
+    return values, pc.subtract(offsets, pa.scalar(first, offsets.type)), column.is_null()
+
+
+def map_list_values(column: pa.Array | pa.ChunkedArray, function: Callable[[pa.Array], pa.Array]) -> pa.Array:
+    """A list column with ``function`` applied to the values of all its lists at once (one array in, one array of
+    the same length out): the same lists, null lists kept null. A ``fixed_size_list`` comes back as a ``list``."""
+    column = _one_array(column)
+    flat, offsets, nulls = _lists(column)
+    values = function(flat)
+    if pa.types.is_large_list(column.type):
+        return pa.LargeListArray.from_arrays(offsets, values, mask=nulls)
+    return pa.ListArray.from_arrays(offsets, values, mask=nulls)
+
+
 def _plain_array(column: pa.Array | pa.ChunkedArray, name: str, where: str) -> pa.Array:
     """A column as one ``int64`` or ``string`` array (dictionary-encoded columns are decoded; whole-number floats,
-    integer ids written as floats, become ``int64``, NaN null)."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    integer ids written as floats, become ``int64``, NaN null); a list column gives the values of its lists."""
+    column = _one_array(column)
+    if is_list_type(column.type):
+        column = _lists(column)[0]
     if pa.types.is_dictionary(column.type):
         column = column.dictionary_decode()
     ctype = column.type
@@ -78,7 +132,8 @@ def _plain_array(column: pa.Array | pa.ChunkedArray, name: str, where: str) -> p
     if pa.types.is_string(ctype) or pa.types.is_large_string(ctype):
         return column.cast(pa.string())
     raise TypeError(
-        f"{where}: categorical column {name!r} has type {ctype}; a raw categorical must hold strings or integers"
+        f"{where}: categorical column {name!r} has type {ctype}; a raw categorical must hold strings or integers "
+        "(or lists of them)"
     )
 
 
@@ -86,6 +141,8 @@ class CategoricalEncoder:
     """Maps one raw categorical column to ids in ``[0, num_ids)``; id 0 is out-of-vocabulary / null."""
 
     kind = ""
+    #: whether the encoder learns its mapping from the train split (a vocabulary, which can also grow)
+    learns = False
 
     def __init__(self, column: str) -> None:
         self.column = column
@@ -98,14 +155,26 @@ class CategoricalEncoder:
     def num_ids(self) -> int:
         raise TypeError(f"{type(self).__name__} must define num_ids")
 
-    def partial_fit(self, values: pa.Array, where: str) -> None:
-        """Account for one chunk of training values (encoders that learn nothing ignore it)."""
+    def partial_fit(self, values: pa.Array, where: str, column: str | None = None) -> None:
+        """Account for one chunk of training values (encoders that learn nothing ignore it).
+
+        ``column`` names the column the values come from in messages (default: the encoder's own).
+        """
 
     def finish_fit(self) -> None:
         """Turn what ``partial_fit`` gathered into the mapping."""
 
-    def transform(self, values: pa.Array | pa.ChunkedArray, where: str) -> np.ndarray:
+    def transform(self, values: pa.Array | pa.ChunkedArray, where: str, column: str | None = None) -> np.ndarray:
+        """The int64 ids of ``values`` (a list column: of every value of its lists, in order)."""
         raise TypeError(f"{type(self).__name__} must define transform")
+
+    def encode(self, values: pa.Array | pa.ChunkedArray, where: str, column: str | None = None) -> pa.Array:
+        """``values`` as an int64 array of ids; a list column as a ``list<int64>`` of the same shape (see the
+        module docstring)."""
+        values = _one_array(values)
+        if not is_list_type(values.type):
+            return pa.array(self.transform(values, where, column), pa.int64())
+        return map_list_values(values, lambda flat: pa.array(self.transform(flat, where, column), pa.int64()))
 
     def state_dict(self) -> dict[str, Any]:
         raise TypeError(f"{type(self).__name__} must define state_dict")
@@ -118,6 +187,7 @@ class VocabularyEncoder(CategoricalEncoder):
     """Ids ``1..n`` for values seen ``>= min_freq`` times in training (at most ``max_size``), ``0`` otherwise."""
 
     kind = "vocabulary"
+    learns = True
 
     def __init__(self, column: str, min_freq: int = 1, max_size: int | None = None) -> None:
         super().__init__(column)
@@ -141,12 +211,15 @@ class VocabularyEncoder(CategoricalEncoder):
             raise ValueError(f"the vocabulary of column {self.column!r} is not fitted yet")
         return len(self.values) + 1
 
-    def partial_fit(self, values: pa.Array, where: str) -> None:
-        values = _plain_array(values, self.column, where)
+    def partial_fit(self, values: pa.Array, where: str, column: str | None = None) -> None:
+        column = column or self.column
+        values = _plain_array(values, column, where)
         if self._counts and self._counts[0].schema.field("value").type != values.type:
+            shared = f" (it shares the vocabulary of {self.column!r})" if column != self.column else ""
             raise ValueError(
-                f"{where}: categorical column {self.column!r} holds {values.type} values, but the training files "
-                f"read before it hold {self._counts[0].schema.field('value').type}; give it one type in every file"
+                f"{where}: categorical column {column!r}{shared} holds {values.type} values, but the training "
+                f"files read before it hold {self._counts[0].schema.field('value').type}; give it one type in every "
+                "file (and the same type as every column sharing its vocabulary)"
             )
         counted = pc.value_counts(values.drop_null())
         self._counts.append(pa.table({"value": counted.field("values"), "count": counted.field("counts")}))
@@ -218,13 +291,15 @@ class VocabularyEncoder(CategoricalEncoder):
         self.counts = np.concatenate([counts, new_counts])[ids]
         return np.concatenate([[0], np.where(ids < old, ids + 1, -1)]).astype(np.int64)
 
-    def transform(self, values: pa.Array | pa.ChunkedArray, where: str) -> np.ndarray:
+    def transform(self, values: pa.Array | pa.ChunkedArray, where: str, column: str | None = None) -> np.ndarray:
         if self.values is None:
             raise ValueError(f"the vocabulary of column {self.column!r} is not fitted yet")
-        values = _plain_array(values, self.column, where)
+        column = column or self.column
+        values = _plain_array(values, column, where)
         if values.type != self.values.type:
+            shared = f" (it shares the vocabulary of {self.column!r})" if column != self.column else ""
             raise TypeError(
-                f"{where}: categorical column {self.column!r} holds {values.type} but its vocabulary was fitted "
+                f"{where}: categorical column {column!r}{shared} holds {values.type} but its vocabulary was fitted "
                 f"on {self.values.type} values"
             )
         position = pc.index_in(values, value_set=self.values)
@@ -262,8 +337,8 @@ class HashingEncoder(CategoricalEncoder):
     def num_ids(self) -> int:
         return self.num_buckets
 
-    def transform(self, values: pa.Array | pa.ChunkedArray, where: str) -> np.ndarray:
-        values = _plain_array(values, self.column, where)
+    def transform(self, values: pa.Array | pa.ChunkedArray, where: str, column: str | None = None) -> np.ndarray:
+        values = _plain_array(values, column or self.column, where)
         valid = values.is_valid().to_numpy(zero_copy_only=False)
         if pa.types.is_integer(values.type):
             raw = values.fill_null(0).to_numpy()
@@ -280,13 +355,90 @@ class HashingEncoder(CategoricalEncoder):
         self.num_buckets = int(state["num_buckets"])
 
 
+class SharedVocabulary(CategoricalEncoder):
+    """A column encoded with another categorical column's encoder (``{"vocabulary_of": owner}``); see the module
+    docstring. Fitting forwards this column's values to the owner (the vocabulary of the union), so both columns
+    always map a value to the same id. Bound to the owner's encoder by :func:`link_shared_vocabularies`."""
+
+    kind = "shared"
+
+    def __init__(self, column: str, vocabulary_of: str) -> None:
+        super().__init__(column)
+        if not isinstance(vocabulary_of, str) or not vocabulary_of:
+            raise ValueError(f"categorical column {column!r}: vocabulary_of must name another categorical column, "
+                             f"got {vocabulary_of!r}")
+        if vocabulary_of == column:
+            raise ValueError(f"categorical column {column!r}: vocabulary_of names the column itself; name the "
+                             "categorical column whose vocabulary it shares")
+        self.vocabulary_of = vocabulary_of
+        self.owner: CategoricalEncoder | None = None
+
+    def _owner(self) -> CategoricalEncoder:
+        if self.owner is None:
+            raise ValueError(f"categorical column {self.column!r}: its vocabulary ({self.vocabulary_of!r}) is not "
+                             "linked (link_shared_vocabularies)")
+        return self.owner
+
+    @property
+    def learns(self) -> bool:  # type: ignore[override]
+        return self._owner().learns
+
+    @property
+    def fitted(self) -> bool:
+        return self._owner().fitted
+
+    @property
+    def num_ids(self) -> int:
+        return self._owner().num_ids
+
+    def partial_fit(self, values: pa.Array, where: str, column: str | None = None) -> None:
+        self._owner().partial_fit(values, where, column or self.column)
+
+    def transform(self, values: pa.Array | pa.ChunkedArray, where: str, column: str | None = None) -> np.ndarray:
+        return self._owner().transform(values, where, column or self.column)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "vocabulary_of": self.vocabulary_of}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.vocabulary_of = str(state["vocabulary_of"])
+        self.owner = None
+
+
+def link_shared_vocabularies(encoders: Mapping[str, CategoricalEncoder]) -> dict[str, CategoricalEncoder]:
+    """Bind every ``SharedVocabulary`` of ``encoders`` to its owner's encoder (checked); returns ``encoders``.
+
+    The owner must be another encoder of ``encoders`` that does not itself share one.
+    """
+    encoders = dict(encoders)
+    for name, encoder in encoders.items():
+        if not isinstance(encoder, SharedVocabulary):
+            continue
+        owner = encoders.get(encoder.vocabulary_of)
+        if owner is None:
+            raise ValueError(f"categorical column {name!r}: vocabulary_of={encoder.vocabulary_of!r} is not a "
+                             f"categorical column; the categorical columns are {sorted(encoders)}")
+        if isinstance(owner, SharedVocabulary):
+            raise ValueError(f"categorical column {name!r}: vocabulary_of={encoder.vocabulary_of!r}, which itself "
+                             f"shares the vocabulary of {owner.vocabulary_of!r}; name {owner.vocabulary_of!r} instead")
+        encoder.owner = owner
+    return encoders
+
+
 def make_encoder(column: str, spec: Mapping[str, Any] | None) -> CategoricalEncoder:
-    """An encoder from a user spec: ``{"num_buckets": n}`` hashes, otherwise ``{"min_freq", "max_size"}`` builds a vocabulary.
+    """An encoder from a user spec: ``{"num_buckets": n}`` hashes, ``{"vocabulary_of": column}`` shares another
+    column's encoder, otherwise ``{"min_freq", "max_size"}`` builds a vocabulary.
 
     ``embedding_dim`` may appear in the spec too (it is read by the data module).
     """
     spec = dict(spec or {})
     spec.pop("embedding_dim", None)
+    if "vocabulary_of" in spec:
+        extra = set(spec) - {"vocabulary_of"}
+        if extra:
+            raise ValueError(f"categorical column {column!r}: vocabulary_of={spec['vocabulary_of']!r} shares that "
+                             f"column's encoder, whose spec holds the options; got also {sorted(extra)}")
+        return SharedVocabulary(column, spec["vocabulary_of"])
     if "num_buckets" in spec:
         extra = set(spec) - {"num_buckets"}
         if extra:
@@ -295,22 +447,31 @@ def make_encoder(column: str, spec: Mapping[str, Any] | None) -> CategoricalEnco
     extra = set(spec) - {"min_freq", "max_size"}
     if extra:
         raise ValueError(
-            f"categorical column {column!r}: unknown options {sorted(extra)}; use min_freq/max_size (vocabulary) "
-            "or num_buckets (hashing), and embedding_dim"
+            f"categorical column {column!r}: unknown options {sorted(extra)}; use min_freq/max_size (vocabulary), "
+            "num_buckets (hashing) or vocabulary_of (another column's encoder), and embedding_dim"
         )
     return VocabularyEncoder(column, **spec)
 
 
 def encoder_from_state(column: str, state: Mapping[str, Any]) -> CategoricalEncoder:
+    """An encoder from its ``state_dict()``; a ``SharedVocabulary`` still to be linked (:func:`encoders_from_state`)."""
+    if state["kind"] == "shared":
+        return SharedVocabulary(column, state["vocabulary_of"])
     encoder = HashingEncoder(column, state["num_buckets"]) if state["kind"] == "hashing" else VocabularyEncoder(column)
     encoder.load_state_dict(state)
     return encoder
 
 
+def encoders_from_state(states: Mapping[str, Mapping[str, Any]]) -> dict[str, CategoricalEncoder]:
+    """``{column: encoder}`` from ``{column: state_dict()}``, shared vocabularies linked to their owners."""
+    return link_shared_vocabularies({name: encoder_from_state(name, state) for name, state in states.items()})
+
+
 def encode_table(table: pa.Table, encoders: Mapping[str, CategoricalEncoder], where: Any) -> pa.Table:
-    """``table`` with every encoded column replaced by its int64 ids (columns absent from ``table`` are skipped)."""
+    """``table`` with every encoded column replaced by its int64 ids (a list column by ``list<int64>``; columns
+    absent from ``table`` are skipped)."""
     for name, encoder in encoders.items():
         if name in table.column_names:
-            ids = encoder.transform(table.column(name), str(where))
-            table = table.set_column(table.column_names.index(name), name, pa.array(ids, pa.int64()))
+            ids = encoder.encode(table.column(name), str(where), name)
+            table = table.set_column(table.column_names.index(name), name, ids)
     return table

@@ -26,8 +26,9 @@ Chunks = Iterable[tuple[Any, pa.Table]]  # (where: a path or a name for error me
 
 
 def _learns(encoder: Any) -> bool:
-    """Whether a categorical encoder learns a mapping from data (a vocabulary: it can ``grow``); hashing does not."""
-    return callable(getattr(encoder, "grow", None))
+    """Whether a categorical encoder learns a mapping from data (a vocabulary, or a column sharing one); hashing
+    does not."""
+    return bool(getattr(encoder, "learns", callable(getattr(encoder, "grow", None))))
 
 
 def iter_chunks(files: Iterable[DataFile | Path], columns: Sequence[str], read_rows: int = FIT_READ_ROWS) -> Chunks:
@@ -122,13 +123,15 @@ def vocabulary_columns(encoders: Mapping[str, Any]) -> list[str]:
 def grow_chunks(chunks: Chunks, encoders: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Grow every fitted vocabulary on ``chunks`` (tables holding ``vocabulary_columns``; ``VocabularyEncoder.grow``).
 
-    Returns ``{column: sources}`` (see ``grow``) for every vocabulary.
+    A column sharing a vocabulary (``vocabulary_of``) adds its values to its
+    owner's counts and grows with it. Returns ``{column: sources}`` (see
+    ``grow``) for every vocabulary that grew itself (not for the columns sharing one).
     """
     growing = {name: encoders[name] for name in vocabulary_columns(encoders)}
     for where, table in chunks:
         for name, encoder in growing.items():
             encoder.partial_fit(table.column(name), str(where))
-    return {name: encoder.grow() for name, encoder in growing.items()}
+    return {name: encoder.grow() for name, encoder in growing.items() if callable(getattr(encoder, "grow", None))}
 
 
 def grow_vocabularies(

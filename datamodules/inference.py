@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -63,6 +63,7 @@ def infer_features(
     stat_files: Sequence[Path] | None = None,
     max_vocab: int = 1 << 24,
     ignore_label: float | None = -1,
+    encoded: Collection[str] = (),
 ) -> list[Feature]:
     """Feature specs from the schema of ``files[0]`` and a statistics pass over ``stat_files``.
 
@@ -70,6 +71,10 @@ def infer_features(
     ``DenseFeature``, list<int> columns ``SequenceFeature`` (vocab = max id + 1,
     max_len = longest list), fixed-size float lists ``DenseFeature(dim=size)``.
     Columns in ``exclude`` (labels, row id) are skipped; any other type is an error.
+    A raw categorical column (``encoded``) that holds lists (of strings or
+    integers) becomes ``SequenceFeature(name, vocab_size=2, max_len=longest
+    list)`` in its place, the vocabulary size to be set by its encoder once
+    fitted; a scalar one is skipped (its encoder makes its ``SparseFeature``).
 
     Guards: an id column whose table would exceed ``max_vocab`` rows, or whose
     max id is more than ``SPARSE_IDS_RATIO`` times its number of distinct ids
@@ -84,9 +89,14 @@ def infer_features(
     stat_files = list(stat_files or files)
     for field in schema:
         name, ftype = field.name, field.type
-        if name in exclude:
-            continue
         is_list = pa.types.is_list(ftype) or pa.types.is_large_list(ftype) or pa.types.is_fixed_size_list(ftype)
+        if name in encoded and is_list:
+            longest = max((pc.max(pc.list_value_length(read_column(path, name, like=(files[0], ftype)))).as_py() or 0
+                           for path in stat_files), default=0)
+            features.append(SequenceFeature(name, vocab_size=2, max_len=max(longest, 1), embedding_dim=embedding_dim))
+            continue
+        if name in exclude or name in encoded:
+            continue
         if pa.types.is_integer(ftype) or (is_list and pa.types.is_integer(ftype.value_type)):
             high, longest, distinct = 0, 0, 0
             for path in stat_files:

@@ -77,7 +77,14 @@ class ParquetDataModule(MultiTaskDataModule):
             (hashing); ``"embedding_dim"`` may be added to either. Fitted on the
             train split; each column becomes a ``SparseFeature`` whose
             ``vocab_size`` is the encoder's number of ids (a ``SparseFeature``
-            given in ``features`` for the column keeps its other fields).
+            given in ``features`` for the column keeps its other fields). A
+            column of lists (a behaviour history of raw item ids) is encoded
+            value by value into a ``SequenceFeature`` (``max_len``: the longest
+            list, when inferred). ``{column: {"vocabulary_of": "item_id"}}``
+            encodes a column with ``item_id``'s encoder, fitted on the union
+            of both columns' values, so the ids agree and, unless the
+            column's spec is given in ``features``, it reads ``item_id``'s
+            table (``shared_with``); see ``datamodules.encoders``.
         normalize: ``True`` standardises every dense feature, a list of names
             only those, with mean and standard deviation from the train split.
         fill_missing: ``{column: value}`` for dense features (one value per
@@ -140,6 +147,10 @@ class ParquetDataModule(MultiTaskDataModule):
         allow_retraining: train on partitions the checkpoint has already
             trained on (with a warning) instead of refusing; see
             ``datamodules.partitions``.
+        feature_overrides: ``{feature: {field: value}}``: fields of inferred
+            (or given) specs to change, e.g. ``{"hist_item": {"pooling":
+            "din", "query": "item_id", "group": "hist"}}``; an unknown feature
+            or field is refused naming the key (``datamodules.feature_specs``).
         continue_from: a checkpoint (path or URI) whose data module state is
             loaded before the features are prepared, as ``load_checkpoint_state``
             does; the way to continue from yesterday's checkpoint from a config
@@ -200,6 +211,7 @@ class ParquetDataModule(MultiTaskDataModule):
         fill_missing: Mapping[str, float | str] | None = None,
         missing_indicator: bool | Sequence[str] = False,
         progress: bool = True,
+        feature_overrides: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__(
             {"train": train, "val": val, "test": test, "predict": predict}, tasks=tasks, features=features,
@@ -209,6 +221,7 @@ class ParquetDataModule(MultiTaskDataModule):
             scenario=scenario, implied_labels=implied_labels, ignore_label=ignore_label, labels=labels,
             grow_vocabulary=grow_vocabulary, allow_retraining=allow_retraining, continue_from=continue_from,
             fill_missing=fill_missing, missing_indicator=missing_indicator, progress=progress,
+            feature_overrides=feature_overrides,
         )
         self.storage_options = dict(storage_options or {})
         self.filesystem = filesystem
@@ -264,7 +277,8 @@ class ParquetDataModule(MultiTaskDataModule):
         first = next(p for s in SPLITS for p in self.files(s))
         exclude = self._not_features()
         inferred = infer_features([first], exclude | set(self.fillers), self.embedding_dim, stat_files=all_files,
-                                  max_vocab=self.max_inferred_vocab, ignore_label=self.ignore_label)
+                                  max_vocab=self.max_inferred_vocab, ignore_label=self.ignore_label,
+                                  encoded=set(self.categorical))
         # a column to fill is a dense feature, whatever its numeric type (an integer age with nulls is not an id)
         return inferred + [DenseFeature(name) for name in self.fillers if name not in exclude]
 

@@ -26,11 +26,13 @@ import numpy as np
 import pyarrow as pa
 from lightning.pytorch.utilities import rank_zero_info
 
-from mtl_lightning.features import DenseFeature, Feature, SparseFeature, feature_from_config, feature_to_config
+from mtl_lightning.features import (DenseFeature, Feature, SequenceFeature, SparseFeature, feature_from_config,
+                                   feature_to_config)
 
 from .columns import _dense_array
 from .dense import DenseNormalizer, MissingFiller, filler_from_state, make_fillers
-from .encoders import CategoricalEncoder, VocabularyEncoder, encoder_from_state, make_encoder
+from .encoders import (CategoricalEncoder, SharedVocabulary, VocabularyEncoder, encoders_from_state,
+                       link_shared_vocabularies, make_encoder)
 from .fitting import columns_to_fit, fit_chunks, grow_chunks, vocabulary_columns
 
 Chunks = Iterable[tuple[Any, pa.Table]]
@@ -64,9 +66,8 @@ class Preprocessing:
         elif isinstance(categorical, str) or not isinstance(categorical, Mapping):
             categorical = {column: {} for column in ([categorical] if isinstance(categorical, str) else categorical)}
         self.categorical = {column: dict(spec or {}) for column, spec in categorical.items()}
-        self.encoders: dict[str, CategoricalEncoder] = {
-            column: make_encoder(column, spec) for column, spec in self.categorical.items()
-        }
+        self.encoders: dict[str, CategoricalEncoder] = link_shared_vocabularies(
+            {column: make_encoder(column, spec) for column, spec in self.categorical.items()})
         if not isinstance(normalize, bool) and (isinstance(normalize, str) or not isinstance(normalize, Sequence)):
             raise TypeError(f"normalize must be True/False or a list of dense column names, got {normalize!r}")
         self.normalize = normalize if isinstance(normalize, bool) else list(normalize)
@@ -139,6 +140,7 @@ class Preprocessing:
         features: Sequence[Feature],
         train_chunks: Callable[[list[str]], Chunks] | None,
         progress: Callable[[], Any] | None = None,
+        given: frozenset[str] | set[str] = frozenset(),
     ) -> tuple[list[Feature], bool]:
         """Fit what is unfitted and grow restored vocabularies on the train split; ``(features, grew)``.
 
@@ -146,9 +148,13 @@ class Preprocessing:
         columns (``None``: no train split, nothing is fitted); ``progress()``
         makes a progress bar with ``update(rows)`` and ``close()`` (or ``None``).
         The features come back with the missing indicators added and every
-        encoded column a ``SparseFeature`` whose ``vocab_size`` is its
-        encoder's number of ids. ``grew`` is ``True`` when vocabularies grew
-        (splits read before must be read again).
+        encoded column a ``SparseFeature`` (a list column: the
+        ``SequenceFeature`` given or inferred for it) whose ``vocab_size`` is
+        its encoder's number of ids; a column that shares another's vocabulary
+        (``vocabulary_of``) and whose spec was not given (``given``: the names
+        of the user's own specs) also reads its table: ``shared_with`` the
+        owner, with the owner's ``embedding_dim``. ``grew`` is ``True`` when
+        vocabularies grew (splits read before must be read again).
         """
         features = self._with_fillers(list(features))
         self._make_normalizers(features)
@@ -174,29 +180,47 @@ class Preprocessing:
             self.grown_from, self.grow_from = self.grow_from, None
             grew = True
         if all(e.fitted for e in self.encoders.values()):
-            features = self._resolve_categorical(features)
+            features = self._resolve_categorical(features, given)
         return features, grew
 
-    def _resolve_categorical(self, features: Sequence[Feature]) -> list[Feature]:
+    def _resolve_categorical(self, features: Sequence[Feature], given: frozenset[str] | set[str] = frozenset()
+                             ) -> list[Feature]:
         by_name = {f.name: f for f in features}
-        for name, encoder in self.encoders.items():
+        # the owners of shared vocabularies first: a column sharing one takes its owner's embedding_dim
+        order = sorted(self.encoders, key=lambda name: isinstance(self.encoders[name], SharedVocabulary))
+        for name in order:
+            encoder = self.encoders[name]
             spec = self.categorical.get(name, {})
-            given = by_name.get(name)
-            if given is not None and not isinstance(given, SparseFeature):
+            current = by_name.get(name)
+            if current is not None and not isinstance(current, (SparseFeature, SequenceFeature)):
                 raise ValueError(
-                    f"categorical column {name!r} is given as a {type(given).__name__}; it must be a SparseFeature"
+                    f"categorical column {name!r} is given as a {type(current).__name__}; it must be a SparseFeature "
+                    "(a SequenceFeature for a list column)"
                 )
-            if given is None:
-                by_name[name] = SparseFeature(name, encoder.num_ids, int(spec.get("embedding_dim", self.embedding_dim)))
-            elif given.vocab_size != encoder.num_ids:
-                by_name[name] = dataclasses.replace(given, vocab_size=encoder.num_ids)
+            if current is None:
+                current = SparseFeature(name, encoder.num_ids, int(spec.get("embedding_dim", self.embedding_dim)))
+            elif current.vocab_size != encoder.num_ids:
+                current = dataclasses.replace(current, vocab_size=encoder.num_ids)
+            if isinstance(encoder, SharedVocabulary) and name not in given:
+                owner = by_name.get(encoder.vocabulary_of)
+                if isinstance(owner, (SparseFeature, SequenceFeature)) and not owner.shared_with:
+                    dim = int(spec.get("embedding_dim", owner.embedding_dim))
+                    if dim != owner.embedding_dim:
+                        raise ValueError(
+                            f"categorical column {name!r}: embedding_dim {dim} differs from that of "
+                            f"{encoder.vocabulary_of!r} ({owner.embedding_dim}), whose vocabulary and table it shares; "
+                            "leave it out, or give the column's own spec in features= to keep a table of its own")
+                    current = dataclasses.replace(current, shared_with=owner.name, embedding_dim=dim)
+            by_name[name] = current
         return list(by_name.values())
 
     def describe(self) -> None:
         """Log the fitted vocabularies (sizes), normalisation statistics and fill values at INFO on rank 0."""
         parts = []
         for name, encoder in self.encoders.items():
-            if isinstance(encoder, VocabularyEncoder):
+            if isinstance(encoder, SharedVocabulary):
+                parts.append(f"{name} (the vocabulary of {encoder.vocabulary_of})")
+            elif isinstance(encoder, VocabularyEncoder):
                 parts.append(f"{name} (vocabulary of {encoder.num_ids - 1:,} values + id 0 for unseen/null)")
             else:
                 parts.append(f"{name} (hashing into {encoder.num_ids:,} ids)")
@@ -232,7 +256,7 @@ class Preprocessing:
     def load_state_dict(self, state: Mapping[str, Any]) -> list[Feature]:
         """Adopt a state's encoders, statistics and fills; returns its feature specs. Pending growth is dropped."""
         features = [feature_from_config(dict(f)) for f in state["features"]]
-        self.encoders = {name: encoder_from_state(name, s) for name, s in state["encoders"].items()}
+        self.encoders = encoders_from_state(state["encoders"])
         self.normalizers = {}
         for name, s in state["normalization"].items():
             self.normalizers[name] = DenseNormalizer(name, int(s["dim"]))

@@ -18,6 +18,12 @@ calibrated probabilities (isotonic maps as a lookup of their knots).
   It is a frozen copy: its parameters do not require gradients, so its
   outputs are plain tensors (``out["click"].numpy()`` works).
 
+Sequence encoders (``pooling="din"``, ``"attention"``, ``"transformer"``,
+groups of aligned sequences) and interactions (``interaction="dcn_v2"`` ...)
+are modules of the input layer and export with it; padding is masked inside
+the graph. A sequence input is ``(batch, max_len)``, right-padded with 0, as
+the data module pads and truncates it (its first ``max_len`` ids).
+
 Out-of-vocabulary ids. Training refuses an id outside ``[0, vocab_size)`` (the
 data module and the embedding layer check it), but a serving system sees ids
 that training never did: new users and items, or ids from another encoding.
@@ -43,7 +49,9 @@ nulls, NaN) with the data module's own converter, so served outputs equal
 ``trainer.predict``'s. ``export_torchscript`` also writes
 ``model.preprocessing.pt``, the same transform as a TorchScript module
 (:class:`ScriptedPreprocessing`): vocabularies, integer hashing, fills and
-normalisation; a column hashed from strings (pandas' SipHash, which TorchScript
+normalisation, raw list columns (ragged lists, padded and truncated to
+``max_len`` as in training, encoded by their vocabulary or by the one they
+share with ``vocabulary_of``); a column hashed from strings (pandas' SipHash, which TorchScript
 does not have) is refused there with a message pointing to the Python
 ``Preprocessor``.
 
@@ -126,18 +134,34 @@ def _architecture(model: nn.Module) -> MultiTaskArchitecture:
 
 
 def example_features(features: tuple[Feature, ...], batch_size: int = 4, seed: int = 0) -> dict[str, Tensor]:
-    """A random, valid feature batch for the given specs (ids in range, sequences with padding)."""
+    """A random, valid feature batch for the given specs.
+
+    Ids lie in range (below the feature's ``vocab_size`` and, with
+    ``shared_with``, its table's: :func:`id_limits`); sequences are
+    right-padded with id 0 to random lengths (0 to ``max_len``), and the
+    sequences of one ``group`` (aligned positions of the same clicks) share
+    their lengths. A query names another feature of the batch, so it is valid too.
+    """
     generator = torch.Generator().manual_seed(seed)
+    limits = id_limits(features)
+    group_lengths: dict[str, Tensor] = {}
     batch: dict[str, Tensor] = {}
     for f in features:
         if isinstance(f, SparseFeature):
-            batch[f.name] = torch.randint(0, f.vocab_size, (batch_size,), generator=generator)
+            batch[f.name] = torch.randint(0, limits[f.name], (batch_size,), generator=generator)
         elif isinstance(f, DenseFeature):
             shape = (batch_size,) if f.dim == 1 else (batch_size, f.dim)
             batch[f.name] = torch.randn(shape, generator=generator)
         elif isinstance(f, SequenceFeature):
-            ids = torch.randint(1, f.vocab_size, (batch_size, f.max_len), generator=generator)
-            lengths = torch.randint(0, f.max_len + 1, (batch_size, 1), generator=generator)
+            if limits[f.name] < 2:  # a table of one row: padding only
+                batch[f.name] = torch.zeros(batch_size, f.max_len, dtype=torch.long)
+                continue
+            ids = torch.randint(1, limits[f.name], (batch_size, f.max_len), generator=generator)
+            lengths = group_lengths.get(f.group) if f.group is not None else None
+            if lengths is None:
+                lengths = torch.randint(0, f.max_len + 1, (batch_size, 1), generator=generator)
+                if f.group is not None:
+                    group_lengths[f.group] = lengths
             batch[f.name] = torch.where(torch.arange(f.max_len) < lengths, ids, 0)
     return batch
 
@@ -262,38 +286,83 @@ def _unsigned_mod(x: Tensor, m: int) -> Tensor:
     return (_logical_shift(x, 1) % m * 2 + (x & 1)) % m
 
 
+def _pad_rows(rows: List[List[int]], max_len: int) -> Tensor:
+    """Ragged integer lists -> ``(B, max_len)`` int64: each list's first ``max_len`` values, right-padded with 0."""
+    flat = torch.jit.annotate(List[int], [])
+    for row in rows:
+        kept = row[:max_len]
+        flat.extend(kept)
+        flat.extend([0] * (max_len - len(kept)))
+    return torch.tensor(flat, dtype=torch.long).view(len(rows), max_len)
+
+
+def _fit_length(ids: Tensor, max_len: int) -> Tensor:
+    """A padded ``(B, L)`` id tensor as ``(B, max_len)``: its first ``max_len`` columns, right-padded with 0."""
+    ids = ids.long()[:, :max_len]
+    if ids.shape[1] < max_len:
+        ids = torch.cat([ids, torch.zeros(ids.shape[0], max_len - ids.shape[1], dtype=torch.long)], dim=1)
+    return ids
+
+
 class ScriptedPreprocessing(nn.Module):
     """Raw columns -> the model's inputs, as a TorchScript module (what ``datamodules.serving.Preprocessor`` does).
 
-    ``forward(strings: Dict[str, List[Optional[str]]], numbers: Dict[str, Tensor]) -> Dict[str, Tensor]``:
-    ``strings`` holds the raw string columns of the vocabulary-encoded features
-    (``None`` = null), ``numbers`` every other column: integer categorical
-    columns (``(B,)`` int64, encoded by their vocabulary), integer ids given as
-    they are (``(B,)``), dense columns (``(B,)`` or ``(B, dim)``, NaN = missing
-    where ``fill_missing`` filled it in training) and sequences, already padded
-    (``(B, max_len)`` int64). Vocabularies, hashing of integer columns (pandas'
-    ``hash_array`` mixing, bit for bit), fills, indicators and normalisation are
-    applied as in training; unknown values and ids get id 0. A hashed column
-    given as strings raises: string hashing is SipHash, which TorchScript does
-    not have (use ``datamodules.serving.Preprocessor``).
+    ``forward(strings, numbers, int_lists=None, string_lists=None) -> Dict[str, Tensor]``:
+
+    * ``strings: Dict[str, List[Optional[str]]]``: the raw string columns of
+      the vocabulary-encoded sparse features (``None`` = null);
+    * ``numbers: Dict[str, Tensor]``: integer categorical columns (``(B,)``
+      int64, encoded by their vocabulary), integer ids given as they are
+      (``(B,)``), dense columns (``(B,)`` or ``(B, dim)``, NaN = missing where
+      ``fill_missing`` filled it in training) and sequences of ids given as a
+      padded ``(B, L)`` int64 tensor (0 = padding, any ``L``);
+    * ``int_lists: Dict[str, List[List[int]]]``: sequences as ragged lists,
+      either of ids (any sequence) or of raw integer values (a list column
+      encoded by a vocabulary or hashing, its own or, with ``vocabulary_of``,
+      another column's);
+    * ``string_lists: Dict[str, List[List[Optional[str]]]]``: raw string
+      lists of the vocabulary-encoded sequence features.
+
+    Every sequence comes out ``(B, max_len)`` as in training: its first
+    ``max_len`` values, right-padded with 0. Vocabularies (shared ones
+    included), hashing of integer columns (pandas' ``hash_array`` mixing, bit
+    for bit), fills, indicators and normalisation are applied as in training;
+    unknown values and ids get id 0 (inside a sequence: padding). A hashed
+    column given as strings raises: string hashing is SipHash, which
+    TorchScript does not have (use ``datamodules.serving.Preprocessor``).
     """
 
     def __init__(self, preprocessing: Mapping[str, Any]) -> None:
         super().__init__()
         features = [feature_from_config(dict(f)) for f in preprocessing["features"]]
         encoders = dict(preprocessing.get("encoders", {}))
+        # a column sharing another column's vocabulary ("shared") is encoded with that column's state
+        vocabulary_of = {n: str(e["vocabulary_of"]) if e["kind"] == "shared" else n for n, e in encoders.items()}
+        resolved = {n: encoders[vocabulary_of[n]] for n in encoders}
         fills = dict(preprocessing.get("fill_missing", {}))
         indicator_of = {n + "_missing": n for n, f in fills.items() if f["indicator"]}
         normalization = dict(preprocessing.get("normalization", {}))
+        sequences = {f.name: int(f.max_len) for f in features if isinstance(f, SequenceFeature)}
         attribute = torch.jit.Attribute  # typed attributes: TorchScript cannot infer the type of an empty dict
-        buckets = {n: int(e["num_buckets"]) for n, e in encoders.items() if e["kind"] == "hashing"}
-        self.buckets = attribute(buckets, Dict[str, int])
-        encoders = {n: e for n, e in encoders.items() if e["kind"] == "vocabulary"}
-        self.string_vocab = attribute({n: {v: i + 1 for i, v in enumerate(e["values"])}
-                                       for n, e in encoders.items() if e["value_type"] == "string"},
-                                      Dict[str, Dict[str, int]])
-        self.int_vocab = attribute({n: {int(v): i + 1 for i, v in enumerate(e["values"])}
-                                    for n, e in encoders.items() if e["value_type"] != "string"}, Dict[str, Dict[int, int]])
+        hashed = {n: int(e["num_buckets"]) for n, e in resolved.items() if e["kind"] == "hashing"}
+        self.buckets = attribute({n: b for n, b in hashed.items() if n not in sequences}, Dict[str, int])
+        self.list_buckets = attribute({n: b for n, b in hashed.items() if n in sequences}, Dict[str, int])
+        vocabularies = {n: e for n, e in resolved.items() if e["kind"] == "vocabulary"}
+        owners = {vocabulary_of[n] for n in vocabularies}
+        self.string_vocab = attribute({o: {v: i + 1 for i, v in enumerate(encoders[o]["values"])} for o in owners
+                                       if encoders[o]["value_type"] == "string"}, Dict[str, Dict[str, int]])
+        self.int_vocab = attribute({o: {int(v): i + 1 for i, v in enumerate(encoders[o]["values"])} for o in owners
+                                    if encoders[o]["value_type"] != "string"}, Dict[str, Dict[int, int]])
+
+        def columns(string: bool, lists: bool) -> Dict[str, str]:  # encoded column -> its vocabulary's key
+            return {n: vocabulary_of[n] for n, e in vocabularies.items()
+                    if (e["value_type"] == "string") == string and (n in sequences) == lists}
+
+        self.string_columns = attribute(columns(True, False), Dict[str, str])
+        self.int_columns = attribute(columns(False, False), Dict[str, str])
+        self.string_list_columns = attribute(columns(True, True), Dict[str, str])
+        self.int_list_columns = attribute(columns(False, True), Dict[str, str])
+        self.max_len = attribute(sequences, Dict[str, int])
         self.fill_value = attribute({n: float(f["value"]) for n, f in fills.items()}, Dict[str, float])
         self.indicator_of = attribute(indicator_of, Dict[str, str])
         self.mean = attribute({n: torch.tensor(z["mean"], dtype=torch.float32) for n, z in normalization.items()},
@@ -303,13 +372,15 @@ class ScriptedPreprocessing(nn.Module):
         self.dense = attribute([f.name for f in features if isinstance(f, DenseFeature) and f.name not in indicator_of],
                                List[str])
         self.id_limit = attribute({f.name: int(f.vocab_size) for f in features
-                                   if isinstance(f, SparseFeature) and f.name not in encoders
-                                   and f.name not in buckets}, Dict[str, int])
-        self.passed = attribute([f.name for f in features if isinstance(f, SequenceFeature)], List[str])
+                                   if isinstance(f, SparseFeature) and f.name not in encoders}, Dict[str, int])
+        self.passed = attribute([n for n in sequences if n not in encoders], List[str])
 
-    def forward(self, strings: Dict[str, List[Optional[str]]], numbers: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    def forward(self, strings: Dict[str, List[Optional[str]]], numbers: Dict[str, Tensor],
+                int_lists: Optional[Dict[str, List[List[int]]]] = None,
+                string_lists: Optional[Dict[str, List[List[Optional[str]]]]] = None) -> Dict[str, Tensor]:
         out: Dict[str, Tensor] = {}
-        for name, vocab in self.string_vocab.items():
+        for name, key in self.string_columns.items():
+            vocab = self.string_vocab[key]
             ids: List[int] = []
             for value in strings[name]:
                 if value is None:
@@ -317,17 +388,55 @@ class ScriptedPreprocessing(nn.Module):
                 else:
                     ids.append(vocab.get(value, 0))
             out[name] = torch.tensor(ids, dtype=torch.long)
-        for name, ivocab in self.int_vocab.items():
+        for name, key in self.int_columns.items():
+            ivocab = self.int_vocab[key]
             raw: List[int] = numbers[name].tolist()
             ids = torch.jit.annotate(List[int], [])
             for value in raw:
                 ids.append(ivocab.get(value, 0))
             out[name] = torch.tensor(ids, dtype=torch.long)
+        for name, key in self.string_list_columns.items():
+            if string_lists is None or name not in string_lists:
+                raise ValueError("sequence " + name + " holds raw strings: give it in string_lists")
+            vocab = self.string_vocab[key]
+            rows = string_lists[name]
+            length = self.max_len[name]
+            ids = torch.jit.annotate(List[int], [])
+            for row in rows:
+                for value in row[:length]:
+                    if value is None:
+                        ids.append(0)
+                    else:
+                        ids.append(vocab.get(value, 0))
+                ids.extend([0] * (length - len(row[:length])))
+            out[name] = torch.tensor(ids, dtype=torch.long).view(len(rows), length)
+        for name, key in self.int_list_columns.items():
+            if int_lists is None or name not in int_lists:
+                raise ValueError("sequence " + name + " holds raw integer values: give it in int_lists")
+            ivocab = self.int_vocab[key]
+            rows = int_lists[name]
+            length = self.max_len[name]
+            ids = torch.jit.annotate(List[int], [])
+            for row in rows:
+                for value in row[:length]:
+                    ids.append(ivocab.get(value, 0))
+                ids.extend([0] * (length - len(row[:length])))
+            out[name] = torch.tensor(ids, dtype=torch.long).view(len(rows), length)
         for name, buckets in self.buckets.items():
             if name in strings:
                 raise ValueError("column " + name + " is hashed from strings (SipHash), which TorchScript cannot do; "
                                  "use datamodules.serving.Preprocessor")
             out[name] = 1 + _unsigned_mod(_pandas_int_hash(numbers[name].long()), buckets - 1)
+        for name, buckets in self.list_buckets.items():
+            if int_lists is None or name not in int_lists:
+                raise ValueError("sequence " + name + " is hashed from integers: give it in int_lists (a sequence "
+                                 "hashed from strings needs datamodules.serving.Preprocessor: SipHash)")
+            rows = int_lists[name]
+            length = self.max_len[name]
+            values = _pad_rows(rows, length)
+            lengths = torch.tensor([len(row) for row in rows], dtype=torch.long).view(-1, 1)
+            hashed = 1 + _unsigned_mod(_pandas_int_hash(values), buckets - 1)
+            out[name] = torch.where(torch.arange(length).view(1, -1) < lengths, hashed, torch.zeros_like(hashed))
         for name, limit in self.id_limit.items():
             given = numbers[name].long()
             out[name] = torch.where((given >= 0) & (given < limit), given, torch.zeros_like(given))
@@ -344,7 +453,12 @@ class ScriptedPreprocessing(nn.Module):
                 values = (values - self.mean[name]) / self.std[name]
             out[name] = values
         for name in self.passed:
-            out[name] = numbers[name].long()
+            if name in numbers:
+                out[name] = _fit_length(numbers[name], self.max_len[name])
+            elif int_lists is not None and name in int_lists:
+                out[name] = _pad_rows(int_lists[name], self.max_len[name])
+            else:
+                raise ValueError("sequence " + name + " is missing: give it padded in numbers or ragged in int_lists")
         return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 
 import numpy as np
 import onnx
@@ -10,16 +11,18 @@ import pytest
 import torch
 
 from datamodules.synthetic import synthetic_features, synthetic_tasks
-from mtl_lightning import MultiTaskLightningModule, SparseFeature, Task, registry
+from mtl_lightning import MultiTaskLightningModule, SequenceFeature, SparseFeature, Task, registry
 from mtl_lightning.export import ServingModel, example_features, export_onnx, export_torchscript, id_limits, main
+from mtl_lightning.layers import FeatureEmbedding
+from tests.architectures.test_architectures import arguments as model_arguments
 
 
-def _spread(model: torch.nn.Module) -> torch.nn.Module:
+def _spread(model: torch.nn.Module, scale: float = 0.1) -> torch.nn.Module:
     """Perturbed weights (biases and tables included), so outputs are away from 0.5 and differ across rows."""
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+            p.add_(scale * torch.randn_like(p))
     return model.eval()
 
 
@@ -35,15 +38,12 @@ FUNNEL = {
 }
 
 
-@pytest.mark.parametrize("name", registry.names())
-def test_onnx_and_torchscript_match_pytorch(name, tmp_path):
-    arguments = FUNNEL.get(name, dict(tasks=synthetic_tasks()))
-    if registry.get(name).multi_scenario:
-        arguments["domain_feature"] = "city"  # multi-scenario: the synthetic data's city plays the domain
-    model = _spread(registry.create(name, features=synthetic_features(embedding_dim=8), **arguments))
-    onnx_path = export_onnx(model, tmp_path / f"{name}.onnx")  # traced on the default 4-row example
-    script_path = export_torchscript(model, tmp_path / f"{name}.pt")
-    batch = example_features(model.features, batch_size=37, seed=11)  # another batch size, other values
+def _check_exports(model: torch.nn.Module, tmp_path, binary: str = "click") -> dict[str, torch.Tensor]:
+    """Export ``model`` (traced on the default 4-row example) and check ONNX and TorchScript against PyTorch on
+    another batch (37 rows, other values) within 1e-5; returns PyTorch's outputs on that batch."""
+    onnx_path = export_onnx(model, tmp_path / "model.onnx")
+    script_path = export_torchscript(model, tmp_path / "model.pt")
+    batch = example_features(model.features, batch_size=37, seed=11)
     with torch.no_grad():
         expected = ServingModel(model).eval()(batch)
         logits = model(batch)
@@ -51,14 +51,12 @@ def test_onnx_and_torchscript_match_pytorch(name, tmp_path):
     assert list(expected) == model.output_names  # every task, then every extra output
     for output, kind in kinds.items():  # binary: probabilities; regression: values
         assert torch.equal(expected[output], torch.sigmoid(logits[output]) if kind == "binary" else logits[output])
-    if name not in FUNNEL:
-        assert kinds["dwell"] == "regression"
-    assert expected["click"].std() > 1e-3 and ((expected["click"] > 0.001) & (expected["click"] < 0.999)).all()
+    assert expected[binary].std() > 1e-3 and ((expected[binary] > 0.001) & (expected[binary] < 0.999)).all()
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == model.output_names
     assert [i.name for i in session.get_inputs()] == [f.name for f in model.features]
-    outputs = session.run(None, {k: v.numpy() for k, v in batch.items()})
+    outputs = session.run(None, {k: v.numpy() for k, v in batch.items() if k in {f.name for f in model.features}})
     for output, value in zip(model.output_names, outputs):
         assert value.shape == (37,)
         np.testing.assert_allclose(value, expected[output].numpy(), rtol=0, atol=1e-5)
@@ -68,6 +66,80 @@ def test_onnx_and_torchscript_match_pytorch(name, tmp_path):
         traced = scripted(batch)
     for output in expected:
         torch.testing.assert_close(traced[output], expected[output], rtol=0, atol=1e-5)
+    return expected
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_onnx_and_torchscript_match_pytorch(name, tmp_path):
+    arguments = FUNNEL.get(name, dict(tasks=synthetic_tasks()))
+    if registry.get(name).multi_scenario:
+        arguments["domain_feature"] = "city"  # multi-scenario: the synthetic data's city plays the domain
+    model = _spread(registry.create(name, features=synthetic_features(embedding_dim=8), **arguments))
+    _check_exports(model, tmp_path)
+    if name not in FUNNEL:
+        assert {t.name: t.kind for t in model.tasks}["dwell"] == "regression"
+
+
+@pytest.mark.parametrize("inputs", ["din_group", "dcn_v2"])
+@pytest.mark.parametrize("name", registry.names())
+def test_exports_with_a_din_group_and_with_an_interaction(name, inputs, tmp_path):
+    """Every architecture exports with a DIN-encoded group of two aligned sequences (one sharing the item table)
+    read with the candidate's item and category, and with a DCN-v2 interaction in front of its bottom."""
+    if inputs == "dcn_v2" and registry.get(name).interaction_refused:
+        pytest.skip(f"{name} refuses interactions (tests/architectures checks the refusal)")
+    torch.manual_seed(0)
+    model = registry.create(name, **model_arguments(name, inputs))
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    for scale in (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.05):  # the first perturbation spreading the outputs, unsaturated
+        model.load_state_dict(initial)
+        _spread(model, scale)
+        with torch.no_grad():
+            first = torch.sigmoid(model(example_features(model.features, batch_size=37, seed=11))[model.tasks[0].name])
+        if first.std() > 1e-3 and ((first > 0.001) & (first < 0.999)).all():
+            break
+    layers = [m for m in model.modules() if isinstance(m, FeatureEmbedding)]
+    assert layers and all((len(layer.encoders) == 1) if inputs == "din_group" else layer.interaction is not None
+                          for layer in layers)
+    expected = _check_exports(model, tmp_path, binary=model.tasks[0].name)
+    # the exported graphs read what is tested: another history (same lengths) changes the outputs
+    batch = example_features(model.features, batch_size=37, seed=11)
+    moved = {**batch, "history": torch.where(batch["history"] > 0, batch["history"] % 39 + 1, 0)}
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    first = model.output_names[0]
+    changed = session.run([first], {k: v.numpy() for k, v in moved.items() if k in {f.name for f in model.features}})[0]
+    has_history = (batch["history"] > 0).any(dim=1).numpy()
+    assert np.abs(changed - expected[first].numpy())[has_history].max() > 1e-6
+    np.testing.assert_allclose(changed[~has_history], expected[first].numpy()[~has_history], rtol=0, atol=1e-6)
+    # the sequences of the group are aligned: their padding is at the same positions
+    if inputs == "din_group":
+        torch.testing.assert_close(batch["history"] > 0, batch["history_cat"] > 0)
+
+
+ENCODERS = {
+    "attention": dict(pooling="attention", pooling_options={"attention_dim": 6}),
+    "transformer": dict(pooling="transformer", pooling_options={"num_heads": 2}),
+    "transformer_flatten": dict(pooling="transformer", pooling_options={"num_heads": 2, "output": "flatten"}),
+    "din_dice_softmax": dict(pooling="din", pooling_options={"attention_hidden": (8,), "activation": "dice",
+                                                             "normalization": "softmax"}),
+}
+
+
+@pytest.mark.parametrize("variant", [*ENCODERS, "senet", "masknet"])
+def test_every_sequence_encoder_and_interaction_exports(variant, tmp_path):
+    """MMoE with each other encoder (in the same group of two aligned histories) and each other interaction."""
+    kwargs = model_arguments("mmoe", "din_group" if variant in ENCODERS else "plain")
+    if variant in ENCODERS:
+        kwargs["features"] = [dataclasses.replace(f, **ENCODERS[variant]) if isinstance(f, SequenceFeature) else f
+                              for f in kwargs["features"]]
+    else:
+        kwargs["interaction"] = variant
+    torch.manual_seed(0)
+    model = _spread(registry.create("mmoe", **kwargs))
+    for module in model.modules():  # Dice's running statistics, as after training, not at their initial 0 / 1
+        if hasattr(module, "running_var"):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 2.0)
+    _check_exports(model, tmp_path)
 
 
 def test_onnx_batch_dimension_is_dynamic_and_module_exports(tmp_path, synthetic_paths):
