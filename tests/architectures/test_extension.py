@@ -118,6 +118,9 @@ def test_a_throwaway_architecture_meets_the_parametrised_suites(throwaway, tmp_p
         architecture_suite.test_every_architecture_forward_and_backward(throwaway, inputs)
         architecture_suite.test_every_architecture_rebuilds_from_its_config(throwaway, inputs)
     export_suite.test_onnx_and_torchscript_match_pytorch(throwaway, tmp_path)
+    for inputs in ("din_group", "dcn_v2"):
+        (tmp_path / inputs).mkdir()
+        export_suite.test_exports_with_a_din_group_and_with_an_interaction(throwaway, inputs, tmp_path / inputs)
 
 
 def test_a_throwaway_architecture_trains_from_a_config(throwaway, tmp_path, monkeypatch):
