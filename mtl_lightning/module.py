@@ -36,7 +36,7 @@ Warnings about tasks that cannot learn (``mtl_lightning.training_checks``): a
 task with no valid label in the rows of the first training epoch of a fit, a
 logged training loss or evaluation metric that is inf or NaN.
 
-Learning rates: ``lr``, ``sparse_lr`` and ``weight_decay`` must be finite and
+Learning rates: ``lr``, ``sparse_lr``, ``embedding_lr`` and ``weight_decay`` must be finite and
 >= 0; anything else raises ``ValueError`` when the module is built.
 
 Resuming (``trainer.fit(ckpt_path=...)``, ``load_from_checkpoint``,
@@ -55,8 +55,6 @@ inputs, losses and metrics are computed in float32.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, Mapping, Sequence
 
 import lightning as L
@@ -73,23 +71,11 @@ from .growth import TableGrowth, check_vocabularies, datamodule_states, grow_che
 from .losses import CounterfactualCVR, masked_loss
 from .losses.counterfactual import check_counterfactual
 from .optim import build_optimizers, no_weight_decay, optimizer_class
+from .optim import check_rate as _check_rate
 from .sparse_embeddings import check_sparse_strategy, embedding_tables, enable_sparse_embeddings
 from .tasks import Task, check_sampling_rates, check_tasks
 from .training_checks import TrainingChecks
 from .weighting import WeightingStrategy, create_weighting
-
-
-def _check_rate(name: str, value: Any, optional: bool = False) -> None:
-    """``lr``, ``sparse_lr`` and ``weight_decay`` must be finite numbers >= 0 (``None`` only where ``optional``)."""
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(
-            f"{name} must be a finite number >= 0, got {value!r}; a NaN, infinite or negative {name} turns "
-            "every parameter it updates into NaN or makes training diverge"
-        )
 
 
 _check_sparse_strategy = check_sparse_strategy  # importable from here as before
@@ -152,6 +138,10 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
             the same rate; a larger ``sparse_lr`` makes up for it. Finite and
             >= 0 like ``lr``.
         ece_bins: equal-width probability bins of ``ece`` and the reliability diagrams (``mtl_lightning.evaluation``).
+        embedding_lr: the embedding tables' learning rate when they train with dense
+            gradients (default ``lr``): they form a parameter group of their own in
+            the same optimizer. Attention over sequences learns only if the tables
+            move fast enough (docs/inputs.md); ``sparse_lr`` with ``sparse_embeddings``.
     """
 
     def __init__(
@@ -173,6 +163,7 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         sparse_lr: float | None = None,
         decay_embeddings: bool = False,
         ece_bins: int = 10,
+        embedding_lr: float | None = None,
     ) -> None:
         super().__init__()
         if isinstance(model, dict):
@@ -205,6 +196,10 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         _check_rate("lr", lr)
         _check_rate("weight_decay", weight_decay)
         _check_rate("sparse_lr", sparse_lr, optional=True)
+        _check_rate("embedding_lr", embedding_lr, optional=True)
+        if sparse_embeddings and embedding_lr is not None:
+            raise ValueError("embedding_lr applies to tables with dense gradients; with sparse_embeddings=True the "
+                             "tables' rate is sparse_lr")
         if sparse_embeddings and (lr if sparse_lr is None else sparse_lr) == 0:
             name = "lr" if sparse_lr is None else "sparse_lr"
             raise ValueError(
@@ -475,12 +470,13 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
     def configure_optimizers(self) -> Any:
         """The optimizer over ``optimized_parameters()`` with weight-decay groups (see ``mtl_lightning.optim``)."""
         hp = self.hparams
-        tables = {id(t) for t in embedding_tables(self.model)} if hp.get("sparse_embeddings") else set()
-        sparse_tables = [p for p in self.parameters() if id(p) in tables]
+        tables = {id(t) for t in embedding_tables(self.model)}
+        sparse_tables = [p for p in self.parameters() if id(p) in tables] if hp.get("sparse_embeddings") else []
         return build_optimizers(
             self.optimized_parameters(), optimizer=hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay,
             optimizer_kwargs=hp.optimizer_kwargs,
             no_decay=no_weight_decay(self, decay_embeddings=bool(hp.get("decay_embeddings")), exclude=[self.weighting]),
-            sparse_tables=sparse_tables, sparse_lr=hp.get("sparse_lr"), lr_scheduler=hp.lr_scheduler,
+            sparse_tables=sparse_tables, sparse_lr=hp.get("sparse_lr"), embedding_lr=hp.get("embedding_lr"),
+            dense_tables=[p for p in self.parameters() if id(p) in tables], lr_scheduler=hp.lr_scheduler,
             lr_scheduler_kwargs=hp.lr_scheduler_kwargs, lr_scheduler_interval=hp.lr_scheduler_interval,
         )

@@ -13,6 +13,11 @@ parameters (uncertainty weighting's ``log sigma^2`` would otherwise be pulled to
 group is left out. With ``weight_decay == 0`` there is one group, as before groups existed (so checkpoints
 written then still resume).
 
+The tables' learning rate (``embedding_lr``, :func:`build_optimizers`): the embedding tables trained with dense
+gradients form a group of their own, last, at that rate, in the same optimizer (same update rule, state and
+checkpoint); their weight decay is ``weight_decay`` with ``decay_embeddings``, else 0. Without it the tables stay
+in the groups above, at ``lr``.
+
 Lightning's automatic optimization takes exactly one optimizer, and learning-rate
 schedulers and checkpoints expect one too. This class owns the parameter groups
 and the state of its parts (the parts read and write the same dictionaries), so
@@ -23,6 +28,7 @@ and the state of its parts (the parts read and write the same dictionaries), so
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -34,6 +40,20 @@ NORM_LAYERS: tuple[type[nn.Module], ...] = (
 )
 #: Module types holding embedding tables (no weight decay unless asked).
 EMBEDDING_LAYERS: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
+
+
+def check_rate(name: str, value: Any, optional: bool = False) -> None:
+    """``lr``, ``sparse_lr``, ``embedding_lr`` and ``weight_decay`` must be finite numbers >= 0 (``None`` only
+    where ``optional``); ``TypeError``/``ValueError`` naming ``name`` otherwise."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"{name} must be a finite number >= 0, got {value!r}; a NaN, infinite or negative {name} turns "
+            "every parameter it updates into NaN or makes training diverge"
+        )
 
 
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
@@ -100,6 +120,8 @@ def build_optimizers(
     no_decay: set[int] | None = None,
     sparse_tables: Sequence[nn.Parameter] = (),
     sparse_lr: float | None = None,
+    dense_tables: Sequence[nn.Parameter] = (),
+    embedding_lr: float | None = None,
     lr_scheduler: str | None = None,
     lr_scheduler_kwargs: dict[str, Any] | None = None,
     lr_scheduler_interval: str = "epoch",
@@ -111,7 +133,10 @@ def build_optimizers(
     two groups: ``weight_decay`` except for the ids in ``no_decay`` (see :func:`no_weight_decay`).
     ``sparse_tables`` (a subset of ``parameters`` with sparse gradients) are trained by
     :class:`LazySparseAdam` at ``sparse_lr`` (default ``lr``; ``betas``/``eps`` from ``optimizer_kwargs``,
-    no weight decay), the two stepped as one :class:`CombinedOptimizer`. ``lr_scheduler`` is a
+    no weight decay), the two stepped as one :class:`CombinedOptimizer`. With ``embedding_lr`` (not with
+    ``sparse_tables``), ``dense_tables`` (the embedding tables among ``parameters``) are one more group, last, at
+    ``embedding_lr``, with no weight decay unless ``no_decay`` leaves them out (``decay_embeddings``); without it
+    ``dense_tables`` is not read. ``lr_scheduler`` is a
     ``torch.optim.lr_scheduler`` class name, stepped every ``lr_scheduler_interval`` (``"epoch"``/``"step"``).
     """
     make = optimizer_class(optimizer)
@@ -121,11 +146,23 @@ def build_optimizers(
                          "as the module's own arguments (weight decay then follows the decay/no-decay groups)")
     tables = {id(p) for p in sparse_tables}
     dense = [p for p in parameters if id(p) not in tables]
+    own_rate = {id(p) for p in dense_tables} & {id(p) for p in dense} if embedding_lr is not None else set()
+    if embedding_lr is not None and (tables or not own_rate):
+        raise ValueError("embedding_lr: " + ("the tables train with sparse gradients here: their rate is sparse_lr"
+                                             if tables else "the model has no embedding table this optimizer trains "
+                                             "(under TorchRecStrategy, give TorchRecStrategy(embedding_lr=...))"))
+    rest = [p for p in dense if id(p) not in own_rate]
     if weight_decay > 0:
-        params: list[Any] = decay_groups(dense, weight_decay, no_decay or set())
+        params: list[Any] = decay_groups(rest, weight_decay, no_decay or set())
         kwargs = dict(lr=lr, **extra)
     else:
-        params, kwargs = dense, dict(lr=lr, weight_decay=weight_decay, **extra)
+        params, kwargs = rest, dict(lr=lr, weight_decay=weight_decay, **extra)
+    if own_rate:
+        if weight_decay == 0:
+            params = [{"params": rest}] if rest else []
+        decays = weight_decay > 0 and not own_rate <= (no_decay or set())
+        params.append({"params": [p for p in dense if id(p) in own_rate], "lr": float(embedding_lr),
+                       "weight_decay": float(weight_decay) if decays else 0.0})
     if tables:
         adam = {k: v for k, v in extra.items() if k in ("betas", "eps")}
         table_lr = lr if sparse_lr is None else sparse_lr  # sparse_lr=0.0 is a rate, not "unset"
