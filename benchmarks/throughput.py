@@ -9,6 +9,16 @@ The dataset (``bench_data.py``: 16 sparse features with vocabularies from 10 to
 100,000, 8 dense, one 20-long sequence, click/conversion/dwell labels; 1M
 training rows by default) is written once under ``benchmarks/.cache/``.
 
+Behaviour sequences read by attention: the models ``mmoe-din`` and ``mmoe-mean`` (in the default
+``--models``) are the same MMoE on ``datamodules.synthetic_sequences`` data with histories of up to
+``--history-len`` (50) clicks, ``--sequence-rows`` training rows: ``hist_item`` and ``hist_category`` (sharing
+the candidate's tables) form one group encoded by DIN with the candidate (``item_id``, ``category``) as the
+query, or are mean-pooled. Each runs ``raw`` and ``mtl-lightning`` only; the report adds the per-step cost of
+DIN over mean pooling, each repetition's ``mmoe-din`` step against the ``mmoe-mean`` step of the same
+repetition.
+
+    .venv/bin/python benchmarks/throughput.py --models mmoe-mean,mmoe-din --no-auc --no-datapath
+
 Every measurement runs in a fresh child process (so peak RSS is its own) and
 the systems take turns inside each repetition, so that load from other
 processes on a shared machine hits all of them alike; the table reports the
@@ -79,14 +89,44 @@ sys.path.insert(0, str(ROOT))
 import bench_data  # noqa: E402
 
 PROJECT_SYSTEMS = ["raw", "raw-default-adam", "raw-sparse", "mtl-lightning", "mtl-lightning sparse"]
+#: models on the behaviour-sequence data: {name: the history's pooling}; they run SEQUENCE_SYSTEMS only
+SEQUENCE_MODELS = {"mmoe-mean": "mean", "mmoe-din": "din"}
+SEQUENCE_SYSTEMS = ["raw", "mtl-lightning"]
 MMOE_SYSTEMS = ["raw-frozen", "raw-frozen-grad", "mtl-lightning torchrec"]  # measured for MMoE only
 ANCHOR_SYSTEMS = ["torch-rechub", "nextrec"]
 
 
 # ---------------------------------------------------------------------- children
-def features_and_tasks(model: str) -> tuple[list, list]:
+def sequence_data(rows: int, history_len: int) -> dict[str, Path]:
+    """``{"train", "val"}`` of the behaviour-sequence data (``datamodules.synthetic_sequences``), cached."""
+    from datamodules.synthetic_sequences import write_sequence_synthetic
+
+    folder = HERE / ".cache" / f"sequences-{rows}-history-{history_len}"
+    paths = {"train": folder / "train.parquet", "val": folder / "val.parquet"}
+    if not all(p.exists() for p in paths.values()):
+        written = write_sequence_synthetic(folder / "tmp", (rows, bench_data.val_rows(rows), 1), max_history=history_len)
+        for split, path in paths.items():
+            written[split].rename(path)
+        written["test"].unlink()
+        (folder / "tmp").rmdir()
+    return paths
+
+
+def features_and_tasks(model: str, history_len: int = 50) -> tuple[list, list]:
     from mtl_lightning import Task
     from mtl_lightning.features import DenseFeature, SequenceFeature, SparseFeature
+
+    if model in SEQUENCE_MODELS:
+        import dataclasses
+
+        from datamodules.synthetic_sequences import sequence_features, sequence_tasks
+
+        pooling, query = SEQUENCE_MODELS[model], {"hist_item": "item_id", "hist_category": "category"}
+        features = sequence_features(bench_data.EMBEDDING_DIM, history_len)
+        if pooling != "mean":
+            features = [dataclasses.replace(f, pooling=pooling, query=query[f.name], group="hist")
+                        if f.name in query else f for f in features]
+        return features, sequence_tasks()
 
     features = (
         [SparseFeature(n, v, bench_data.EMBEDDING_DIM) for n, v in zip(bench_data.SPARSE, bench_data.SPARSE_VOCABS)]
@@ -109,7 +149,8 @@ def build_model(model: str, features: list, tasks: list):
                     tower_hidden=(64,)),
         "esmm": dict(tower_hidden=(256, 128, 64)),
     }
-    return registry.create(model, features=features, tasks=tasks, **shapes[model])
+    architecture = "mmoe" if model in SEQUENCE_MODELS else model
+    return registry.create(architecture, features=features, tasks=tasks, **shapes[architecture])
 
 
 class StepClock:
@@ -207,7 +248,7 @@ def run_raw(args: argparse.Namespace, sparse: bool, frozen: bool = False, fused:
     from mtl_lightning.layers.embedding import FeatureEmbedding
     from mtl_lightning.losses import masked_loss
 
-    features, tasks = features_and_tasks(args.model)
+    features, tasks = features_and_tasks(args.model, args.history_len)
     store = read_split([Path(args.train)], features, tasks)
     model = build_model(args.model, features, tasks)
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
@@ -261,7 +302,7 @@ def run_lightning(args: argparse.Namespace, sparse: bool, compile_model: bool = 
     from datamodules import ParquetDataModule
     from mtl_lightning import MultiTaskLightningModule
 
-    features, tasks = features_and_tasks(args.model)
+    features, tasks = features_and_tasks(args.model, args.history_len)
     gpu = args.accelerator == "gpu"
     dm = ParquetDataModule(train=args.train, val=args.val if args.auc else None, tasks=tasks, features=features,
                            batch_size=args.batch_size, pin_memory=gpu)
@@ -459,7 +500,9 @@ def launch_once(command: list[str], label: str, timeout: float) -> dict[str, Any
 def child_command(args: argparse.Namespace, system: str, model: str, **overrides: Any) -> list[str]:
     options = {"--model": model, "--train": args.train, "--val": args.val, "--batch-size": args.batch_size,
                "--warmup": args.warmup, "--steps": args.steps, "--threads": args.threads,
-               "--accelerator": args.accelerator, "--precision": args.precision}
+               "--accelerator": args.accelerator, "--precision": args.precision, "--history-len": args.history_len}
+    if model in SEQUENCE_MODELS:
+        options["--train"], options["--val"] = args.sequence_paths["train"], args.sequence_paths["val"]
     if args.sparse_lr:
         options["--sparse-lr"] = args.sparse_lr
     if system == "mtl-lightning torchrec":
@@ -501,7 +544,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000, help="training rows of the cached dataset")
     parser.add_argument("--quick", action="store_true", help="100k rows, 20 timed steps, 2 repetitions, no AUC")
-    parser.add_argument("--models", default="mmoe,ple,esmm", help="comma-separated; esmm only when registered")
+    parser.add_argument("--models", default="mmoe,ple,esmm,mmoe-mean,mmoe-din",
+                        help="comma-separated; esmm only when registered; mmoe-mean and mmoe-din: MMoE on the "
+                             "behaviour-sequence data, the history mean-pooled or read by DIN")
+    parser.add_argument("--history-len", type=int, default=50, help="history length of mmoe-mean / mmoe-din")
+    parser.add_argument("--sequence-rows", type=int, default=100_000,
+                        help="training rows of the behaviour-sequence data (mmoe-mean / mmoe-din)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=50, help="timed training steps per measurement")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
@@ -553,12 +601,15 @@ def main() -> None:
     paths = bench_data.dataset(args.rows)
     args.train, args.val = str(paths["train"]), str(paths["val"])
     models = [m for m in args.models.split(",") if m]
-    known = registered()
+    if any(m in SEQUENCE_MODELS for m in models):
+        args.sequence_paths = {k: str(v) for k, v in sequence_data(args.sequence_rows, args.history_len).items()}
+    known = registered() + [m for m in SEQUENCE_MODELS if "mmoe" in registered()]
     for m in [m for m in models if m not in known]:
         print(f"{m}: not registered in this checkout; skipped")
     models = [m for m in models if m in known]
     anchors = anchors_available(args.anchors_python)
-    systems = {m: PROJECT_SYSTEMS + (["mtl-lightning compile"] if args.compile else []) for m in models}
+    systems = {m: (SEQUENCE_SYSTEMS if m in SEQUENCE_MODELS else PROJECT_SYSTEMS)
+               + (["mtl-lightning compile"] if args.compile else []) for m in models}
     if "mmoe" in systems:
         mmoe_systems = MMOE_SYSTEMS
         from mtl_lightning.distributed._torchrec import torchrec_available
@@ -631,6 +682,28 @@ def paired_ratios(runs: list[dict[str, Any]], raw_runs: list[dict[str, Any]]) ->
     return [r["rows_per_s"] / raw[r.get("repetition")] for r in runs if r.get("repetition") in raw]
 
 
+def print_sequence_cost(results) -> None:
+    """The per-step cost of DIN over mean pooling: ``mmoe-din`` against ``mmoe-mean``, paired by repetition."""
+    din, mean = results.get("mmoe-din", {}), results.get("mmoe-mean", {})
+    lines = []
+    for system in SEQUENCE_SYSTEMS:
+        base = {r["repetition"]: r["wall_ms_per_step"] for r in mean.get(system, [])}
+        pairs = [(r["wall_ms_per_step"], base[r["repetition"]]) for r in din.get(system, []) if r["repetition"] in base]
+        if not pairs:
+            continue
+        extra = sorted(d - m for d, m in pairs)
+        ratios = sorted(d / m for d, m in pairs)
+        lines.append(f"| {system} | {statistics.median(m for _, m in pairs):.1f} | "
+                     f"{statistics.median(d for d, _ in pairs):.1f} | {statistics.median(extra):+.1f} "
+                     f"({extra[0]:+.1f} to {extra[-1]:+.1f}) | {statistics.median(ratios):.2f}x |")
+    if lines:
+        print("\nDIN over mean pooling (MMoE on the behaviour-sequence data), wall ms per training step, medians "
+              "over repetitions (range of the per-repetition differences):\n")
+        print("| system | mean pooling ms/step | DIN ms/step | DIN - mean ms/step | DIN / mean |")
+        print("|---|---:|---:|---:|---:|")
+        print("\n".join(lines))
+
+
 def print_report(args, results, datapath, auc, seconds: float) -> None:
     print(f"\nMedians over {args.repeats} repetitions ({args.accelerator}, {args.precision}, {args.threads} threads, "
           f"batch {args.batch_size}; total {seconds / 60:.1f} min). 'ratio to raw' divides the medians; "
@@ -662,6 +735,7 @@ def print_report(args, results, datapath, auc, seconds: float) -> None:
                   f"{f'{cpu:.1f}' if cpu is not None else ''} | {f'{others:.0f} %' if others is not None else ''} | "
                   f"{rss:,.0f} | {rss_ratio} |"
                   + ((f" {util:.0f} |" if util is not None else " |") if gpu else ""))
+    print_sequence_cost(results)
     if datapath:
         print(f"\nData path alone (Parquet -> shuffled batches of {args.batch_size}, no model, 1 torch thread, "
               f"{args.rows:,} rows), rows/s:\n"
