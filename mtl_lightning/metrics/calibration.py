@@ -211,10 +211,7 @@ def calibration_values(logits: Tensor, target: Tensor, weight: Tensor | None = N
 def reliability_figure(table: pd.DataFrame, title: str = "") -> Any:
     """A matplotlib figure of a reliability table: observed rate against mean predicted probability per
     non-empty bin (the diagonal is perfect calibration) above a bar chart of the rows per bin."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # no pyplot and no backend switch: a notebook keeps its inline plots
 
     figure = Figure(figsize=(4.2, 5.0), dpi=100)
     top, bottom = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
