@@ -67,7 +67,7 @@ from .batch import Batch
 from .calibration import Calibration, apply_calibration, evaluated_outputs, load_calibration, save_calibration
 from .checkpoint import CheckpointLoading
 from .config import build
-from .evaluation import SplitEvaluation, log_reliability_figures, task_labels
+from .evaluation import SplitEvaluation, funnel_outputs, log_reliability_figures, task_labels
 from .growth import TableGrowth, check_vocabularies, datamodule_states, grow_checkpoint_tables, hand_datamodule_state
 from .losses import CounterfactualCVR, masked_loss
 from .losses.counterfactual import check_counterfactual
@@ -226,8 +226,9 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         self.hparams["counterfactual"] = self.counterfactual.to_config() if self.counterfactual is not None else None
 
         domain_feature = model.domain_feature if model.multi_scenario else None
-        self.val_evaluation = SplitEvaluation("val", self.tasks, ignore_label, domain_feature, ece_bins)
-        self.test_evaluation = SplitEvaluation("test", self.tasks, ignore_label, domain_feature, ece_bins)
+        evaluation = dict(domain_feature=domain_feature, bins=ece_bins, funnel=funnel_outputs(model))
+        self.val_evaluation = SplitEvaluation("val", self.tasks, ignore_label, **evaluation)
+        self.test_evaluation = SplitEvaluation("test", self.tasks, ignore_label, **evaluation)
         self.training_checks = TrainingChecks(self.tasks, ignore_label)
         self._table_growth: TableGrowth | None = None  # a loaded checkpoint's grown tables, see on_load_checkpoint
         self._checkpoint_datamodule_states: dict[str, Mapping[str, Any]] = {}
