@@ -233,6 +233,7 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         self._table_growth: TableGrowth | None = None  # a loaded checkpoint's grown tables, see on_load_checkpoint
         self._checkpoint_datamodule_states: dict[str, Mapping[str, Any]] = {}
         self.calibration: Calibration | None = None  # attached by mtl_lightning.calibration.calibrate
+        self.last_task_losses: list[Tensor] = []  # the last training step's per-task losses, in self.tasks order
 
     # ------------------------------------------------------------------ losses
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -274,6 +275,7 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         outputs = self.model(batch["features"])
         losses = self.compute_losses(outputs, batch["labels"], batch.get("weights"), batch.get("group"))
         task_losses = [losses[t.name] for t in self.tasks]
+        self.last_task_losses = task_losses  # the step's graph, for callbacks (gradient_conflict.GradientConflict)
         total = self.weighting(task_losses)  # a list: see weighting/base.py
         aux = self.model.auxiliary_loss(outputs, batch["labels"])
         if aux is not None:
