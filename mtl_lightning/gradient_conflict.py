@@ -1,7 +1,8 @@
 """Gradient-conflict diagnostics: how far the tasks' gradients on the shared parameters pull against each other.
 
 ``GradientConflict(every_n_steps=N)`` is a Lightning callback. On every N-th
-training step (the first included) it takes, in ``on_before_backward`` (the
+training batch (the first included; with ``accumulate_grad_batches`` every
+batch counts, not every optimizer step) it takes, in ``on_before_backward`` (the
 step's graph is still alive), the gradient ``g_t`` of each task's unweighted
 loss ``L_t`` (``MultiTaskLightningModule.last_task_losses``) with respect to
 the model's ``shared_parameters()`` (``parameters="shared"``) or

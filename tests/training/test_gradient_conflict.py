@@ -107,12 +107,14 @@ def test_measuring_leaves_training_unchanged(synthetic_paths, synthetic_datamodu
     """The per-task gradients are taken with autograd.grad, never into .grad: a fit with the callback ends on the
     same parameters as one without."""
     states = []
-    for callbacks in ([], [GradientConflict(every_n_steps=2)]):
+    conflict = GradientConflict(every_n_steps=2)
+    for callbacks in ([], [conflict]):
         dm = synthetic_datamodule(synthetic_paths, batch_size=2048)
         torch.manual_seed(0)
         module = MultiTaskLightningModule(MMoE(dm.features, dm.tasks, num_experts=2, expert_hidden=(8,),
                                                tower_hidden=(4,)), weighting="gradnorm")
         quiet_trainer(max_steps=4, limit_val_batches=0, callbacks=callbacks).fit(module, datamodule=dm)
         states.append({k: v.detach().clone() for k, v in module.named_parameters()})
+    assert conflict.measured == {"click-conversion": 2, "click-dwell": 2, "conversion-dwell": 2}  # steps 0 and 2
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
