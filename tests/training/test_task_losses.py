@@ -192,3 +192,26 @@ def test_every_weighting_strategy_trains_with_focal_jrc_and_huber(name):
     grads = [p.grad for p in model.shared_parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads), name
     assert sum(g.abs().sum() for g in grads) > 0, name
+
+
+def test_jrc_reads_the_data_modules_group_column_in_a_fit(synthetic_paths, quiet_trainer):
+    from datamodules import ParquetDataModule
+    from datamodules.synthetic import synthetic_features
+
+    tasks = [Task("click", loss="jrc"), Task("conversion", loss="focal"),
+             Task("dwell", kind="regression", loss="huber")]
+
+    def fit(**data) -> MultiTaskLightningModule:
+        dm = ParquetDataModule(train=synthetic_paths["train"], val=synthetic_paths["val"], tasks=tasks,
+                               features=synthetic_features(), batch_size=2048, **data)
+        torch.manual_seed(0)
+        module = MultiTaskLightningModule(MMoE(dm.features, tasks, num_experts=2, expert_hidden=(8,),
+                                               tower_hidden=(4,)))
+        trainer = quiet_trainer(max_steps=3, limit_val_batches=0, log_every_n_steps=1)
+        trainer.fit(module, datamodule=dm)
+        return trainer
+
+    trainer = fit(group="user_id")  # the batches' group ids reach the loss (without them it raises, below)
+    assert all(math.isfinite(trainer.callback_metrics[f"train/{t.name}/loss"].item()) for t in tasks)
+    with pytest.raises(ValueError, match="no 'group' tensor"):
+        fit()
