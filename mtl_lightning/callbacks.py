@@ -3,6 +3,9 @@
 ``RunSummary`` prints, at the end of ``fit``, the best checkpoint's path and a
 table of the final validation metrics per task (``mtl-lightning fit`` adds it).
 
+``GradientConflict`` (defined in ``mtl_lightning.gradient_conflict``) logs the
+cosine of every pair of tasks' gradients on the shared parameters every N steps.
+
 ``ParquetPredictionWriter`` (``trainer.predict`` output to Parquet files) lives
 in ``datamodules.predictions``, beside the Parquet reader and the storage layer
 it writes through: ``mtl_lightning`` never imports ``datamodules``. It is still
@@ -16,6 +19,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import lightning as L
+
+from .gradient_conflict import GradientConflict
 
 
 def metrics_table(metrics: Mapping[str, Any], stage: str = "val") -> str:
@@ -94,3 +99,6 @@ def __getattr__(name: str) -> Any:
 
         return ParquetPredictionWriter
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["GradientConflict", "RunSummary", "metrics_table", "run_log_dir"]

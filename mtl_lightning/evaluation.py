@@ -25,6 +25,17 @@ once per task and split).
 Sample weights (a batch's ``weights[task]``, ``Task(sample_weight=...)``) weigh
 log-loss, NE, PCOC, ECE, MSE and MAE as they weigh the training loss.
 
+Funnel consistency (entire-space models: architectures that declare ``click_task``
+and ``ctcvr_task`` outputs, ESMM, ESCM and DCMT, see :func:`funnel_outputs`):
+``<stage>/<ctcvr>/exceeds_<ctr>``, the share of the split's rows (every row,
+whatever its labels: the funnel holds on the entire space) whose predicted CTCVR
+is above the predicted CTR, compared on the evaluated probabilities (after the
+negative-sampling correction and any attached calibration). A click-then-buy
+probability cannot exceed the click probability, so it is 0 for a consistent
+model (ESMM's product construction guarantees it); a per-task calibration or a
+model predicting both independently can break it. Counts are summed over every
+rank.
+
 Reliability. At the end of each split :meth:`SplitEvaluation.compute` keeps, for
 every binary task with valid rows, the reliability table of the epoch (rows of
 every rank; ``metrics.calibration.reliability_table``'s columns) in
@@ -99,13 +110,17 @@ class SplitEvaluation(nn.Module):
             architecture, used when a batch has no ``scenario`` tensor; ``None``
             for other architectures.
         bins: the number of equal-width probability bins of ``ece`` and the reliability tables.
+        funnel: ``(click output, ctcvr output)`` whose funnel consistency is logged (see the module
+            docstring), or ``None``.
 
     The metric states are not part of the module's ``state_dict``.
     """
 
     def __init__(self, stage: str, tasks: Sequence[Task], ignore_label: float | None = -1,
-                 domain_feature: str | None = None, bins: int = 10) -> None:
+                 domain_feature: str | None = None, bins: int = 10, funnel: tuple[str, str] | None = None) -> None:
         super().__init__()
+        self.funnel = funnel  # (click output, ctcvr output), or None: see funnel_outputs
+        self._funnel_counts = torch.zeros(2, dtype=torch.float64)  # rows with CTCVR > CTR, rows
         self.stage = stage
         self.tasks = tuple(tasks)
         self.ignore_label = ignore_label
@@ -128,6 +143,11 @@ class SplitEvaluation(nn.Module):
         group = batch.get("group")
         scenario = self.scenario_ids(batch)
         weights = batch.get("weights") or {}
+        if self.funnel is not None:
+            click, ctcvr = (outputs[name].detach().float() for name in self.funnel)
+            # sigmoid is monotone: CTCVR's probability exceeds CTR's exactly where its logit does
+            above = (ctcvr > click).sum().double()
+            self._funnel_counts = self._funnel_counts.to(above.device) + torch.stack([above, above.new_tensor(click.numel())])
         for t in self.tasks:
             labels = task_labels(batch["labels"], t)
             mask = valid_mask(labels, self.ignore_label)
@@ -184,6 +204,11 @@ class SplitEvaluation(nn.Module):
             _reset(metric)
             if one_class:
                 self._warn_one_class_scenarios(split, name, one_class)
+        if self.funnel is not None:  # every rank reduces, so every rank logs the same key
+            above, rows = reduce_sum(self._funnel_counts.to(device)).tolist()
+            self._funnel_counts = torch.zeros(2, dtype=torch.float64)
+            if rows > 0:
+                logged[f"{stage}/{self.funnel[1]}/exceeds_{self.funnel[0]}"] = torch.tensor(above / rows)
         terms = [
             t.weight * computed[t.name]["logloss" if t.kind == "binary" else "mse"]
             for t in self.tasks if ("logloss" if t.kind == "binary" else "mse") in computed[t.name]
@@ -260,6 +285,14 @@ class SplitEvaluation(nn.Module):
                            "the learning rate). It is logged as it is (warned once per key and split).")
 
 
+def funnel_outputs(model: nn.Module) -> tuple[str, str] | None:
+    """``(click output, ctcvr output)`` of an entire-space architecture (one that declares ``click_task`` and
+    ``ctcvr_task`` among its ``output_names``: ESMM, ESCM, DCMT), else ``None``."""
+    names = getattr(model, "click_task", None), getattr(model, "ctcvr_task", None)
+    outputs = getattr(model, "output_names", ())
+    return names if all(isinstance(n, str) and n in outputs for n in names) else None  # type: ignore[return-value]
+
+
 def task_labels(labels: dict[str, Tensor], task: Task) -> Tensor:
     """The labels of ``task`` in a batch's ``labels``; ``ValueError`` naming the task and the keys there are."""
     try:
@@ -296,4 +329,4 @@ def log_reliability_figures(loggers: Sequence[object], evaluation: SplitEvaluati
     return tags
 
 
-__all__ = ["SplitEvaluation", "task_labels", "log_reliability_figures"]
+__all__ = ["SplitEvaluation", "task_labels", "log_reliability_figures", "funnel_outputs"]

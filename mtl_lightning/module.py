@@ -4,9 +4,10 @@ The architecture is a plain ``nn.Module`` handed in as ``model``; this module
 adds per-task losses with ignore-label masking, loss weighting, the
 architecture's auxiliary loss, metrics, logging, prediction and the optimizer.
 
-Losses. For task ``k`` with kind ``binary`` the loss is BCE on the logits,
-for ``regression`` the squared error; it is averaged over the rows whose label
-is neither ``ignore_label`` nor NaN. A task with no valid row in a batch adds an
+Losses. Task ``k`` trains with its ``Task.loss`` (by default BCE on the logits
+for ``binary``, the squared error for ``regression``; focal, JRC, Huber and
+label smoothing in ``mtl_lightning.losses.task_losses``), averaged over the rows
+whose label is neither ``ignore_label`` nor NaN. A task with no valid row in a batch adds an
 exact zero that keeps the graph. The training loss is
 ``weighting([L_1 .. L_T]) + model.auxiliary_loss(outputs, labels)``.
 
@@ -66,7 +67,7 @@ from .batch import Batch
 from .calibration import Calibration, apply_calibration, evaluated_outputs, load_calibration, save_calibration
 from .checkpoint import CheckpointLoading
 from .config import build
-from .evaluation import SplitEvaluation, log_reliability_figures, task_labels
+from .evaluation import SplitEvaluation, funnel_outputs, log_reliability_figures, task_labels
 from .growth import TableGrowth, check_vocabularies, datamodule_states, grow_checkpoint_tables, hand_datamodule_state
 from .losses import CounterfactualCVR, masked_loss
 from .losses.counterfactual import check_counterfactual
@@ -225,29 +226,32 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         self.hparams["counterfactual"] = self.counterfactual.to_config() if self.counterfactual is not None else None
 
         domain_feature = model.domain_feature if model.multi_scenario else None
-        self.val_evaluation = SplitEvaluation("val", self.tasks, ignore_label, domain_feature, ece_bins)
-        self.test_evaluation = SplitEvaluation("test", self.tasks, ignore_label, domain_feature, ece_bins)
+        evaluation = dict(domain_feature=domain_feature, bins=ece_bins, funnel=funnel_outputs(model))
+        self.val_evaluation = SplitEvaluation("val", self.tasks, ignore_label, **evaluation)
+        self.test_evaluation = SplitEvaluation("test", self.tasks, ignore_label, **evaluation)
         self.training_checks = TrainingChecks(self.tasks, ignore_label)
         self._table_growth: TableGrowth | None = None  # a loaded checkpoint's grown tables, see on_load_checkpoint
         self._checkpoint_datamodule_states: dict[str, Mapping[str, Any]] = {}
         self.calibration: Calibration | None = None  # attached by mtl_lightning.calibration.calibrate
+        self.last_task_losses: list[Tensor] = []  # the last training step's per-task losses, in self.tasks order
 
     # ------------------------------------------------------------------ losses
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return self.model(features)
 
     def compute_losses(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor],
-                       weights: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """Unweighted loss per task: masked, or the counterfactual L_CVR for the conversion task.
+                       weights: Mapping[str, Tensor] | None = None, groups: Tensor | None = None) -> dict[str, Tensor]:
+        """Unweighted loss per task: its ``Task.loss`` masked, or the counterfactual L_CVR for the conversion task.
 
         ``weights`` are a batch's per-task sample weights (``Batch["weights"]``):
         a task listed there has the weighted mean over its valid rows as loss
         (``losses.masked_loss``); the counterfactual conversion task takes none.
+        ``groups`` are the batch's group ids (``Batch["group"]``), JRC's sessions.
         """
         weights = weights or {}
         losses = {
             t.name: masked_loss(outputs[t.name], task_labels(labels, t), t.kind, self.hparams.ignore_label,
-                                weights.get(t.name))
+                                weights.get(t.name), t.loss, t.loss_options, groups)
             for t in self.tasks
             if self.counterfactual is None or t.name != self.counterfactual.conversion_task
         }
@@ -269,8 +273,9 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
     # ---------------------------------------------------------------- training
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         outputs = self.model(batch["features"])
-        losses = self.compute_losses(outputs, batch["labels"], batch.get("weights"))
+        losses = self.compute_losses(outputs, batch["labels"], batch.get("weights"), batch.get("group"))
         task_losses = [losses[t.name] for t in self.tasks]
+        self.last_task_losses = task_losses  # the step's graph, for callbacks (gradient_conflict.GradientConflict)
         total = self.weighting(task_losses)  # a list: see weighting/base.py
         aux = self.model.auxiliary_loss(outputs, batch["labels"])
         if aux is not None:

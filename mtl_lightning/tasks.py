@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
 from torch import Tensor
 
-TASK_KINDS = ("binary", "regression")
+from .losses.task_losses import LOSSES, check_loss, default_loss
+
+TASK_KINDS = tuple(LOSSES)
 
 
 @dataclass(frozen=True)
 class Task:
     """One task of a multi-task model.
 
-    ``kind`` picks the loss (``binary``: BCE on logits; ``regression``: MSE),
+    ``kind`` picks the default loss (``binary``: BCE on logits; ``regression``: MSE),
     ``label`` is the label column (defaults to ``name``) and ``weight`` the
     static loss weight used by the default weighting strategy (and by others
     as their starting point, and in ``val/loss``): a finite number >= 0. A
@@ -36,6 +38,17 @@ class Task:
     exports use the corrected probability ``p / (p + (1 - p) / r)``, i.e. the
     logit plus ``log r`` (:func:`corrected_logits`), so they hold for unsampled
     data (give unsampled validation and test splits).
+
+    ``loss`` names the task's loss: ``"bce"`` (binary default), ``"focal"`` or
+    ``"jrc"`` for binary tasks, ``"mse"`` (regression default) or ``"huber"``
+    for regression tasks; ``loss_options`` is a plain dict of its options
+    (``focal``: ``gamma``, ``alpha``, ``label_smoothing``; ``bce``:
+    ``label_smoothing``; ``jrc``: ``alpha``, ``session``; ``huber``:
+    ``delta``). Formulas and defaults: ``mtl_lightning.losses.task_losses``.
+    An unknown loss or option, or an option value out of range, raises
+    ``ValueError`` naming the task. Both are plain data, so ``to_config``,
+    YAML configs and checkpoints carry them; a task written before they
+    existed loads with its kind's default loss.
     """
 
     name: str
@@ -44,6 +57,8 @@ class Task:
     weight: float = 1.0
     sample_weight: str | None = None
     negative_sampling_rate: float = 1.0
+    loss: str | None = None
+    loss_options: dict[str, Any] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -68,6 +83,16 @@ class Task:
             raise ValueError(f"Task {self.name!r}: negative_sampling_rate applies to binary tasks, not {self.kind}")
         if self.label is None:
             object.__setattr__(self, "label", self.name)
+        if self.loss is None:
+            object.__setattr__(self, "loss", default_loss(self.kind))
+        if not isinstance(self.loss, str):
+            raise TypeError(f"Task {self.name!r}: loss must be a loss name, got {type(self.loss).__name__}")
+        options = {} if self.loss_options is None else self.loss_options
+        if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+            raise TypeError(f"Task {self.name!r}: loss_options must be a dict of option name -> value, got "
+                            f"{self.loss_options!r}")
+        check_loss(self.name, self.kind, self.loss, options)
+        object.__setattr__(self, "loss_options", dict(options))
 
     def to_config(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,11 +12,14 @@ With per-row sample ``weights`` (a batch's ``weights[task]``, see
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-LOSS_KINDS = ("binary", "regression")
+from .task_losses import LOSSES, row_losses
+
+LOSS_KINDS = tuple(LOSSES)
 
 
 def valid_mask(labels: Tensor, ignore_label: float | None = -1) -> Tensor:
@@ -28,12 +31,10 @@ def valid_mask(labels: Tensor, ignore_label: float | None = -1) -> Tensor:
 
 
 def elementwise_loss(prediction: Tensor, target: Tensor, kind: str) -> Tensor:
-    """Per-row loss: BCE on logits for ``binary``, squared error for ``regression``."""
-    if kind == "binary":
-        return F.binary_cross_entropy_with_logits(prediction, target, reduction="none")
-    if kind == "regression":
-        return (prediction - target) ** 2
-    raise ValueError(f"unknown task kind {kind!r}; choose from {LOSS_KINDS}")
+    """Per-row loss of the kind's default: BCE on logits for ``binary``, squared error for ``regression``."""
+    if kind not in LOSSES:
+        raise ValueError(f"unknown task kind {kind!r}; choose from {LOSS_KINDS}")
+    return row_losses(prediction, target, torch.ones_like(target, dtype=torch.bool), kind)
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -43,9 +44,12 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
 
 
 def masked_loss(prediction: Tensor, labels: Tensor, kind: str, ignore_label: float | None = -1,
-                weights: Tensor | None = None) -> Tensor:
+                weights: Tensor | None = None, loss: str | None = None, options: Mapping[str, Any] | None = None,
+                groups: Tensor | None = None) -> Tensor:
     """Mean loss of one task over its valid rows, weighted by ``weights`` (``(B,)``, >= 0) when given.
 
+    ``loss`` and ``options`` are a ``Task``'s ``loss`` and ``loss_options`` (the kind's default loss when
+    ``None``; see ``mtl_lightning.losses.task_losses``), ``groups`` the batch's group ids (JRC's sessions).
     See the module docstring. ``weights`` of another shape than ``labels``
     raise ``ValueError``; their values are not checked here (a data source that
     produces them checks them when it reads them).
@@ -55,7 +59,9 @@ def masked_loss(prediction: Tensor, labels: Tensor, kind: str, ignore_label: flo
     mask = valid_mask(labels, ignore_label)
     # Replace ignored labels before the loss: NaN * 0 would still be NaN.
     safe = torch.where(mask, labels, torch.zeros_like(labels))
-    losses = elementwise_loss(prediction, safe, kind)
+    if kind not in LOSSES:
+        raise ValueError(f"unknown task kind {kind!r}; choose from {LOSS_KINDS}")
+    losses = row_losses(prediction, safe, mask, kind, loss, options, groups)
     if weights is None:
         return masked_mean(losses, mask)
     if weights.shape != labels.shape:
