@@ -1,8 +1,9 @@
 """Standalone 2-process CPU DDP run (gloo) for tests/training/test_sparse_embeddings.py; Lightning re-launches this script.
 
-    python tests/scripts/ddp_sparse.py dense|sparse TRAIN_PARQUET OUT_DIR
+    python tests/scripts/ddp_sparse.py dense|sparse|din-dense|din-sparse TRAIN_PARQUET OUT_DIR
 
-Trains MMoE for two steps with ``sparse_embeddings`` off or on and saves, per
+Trains MMoE for two steps with ``sparse_embeddings`` off or on (``din-``: the click history read by DIN with
+the candidate item as query instead of mean-pooled) and saves, per
 rank, the item_id table's gradient as the optimizer sees it (after DDP's
 all-reduce) at each step and the final parameters.
 """
@@ -10,6 +11,7 @@ all-reduce) at each step and the final parameters.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -36,10 +38,13 @@ def main() -> None:
     mode, train, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = MMoE(synthetic_features(), synthetic_tasks(), num_experts=2, expert_hidden=(8,), tower_hidden=(4,))
-    module = MultiTaskLightningModule(model, lr=1e-2, sparse_embeddings=mode == "sparse",
+    features = synthetic_features()
+    if mode.startswith("din-"):
+        features = [replace(f, pooling="din", query="item_id") if f.name == "history" else f for f in features]
+    model = MMoE(features, synthetic_tasks(), num_experts=2, expert_hidden=(8,), tower_hidden=(4,))
+    module = MultiTaskLightningModule(model, lr=1e-2, sparse_embeddings=mode.endswith("sparse"),
                                       optimizer_kwargs={"eps": 1e-12})
-    dm = ParquetDataModule(train=train, tasks=synthetic_tasks(), features=synthetic_features(), batch_size=256)
+    dm = ParquetDataModule(train=train, tasks=synthetic_tasks(), features=features, batch_size=256)
     grab = GrabGradients()
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo"), max_steps=2,

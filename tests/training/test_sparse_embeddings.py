@@ -128,18 +128,20 @@ def test_refusals():
         _check_sparse_strategy(types.SimpleNamespace(world_size=2))
 
 
-def test_ddp_gloo_reduces_sparse_gradients(synthetic_paths, tmp_path):
+@pytest.mark.parametrize("history", ["mean", "din"])
+def test_ddp_gloo_reduces_sparse_gradients(synthetic_paths, tmp_path, history):
     """Two CPU processes: the all-reduced sparse gradient equals the all-reduced dense one on both ranks."""
     script = ROOT / "tests" / "scripts" / "ddp_sparse.py"
-    for mode in ("dense", "sparse"):
+    modes = ("dense", "sparse") if history == "mean" else ("din-dense", "din-sparse")  # din: the history by DIN
+    for mode in modes:
         done = subprocess.run([sys.executable, str(script), mode, str(synthetic_paths["train"]), str(tmp_path)],
                               capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
-    runs = {(mode, rank): torch.load(tmp_path / f"{mode}-rank{rank}.pt") for mode in ("dense", "sparse") for rank in (0, 1)}
-    reference = runs["dense", 0]["grads"]
+    runs = {(mode, rank): torch.load(tmp_path / f"{mode}-rank{rank}.pt") for mode in modes for rank in (0, 1)}
+    reference = runs[modes[0], 0]["grads"]
     assert len(reference) == 2 and reference[0].abs().sum() > 0
     for (mode, rank), run in runs.items():
         for got, want in zip(run["grads"], reference):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
-    for key, value in runs["sparse", 0]["state"].items():
-        assert torch.equal(runs["sparse", 1]["state"][key], value)  # the ranks stayed in sync
+    for key, value in runs[modes[1], 0]["state"].items():
+        assert torch.equal(runs[modes[1], 1]["state"][key], value)  # the ranks stayed in sync
