@@ -6,13 +6,13 @@ Used by the column store (``store.TableConverter``) and by feature inference.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mtl_lightning.features import DenseFeature, SequenceFeature, SparseFeature
+from mtl_lightning.features import DenseFeature, Feature, SequenceFeature, SparseFeature
 from mtl_lightning.tasks import Task
 
 
@@ -50,6 +50,56 @@ def _sparse_array(column: pa.ChunkedArray, feature: SparseFeature, path: Path) -
         raise ValueError(f"{path}: column {feature.name!r} has {column.null_count} null ids")
     _check_ids(column, feature.vocab_size, path, feature.name)
     return column.to_numpy().astype(np.int64, copy=False)
+
+
+def fill_advice(names: Sequence[str]) -> str:
+    """How to fill the missing values of the dense columns ``names``, as the data module's arguments."""
+    means = {name: "mean" for name in names}
+    return (f"fill them: ParquetDataModule(fill_missing={means!r}, missing_indicator=True) (the train split's mean, "
+            "or a constant such as 0.0, and a 0/1 feature <column>_missing)")
+
+
+def _missing(column: pa.ChunkedArray, feature: Feature) -> int:
+    """Rows of ``column`` with a missing value for ``feature``: null, NaN (dense), a null list or a null id inside."""
+    if isinstance(feature, DenseFeature):
+        if feature.dim != 1 or not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type)):
+            return column.null_count
+        nan = pc.sum(pc.is_nan(column)).as_py() if pa.types.is_floating(column.type) else 0
+        return column.null_count + int(nan or 0)
+    if isinstance(feature, SequenceFeature) and (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+        return column.null_count + int(pc.sum(pc.is_null(pc.list_flatten(column))).as_py() or 0)
+    return column.null_count
+
+
+def check_missing_values(table: pa.Table, features: Sequence[Feature], path: Path) -> None:
+    """Refuse missing values in feature columns, naming every such column of ``table`` in one ``ValueError``.
+
+    A dense column gets the ``fill_missing=`` that fills it, an id column the ``categorical=`` that maps
+    nulls to id 0; a sequence column needs an empty list instead of a null one. Missing columns are left
+    to the per-column checks (``_column``).
+    """
+    found: list[tuple[Feature, int]] = []
+    for feature in features:
+        if feature.name in table.column_names:
+            count = _missing(table.column(feature.name), feature)
+            if count:
+                found.append((feature, count))
+    if not found:
+        return
+    parts = [f"{f.name!r} ({count:,} missing in {table.num_rows:,} rows, a {type(f).__name__})" for f, count in found]
+    dense = [f.name for f, _ in found if isinstance(f, DenseFeature) and f.dim == 1]
+    ids = [f.name for f, _ in found if isinstance(f, SparseFeature)]
+    lists = [f.name for f, _ in found if isinstance(f, SequenceFeature) or (isinstance(f, DenseFeature) and f.dim > 1)]
+    advice = []
+    if dense:
+        advice.append(fill_advice(dense).replace("fill them", "fill the numbers"))
+    if ids:
+        vocabularies = {name: {} for name in ids}
+        advice.append(f"encode the ids: ParquetDataModule(categorical={vocabularies!r}) (nulls get id 0)")
+    if lists:
+        advice.append(f"write an empty list instead of a null one (or of a null id) in {lists}")
+    raise ValueError(f"{path}: {len(found)} feature column(s) have missing values (null or NaN): "
+                     + ", ".join(parts) + "; " + "; ".join(advice))
 
 
 _FILL_ADVICE = ("to fill missing values pass ParquetDataModule(fill_missing={{{name!r}: 0.0}}) (a constant) or "

@@ -9,10 +9,11 @@ from typing import Collection, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from lightning.pytorch.utilities import rank_zero_info
 
 from mtl_lightning.features import DenseFeature, Feature, SequenceFeature, SparseFeature
 
-from .columns import _list_values
+from .columns import _list_values, fill_advice
 from .files import check_unique, read_column, read_schema
 
 # An inferred id column is refused when its max id is this many times its number of distinct ids (and above
@@ -21,10 +22,17 @@ SPARSE_IDS_RATIO = 100
 SPARSE_IDS_MIN_VOCAB = 10_000
 
 
+def encode_advice(names: Sequence[str]) -> str:
+    """How to encode ``names`` instead of inferring them, as the data module's arguments."""
+    vocabularies = {name: {} for name in names}
+    return (f"encode {'it' if len(names) == 1 else 'them'}: ParquetDataModule(categorical={vocabularies!r}) (a "
+            "vocabulary of the values seen, nulls get id 0; num_buckets per column hashes instead), or give "
+            "the features in features=")
+
+
 def check_inferred_vocab(name: str, vocab_size: int, distinct: int, max_vocab: int) -> None:
     """Refuse an inferred id column whose table would be mostly unused rows or larger than ``max_vocab`` rows."""
-    advice = (f"encode it instead: categorical={{{name!r}: {{}}}} (a vocabulary of the ids seen) or "
-              f"categorical={{{name!r}: {{'num_buckets': N}}}} (hashing), or give its SparseFeature in features=")
+    advice = encode_advice([name])
     if vocab_size > max_vocab:
         raise ValueError(
             f"feature {name!r}: its largest id {vocab_size - 1} would make an embedding table of {vocab_size:,} rows, "
@@ -82,11 +90,25 @@ def infer_features(
     (``check_inferred_vocab``); a float column that holds only 0/1 (null, NaN
     and ``ignore_label`` aside) looks like a label of another task and gets a
     warning naming it (list it in ``exclude=``/``labels=`` if it is one).
+    Every column refused (strings, ids too large, other types) is named in one
+    ``ValueError``, with the ``categorical=`` that encodes those it can.
+
+    A Hive partition key of strings (``day=2026-11-01`` folders) is left out,
+    with a log line: it is a constant of each folder, not a feature, unless
+    asked for (``categorical=['day']``, or ``features=``). An integer key
+    (``day=3``) is an id column like any other.
     """
     schema = read_schema(files[0])  # with the partition columns; errors name the file
     check_unique(schema, [name for name in schema.names if name not in exclude], files[0])
     features: list[Feature] = []
     stat_files = list(stat_files or files)
+    string_keys = [p.name for p in getattr(files[0], "partitions", ()) if p.dtype != "int64" and p.name not in exclude]
+    if string_keys:
+        rank_zero_info(f"Hive partition key(s) {string_keys} of strings are left out of the inferred features; "
+                       f"ParquetDataModule(categorical={string_keys!r}) makes them features")
+    refused: list[str] = []
+    encodable: list[str] = []  # what categorical= makes features
+    fillable: list[str] = []  # what fill_missing= makes features
     for field in schema:
         name, ftype = field.name, field.type
         is_list = pa.types.is_list(ftype) or pa.types.is_large_list(ftype) or pa.types.is_fixed_size_list(ftype)
@@ -95,19 +117,34 @@ def infer_features(
                            for path in stat_files), default=0)
             features.append(SequenceFeature(name, vocab_size=2, max_len=max(longest, 1), embedding_dim=embedding_dim))
             continue
-        if name in exclude or name in encoded:
+        if name in exclude or name in encoded or name in string_keys:
+            continue
+        if pa.types.is_string(ftype) or pa.types.is_large_string(ftype) or pa.types.is_dictionary(ftype):
+            refused.append(f"column {name!r} holds {ftype} values (raw categories)")
+            encodable.append(name)
             continue
         if pa.types.is_integer(ftype) or (is_list and pa.types.is_integer(ftype.value_type)):
-            high, longest, distinct = 0, 0, 0
+            high, longest, distinct, nulls = 0, 0, 0, 0
             for path in stat_files:
                 column = read_column(path, name, like=(files[0], ftype))  # there, of the same kind, or an error
                 values = _list_values(column) if is_list else column
+                nulls += column.null_count
                 if len(values):
                     high = max(high, pc.max(values).as_py() or 0)
                     distinct += pc.count_distinct(values).as_py()
                 if is_list:
                     longest = max(longest, pc.max(pc.list_value_length(column)).as_py() or 0)
-            check_inferred_vocab(name, max(high + 1, 2) if is_list else high + 1, distinct, max_vocab)
+            if nulls and not is_list:
+                refused.append(f"column {name!r} holds integer ids and {nulls:,} nulls")
+                encodable.append(name)
+                continue
+            try:
+                check_inferred_vocab(name, max(high + 1, 2) if is_list else high + 1, distinct, max_vocab)
+            except ValueError as error:
+                refused.append(str(error).split("; encode it:")[0])
+                if not is_list:
+                    encodable.append(name)
+                continue
             if is_list:
                 features.append(SequenceFeature(name, vocab_size=max(high + 1, 2), max_len=max(longest, 1),
                                                 embedding_dim=embedding_dim))
@@ -115,11 +152,19 @@ def infer_features(
                 features.append(SparseFeature(name, vocab_size=high + 1, embedding_dim=embedding_dim))
         elif pa.types.is_floating(ftype):
             columns = [read_column(path, name, like=(files[0], ftype)) for path in stat_files]
+            missing = sum(column.null_count + int(pc.sum(pc.is_nan(column)).as_py() or 0) for column in columns)
+            if missing:
+                like_label = all(_looks_like_label(column, ignore_label) for column in columns)
+                refused.append(f"column {name!r} holds numbers and {missing:,} missing values (null or NaN)" + (
+                    f", and only 0/1 besides, like a label: if it is one, ParquetDataModule(labels=[{name!r}])"
+                    if like_label else ""))
+                fillable.append(name)
+                continue
             if all(_looks_like_label(column, ignore_label) for column in columns):
                 warnings.warn(
                     f"column {name!r} holds only 0/1 values, like a label; it is inferred as a dense feature. If it is "
                     f"the label of another task (a feature that is a label leaks the answer), pass "
-                    f"labels=[{name!r}] or exclude=[{name!r}] to ParquetDataModule", stacklevel=2,
+                    f"ParquetDataModule(labels=[{name!r}])", stacklevel=2,
                 )
             else:
                 whole = [_whole_numbers(column) for column in columns]
@@ -129,7 +174,8 @@ def infer_features(
                         f"distinct values counted per file), like integer ids written as floats; it is inferred as a "
                         f"dense feature (a quantity). If it holds ids (users, items, categories), make it categorical: "
                         f"ParquetDataModule(categorical=[{name!r}]) (a vocabulary of its values) or "
-                        f"categorical={{{name!r}: {{'num_buckets': N}}}} (hashing), or write it as an integer column "
+                        f"ParquetDataModule(categorical={{{name!r}: {{'num_buckets': 1_000_000}}}}) (hashing), or "
+                        f"write it as an integer column "
                         f"(inferred as ids). If it is a quantity (a count), give features=... to state it",
                         stacklevel=2,
                     )
@@ -137,9 +183,12 @@ def infer_features(
         elif pa.types.is_fixed_size_list(ftype) and pa.types.is_floating(ftype.value_type):
             features.append(DenseFeature(name, dim=ftype.list_size))
         else:
-            raise ValueError(
-                f"{files[0]}: cannot infer a feature spec for column {name!r} of type {ftype}; "
-                "pass features=..., list it in categorical=... (raw categories) or exclude=..."
-            )
+            refused.append(f"column {name!r} of type {ftype} has no feature spec to infer (give it in features=, "
+                           f"or leave it out: ParquetDataModule(exclude=[{name!r}]))")
+    if refused:
+        advice = [encode_advice(encodable)] if encodable else []
+        advice += [fill_advice(fillable)] if fillable else []
+        raise ValueError(f"{files[0]}: cannot infer the features of {len(refused)} column(s):\n  - "
+                         + "\n  - ".join(refused) + "".join(f"\n  {line}" for line in advice))
     return features
 

@@ -29,7 +29,7 @@ from mtl_lightning.tasks import Task
 
 from .columns import (
     _column, _dense_array, _key_dtype, _label_array, _sequence_array, _sparse_array, _weight_array, check_implied_labels,
-    key_array,
+    check_missing_values, key_array,
 )
 from .encoders import CategoricalEncoder, DenseNormalizer, MissingFiller, encode_table, fill_table
 from .files import ParquetReader, open_file
@@ -265,6 +265,7 @@ class TableConverter:
         if store is None:
             store, at = ColumnStore(self.slots(table.schema, path), table.num_rows), 0
         rows = slice(at, at + table.num_rows)
+        check_missing_values(table, self.features, path)  # every feature column with missing values at once
         for f in self.features:
             column = _column(table, f.name, path, "feature")
             if isinstance(f, SparseFeature):

@@ -1,19 +1,20 @@
 """``mtl-lightning``: the LightningCLI entry point (``fit``, ``validate``, ``test``, ``predict``).
 
-YAML files (or command-line flags) configure the three parts: ``configs/base.yaml``
-holds the data, the trainer and the logger, one small file per architecture
-(``configs/mmoe.yaml``) the model and the run's name; a later ``--config``
-overrides an earlier one::
+YAML files (or command-line flags) configure the three parts. A run stacks three files, a later
+``--config`` overriding an earlier one: ``configs/base.yaml`` (the seed, the trainer, the logger; no
+data set), a data file (``configs/data/synthetic.yaml`` for ``make demo``'s data, your own from
+``configs/data/template.yaml``) and an architecture file (``configs/mmoe.yaml``)::
 
-    mtl-lightning fit --config configs/base.yaml --config configs/mmoe.yaml --trainer.max_epochs=3
-    mtl-lightning fit --config configs/base.yaml --config configs/mmoe.yaml --trainer.strategy=ddp --trainer.devices=2
-    mtl-lightning test --config configs/base.yaml --config configs/mmoe.yaml --ckpt_path=runs/mmoe/version_0/checkpoints/last.ckpt
+    mtl-lightning fit --config configs/base.yaml --config configs/data/synthetic.yaml --config configs/mmoe.yaml
+    mtl-lightning test --config configs/base.yaml --config configs/data/synthetic.yaml --config configs/mmoe.yaml \
+        --ckpt_path=lightning_logs/mmoe/version_0/checkpoints/last.ckpt
 
 * ``model``: :class:`~mtl_lightning.module.MultiTaskLightningModule`; its
   ``model`` argument is the architecture, chosen by ``class_path`` — a full
   path (``mtl_lightning.architectures.MMoE``), a class name (``MMoE``) or a
   registry name (``mmoe``, see ``mtl_lightning.registry.names()``) — with its
-  hyper-parameters under ``init_args``.
+  hyper-parameters under ``init_args``. An unknown name is refused with the
+  registered names and the closest one.
 * ``data``: :class:`~datamodules.parquet.ParquetDataModule` (by default; ``build_cli(datamodule_class=...)``
   takes another data module class). The CLI names it by class path
   (``mtl_lightning.config.DEFAULT_DATAMODULE``), as it names the prediction
@@ -24,8 +25,8 @@ overrides an earlier one::
   (``mtl_lightning.layers.deferred_tables``), so no process allocates a whole
   table.
 * ``prediction_writer``: where ``predict`` writes its Parquet files, one per
-  rank (:class:`~datamodules.predictions.ParquetPredictionWriter`;
-  ``output_dir`` defaults to ``predictions``).
+  rank (:class:`~datamodules.predictions.ParquetPredictionWriter`); by default
+  the ``predictions/`` folder of the run (below).
 
 Two links spare the YAML from repeating itself: ``data.tasks`` becomes the
 architecture's ``tasks`` (when parsing), and the data module's feature specs
@@ -35,15 +36,34 @@ sizes are never written in a config. A third makes ``data.ignore_label`` (the
 label value that means "no label", checked by the reader) the module's
 ``ignore_label``, so the two always agree: set it under ``data``.
 
-What a run tells you. ``fit`` ends by printing the run's folder, the best
+Runs. The logger's ``name`` left ``null`` (as in ``configs/base.yaml``) becomes
+the architecture trained, with its weighting strategy unless ``static``
+(``lightning_logs/mmoe/version_N``, ``lightning_logs/mmoe_gradnorm/...``), so
+``--model.model=ple`` on top of ``configs/mmoe.yaml`` logs under ``ple``. A
+command that fails before its first training step removes the ``version_N``
+folder it created. ``fit`` ends by printing the run's folder, the best
 checkpoint's path and a table of the final validation metrics per task
-(:class:`~mtl_lightning.callbacks.RunSummary`). ``validate``, ``test`` and
-``predict`` with ``--ckpt_path=<run>/checkpoints/<file>.ckpt`` write into that
-run's folder ``<run>`` instead of a new ``version_N``: the logger's events
-(a ``TensorBoardLogger`` or ``CSVLogger`` whose ``version`` is not set), their
-config as ``config_<subcommand>.yaml`` (the fit's ``config.yaml`` is kept), and
-predictions in ``<run>/predictions/`` (unless ``--prediction_writer.output_dir``
-names another folder than the default ``predictions``); each prints where it wrote.
+(:class:`~mtl_lightning.callbacks.RunSummary`).
+
+``validate``, ``test`` and ``predict`` need a trained model: without
+``--ckpt_path`` they stop with an error saying how to pass one, unless
+``--untrained=true`` asks for the model as initialised. Given a checkpoint of a
+run (``<run>/checkpoints/<file>.ckpt``) they write into that run's folder
+instead of a new ``version_N``: the logger's events (a ``TensorBoardLogger`` or
+``CSVLogger`` whose ``version`` is not set), their config as
+``config_<subcommand>.yaml`` (the fit's ``config.yaml`` is kept), and
+predictions in ``<run>/predictions/``. Predictions always go into a run folder:
+another checkpoint's (or an untrained model's) go into the new run's
+``predictions/``, unless ``--prediction_writer.output_dir`` names a folder;
+each prints where it wrote.
+
+Errors. :func:`main` prints a user's mistake -- a data error, an unknown name,
+a missing file, a bad value -- as one message without a traceback
+(``mtl-lightning: error: ...``, see :mod:`mtl_lightning.cli_messages`), naming
+the config key and the file (or flag) that caused it, with hints in YAML and
+flag syntax; ``MTL_LIGHTNING_TRACEBACK=1`` (or ``--traceback``) shows the
+traceback instead. Lightning's tips, the TPU line, the model summary of the
+metric containers and ``hp_metric`` are left out.
 
 Configs and checkpoints are data. A ``class_path`` for ``model.model`` or
 ``model.weighting`` (in a YAML file, on the command line, or in the
@@ -62,8 +82,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import importlib
+import logging
+import os
+import shutil
 import sys
+import warnings
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -78,6 +104,7 @@ from lightning.pytorch.cli import LightningCLI
 from . import registry
 from .architectures.base import MultiTaskArchitecture
 from .callbacks import RunSummary, run_log_dir
+from .cli_messages import ConfigSources, user_message
 from .checkpoint import SafeCheckpointIO, check_checkpoint_file
 from .config import DEFAULT_DATAMODULE, PREDICTION_WRITER, default_class, resolve_class
 from .layers.embedding import deferred_tables
@@ -89,12 +116,43 @@ PARSER_MODE = "mtl_yaml"
 _ARCHITECTURE_KEYS = ("--model.model", "--model.model.class_path", "--model.model.help")
 
 
+def unknown_name_message(kind: str, name: str, known: Sequence[str]) -> str:
+    """``unknown architecture 'mmoee' (did you mean 'mmoe'?); registered names: ...``."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown {kind} {name!r}{hint}; registered names: {', '.join(sorted(known))}"
+
+
+def _check_registered(name: Any, key: str) -> None:
+    """A dot-free ``model.model`` / ``model.weighting`` name must be registered (or a registered class's name)."""
+    if not isinstance(name, str) or not name or "." in name:
+        return
+    if key.endswith("weighting"):
+        known, kind = list(STRATEGIES), "weighting strategy"
+        classes = [cls.__name__ for cls in STRATEGIES.values()]
+    else:
+        known, kind = registry.names(), "architecture"
+        classes = [registry.get(n).__name__ for n in known]
+    if name not in known and name not in classes:
+        raise ValueError(f"{key}: {unknown_name_message(kind, name, known)}")
+
+
 def _registry_path(name: Any) -> Any:
     """The import path of a registered architecture name; anything else unchanged."""
     if isinstance(name, str) and "." not in name and name in registry.names():
         cls = registry.get(name)
         return f"{cls.__module__}.{cls.__qualname__}"
     return name
+
+
+def registry_name(class_path: Any, registered: Any) -> str | None:
+    """The registered name of the class ``class_path`` names (an import path, a class name or a name)."""
+    if not isinstance(class_path, str):
+        return None
+    for name, cls in registered.items():
+        if class_path in (name, cls.__name__, f"{cls.__module__}.{cls.__qualname__}"):
+            return name
+    return class_path.rpartition(".")[2].lower() or None
 
 
 def _resolve_registry_names(value: Any) -> Any:
@@ -134,11 +192,12 @@ def check_class_paths(config: Any, where: str = "", import_modules: bool = False
         check_class_paths(config.get("model"), f"{where}model.", import_modules)
         return
     model = config.get("model")
-    if isinstance(model, str) and "." in model:
-        resolve_class(model, MultiTaskArchitecture, f"{where}model", import_modules=import_modules)
-    if isinstance(model, dict) and "class_path" in model:
-        resolve_class(model["class_path"], MultiTaskArchitecture, f"{where}model", import_modules=import_modules)
+    model_path = model.get("class_path") if isinstance(model, dict) else model
+    _check_registered(model_path, f"{where}model")
+    if isinstance(model_path, str) and "." in model_path:
+        resolve_class(model_path, MultiTaskArchitecture, f"{where}model", import_modules=import_modules)
     weighting = config.get("weighting")
+    _check_registered(weighting.get("class_path") if isinstance(weighting, dict) else weighting, f"{where}weighting")
     if isinstance(weighting, dict) and "class_path" in weighting:
         resolve_class(weighting["class_path"], WeightingStrategy, f"{where}weighting", registered=STRATEGIES,
                       import_modules=import_modules)
@@ -247,7 +306,7 @@ def _check_argument(key: str, value: str) -> None:
         return  # jsonargparse reports it
     if isinstance(loaded, dict):
         check_class_paths({name.split(".")[1]: loaded}, "model.", import_modules=True)
-    elif isinstance(loaded, str) and (key.endswith(".class_path") or name == "model.model") and "." in loaded:
+    elif isinstance(loaded, str):
         check_class_paths({name.split(".")[1]: {"class_path": loaded}}, "model.", import_modules=True)
 
 
@@ -274,12 +333,43 @@ def run_folder(ckpt_path: Any) -> Path | None:
 _RUN_LOGGERS = ("TensorBoardLogger", "CSVLogger")
 
 
+_EVALUATING = ("validate", "test", "predict")
+DEFAULT_PREDICTIONS = "predictions"
+
+
+def _untrained_refusal(subcommand: str) -> str:
+    return (f"{subcommand} needs a trained model: pass its checkpoint with --ckpt_path=PATH (fit prints it: "
+            f"lightning_logs/<name>/version_<n>/checkpoints/<file>.ckpt; ckpt_path: PATH in a config file), "
+            f"or --untrained=true to {subcommand} with the model as initialised")
+
+
 class MultiTaskCLI(LightningCLI):
-    """LightningCLI with the data -> architecture links (tasks at parse time, features at instantiation)."""
+    """LightningCLI with the data -> architecture links (tasks at parse time, features at instantiation).
+
+    ``exit_on_error=False`` makes an argument error raise ``ArgumentError`` instead of printing the whole
+    usage and exiting (:func:`main` prints one line for it).
+    """
+
+    def __init__(self, *args: Any, exit_on_error: bool = True, **kwargs: Any) -> None:
+        self.exit_on_error = exit_on_error
+        super().__init__(*args, **kwargs)
+
+    def init_parser(self, **kwargs: Any) -> Any:
+        kwargs.setdefault("exit_on_error", self.exit_on_error)
+        return super().init_parser(**kwargs)
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> Any:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in _EVALUATING:
+            parser.add_argument("--untrained", type=bool, default=False,
+                                help=f"{subcommand} with the model as initialised, without --ckpt_path")
+        if "weights_only" in self._subcommand_method_arguments.get(subcommand, []):
+            parser.set_defaults(weights_only=True)  # SafeCheckpointIO loads with weights_only=True anyway
+        return parser
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(prediction_writer_class(), "prediction_writer")
-        parser.set_defaults({"prediction_writer.output_dir": "predictions"})
+        parser.set_defaults({"prediction_writer.output_dir": DEFAULT_PREDICTIONS})
         parser.link_arguments("data.tasks", "model.model.init_args.tasks", apply_on="parse")
         parser.link_arguments("data.ignore_label", "model.ignore_label", apply_on="parse")
         parser.link_arguments("data", "model.model.init_args.features", compute_fn=_features_of,
@@ -296,6 +386,8 @@ class MultiTaskCLI(LightningCLI):
             self.config = parser.parse_args(args)
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if subcommand in _EVALUATING and not ckpt_path and not self.config[subcommand].get("untrained"):
+            parser.error(_untrained_refusal(subcommand))
         if ckpt_path and "://" not in str(ckpt_path) and ckpt_path not in ("last", "best", "hpc", "registry"):
             try:
                 check_checkpoint(ckpt_path)  # before LightningCLI reads its hyper_parameters into the config
@@ -328,8 +420,11 @@ class MultiTaskCLI(LightningCLI):
         return isinstance(found, type) and issubclass(found, TorchRecStrategy)
 
     def before_instantiate_classes(self) -> None:
-        """``validate``/``test``/``predict`` from a run's checkpoint write into that run (see the module docstring)."""
+        """The run's name; ``validate``/``test``/``predict`` from a run's checkpoint write into that run (see the
+        module docstring)."""
         subcommand = self.subcommand
+        self.run_folder = None
+        self._name_run()
         if subcommand in (None, "fit"):
             return
         config = self.config[subcommand]
@@ -344,8 +439,51 @@ class MultiTaskCLI(LightningCLI):
             if init.get("version") is None:  # log into <run> itself: save_dir / name / version
                 init["save_dir"], init["name"], init["version"] = str(run.parent.parent), run.parent.name, run.name
                 logger["init_args"] = init
-        if subcommand == "predict" and str(config.get("prediction_writer", {}).get("output_dir")) == "predictions":
-            config["prediction_writer"]["output_dir"] = str(run / "predictions")
+        if subcommand == "predict" and str(config.get("prediction_writer", {}).get("output_dir")) == DEFAULT_PREDICTIONS:
+            config["prediction_writer"]["output_dir"] = str(run / DEFAULT_PREDICTIONS)
+
+    def _name_run(self) -> None:
+        """A logger ``name`` left ``null``: the architecture's registered name (``_<weighting>`` unless static)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        logger = (config.get("trainer") or Namespace()).get("logger")
+        if not isinstance(logger, Namespace) or not isinstance(logger.get("init_args"), Namespace):
+            return
+        if logger["init_args"].get("name", "") is not None:
+            return
+        model = config.get("model") or Namespace()
+        architecture = model.get("model")
+        path = architecture.get("class_path") if isinstance(architecture, Namespace) else architecture
+        name = registry_name(path, {n: registry.get(n) for n in registry.names()}) or "model"
+        weighting = model.get("weighting")
+        weighting = weighting.get("class_path") if isinstance(weighting, Namespace) else weighting
+        strategy = registry_name(weighting, STRATEGIES) if weighting is not None else "static"
+        logger["init_args"]["name"] = name if strategy in (None, "static") else f"{name}_{strategy}"
+
+    # --------------------------------------------------------------- running a subcommand
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Runs it; a failure before the first training step removes the run folder this command created."""
+        log_dir = run_log_dir(self.trainer) if self.trainer.is_global_zero else None
+        created = log_dir is not None and "://" not in str(log_dir) and not Path(log_dir).exists()
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if created and self.trainer.global_step == 0 and Path(log_dir).is_dir():
+                shutil.rmtree(log_dir, ignore_errors=True)
+            raise
+
+    def before_predict(self) -> None:
+        """Predictions go into a run folder: the checkpoint's run, else the run this command logs to."""
+        for writer in self._writers():
+            if self.run_folder is None and str(writer.output_dir) == DEFAULT_PREDICTIONS:
+                log_dir = run_log_dir(self.trainer)
+                if log_dir is None:
+                    raise ValueError("predict writes its predictions into the run folder of the logger, and this "
+                                     "command has none (trainer.logger: false): name a folder with "
+                                     "--prediction_writer.output_dir=DIR")
+                writer.output_dir = Path(log_dir) / DEFAULT_PREDICTIONS
+
+    def _writers(self) -> list[Any]:
+        return [c for c in self.trainer.callbacks if isinstance(c, prediction_writer_class())]
 
     def _say_where(self, subcommand: str) -> None:
         if not self.trainer.is_global_zero:
@@ -354,8 +492,7 @@ class MultiTaskCLI(LightningCLI):
         if log_dir:
             print(f"{subcommand}: logged to {log_dir}", flush=True)
         if subcommand == "predict":
-            writers = [c for c in self.trainer.callbacks if isinstance(c, prediction_writer_class())]
-            for writer in writers:
+            for writer in self._writers():
                 print(f"predict: predictions written to {writer.output_dir}", flush=True)
 
     def after_validate(self) -> None:
@@ -379,17 +516,22 @@ class MultiTaskCLI(LightningCLI):
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
         if not any(isinstance(c, RunSummary) for c in callbacks):  # fit ends with the run summary
             kwargs["callbacks"] = [*callbacks, RunSummary()]
+        if config.get("enable_model_summary") is None:  # RunSummary's one line instead of a table of metric modules
+            kwargs["enable_model_summary"] = False
         return super().instantiate_trainer(**kwargs)
 
 
 def build_cli(
-    args: Sequence[str] | None = None, run: bool = True, datamodule_class: type[LightningDataModule] | str | None = None
+    args: Sequence[str] | None = None, run: bool = True, datamodule_class: type[LightningDataModule] | str | None = None,
+    exit_on_error: bool = True,
 ) -> MultiTaskCLI:
     """The CLI object (``run=False`` parses and instantiates without running a subcommand).
 
     ``datamodule_class``: the data module the ``data`` section configures, a
     class or its class path (a subclass of ``LightningDataModule`` with a
     ``prepare_features()`` method); default ``ParquetDataModule``.
+    ``exit_on_error=False``: an argument error raises ``argparse.ArgumentError``
+    instead of printing the usage and exiting (:func:`main` sets it).
     """
     if datamodule_class is None:
         datamodule_class = default_class(DEFAULT_DATAMODULE, LightningDataModule, "data")
@@ -406,12 +548,65 @@ def build_cli(
         parser_kwargs={"parser_mode": PARSER_MODE},
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        exit_on_error=exit_on_error,
     )
 
 
+TRACEBACK_VARIABLE = "MTL_LIGHTNING_TRACEBACK"
+USER_ERRORS = (ValueError, TypeError, ArgumentError, FileNotFoundError)
+
+
+class _Quiet(logging.Filter):
+    """Drops Lightning's messages that say nothing about this run (tips for other products, the TPU line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("💡 Tip:"):
+            return False
+        return not (message.startswith("TPU available: False") or message.startswith("`weights_only` was not set"))
+
+
+@contextlib.contextmanager
+def quiet_lightning():
+    """The noise of a command left out (see :class:`_Quiet`; torch's pytree deprecation that Lightning triggers)."""
+    quiet = _Quiet()
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch",
+                                                    "lightning.fabric.utilities.rank_zero")]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+            yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
+
+
 def main(args: Sequence[str] | None = None) -> None:
-    """Console-script entry point; ``args`` defaults to ``sys.argv[1:]``."""
-    build_cli(args)
+    """Console-script entry point; ``args`` defaults to ``sys.argv[1:]``.
+
+    A user's mistake (``ValueError``, ``TypeError``, a missing file, an argument jsonargparse refuses)
+    ends the command with ``mtl-lightning: error: <message>`` on stderr and exit status 2, without a
+    traceback (see :mod:`mtl_lightning.cli_messages`); ``MTL_LIGHTNING_TRACEBACK=1`` in the environment, or
+    ``--traceback`` among the arguments, raises it with its traceback instead. Any other exception is
+    raised as it is.
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    show_traceback = "--traceback" in args or os.environ.get(TRACEBACK_VARIABLE, "").lower() not in ("", "0", "false")
+    args = [a for a in args if a != "--traceback"]
+    try:
+        with quiet_lightning():
+            build_cli(args, exit_on_error=False)
+    except USER_ERRORS as error:
+        if show_traceback:
+            raise
+        message = user_message(error, ConfigSources(args))
+        if message.startswith("unknown option") and args and args[0] in _SUBCOMMANDS:
+            message += f" (mtl-lightning {args[0]} --help lists every option)"
+        print(f"mtl-lightning: error: {message}\n  ({TRACEBACK_VARIABLE}=1 shows the traceback)",
+              file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -157,9 +158,22 @@ def test_partitions_in_feature_inference_and_exclude(hive, streaming):
     day, region = expected_partitions()
     batch = epoch_batches(dm)[0]
     assert batch["features"]["region"].tolist() == region[batch["row_id"].numpy()].tolist()
-    with pytest.raises(ValueError, match="cannot infer a feature spec for column 'day' of type string") as error:
-        datamodule(hive, features=None, exclude=["purchase"]).setup("fit")
-    assert "day=2026-11-01" in str(error.value)
+
+
+
+@MODES
+def test_a_string_partition_key_is_left_out_of_inference_with_a_log_line_unless_asked_for(hive, streaming, caplog):
+    """``day=2026-11-01`` folders: a constant of each folder, not a feature (docs/object-stores.md runs as written)."""
+    with caplog.at_level(logging.INFO):
+        dm = datamodule(hive, streaming=streaming, features=None, exclude=["purchase"])
+        dm.setup("fit")
+    assert "day" not in {f.name for f in dm.features} and "region" in {f.name for f in dm.features}
+    assert "Hive partition key(s) ['day'] of strings are left out of the inferred features" in caplog.text
+    assert "ParquetDataModule(categorical=['day']) makes them features" in caplog.text
+    asked = datamodule(hive, streaming=streaming, features=None, exclude=["purchase"], categorical=["day"])
+    asked.setup("fit")
+    day_feature = next(f for f in asked.features if f.name == "day")
+    assert day_feature.vocab_size == len(set(expected_partitions()[0].tolist())) + 1  # the days seen + id 0
 
 
 def test_a_partition_key_with_two_types_is_refused(tmp_path):
