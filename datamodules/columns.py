@@ -86,7 +86,7 @@ def check_missing_values(table: pa.Table, features: Sequence[Feature], path: Pat
                 found.append((feature, count))
     if not found:
         return
-    parts = [f"{f.name!r} ({count:,} missing in {table.num_rows:,} rows, a {type(f).__name__})" for f, count in found]
+    parts = [f"{f.name!r} ({count:,} in the {table.num_rows:,} rows read, a {type(f).__name__})" for f, count in found]
     dense = [f.name for f, _ in found if isinstance(f, DenseFeature) and f.dim == 1]
     ids = [f.name for f, _ in found if isinstance(f, SparseFeature)]
     lists = [f.name for f, _ in found if isinstance(f, SequenceFeature) or (isinstance(f, DenseFeature) and f.dim > 1)]

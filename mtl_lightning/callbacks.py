@@ -57,13 +57,35 @@ def run_log_dir(trainer: L.Trainer) -> str | None:
     return getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
 
 
+def model_line(pl_module: L.LightningModule) -> str:
+    """``MMoE: 124,673 parameters (124,673 trainable); tasks click, conversion, dwell``."""
+    model = getattr(pl_module, "model", pl_module)
+    parameters = list(pl_module.parameters())
+    total = sum(p.numel() for p in parameters)
+    trainable = sum(p.numel() for p in parameters if p.requires_grad)
+    tasks = [t.name for t in getattr(pl_module, "tasks", ())]
+    return (f"{type(model).__name__}: {total:,} parameters ({trainable:,} trainable)"
+            + (f"; tasks {', '.join(tasks)}" if tasks else ""))
+
+
 class RunSummary(L.Callback):
     """At the end of ``fit``, on rank 0: the run's folder, its best and last checkpoints, and a table of the final
     validation metrics per task (``metrics_table``). ``mtl-lightning fit`` adds it; from Python pass it in
-    ``Trainer(callbacks=[RunSummary()])``. The text is printed and kept in ``self.text``."""
+    ``Trainer(callbacks=[RunSummary()])``. The text is printed and kept in ``self.text``.
+
+    At the start of ``fit``, when the Trainer shows no model summary of its own
+    (``enable_model_summary=False``, the CLI's default), it prints one line instead: the architecture, its
+    number of parameters and the tasks (:func:`model_line`).
+    """
 
     def __init__(self) -> None:
         self.text = ""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lightning.pytorch.callbacks import ModelSummary
+
+        if trainer.is_global_zero and not any(isinstance(c, ModelSummary) for c in trainer.callbacks):
+            print(model_line(pl_module), flush=True)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:

@@ -455,7 +455,8 @@ class MultiTaskCLI(LightningCLI):
         path = architecture.get("class_path") if isinstance(architecture, Namespace) else architecture
         name = registry_name(path, {n: registry.get(n) for n in registry.names()}) or "model"
         weighting = model.get("weighting")
-        weighting = weighting.get("class_path") if isinstance(weighting, Namespace) else weighting
+        if isinstance(weighting, (Namespace, dict)):
+            weighting = weighting.get("class_path") or weighting.get("name")
         strategy = registry_name(weighting, STRATEGIES) if weighting is not None else "static"
         logger["init_args"]["name"] = name if strategy in (None, "static") else f"{name}_{strategy}"
 
@@ -469,6 +470,8 @@ class MultiTaskCLI(LightningCLI):
         except BaseException:
             if created and self.trainer.global_step == 0 and Path(log_dir).is_dir():
                 shutil.rmtree(log_dir, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    Path(log_dir).parent.rmdir()  # the run name's folder, if this run was its only one
             raise
 
     def before_predict(self) -> None:

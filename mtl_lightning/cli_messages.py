@@ -182,7 +182,8 @@ class ConfigSources:
             return
         for subcommand in _SUBCOMMANDS:  # a saved config.yaml of a run has its keys under the subcommand or not
             if isinstance(loaded.get(subcommand), dict):
-                loaded = {**loaded, **loaded.pop(subcommand)}
+                inner = loaded.pop(subcommand)
+                loaded = {**loaded, **inner}
         self._add("", loaded, path)
 
     def _add(self, key: str, value: Any, source: str) -> None:
@@ -209,13 +210,15 @@ class ConfigSources:
         A name counts when the message quotes it (``'purchase'``: a task's label column, an excluded
         column, a domain feature); a path or URI when it appears anywhere in the message.
         """
+        message = re.sub(r"\(columns: \[[^\]]*\]\)", "", message)  # a file's columns are not what it is about
         found = []
         for key, (value, source) in self.values.items():
             if key.startswith(("trainer.", "seed_everything")):
                 continue
             last = key.rpartition(".")[2]
             said = re.search(rf"(^|[\s(]){re.escape(last)}(=|:| must | should )", message) is not None
-            if said or any(_named(message, leaf) for leaf in _leaves(value)):
+            named_key = key.startswith("data.") and key.count(".") > 1 and _named(message, last)  # a mapping's key
+            if said or named_key or any(_named(message, leaf) for leaf in _leaves(value)):
                 found.append((key, source))
         return found
 
@@ -235,8 +238,9 @@ def _leaves(value: Any) -> Iterator[str]:
 def _named(message: str, value: str) -> bool:
     if f"'{value}'" in message or f'"{value}"' in message:
         return True
+    value = value.rstrip("/")  # a folder: the message may name a file in it
     return ("/" in value or "." in value) and len(value) > 3 and re.search(
-        rf"(^|[\s'\"(]){re.escape(value)}($|[\s'\":,)])", message) is not None
+        rf"(^|[\s'\"(]){re.escape(value)}($|[\s'\":,)/])", message) is not None
 
 
 def user_message(error: BaseException, sources: ConfigSources | None = None) -> str:
@@ -253,9 +257,17 @@ def user_message(error: BaseException, sources: ConfigSources | None = None) -> 
         key_match = re.match(r"([\w.]+): ", text)
         if key_match and sources.source(key_match.group(1)) and not named:
             named = [(key_match.group(1), sources.source(key_match.group(1)))]
-        lines = [f"  ({key}: set in {source})" for key, source in named if "command line" not in source]
-        lines += [f"  ({key}: set by {source})" for key, source in named
-                  if "command line" in source and not text.startswith(f"{key}: ")]
+        by_file: dict[str, list[str]] = {}
+        lines = []
+        for key, source in named:
+            if key.startswith("data.") and key.count(".") > 1:
+                key = ".".join(key.split(".")[:2])  # data.implied_labels.purchase -> data.implied_labels
+            if "command line" in source:
+                if not text.startswith(f"{key}: "):
+                    lines.append(f"  ({key}: set by {source})")
+            elif key not in by_file.setdefault(source, []):
+                by_file[source].append(key)
+        lines = [f"  ({', '.join(keys)}: set in {source})" for source, keys in by_file.items()] + lines
         if lines:
             text += "\n" + "\n".join(lines)
     return text

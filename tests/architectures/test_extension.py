@@ -130,13 +130,13 @@ def test_a_throwaway_architecture_trains_from_a_config(throwaway, tmp_path, monk
 
     paths = write_synthetic(tmp_path / "data", (4000, 1000, 10))
 
-    # the architecture's own file, as configs/<name>.yaml: the model and the run name; the rest is configs/base.yaml
-    config = {"model": {"model": {"class_path": throwaway, "init_args": {"hidden": 16}}, "lr": 0.02},
-              "trainer": {"logger": {"init_args": {"name": throwaway}}}}
+    # the architecture's own file, as configs/<name>.yaml: the model; the rest is configs/base.yaml and the data
+    config = {"model": {"model": {"class_path": throwaway, "init_args": {"hidden": 16}}, "lr": 0.02}}
     path = tmp_path / f"{throwaway}.yaml"
     path.write_text(yaml.safe_dump(config))
     monkeypatch.chdir(tmp_path)
-    cli = build_cli(["fit", f"--config={CONFIGS / 'base.yaml'}", f"--config={path}",
+    cli = build_cli(["fit", f"--config={CONFIGS / 'base.yaml'}", f"--config={CONFIGS / 'data' / 'synthetic.yaml'}",
+                     f"--config={path}",
                      f"--data.train={paths['train']}", f"--data.val={paths['val']}", "--data.test=null",
                      "--data.batch_size=200", "--trainer.max_epochs=1",
                      "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",

@@ -18,7 +18,8 @@ from mtl_lightning.cli import build_cli, resolve_registry_args
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
-BASE = ["--config", str(CONFIGS / "base.yaml")]  # data, trainer, logger: every architecture file goes on top of it
+# the trainer and the logger, then the synthetic data set: every architecture file goes on top of them
+BASE = ["--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "data" / "synthetic.yaml")]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.accelerator=cpu"]
 
 
@@ -46,7 +47,7 @@ def test_config_runs(name, tiny_paths, tmp_path, monkeypatch):
     torch.set_num_threads(2)
     cli = build_cli(["fit", *BASE, f"--config={config}", *_data_args(tiny_paths), "--data.batch_size=200",
                      "--trainer.fast_dev_run=true", *QUIET])
-    assert cli.config["fit"]["trainer"]["logger"]["init_args"]["name"] == name  # the architecture file names its runs
+    assert cli.config["fit"]["trainer"]["logger"]["init_args"]["name"] == name  # runs are named after what trains
     architecture = cli.model.model
     if name in registry.names():
         assert type(architecture) is registry.get(name)
@@ -55,30 +56,36 @@ def test_config_runs(name, tiny_paths, tmp_path, monkeypatch):
     label_columns = {"click", "conversion", "purchase", "dwell"}
     assert not label_columns & {f.name for f in architecture.features}, "a label column was inferred as a feature"
     assert {t.name for t in architecture.tasks} == {t.name for t in cli.datamodule.tasks}
-    # an architecture file's data.tasks replace base.yaml's whole (jsonargparse alone would merge them item by item)
+    # an architecture file's data.tasks replace the data file's whole (jsonargparse alone would merge them item by item)
     written = yaml.safe_load(config.read_text()).get("data", {}).get("tasks")
-    written = written or yaml.safe_load((CONFIGS / "base.yaml").read_text())["data"]["tasks"]
+    written = written or yaml.safe_load((CONFIGS / "data" / "synthetic.yaml").read_text())["data"]["tasks"]
     assert list(cli.datamodule.tasks) == [Task(**t) for t in written]
     metrics = cli.trainer.callback_metrics
     assert torch.isfinite(metrics["train/loss"]) and "val/click/auc" in metrics
     assert cli.trainer.global_step >= 1
 
 
-def test_configs_share_a_base_and_each_architecture_file_is_small():
+def test_configs_are_layered_base_data_architecture():
+    """base.yaml and the architecture files hold no data-set keys: a user's own data file starts clean."""
     base = yaml.safe_load((CONFIGS / "base.yaml").read_text())
-    assert base["data"]["train"] == "data/synthetic/train.parquet"
-    assert "model" not in base["model"]  # the architecture comes from the second file
+    assert set(base["data"]) == {"batch_size"}  # no files, tasks, labels, group ... of any data set
+    assert "model" not in base["model"]  # the architecture comes from its own file
     assert base["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.TensorBoardLogger"
+    assert base["trainer"]["logger"]["init_args"]["name"] is None  # named after the architecture trained
+    synthetic = yaml.safe_load((CONFIGS / "data" / "synthetic.yaml").read_text())
+    assert set(synthetic) == {"data"} and synthetic["data"]["train"] == "data/synthetic/train.parquet"
+    template = yaml.safe_load((CONFIGS / "data" / "template.yaml").read_text())
+    assert set(template) == {"data"} and {"train", "val", "tasks"} <= set(template["data"])
     for path in sorted(CONFIGS.glob("*.yaml")):
         if path.stem == "base":
             continue
         config = yaml.safe_load(path.read_text())
-        assert set(config) <= {"model", "data", "trainer"}, path
+        assert set(config) <= {"model", "data"}, path  # no trainer: the run's name follows the model
         assert config["model"]["model"]["class_path"] in registry.names(), path
-        # the trainer and the logger live in base.yaml; an architecture file only names its runs
-        assert config["trainer"] == {"logger": {"init_args": {"name": path.stem}}}, path
-        assert "train" not in config.get("data", {}), path  # the data files live in base.yaml
-        assert f"--config configs/base.yaml --config configs/{path.name}" in path.read_text(), path  # its usage line
+        # an architecture file may say which tasks it trains (a CVR model's click and conversion), nothing else
+        assert set(config.get("data", {})) <= {"tasks"}, path
+        assert f"--config configs/base.yaml --config configs/data/synthetic.yaml --config configs/{path.name}" in (
+            path.read_text()), path  # its usage line
 
 
 def test_registry_names_on_the_command_line_become_class_paths():
@@ -98,7 +105,7 @@ def test_fit_validate_test_predict(tiny_paths, tmp_path, monkeypatch, capsys):
     assert type(cli.model.model).__name__ == "SharedBottom"
     assert cli.model.model.features[0].embedding_dim == 4  # data.embedding_dim reached the inferred specs
     run = Path(cli.trainer.log_dir).resolve()
-    assert run == tmp_path / "runs" / "mmoe" / "version_0"
+    assert run == tmp_path / "lightning_logs" / "shared_bottom" / "version_0"  # the architecture trained names it
     checkpoint = next((run / "checkpoints").glob("*.ckpt"))
     assert checkpoint.name == "epoch=2-step=12.ckpt"  # 1000 rows / 250 per batch * 3 epochs
     saved = yaml.safe_load((run / "config.yaml").read_text())
@@ -117,7 +124,7 @@ def test_fit_validate_test_predict(tiny_paths, tmp_path, monkeypatch, capsys):
     # validate from the run's checkpoint logs into that run (no version_1), its config beside the fit's
     validated = build_cli(["validate", *small, f"--ckpt_path={checkpoint}"])
     assert Path(validated.trainer.log_dir).resolve() == run
-    assert not (tmp_path / "runs" / "mmoe" / "version_1").exists()
+    assert not (tmp_path / "lightning_logs" / "shared_bottom" / "version_1").exists()
     assert f"validate: logged to {validated.trainer.log_dir}" in capsys.readouterr().out
     assert yaml.safe_load((run / "config.yaml").read_text()) == saved  # the fit's config is kept
     assert yaml.safe_load((run / "config_validate.yaml").read_text())["ckpt_path"] == str(checkpoint)
@@ -138,7 +145,8 @@ def test_fit_validate_test_predict(tiny_paths, tmp_path, monkeypatch, capsys):
     build_cli(["predict", *small, f"--ckpt_path={checkpoint}", f"--data.predict={tiny_paths['test']}"])
     assert f"predict: predictions written to {run / 'predictions'}" in capsys.readouterr().out
     assert pq.read_table(run / "predictions" / "predictions-rank00000.parquet").equals(table)
-    assert not (tmp_path / "predictions").exists() and not (tmp_path / "runs" / "mmoe" / "version_1").exists()
+    assert not (tmp_path / "predictions").exists()
+    assert not (tmp_path / "lightning_logs" / "shared_bottom" / "version_1").exists()
 
 
 def test_unknown_architecture_is_rejected(tiny_paths, tmp_path, monkeypatch, capsys):
@@ -159,7 +167,7 @@ def test_ddp_with_two_processes_on_cpu(tiny_paths, tmp_path):
            "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_epochs=1", *QUIET]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    checkpoints = list((tmp_path / "runs" / "mmoe" / "version_0" / "checkpoints").glob("*.ckpt"))
+    checkpoints = list((tmp_path / "lightning_logs" / "mmoe" / "version_0" / "checkpoints").glob("*.ckpt"))
     # 1000 rows, 100 per batch: 10 steps on one process, 5 per rank with two
     assert [p.name for p in checkpoints] == ["epoch=0-step=5.ckpt"]
     state = torch.load(checkpoints[0], weights_only=True, map_location="cpu")

@@ -25,7 +25,8 @@ from mtl_lightning.weighting import GradNorm, Static, WeightingStrategy, create_
 
 
 ROOT = Path(__file__).resolve().parents[2]
-MMOE_CONFIG = ["--config", str(ROOT / "configs" / "base.yaml"), "--config", str(ROOT / "configs" / "mmoe.yaml")]
+MMOE_CONFIG = ["--config", str(ROOT / "configs" / "base.yaml"), "--config", str(ROOT / "configs" / "data" / "synthetic.yaml"),
+               "--config", str(ROOT / "configs" / "mmoe.yaml")]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.accelerator=cpu",
          "--trainer.logger=false"]
 

@@ -83,14 +83,29 @@ def test_state_is_restored_into_a_data_module_without_train(files):
 
 
 def test_missing_value_errors_say_how_to_fill(files):
-    with pytest.raises(ValueError, match=r"column 'price' has 1 null values; to fill missing values pass "
-                                         r"ParquetDataModule\(fill_missing=\{'price': 0.0\}\)"):
-        _module(files, exclude=["age"]).setup("fit")
+    # inferred features: every column with missing values is named at once (price: 2 + 2 over the splits; age: 1 + 1)
+    with pytest.raises(ValueError) as error:
+        _module(files).setup("fit")
+    message = str(error.value)
+    assert "train.parquet: cannot infer the features of 2 column(s)" in message
+    assert "column 'price' holds numbers and 4 missing values (null or NaN)" in message
+    assert "column 'age' holds integer ids and 2 nulls" in message
+    assert "ParquetDataModule(categorical={'age': {}})" in message
+    assert "ParquetDataModule(fill_missing={'price': 'mean'}, missing_indicator=True)" in message
     pq.write_table(pa.table({"price": pa.array([1.0, float("nan")]), "click": pa.array([0.0, 1.0])}),
                    files / "nan.parquet")
-    with pytest.raises(ValueError, match=r"nan.parquet: column 'price' has NaN or infinite values in 1 rows; to fill "
-                                         r".*fill_missing=\{'price': 'mean'\}.*missing_indicator=True"):
+    with pytest.raises(ValueError, match=r"(?s)nan.parquet: cannot infer .*'price' holds numbers and 1 missing values.*"
+                                         r"fill_missing=\{'price': 'mean'\}, missing_indicator=True"):
         ParquetDataModule(train=files / "nan.parquet", tasks=[Task("click")]).setup("fit")
+    # given features: the reader names every feature column with missing values of the file at once
+    given = [DenseFeature("price"), SparseFeature("age", 100, 4)]
+    with pytest.raises(ValueError) as error:
+        _module(files, features=given).setup("fit")
+    assert str(error.value).startswith(f"{files / 'train.parquet'}: 2 feature column(s) have missing values (null or "
+                                       "NaN): 'price' (1 in the 2 rows read, a DenseFeature), 'age' (1 in the 2 rows "
+                                       "read, a SparseFeature); fill the numbers: ParquetDataModule(fill_missing={'price': "
+                                       "'mean'}, missing_indicator=True)")
+    assert "encode the ids: ParquetDataModule(categorical={'age': {}}) (nulls get id 0)" in str(error.value)
     with pytest.raises(ValueError, match="expected a number or 'mean', got 'median'"):
         _module(files, fill_missing={"price": "median"})
     with pytest.raises(ValueError, match=r"missing_indicator names \['age'\], which are not in fill_missing"):
