@@ -9,7 +9,10 @@ for ``binary``, the squared error for ``regression``; focal, JRC, Huber and
 label smoothing in ``mtl_lightning.losses.task_losses``), averaged over the rows
 whose label is neither ``ignore_label`` nor NaN. A task with no valid row in a batch adds an
 exact zero that keeps the graph. The training loss is
-``weighting([L_1 .. L_T]) + model.auxiliary_loss(outputs, labels)``.
+``weighting([L_1 .. L_T]) + model.auxiliary_loss(outputs, labels)``. The labels
+are the batch's as the architecture completes them (``model.derive_labels``:
+ESMM's CTCVR = click · conversion from a conversion label given on clicked rows),
+for the losses and the metrics alike.
 
 Counterfactual CVR (``counterfactual=CounterfactualCVR(mode, click_task,
 conversion_task, ...)``, ESCM², Wang et al. SIGIR 2022), for any architecture
@@ -31,7 +34,9 @@ architecture has one), on the steps the logger writes and the last of an epoch;
 ``val/...`` and ``test/...`` metrics per task, group and scenario at the end of
 each evaluation epoch, computed by ``mtl_lightning.evaluation`` (where what is
 skipped as undefined, and why, is written), and a reliability diagram per binary
-task as a TensorBoard image ``<stage>/<task>/reliability``.
+task as a TensorBoard image ``<stage>/<task>/reliability``. The progress bar
+shows ``train/loss`` and the latest ``val/<task>/auc`` (binary) or
+``val/<task>/mse`` (regression).
 
 Warnings about tasks that cannot learn (``mtl_lightning.training_checks``): a
 task with no valid label in the rows of the first training epoch of a fit, a
@@ -273,17 +278,18 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
     # ---------------------------------------------------------------- training
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         outputs = self.model(batch["features"])
-        losses = self.compute_losses(outputs, batch["labels"], batch.get("weights"), batch.get("group"))
+        labels = self.model.derive_labels(batch["labels"])  # e.g. ESMM's CTCVR = click · conversion
+        losses = self.compute_losses(outputs, labels, batch.get("weights"), batch.get("group"))
         task_losses = [losses[t.name] for t in self.tasks]
         self.last_task_losses = task_losses  # the step's graph, for callbacks (gradient_conflict.GradientConflict)
         total = self.weighting(task_losses)  # a list: see weighting/base.py
-        aux = self.model.auxiliary_loss(outputs, batch["labels"])
+        aux = self.model.auxiliary_loss(outputs, labels)
         if aux is not None:
             total = total + aux
-        imputation = self.imputation_loss(outputs, batch["labels"])
+        imputation = self.imputation_loss(outputs, labels)
         if imputation is not None:
             total = total + imputation
-        self.training_checks.count_labels(batch["labels"])
+        self.training_checks.count_labels(labels)
         if self._logs_this_step(batch_idx):
             self.training_checks.check_losses(task_losses, total)
             logged = {f"train/{name}/loss": loss.detach() for name, loss in losses.items()}
@@ -292,8 +298,9 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
                 logged["train/aux_loss"] = aux.detach()
             if imputation is not None:
                 logged["train/imputation_loss"] = imputation.detach()
-            logged["train/loss"] = total.detach()
-            self.log_dict(logged, on_step=True, on_epoch=False, batch_size=len(next(iter(outputs.values()))))
+            rows = len(next(iter(outputs.values())))
+            self.log_dict(logged, on_step=True, on_epoch=False, batch_size=rows)
+            self.log("train/loss", total.detach(), on_step=True, on_epoch=False, batch_size=rows, prog_bar=True)
         return total
 
     def on_train_epoch_start(self) -> None:
@@ -338,14 +345,19 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         return self.trainer.strategy.reduce(value, reduce_op="sum") if self._trainer is not None else value
 
     # -------------------------------------------------------------- evaluation
+    def _with_derived_labels(self, batch: Batch) -> Batch:
+        return {**batch, "labels": self.model.derive_labels(batch["labels"])}  # type: ignore[typeddict-item]
+
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self.val_evaluation.update(evaluated_outputs(self, self.model(batch["features"]), batch["features"]), batch)
+        self.val_evaluation.update(evaluated_outputs(self, self.model(batch["features"]), batch["features"]),
+                                   self._with_derived_labels(batch))
 
     def on_validation_epoch_end(self) -> None:
         self._log_evaluation(self.val_evaluation)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self.test_evaluation.update(evaluated_outputs(self, self.model(batch["features"]), batch["features"]), batch)
+        self.test_evaluation.update(evaluated_outputs(self, self.model(batch["features"]), batch["features"]),
+                                    self._with_derived_labels(batch))
 
     def on_test_epoch_end(self) -> None:
         self._log_evaluation(self.test_evaluation)
@@ -357,7 +369,12 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
             self._reduce_sum, sanity_checking=trainer is not None and trainer.sanity_checking,
             callback_metrics=trainer.callback_metrics if trainer is not None else None,
         )
-        self.log_dict(logged, sync_dist=False)
+        # the progress bar shows each task's headline metric (AUC for a binary task, MSE for a regression task)
+        headline = {f"{evaluation.stage}/{t.name}/{'auc' if t.kind == 'binary' else 'mse'}" for t in self.tasks}
+        shown = {key: value for key, value in logged.items() if key in headline}
+        self.log_dict({key: value for key, value in logged.items() if key not in shown}, sync_dist=False)
+        if shown:
+            self.log_dict(shown, sync_dist=False, prog_bar=True)
         if trainer is not None and not trainer.sanity_checking and trainer.is_global_zero:
             log_reliability_figures(trainer.loggers, evaluation, trainer.global_step)
 

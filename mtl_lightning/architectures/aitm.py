@@ -25,7 +25,10 @@ module adds to the total (logged as ``train/aux_loss``).
 
 Labels: every task's label covers every impression (e.g. ``click`` and
 ``purchase`` = click AND conversion, 0 on non-clicked rows), not the ignore
-label. Choices where the paper is open: the transfer MLP is one layer of
+label. A step's label given only where the step before is 1 (a conversion
+label on clicked rows, null elsewhere: the usual log shape) is completed by
+``derive_labels``: 0 wherever the previous step's label is 0, so
+``[Task("click"), Task("conversion")]`` trains the funnel directly. Choices where the paper is open: the transfer MLP is one layer of
 width k with the activation; ``tower_hidden=()`` makes each tower a single
 linear layer, as in the authors' code; the calibrator averages over the batch.
 """
@@ -116,6 +119,14 @@ class AITM(MultiTaskArchitecture):
 
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {name: squeeze_logit(self.towers[name](z)) for name, z in self.fused(features).items()}
+
+    def derive_labels(self, labels: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Each step's labels over every impression: 0 wherever the previous step's (derived) label is 0."""
+        labels = dict(labels)
+        for earlier, later in zip(self.task_names, self.task_names[1:]):
+            if earlier in labels and later in labels:
+                labels[later] = torch.where(labels[earlier] == 0, torch.zeros_like(labels[later]), labels[later])
+        return labels
 
     def auxiliary_loss(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> Tensor | None:
         """The behavioural expectation calibrator ``alpha * sum_{t>=2} mean_i max(y_t - y_{t-1}, 0)``."""

@@ -134,6 +134,16 @@ class MultiTaskArchitecture(Configurable, nn.Module, metaclass=ABCMeta):
     def last_shared_parameters(self) -> list[nn.Parameter]:
         """The last layer shared by all tasks (GradNorm's ``W``); never the embedding tables."""
 
+    def derive_labels(self, labels: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The labels the training module trains and evaluates the tasks on, from a batch's ``labels``.
+
+        The default returns them unchanged. A funnel architecture fills in what its tasks' labels imply
+        (ESMM: CTCVR = click · conversion, so a conversion label given on clicked rows only is enough; AITM:
+        a step after a 0 is 0), so it accepts labels in the shape logs have. Called on every training,
+        validation and test batch, before the losses and the metrics.
+        """
+        return dict(labels)
+
     def auxiliary_loss(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> Tensor | None:
         """An architecture's own training signal (calibrator, penalty), added to the total loss.
 

@@ -16,7 +16,7 @@ The two towers are tied by the soft constraint ``r̂ + r̂* = 1``. Over D, the i
 The first term is ESCM²'s IPS loss, which ``MultiTaskLightningModule(counterfactual=CounterfactualCVR("ips"))``
 applies to the conversion task; the rest (the counterfactual term and the constraint) is this architecture's
 ``auxiliary_loss``. DCMT as in the paper is therefore ``dcmt`` with tasks ``ctr`` (click) and ``cvr`` (conversion,
-the ignore label on non-clicked rows) trained with ``counterfactual=CounterfactualCVR("ips")``
+null or the ignore label on non-clicked rows) trained with ``counterfactual=CounterfactualCVR("ips")``
 (``configs/dcmt.yaml``); the CVR prediction served is the factual tower's.
 
 Choices where the paper is open: ``constraint_weight`` (the paper's λ) defaults to 1; the propensity of the
@@ -68,6 +68,8 @@ def dcmt_counterfactual_loss(
 @register("dcmt")
 class DCMT(ESMM):
     """ESMM plus a counterfactual CVR tower, trained through ``auxiliary_loss`` (see the module docstring)."""
+
+    adds_ctcvr_task = False  # the paper trains ctr and cvr only; a ctcvr task given is trained on click · conversion
 
     def __init__(
         self,

@@ -30,11 +30,23 @@ is then an extra output (``extra_outputs()``), predicted but given no loss of
 its own. Listing ``Task("cvr", label="conversion")`` too adds the click-space
 CVR loss (conversion label on clicked rows, the ignore label elsewhere), or,
 with the module's ``counterfactual=`` option, the ESCM² IPS/DR loss.
+
+Logs in their usual shape (a click label on every impression, a conversion
+label on clicked rows only: null, NaN or the ignore label elsewhere) need no
+CTCVR column: ``derive_labels`` computes CTCVR = click · conversion per row
+(0 where the click is 0, the conversion label where it is 1, missing where the
+click is). With the click and conversion tasks given and no ctcvr task, the
+ctcvr task is added (``Task(ctcvr_task)``, weight 1) and trained on that
+product: ``tasks=[Task("ctr", label="click"), Task("cvr", label="conversion")]``
+trains ctr, cvr (click space) and ctcvr (not in DCMT, whose paper model has no
+CTCVR loss: ``adds_ctcvr_task``). A ctcvr task whose label column is
+given is made 0 on unclicked rows, so ``Task("ctcvr", label="conversion")`` is
+the paper's model from the same two columns.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +66,10 @@ def product_logit(a: Tensor, b: Tensor) -> Tensor:
 @register("esmm")
 class ESMM(MultiTaskArchitecture):
     """embedding -> [shared bottom] -> CTR tower and CVR tower; ctcvr is the product of their probabilities."""
+
+    #: Given the click and conversion tasks but no ctcvr task, add the ctcvr task (trained on click · conversion):
+    #: ESMM's and ESCM²'s losses both have the CTCVR term. DCMT's paper model has none, so DCMT sets ``False``.
+    adds_ctcvr_task: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -82,6 +98,9 @@ class ESMM(MultiTaskArchitecture):
         regression = [t.name for t in self.tasks if t.kind != "binary"]
         if regression:
             raise ValueError(f"{type(self).__name__}: every task is a probability, so binary; got regression {regression}")
+        if self.adds_ctcvr_task and ctcvr_task not in self.task_names and {click_task, conversion_task} <= set(
+                self.task_names):
+            self.tasks = (*self.tasks, Task(ctcvr_task))  # trained on click · conversion (derive_labels)
         self.embedding = self.input_layer()
         self.bottom = MLP(self.embedding.output_dim, bottom_hidden, activation=activation, dropout=dropout)
         self.towers = self._towers(self.bottom.output_dim, tower_hidden, activation, dropout,
@@ -90,6 +109,21 @@ class ESMM(MultiTaskArchitecture):
     def extra_outputs(self) -> dict[str, str]:
         names = (self.click_task, self.conversion_task, self.ctcvr_task)
         return {name: "binary" for name in names if name not in self.task_names}
+
+    def derive_labels(self, labels: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The ctcvr task's labels: click · conversion (see the module docstring); the others unchanged."""
+        labels = dict(labels)
+        click = labels.get(self.click_task)
+        if click is None or self.ctcvr_task not in self.task_names:
+            return labels
+        zero = torch.zeros_like(click)
+        if self.ctcvr_task in labels:  # a CTCVR label, or a conversion label given on clicked rows only
+            labels[self.ctcvr_task] = torch.where(click == 0, zero, labels[self.ctcvr_task])
+        elif self.conversion_task in labels:
+            unknown = torch.full_like(click, float("nan"))
+            labels[self.ctcvr_task] = torch.where(click == 0, zero,
+                                                  torch.where(click == 1, labels[self.conversion_task], unknown))
+        return labels
 
     def heads(self, shared: Tensor) -> dict[str, Tensor]:
         """ctr, cvr and ctcvr logits from the shared representation ``(B, H)``."""

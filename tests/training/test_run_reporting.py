@@ -76,3 +76,26 @@ def test_progress_bars_can_be_turned_off(tmp_path, capsys):
                              progress=False)
     data.setup("fit")
     assert "split" not in capsys.readouterr().err
+
+
+def test_the_progress_bar_shows_the_training_loss_and_each_tasks_latest_validation_metric(tmp_path, quiet_trainer):
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    _write(tmp_path / "train.parquet", 400, 0, 100)
+    _write(tmp_path / "val.parquet", 150, 2, 150)
+    for path in ("train.parquet", "val.parquet"):  # a regression task too: its headline metric is the MSE
+        table = pq.read_table(tmp_path / path)
+        pq.write_table(table.append_column("spend", pa.array(table.column("price").to_numpy() * 2.0)), tmp_path / path)
+    tasks = [Task("click"), Task("spend", kind="regression")]
+    data = ParquetDataModule(train=tmp_path / "train.parquet", val=tmp_path / "val.parquet", tasks=tasks,
+                             categorical=["city"], batch_size=100, embedding_dim=4, progress=False)
+    model = registry.create("shared_bottom", features=data.prepare_features(), tasks=tasks, bottom_hidden=(8,),
+                            tower_hidden=(4,))
+    bar = TQDMProgressBar()
+    trainer = quiet_trainer(max_epochs=2, enable_progress_bar=True, callbacks=[bar], log_every_n_steps=1)
+    module = MultiTaskLightningModule(model, lr=0.05)
+    trainer.fit(module, data)
+    shown = bar.get_metrics(trainer, module)
+    assert {"train/loss", "val/click/auc", "val/spend/mse"} <= set(shown), shown
+    assert not {"val/click/logloss", "val/spend/mae", "train/click/loss"} & set(shown)  # the headline only
+    assert shown["val/click/auc"] == pytest.approx(float(trainer.callback_metrics["val/click/auc"]), abs=1e-3)
