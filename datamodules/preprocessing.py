@@ -179,6 +179,7 @@ class Preprocessing:
             self.row_sources = {name: (before[name], rows) for name, rows in sources.items()}
             self.grown_from, self.grow_from = self.grow_from, None
             grew = True
+            self.describe_growth()
         if all(e.fitted for e in self.encoders.values()):
             features = self._resolve_categorical(features, given)
         return features, grew
@@ -234,6 +235,19 @@ class Preprocessing:
             rank_zero_info(f"{self.name} missing values filled with: " + ", ".join(
                 f"{name} = {f.value:.6g}" + (f" (+ {f.indicator_name})" if f.indicator else "")
                 for name, f in self.fillers.items()))
+
+    def describe_growth(self) -> None:
+        """Log, at INFO on rank 0, how each vocabulary grew on the train split: values before and after, the
+        newcomers admitted and the values evicted by a ``max_size`` cap (``row_sources``)."""
+        parts = []
+        for name, (before, sources) in self.row_sources.items():
+            kept = int((sources[1:] >= 1).sum())  # ids whose value the vocabulary had before (id 0 aside)
+            new, evicted = int((sources[1:] < 0).sum()), (before - 1) - kept
+            cap = getattr(self.encoders[name], "max_size", None)
+            parts.append(f"{name} {before - 1:,} -> {len(sources) - 1:,} values (+{new:,} new"
+                         + (f", {evicted:,} evicted: max_size {cap:,}" if evicted else "") + ")")
+        if parts:
+            rank_zero_info(f"{self.name} vocabularies grown on the train split: " + ", ".join(parts))
 
     # -------------------------------------------------------------- state
     def state_dict(self, features: Sequence[Feature] | None) -> dict[str, Any]:

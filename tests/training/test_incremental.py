@@ -237,3 +237,38 @@ def test_the_command_line_continues_from_yesterdays_checkpoint(tmp_path, monkeyp
     assert second.trainer.global_step == 2 * first.trainer.global_step  # day 2's epoch, after day 1's
     vocabulary = [cli.datamodule.encoders["shop"].values.to_pylist() for cli in (first, second)]
     assert vocabulary[1][:20] == vocabulary[0]
+
+
+def test_day_two_logs_how_each_vocabulary_grew_and_what_was_evicted(tmp_path, caplog):
+    """Local Hive folders ``day=...``: the string key stays out of the features; day 2's growth is logged."""
+    import logging
+
+    def write(day: str, shops: list[str], first: int) -> str:
+        rows = len(shops)
+        table = make_table(rows, seed=first).append_column("shop", pa.array(shops))
+        (tmp_path / day).mkdir()
+        pq.write_table(table, tmp_path / day / "part-0.parquet")
+        return f"{tmp_path}/{day.replace('day=', 'day=*')}/"  # a glob over the days: `day` is a partition key
+
+    day1 = write(DAY1, ["a"] * 50 + ["b"] * 30 + ["c"] * 20 + ["d"] * 10, 0)
+    day2 = write(DAY2, ["e"] * 40 + ["f"] * 20 + ["d"] * 10 + ["g"] * 40, 100)  # d again: 20 in all
+
+    def module(train: str) -> ParquetDataModule:
+        return ParquetDataModule(train=train, tasks=synthetic_tasks(), categorical={"shop": {"max_size": 5}},
+                                 labels=["purchase"], exclude=["user_id", "item_id", "category", "city", "history"],
+                                 grow_vocabulary=True, progress=False)
+
+    with caplog.at_level(logging.INFO):
+        first = module(day1)
+        first.setup("fit")
+        assert "day" not in {f.name for f in first.features}  # a Hive key of strings is no feature
+        second = module(day2)
+        second.load_state_dict(first.state_dict())
+        second.setup("fit")
+    logs = "\n".join(record.getMessage() for record in caplog.records)
+    assert "Hive partition key(s) ['day'] of strings are left out of the inferred features" in logs
+    # ranked by count over both days: a 50, e 40, g 40, b 30, c 20, d 20, f 20 -> a, e, g, b, c stay (cap 5);
+    # d is evicted (ties go to existing values, then lower ids: c before d)
+    assert second.encoders["shop"].values.to_pylist() == ["a", "b", "c", "e", "g"]
+    assert ("ParquetDataModule vocabularies grown on the train split: shop 4 -> 5 values (+2 new, 1 evicted: "
+            "max_size 5)") in logs
