@@ -40,7 +40,7 @@ the TensorBoard logs, and compares the models in a table.
 
 Every run logs `val/<task>/auc`, `val/<task>/gauc` (group AUC per user),
 `val/<task>/logloss`, `train/<task>/loss` and `train/<task>/weight` to TensorBoard.
-The same runs are one command each with the CLI, e.g. `mtl-lightning fit --config configs/base.yaml --config configs/mmoe.yaml`.""", []),
+The same runs are one command each with the CLI, e.g. `mtl-lightning fit --config configs/base.yaml --config configs/data/synthetic.yaml --config configs/mmoe.yaml`.""", []),
     ("code", """\
 # Settings (the test suite runs this notebook with smaller ones)
 TRAIN_ROWS, VAL_ROWS = 50_000, 10_000

@@ -30,9 +30,11 @@ def main() -> None:
     )
     model = MMoE(dm.features, tasks, num_experts=4, expert_hidden=(128, 64), tower_hidden=(32,))
     module = MultiTaskLightningModule(model, lr=2e-3)
-    logger = TensorBoardLogger(ROOT / "runs", name="demo_mmoe")
+    logger = TensorBoardLogger(ROOT / "lightning_logs", name="demo_mmoe", default_hp_metric=False)
+    print("Training MMoE on 100,000 synthetic rows for 3 epochs (a minute or two on a CPU); the progress bar "
+          "shows train/loss and each task's latest validation metric.", flush=True)
     trainer = L.Trainer(max_epochs=3, accelerator="auto", devices=1, logger=logger, log_every_n_steps=20,
-                        enable_progress_bar=False, enable_model_summary=False)
+                        enable_progress_bar=True, enable_model_summary=False)
     started = time.monotonic()
     trainer.fit(module, dm)
     elapsed = time.monotonic() - started
@@ -45,7 +47,7 @@ def main() -> None:
         values = [float(metrics[f"val/{task.name}/{n}"]) for n in names]
         print(f"{task.name:<12} {task.kind:<11} {names[0]:<12} {values[0]:>8.4f} {names[1]:<12} {values[1]:>8.4f}")
     print(f"\nTensorBoard logs: {logger.log_dir}")
-    print(f"Open them with:   {ROOT / '.venv/bin/tensorboard'} --logdir {ROOT / 'runs'}")
+    print(f"Open them with:   {ROOT / '.venv/bin/tensorboard'} --logdir {ROOT / 'lightning_logs'}")
 
 
 if __name__ == "__main__":
