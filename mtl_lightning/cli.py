@@ -82,7 +82,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import importlib
 import logging
 import os
@@ -116,25 +115,16 @@ PARSER_MODE = "mtl_yaml"
 _ARCHITECTURE_KEYS = ("--model.model", "--model.model.class_path", "--model.model.help")
 
 
-def unknown_name_message(kind: str, name: str, known: Sequence[str]) -> str:
-    """``unknown architecture 'mmoee' (did you mean 'mmoe'?); registered names: ...``."""
-    close = difflib.get_close_matches(name, list(known), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown {kind} {name!r}{hint}; registered names: {', '.join(sorted(known))}"
-
-
 def _check_registered(name: Any, key: str) -> None:
-    """A dot-free ``model.model`` / ``model.weighting`` name must be registered (or a registered class's name)."""
+    """A dot-free ``model.model`` / ``model.weighting`` name must be registered (or a registered class's name).
+
+    The error is the registry's own: the closest registered name, then all of them.
+    """
     if not isinstance(name, str) or not name or "." in name:
         return
-    if key.endswith("weighting"):
-        known, kind = list(STRATEGIES), "weighting strategy"
-        classes = [cls.__name__ for cls in STRATEGIES.values()]
-    else:
-        known, kind = registry.names(), "architecture"
-        classes = [registry.get(n).__name__ for n in known]
-    if name not in known and name not in classes:
-        raise ValueError(f"{key}: {unknown_name_message(kind, name, known)}")
+    names = STRATEGIES if key.endswith("weighting") else registry.ARCHITECTURES
+    if name not in names and name not in {cls.__name__ for cls in names.values()}:
+        raise ValueError(f"{key}: {names.unknown_name_message(name)}")
 
 
 def _registry_path(name: Any) -> Any:
@@ -453,7 +443,7 @@ class MultiTaskCLI(LightningCLI):
         model = config.get("model") or Namespace()
         architecture = model.get("model")
         path = architecture.get("class_path") if isinstance(architecture, Namespace) else architecture
-        name = registry_name(path, {n: registry.get(n) for n in registry.names()}) or "model"
+        name = registry_name(path, registry.ARCHITECTURES) or "model"
         weighting = model.get("weighting")
         if isinstance(weighting, (Namespace, dict)):
             weighting = weighting.get("class_path") or weighting.get("name")

@@ -163,7 +163,7 @@ def test_unknown_names_list_the_registered_ones_and_the_closest(synthetic, capsy
                           "registered names: adatt, aitm, "), err
     assert len(err.splitlines()) == 2 and "usage:" not in err  # no usage of a hundred lines
     code, _, err = run_main(["fit", *MMOE, "--model.weighting=gradnorn"], capsys)
-    assert "unknown weighting strategy 'gradnorn' (did you mean 'gradnorm'?)" in err
+    assert "unknown weighting 'gradnorn' (did you mean 'gradnorm'?)" in err
     (synthetic / "arch.yaml").write_text("model:\n  model:\n    class_path: plee\n")
     code, _, err = run_main(["fit", *MMOE, "--config", "arch.yaml"], capsys)
     assert code == 2 and "model.model: unknown architecture 'plee' (did you mean 'ple'?)" in err
