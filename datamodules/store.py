@@ -265,18 +265,23 @@ class TableConverter:
         if store is None:
             store, at = ColumnStore(self.slots(table.schema, path), table.num_rows), 0
         rows = slice(at, at + table.num_rows)
-        check_missing_values(table, self.features, path)  # every feature column with missing values at once
-        for f in self.features:
-            column = _column(table, f.name, path, "feature")
-            if isinstance(f, SparseFeature):
-                store.array("features", f.name)[rows] = _sparse_array(column, f, path)
-            elif isinstance(f, DenseFeature):
-                values = _dense_array(column, f, path)
-                if f.name in self.normalizers:
-                    values = self.normalizers[f.name].apply(values)
-                store.array("features", f.name)[rows] = values
-            else:
-                _sequence_array(column, f, path, out=store.array("features", f.name)[rows])
+        try:
+            for f in self.features:
+                column = _column(table, f.name, path, "feature")
+                if isinstance(f, SparseFeature):
+                    store.array("features", f.name)[rows] = _sparse_array(column, f, path)
+                elif isinstance(f, DenseFeature):
+                    values = _dense_array(column, f, path)
+                    if f.name in self.normalizers:
+                        values = self.normalizers[f.name].apply(values)
+                    store.array("features", f.name)[rows] = values
+                else:
+                    _sequence_array(column, f, path, out=store.array("features", f.name)[rows])
+        except ValueError:
+            # a column refused: if for missing values, name every feature column with missing values at once
+            # (scanned only now, so that a table without any costs nothing more)
+            check_missing_values(table, self.features, path)
+            raise
         for t in self.tasks:
             store.array("labels", t.name)[rows] = _label_array(_column(table, t.label, path, "label"), t, path,
                                                                  self.ignore_label)

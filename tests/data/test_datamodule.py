@@ -112,7 +112,7 @@ SPECS = [SparseFeature("u", 3), DenseFeature("x"), SequenceFeature("s", 4, max_l
         (dict(u=pa.array(["a", "b", "c"])), "column 'u' is a SparseFeature but has type string"),
         (dict(u=pa.array([0, -2, 1], pa.int64())), "column 'u' has a negative id"),
         (dict(u=pa.array([0, 3, 1], pa.int64())), "column 'u' has id 3 >= vocab_size 3"),
-        (dict(x=pa.array([0.1, float("nan"), 0.3], pa.float32())), "column 'x' has NaN"),
+        (dict(x=pa.array([0.1, float("nan"), 0.3], pa.float32())), r"feature column\(s\) have missing values \(null or NaN\): 'x' \(1 in the 3 rows read"),
         (dict(x=pa.array(["a", "b", "c"])), "column 'x' is a DenseFeature but has type string"),
         (dict(s=pa.array([[1], [9], []], pa.list_(pa.int64()))), "column 's' has id 9 >= vocab_size 4"),
         (dict(s=pa.array([1, 2, 3], pa.int64())), "column 's' is a SequenceFeature"),
