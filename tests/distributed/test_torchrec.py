@@ -430,6 +430,7 @@ def test_cli_trains_and_validates_with_the_strategy_by_class_path(tmp_path, monk
     paths = write_synthetic(tmp_path / "data", (600, 200, 200))
     monkeypatch.chdir(tmp_path)
     common = ["--config", str(Path(__file__).parents[2] / "configs" / "base.yaml"),
+              "--config", str(Path(__file__).parents[2] / "configs" / "data" / "synthetic.yaml"),
               "--config", str(Path(__file__).parents[2] / "configs" / "mmoe.yaml"), f"--data.train={paths['train']}",
               f"--data.val={paths['val']}", f"--data.test={paths['test']}", "--data.batch_size=200",
               "--data.embedding_dim=4",

@@ -220,7 +220,8 @@ def test_the_command_line_continues_from_yesterdays_checkpoint(tmp_path, monkeyp
         pq.write_table(day_table(300, shops, first), tmp_path / "logs" / day / "part-00000.parquet")
     monkeypatch.chdir(tmp_path)
     configs = Path(__file__).resolve().parents[2] / "configs"
-    common = ["--config", str(configs / "base.yaml"), "--config", str(configs / "mmoe.yaml"), "--data.row_id=rid",
+    common = ["--config", str(configs / "base.yaml"), "--config", str(configs / "data" / "synthetic.yaml"),
+              "--config", str(configs / "mmoe.yaml"), "--data.row_id=rid",
               "--data.categorical=[shop]", "--data.grow_vocabulary=true", "--data.batch_size=100",
               "--data.embedding_dim=4", "--data.test=null", "--trainer.accelerator=cpu",
               "--trainer.enable_progress_bar=false",

@@ -170,6 +170,7 @@ def test_gradnorm_config_runs_from_the_command_line(tmp_path, monkeypatch):
     paths = write_synthetic(tmp_path / "data", (600, 200, 200))
     monkeypatch.chdir(tmp_path)
     cli = build_cli(["fit", f"--config={ROOT / 'configs' / 'base.yaml'}",
+                     f"--config={ROOT / 'configs' / 'data' / 'synthetic.yaml'}",
                      f"--config={ROOT / 'configs' / 'mmoe_gradnorm.yaml'}", f"--data.train={paths['train']}",
                      f"--data.val={paths['val']}", f"--data.test={paths['test']}", "--data.batch_size=200",
                      "--trainer.max_steps=3", "--trainer.limit_val_batches=0", "--trainer.accelerator=cpu",
