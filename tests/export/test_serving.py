@@ -145,7 +145,7 @@ def test_serving_errors_name_the_column(trained, tmp_path):
     rows = pq.read_table(folder / "predict.parquet")
     with pytest.raises(ValueError, match="missing feature column 'age'"):
         preprocess(rows.drop(["age"]))
-    with pytest.raises(ValueError, match="column 'age' has NaN"):  # age was not filled in training
+    with pytest.raises(ValueError, match=r"missing values \(null or NaN\): 'age' \("):  # age was not filled in training
         preprocess(rows.set_column(rows.column_names.index("age"), "age", pa.array([float("nan")] * rows.num_rows)))
     with pytest.raises(TypeError, match="categorical column 'city' holds int64"):
         preprocess(rows.set_column(0, "city", pa.array(range(rows.num_rows), pa.int64())))

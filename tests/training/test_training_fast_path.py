@@ -16,13 +16,16 @@ def test_train_logs_only_on_written_steps(synthetic_paths, tmp_path, quiet_train
     torch.manual_seed(0)
     model = MMoE(synthetic_features(), synthetic_tasks(), num_experts=2, expert_hidden=(8,), tower_hidden=())
     module = MultiTaskLightningModule(model)
-    calls = []
-    original = module.log_dict
+    calls, shown = [], []
+    original, original_log = module.log_dict, module.log
     module.log_dict = lambda values, **kw: (calls.append(sorted(values)), original(values, **kw))[1]
+    module.log = lambda name, value, **kw: (kw.get("prog_bar") and shown.append(name), original_log(name, value, **kw))[1]
     trainer = quiet_trainer(max_steps=12, limit_val_batches=0, logger=CSVLogger(tmp_path), log_every_n_steps=5)
     trainer.fit(module, synthetic_datamodule(synthetic_paths, batch_size=256))
-    # steps 5 and 10 (0-based 4 and 9), which the logger writes, and the last one (for callbacks)
-    assert len(calls) == 3 and "train/loss" in calls[0] and "train/click/weight" in calls[0]
+    # steps 5 and 10 (0-based 4 and 9), which the logger writes, and the last one (for callbacks); the total loss is
+    # logged on its own, for the progress bar (log_dict logs each of its values through log, prog_bar=False)
+    assert len(calls) == 3 and "train/click/loss" in calls[0] and "train/click/weight" in calls[0]
+    assert shown == ["train/loss"] * 3
     with open(trainer.logger.experiment.metrics_file_path) as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
     assert [int(r["step"]) for r in rows] == [4, 9]  # what the logger writes is unchanged
@@ -35,12 +38,13 @@ def test_train_logs_only_the_last_step_when_the_logger_writes_none(synthetic_pat
     torch.manual_seed(0)
     module = MultiTaskLightningModule(MMoE(synthetic_features(), synthetic_tasks(), num_experts=2, expert_hidden=(8,),
                                            tower_hidden=()))
-    calls = []
-    original = module.log_dict
+    calls, shown = [], []
+    original, original_log = module.log_dict, module.log
     module.log_dict = lambda values, **kw: (calls.append(sorted(values)), original(values, **kw))[1]
+    module.log = lambda name, value, **kw: (kw.get("prog_bar") and shown.append(name), original_log(name, value, **kw))[1]
     trainer = quiet_trainer(max_steps=6, limit_val_batches=0, logger=CSVLogger(tmp_path), log_every_n_steps=0)
     trainer.fit(module, synthetic_datamodule(synthetic_paths, batch_size=256))
-    assert len(calls) == 1 and "train/loss" in calls[0]
+    assert len(calls) == 1 and "train/click/loss" in calls[0] and shown == ["train/loss"]
     assert float(trainer.callback_metrics["train/loss"]) > 0
 
 
