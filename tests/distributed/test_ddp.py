@@ -90,7 +90,8 @@ def test_ddp_validation_auc_over_all_ranks_equals_one_process_auc(ddp_run):
         return {0, 1} <= set(labels[labels >= 0].tolist())
 
     expected = {(task, c) for task in ("click", "conversion") for c in cities if defined(task, c)}
-    assert sorted(k for k in metrics[0] if "/domain=" in k) == sorted(f"val/{t}/auc/domain={c}" for t, c in expected)
+    assert sorted(k for k in metrics[0] if "/auc/domain=" in k) == sorted(f"val/{t}/auc/domain={c}" for t, c in expected)
+    assert {k.rsplit("/domain=", 1)[0].split("/")[-1] for k in metrics[0] if "/domain=" in k} >= {"auc", "ne", "pcoc"}
     assert len(cities) >= 3 and len(expected) > len(cities)
     for task, c in expected:
         assert auc(in_city(predictions, c), task) == pytest.approx(metrics[0][f"val/{task}/auc/domain={c}"], abs=1e-6)
