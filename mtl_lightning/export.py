@@ -97,6 +97,9 @@ from torch import Tensor, nn
 
 from .architectures.base import MultiTaskArchitecture
 from .features import DenseFeature, Feature, SequenceFeature, SparseFeature, feature_from_config
+from .exported_program import compiled_path, write_program
+from .quantized import DENSE_DTYPES, TABLE_DTYPES, check_dtypes, serving_copy
+from .verification import ExportVerificationError, Verification, report_path, verify_export
 
 
 # where the exported files keep the preprocessing fingerprint (see the module docstring)
@@ -464,14 +467,19 @@ class ScriptedPreprocessing(nn.Module):
 
 def export_onnx(
     model: nn.Module, path: str | Path, example: Mapping[str, Tensor] | None = None, opset_version: int = 17,
-    datamodule: Any = None,
+    datamodule: Any = None, table_dtype: str = "float32", dense_dtype: str = "float32",
+    verification: Verification | Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``model`` (architecture or Lightning module) as ONNX to ``path`` and its preprocessing beside it.
+    """Write ``model`` (architecture or Lightning module) as ONNX to ``path``, its preprocessing and its
+    verification report beside it.
 
     ``datamodule``: the ``ParquetDataModule`` it was trained with (or its ``state_dict()``); see the module docstring.
+    ``table_dtype`` / ``dense_dtype``: see :mod:`mtl_lightning.quantized`; ``verification``: see
+    :mod:`mtl_lightning.verification` (an export above a threshold raises ``ExportVerificationError``).
     """
+    check_dtypes(table_dtype, dense_dtype)
     fingerprint = json.loads(write_preprocessing(model, path, datamodule).read_text())["fingerprint"]
-    serving = _PositionalServingModel(model).eval()
+    serving = serving_copy(_PositionalServingModel(model), table_dtype, dense_dtype)
     example = dict(example) if example is not None else example_features(serving.model.features)
     missing = [n for n in serving.feature_names if n not in example]
     if missing:
@@ -490,25 +498,31 @@ def export_onnx(
             dynamic_axes={name: {0: "batch"} for name in [*serving.feature_names, *serving.binary]},
             opset_version=opset_version,
             dynamo=False,
+            do_constant_folding=dense_dtype == "float32",  # folding would store float16 weights' casts as float32
         )
     _add_onnx_fingerprint(path, fingerprint)
+    verify_export(model, path, "onnx", datamodule, verification, table_dtype, dense_dtype)
     return path
 
 
 def export_torchscript(
-    model: nn.Module, path: str | Path, example: Mapping[str, Tensor] | None = None, datamodule: Any = None
+    model: nn.Module, path: str | Path, example: Mapping[str, Tensor] | None = None, datamodule: Any = None,
+    table_dtype: str = "float32", dense_dtype: str = "float32",
+    verification: Verification | Mapping[str, Any] | None = None,
 ) -> Path:
-    """Trace ``model`` (architecture or Lightning module) and save it as TorchScript to ``path``, its preprocessing beside it.
+    """Trace ``model`` (architecture or Lightning module) and save it as TorchScript to ``path``, its preprocessing
+    and its verification report beside it.
 
     ``datamodule``: the ``ParquetDataModule`` it was trained with (or its ``state_dict()``); see the module docstring.
+    ``table_dtype``, ``dense_dtype``, ``verification``: as for :func:`export_onnx`.
     """
+    check_dtypes(table_dtype, dense_dtype)
     state = json.loads(write_preprocessing(model, path, datamodule).read_text())
     extra_files = {FINGERPRINT_FILE: state["fingerprint"]}
     scripted_path = preprocessing_path(path, ".pt")
     torch.jit.script(ScriptedPreprocessing(state)).save(str(scripted_path), _extra_files=extra_files)
-    serving = ServingModel(model)
     # a frozen copy: the saved module's outputs then do not require gradients (the given model is left as it is)
-    serving = copy.deepcopy(serving).eval().requires_grad_(False)
+    serving = serving_copy(ServingModel(model), table_dtype, dense_dtype)
     example = dict(example) if example is not None else example_features(serving.model.features)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -516,39 +530,75 @@ def export_torchscript(
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(serving, (example,), strict=False, check_trace=False)
     traced.save(str(path), _extra_files=extra_files)
+    verify_export(model, path, "torchscript", datamodule, verification, table_dtype, dense_dtype)
     return path
 
 
+def export_program(
+    model: nn.Module, path: str | Path, example: Mapping[str, Tensor] | None = None, datamodule: Any = None,
+    table_dtype: str = "float32", dense_dtype: str = "float32",
+    verification: Verification | Mapping[str, Any] | None = None, compile: bool = True,
+) -> Path:
+    """``torch.export`` ``model`` to ``path`` (``model.pt2``) and, with ``compile`` and a C++ compiler, AOTInductor
+    it to ``model.aoti.pt2`` (:mod:`mtl_lightning.exported_program`); preprocessing and report beside them (the
+    report measures the package where there is one). Arguments as for :func:`export_onnx`.
+    """
+    check_dtypes(table_dtype, dense_dtype)
+    fingerprint = json.loads(write_preprocessing(model, path, datamodule).read_text())["fingerprint"]
+    example = dict(example) if example is not None else example_features(_architecture(model).features)
+    compiled = write_program(model, path, example, fingerprint, table_dtype, dense_dtype, compile)
+    verify_export(model, path, "program", datamodule, verification, table_dtype, dense_dtype, served_path=compiled)
+    return Path(path)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m mtl_lightning.export CKPT [--onnx PATH] [--torchscript PATH]``."""
+    """``python -m mtl_lightning.export CKPT [--onnx PATH] [--torchscript PATH] [--program PATH] [options]``."""
     import argparse
 
     from .module import MultiTaskLightningModule
 
-    parser = argparse.ArgumentParser(description="Export a MultiTaskLightningModule checkpoint to ONNX / TorchScript.")
+    parser = argparse.ArgumentParser(description="Export a MultiTaskLightningModule checkpoint for serving; each "
+                                                 "export writes its preprocessing and a verification report beside it.")
     parser.add_argument("checkpoint", help="a checkpoint written by training (e.g. by mtl-lightning fit)")
     parser.add_argument("--onnx", help="where to write the ONNX file")
     parser.add_argument("--torchscript", help="where to write the TorchScript file")
+    parser.add_argument("--program", help="where to write the torch.export program (.pt2; AOTInductor: .aoti.pt2)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
+    parser.add_argument("--table-dtype", default="float32", choices=TABLE_DTYPES, help="embedding tables (default float32)")
+    parser.add_argument("--dense-dtype", default="float32", choices=DENSE_DTYPES, help="other weights (default float32)")
+    parser.add_argument("--split", help="Parquet file/folder/glob the report compares on (default: no labelled rows)")
+    parser.add_argument("--max-auc-drop", type=float, help="fail the export when a task's AUC drops by more")
+    parser.add_argument("--max-probability-difference", type=float, help="fail when a probability moves by more")
+    parser.add_argument("--latency-runs", type=int, default=100, help="timed calls per batch size in the report")
+    parser.add_argument("--no-compile", action="store_true", help="write the .pt2 program without AOTInductor")
     args = parser.parse_args(argv)
-    if not (args.onnx or args.torchscript):
-        parser.error("give --onnx and/or --torchscript")
+    if not (args.onnx or args.torchscript or args.program):
+        parser.error("give --onnx, --torchscript and/or --program")
     module = MultiTaskLightningModule.load_from_checkpoint(args.checkpoint, map_location="cpu")
     checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True, mmap=True)
     data_state = checkpoint.get("ParquetDataModule") if isinstance(checkpoint, dict) else None
+    options = dict(datamodule=data_state, table_dtype=args.table_dtype, dense_dtype=args.dense_dtype,
+                   verification=Verification(split=args.split, max_auc_drop=args.max_auc_drop,
+                                             max_probability_difference=args.max_probability_difference,
+                                             latency_runs=args.latency_runs))
     if args.onnx:
-        print(f"ONNX: {export_onnx(module, args.onnx, opset_version=args.opset, datamodule=data_state)}")
-        print(f"preprocessing: {preprocessing_path(args.onnx)}")
+        print(f"ONNX: {export_onnx(module, args.onnx, opset_version=args.opset, **options)}")
+        print(f"preprocessing: {preprocessing_path(args.onnx)}; report: {report_path(args.onnx, '.md')}")
     if args.torchscript:
-        print(f"TorchScript: {export_torchscript(module, args.torchscript, datamodule=data_state)}")
+        print(f"TorchScript: {export_torchscript(module, args.torchscript, **options)}")
         print(f"preprocessing: {preprocessing_path(args.torchscript)}"
               + (f", {preprocessing_path(args.torchscript, '.pt')}"
-                 if preprocessing_path(args.torchscript, ".pt").exists() else ""))
+                 if preprocessing_path(args.torchscript, ".pt").exists() else "")
+              + f"; report: {report_path(args.torchscript, '.md')}")
+    if args.program:
+        print(f"program: {export_program(module, args.program, compile=not args.no_compile, **options)}"
+              + (f", compiled: {compiled_path(args.program)}" if compiled_path(args.program).exists() else ""))
+        print(f"preprocessing: {preprocessing_path(args.program)}; report: {report_path(args.program, '.md')}")
 
 
-__all__ = ["export_onnx", "export_torchscript", "ServingModel", "ScriptedPreprocessing", "example_features", "id_limits",
+__all__ = ["export_onnx", "export_torchscript", "export_program", "ServingModel", "ScriptedPreprocessing", "example_features", "id_limits",
            "preprocessing_path", "write_preprocessing", "preprocessing_fingerprint", "FINGERPRINT_METADATA_KEY",
-           "FINGERPRINT_FILE"]
+           "FINGERPRINT_FILE", "Verification", "ExportVerificationError", "TABLE_DTYPES", "DENSE_DTYPES"]
 
 
 if __name__ == "__main__":
