@@ -71,6 +71,13 @@ _extra_files={"preprocessing_fingerprint": ""})``; C++'s ``torch::jit::load``
 reads extra files too). ``datamodules.serving.open_served(model_path)`` opens
 a model with the file beside it and refuses a pair whose fingerprints differ.
 
+Smaller and verified. ``table_dtype="float16" | "int8"`` (row-wise INT8, dequantized
+at lookup) and ``dense_dtype="float16"``: :mod:`mtl_lightning.quantized`.
+:func:`export_program` writes a ``torch.export`` program, AOTInductor-compiled where a
+compiler is present: :mod:`mtl_lightning.exported_program`. Every export writes a
+verification report beside its model and can fail on thresholds:
+:mod:`mtl_lightning.verification`.
+
 Example::
 
     from mtl_lightning.export import export_onnx, export_torchscript

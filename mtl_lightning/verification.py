@@ -10,8 +10,8 @@ float32 PyTorch model (``ServingModel``: ``predict``'s outputs) on the same rows
 * per output: the largest absolute difference between the two (probabilities for binary outputs, values for
   regression ones); per task with labels: AUC, log-loss and PCOC (sum of probabilities / sum of labels) of both
   models and the AUC drop (PyTorch's AUC minus the export's) for binary tasks, the MSE of both for regression
-  ones. Rows whose label is neither 0 nor 1 (binary; ``-1`` = ignored, NaN) or is NaN / the module's
-  ``ignore_label`` (regression) are left out of a task's metrics;
+  ones. Rows whose label is NaN or the module's ``ignore_label`` (``-1`` for an architecture), and for a binary
+  task any label but 0 and 1, are left out of a task's metrics;
 * the file's size in bytes, the table and dense dtypes;
 * latency per call, p50 and p99 in milliseconds, for batch sizes 1, 64 and 512 (``latency_batch_sizes``) with
   one thread (``onnxruntime`` with one intra- and inter-op thread, torch with ``torch.set_num_threads(1)``), over
@@ -136,11 +136,15 @@ class Runtime:
 def open_runtime(path: str | Path, kind: str, feature_names: list[str] | None = None) -> Runtime:
     """The runtime of an export ``kind`` (``"onnx"``, ``"torchscript"``, ``"program"``) at ``path``, one thread.
 
-    A program takes exactly the model's features, in order: ``feature_names`` (default: the batch as given).
+    A program takes exactly the model's features, no other key: ``feature_names`` (default: the batch as given).
     """
     path = Path(path)
     if kind == "onnx":
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ImportError("the verification report runs an ONNX export in onnxruntime, which is not installed: "
+                              "install the onnxruntime package") from None
 
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
@@ -271,14 +275,16 @@ def _finite(value: Any) -> Any:
 
 
 def compare(reference: Mapping[str, np.ndarray], exported: Mapping[str, np.ndarray], kinds: Mapping[str, str],
-            labels: Mapping[str, np.ndarray], ignore_label: float) -> dict[str, dict[str, Any]]:
+            labels: Mapping[str, np.ndarray], ignore_label: float | None) -> dict[str, dict[str, Any]]:
     """Per output: kind, largest absolute difference, and with labels the metrics of both models (module docstring)."""
     result: dict[str, dict[str, Any]] = {}
     for name, kind in kinds.items():
         entry: dict[str, Any] = {"kind": kind, "max_abs_difference": float(np.max(np.abs(exported[name] - reference[name])))}
         if name in labels:
             y = labels[name]
-            keep = (y == 0) | (y == 1) if kind == "binary" else np.isfinite(y) & (y != ignore_label)
+            keep = (y == 0) | (y == 1) if kind == "binary" else np.isfinite(y)
+            if ignore_label is not None:
+                keep &= y != ignore_label
             entry["labelled_rows"] = int(keep.sum())
             if kind == "binary":
                 entry["reference"] = _binary_metrics(reference[name][keep], y[keep])
@@ -310,11 +316,38 @@ def verify_export(model: nn.Module, path: str | Path, kind: str, datamodule: Any
                   dense_dtype: str = "float32", served_path: str | Path | None = None) -> dict[str, Any]:
     """Compare the export at ``path`` (served from ``served_path``, default ``path``) with the float32 ``model``,
     write the JSON and Markdown reports beside ``path`` and return the report; see the module docstring."""
-    from .export import ServingModel, example_features, preprocessing_path
+    from .export import ServingModel
 
     verification = Verification.of(verification)
     path, served_path = Path(path), Path(served_path or path)
-    reference = ServingModel(model).eval()
+    reference = ServingModel(model)
+    architecture = reference.model
+    training = architecture.training
+    try:
+        hparams = getattr(model, "hparams", None)  # a MultiTaskLightningModule's ignore_label; -1 otherwise
+        ignore_label = hparams.get("ignore_label", -1.0) if isinstance(hparams, Mapping) else -1.0
+        report = _verify(reference.eval(), path, served_path, kind, datamodule, verification, table_dtype, dense_dtype,
+                         ignore_label)
+    finally:
+        architecture.train(training)  # the model given keeps its mode
+    if report["failures"]:
+        moved = []
+        for file in dict.fromkeys([path, served_path]):
+            if file.exists():
+                file.replace(rejected_path(file))
+                moved.append(f"{file.name} -> {rejected_path(file).name}")
+        raise ExportVerificationError(
+            f"the export {path} failed its verification on {report['split']}: " + "; ".join(report["failures"])
+            + f". The model file was renamed ({', '.join(moved)}) so that nothing serves it; the report is "
+            f"{report_path(path, '.md')}")
+    return report
+
+
+def _verify(reference: nn.Module, path: Path, served_path: Path, kind: str, datamodule: Any, verification: Verification,
+            table_dtype: str, dense_dtype: str, ignore_label: float | None) -> dict[str, Any]:
+    """The report of :func:`verify_export`, written beside ``path``."""
+    from .export import example_features, preprocessing_path
+
     architecture = reference.model
     kinds = architecture.output_kinds()
     task_labels = {t.name: t.label for t in architecture.tasks}
@@ -342,7 +375,7 @@ def verify_export(model: nn.Module, path: str | Path, kind: str, datamodule: Any
                     labels.setdefault(task, []).append(torch.as_tensor(value).float().numpy().reshape(-1))
     joined = {n: np.concatenate(v) for n, v in labels.items()}
     outputs = compare({n: np.concatenate(v) for n, v in want.items()}, {n: np.concatenate(v) for n, v in got.items()},
-                      kinds, joined, float(getattr(model, "ignore_label", -1.0)))
+                      kinds, joined, ignore_label)
     binary = [e["max_abs_difference"] for e in outputs.values() if e["kind"] == "binary"]
     regression = [e["max_abs_difference"] for e in outputs.values() if e["kind"] != "binary"]
     report: dict[str, Any] = {
@@ -360,16 +393,6 @@ def verify_export(model: nn.Module, path: str | Path, kind: str, datamodule: Any
     report["passed"] = not report["failures"]
     report_path(path).write_text(json.dumps(_finite(report), indent=2, allow_nan=False))
     report_path(path, ".md").write_text(markdown(report))
-    if report["failures"]:
-        moved = []
-        for file in dict.fromkeys([path, served_path]):
-            if file.exists():
-                file.replace(rejected_path(file))
-                moved.append(f"{file.name} -> {rejected_path(file).name}")
-        raise ExportVerificationError(
-            f"the export {path} failed its verification on {source}: " + "; ".join(report["failures"])
-            + f". The model file was renamed ({', '.join(moved)}) so that nothing serves it; the report is "
-            f"{report_path(path, '.md')}")
     return report
 
 

@@ -125,8 +125,10 @@ def test_verification_options_are_checked(tmp_path):
         Verification(max_probability_difference=-1)
     with pytest.raises(ValueError, match=r"no such Parquet file"):
         export_onnx(module, tmp_path / "m.onnx", verification={"split": str(tmp_path / "missing.parquet")})
-    # without labels the report still compares the two models on generated rows
+    # without labels the report still compares the two models on generated rows; the model keeps its mode
+    module.train()
     path = export_onnx(module, tmp_path / "m.onnx", verification={**NO_LATENCY, "max_probability_difference": 1e-5})
+    assert module.training and module.model.training
     report = json.loads(report_path(path).read_text())
     assert report["rows"] == 512 and report["split"].startswith("no labelled split")
     assert report["passed"] and report["max_probability_difference"] < 1e-5 and "auc_drop" not in report["outputs"]["click"]
