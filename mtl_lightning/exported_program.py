@@ -9,9 +9,11 @@ AOTInductor-compiled CPU package.
   returns ``{task: (B,)}``; the preprocessing fingerprint is its extra file ``preprocessing_fingerprint``
   (``torch.export.load(path, extra_files={"preprocessing_fingerprint": ""})``);
 * ``model.aoti.pt2`` (``compile=True``, the default, and a C++ compiler found): the program compiled by
-  AOTInductor for this machine's CPU, served with ``torch._inductor.aoti_load_package("model.aoti.pt2")``
-  called the same way (or from C++ with ``torch::inductor::AOTIModelPackageLoader``), no Python model code
-  needed. It carries the fingerprint in its metadata (``loader.get_metadata()["preprocessing_fingerprint"]``).
+  AOTInductor for this machine's CPU, served with :func:`load_program` (``load_program("model.aoti.pt2")``,
+  called the same way), or ``torch._inductor.aoti_load_package`` / C++'s
+  ``torch::inductor::AOTIModelPackageLoader`` given CONTIGUOUS tensors (see :class:`CompiledProgram`), no
+  Python model code needed. It carries the fingerprint in its metadata
+  (``get_metadata()["preprocessing_fingerprint"]``).
   The compiled code targets the instruction set of the machine that compiled it (its metadata names it,
   ``AOTI_CPU_ISA``). Where no compiler is found (``$CXX`` or ``g++``, as ``torch._inductor`` looks for one)
   the compile is skipped with a warning that says so, and ``model.pt2`` is what serves.
@@ -87,14 +89,36 @@ def write_program(model: nn.Module, path: str | Path, example: Mapping[str, Tens
     return target
 
 
+class CompiledProgram:
+    """An AOTInductor package called as ``package(features) -> {task: (B,)}``, each input made contiguous first.
+
+    The compiled code reads its inputs with the strides it was compiled for (contiguous) and does not check
+    them: a column sliced out of a wider batch (every second id, say) would be read as if it were contiguous,
+    silently giving wrong outputs. ``torch._inductor.aoti_load_package`` itself (and C++'s
+    ``AOTIModelPackageLoader``) must be given contiguous tensors; ``AOTI_RUNTIME_CHECK_INPUTS=1`` makes the
+    package check them.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.loader = torch._inductor.aoti_load_package(str(path))
+
+    def __call__(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return self.loader({name: value.contiguous() for name, value in features.items()})
+
+    def get_metadata(self) -> dict[str, str]:
+        return self.loader.get_metadata()
+
+
 def load_program(path: str | Path) -> Any:
-    """The callable serving ``path``: the AOTInductor package (``*.aoti.pt2``) or the exported program's module."""
+    """The callable serving ``path``: the AOTInductor package (``*.aoti.pt2``, a :class:`CompiledProgram`) or the
+    exported program's module (``torch.export.load(path).module()``)."""
     path = Path(path)
     if path.name.endswith(".aoti.pt2"):
-        return torch._inductor.aoti_load_package(str(path))
+        return CompiledProgram(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.export.load(str(path)).module()
 
 
-__all__ = ["compiled_path", "cpp_compiler", "program", "write_program", "load_program", "FINGERPRINT_FILE"]
+__all__ = ["compiled_path", "cpp_compiler", "program", "write_program", "load_program", "CompiledProgram",
+           "FINGERPRINT_FILE"]

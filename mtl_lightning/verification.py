@@ -170,8 +170,9 @@ def open_runtime(path: str | Path, kind: str, feature_names: list[str] | None = 
             with torch.no_grad(), one_torch_thread():
                 return served(dict(batch))
 
-        def prepare(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-            return dict(batch) if feature_names is None or kind == "torchscript" else {n: batch[n] for n in feature_names}
+        def prepare(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:  # a compiled package needs contiguous inputs
+            names = list(batch) if feature_names is None or kind == "torchscript" else feature_names
+            return {n: batch[n].contiguous() if kind == "program" else batch[n] for n in names}
 
         return Runtime(f"torch {torch.__version__}, {description}, 1 thread", prepare, run,
                        lambda out: {k: v.detach().numpy() for k, v in out.items()})
