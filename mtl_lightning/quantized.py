@@ -4,7 +4,7 @@ Used by the exports only (``mtl_lightning.export``, ``mtl_lightning.exported_pro
 sees these classes. :func:`serving_copy` returns a frozen copy of a serving module whose
 ``FeatureEmbedding`` layers are replaced by :class:`QuantizedFeatureEmbedding`:
 
-* ``table_dtype="float32"``: the tables as trained (the copy is the float32 model);
+* ``table_dtype="float32"``: the tables as trained (the layers are not replaced: the copy is the float32 model);
 * ``table_dtype="float16"``: every table row stored in float16 and converted to float32 after the lookup;
 * ``table_dtype="int8"``: row-wise quantized as FBGEMM's fused 8-bit row-wise format does: row ``r`` keeps
   ``d`` unsigned bytes ``q[r]``, a scale ``s[r] = (max(w[r]) - min(w[r])) / 255`` and an offset
@@ -20,7 +20,7 @@ reading a sequence's table, pooled sequences (gather, then the masked mean / sum
 ``dense_dtype="float16"`` stores every other parameter (MLPs, experts, gates, towers, encoders,
 interactions, ...) in float16 and converts it to float32 where it is used (a parametrization: ``weight``
 reads ``original.float()``), so the file holds half the bytes and the arithmetic stays float32. Buffers
-(normalisation statistics, ...) stay float32.
+(normalisation statistics, ...) and an attached calibration (``ServingModel.calibration``) stay float32.
 """
 
 from __future__ import annotations
@@ -172,9 +172,13 @@ class _Float32(nn.Module):
         return stored.float()
 
 
-def _dense_to_float16(module: nn.Module) -> None:
-    """Store every floating parameter of ``module`` (the tables are buffers by now) in float16, read as float32."""
+def _dense_to_float16(module: nn.Module, keep: nn.Module | None = None) -> None:
+    """Store every floating parameter of ``module`` (the tables are buffers by now) in float16, read as float32;
+    the parameters of ``keep`` stay float32."""
+    kept = {id(m) for m in keep.modules()} if keep is not None else set()
     for owner in list(module.modules()):
+        if id(owner) in kept:
+            continue
         for name, parameter in list(owner.named_parameters(recurse=False)):
             if parameter.is_floating_point() and not parametrize.is_parametrized(owner, name):
                 parametrize.register_parametrization(owner, name, _Float32(), unsafe=True)
@@ -183,7 +187,10 @@ def _dense_to_float16(module: nn.Module) -> None:
 
 
 def convert_tables(module: nn.Module, table_dtype: str) -> nn.Module:
-    """Replace every ``FeatureEmbedding`` inside ``module`` (in place) by its :class:`QuantizedFeatureEmbedding`."""
+    """Replace every ``FeatureEmbedding`` inside ``module`` (in place) by its :class:`QuantizedFeatureEmbedding`
+    (``float32``: nothing to replace)."""
+    if table_dtype == "float32":
+        return module
     converted: dict[int, nn.Module] = {}
     for owner in list(module.modules()):
         for name, child in list(owner.named_children()):
@@ -200,8 +207,8 @@ def serving_copy(module: nn.Module, table_dtype: str = "float32", dense_dtype: s
     check_dtypes(table_dtype, dense_dtype)
     copied = copy.deepcopy(module).cpu().eval()
     convert_tables(copied, table_dtype)
-    if dense_dtype == "float16":
-        _dense_to_float16(copied)
+    if dense_dtype == "float16":  # an attached calibration (a few knots or two numbers a task) stays float32
+        _dense_to_float16(copied, keep=getattr(copied, "calibration", None))
     return copied.requires_grad_(False)
 
 
