@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .quantized import serving_copy
+from .serving_model import ServingModel
 
 FINGERPRINT_FILE = "preprocessing_fingerprint"  # the extra file of model.pt2, the metadata key of model.aoti.pt2
 
@@ -64,8 +65,6 @@ def write_program(model: nn.Module, path: str | Path, example: Mapping[str, Tens
                   table_dtype: str = "float32", dense_dtype: str = "float32", compile: bool = True) -> Path | None:
     """Write ``model.pt2`` (and ``model.aoti.pt2`` where compiled) for ``model``; the AOTInductor package's path,
     or ``None`` where the compile was not asked for or skipped. See the module docstring."""
-    from .export import ServingModel  # export builds on this module for its public entry point
-
     serving = serving_copy(ServingModel(model), table_dtype, dense_dtype)
     exported = program(serving, example)
     path = Path(path)

@@ -46,6 +46,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .serving_model import ServingModel, example_features, preprocessing_path
+
 SPLITS = ("train", "val", "test", "predict")
 WARMUP_CALLS = 5
 UNLABELLED_ROWS = 512
@@ -181,8 +183,6 @@ def open_runtime(path: str | Path, kind: str, feature_names: list[str] | None = 
 
 def latency(runtime: Runtime, features: tuple, batch_sizes: Iterable[int], runs: int) -> dict[str, dict[str, float]]:
     """``{batch size: {"p50": ms, "p99": ms}}`` of ``runtime``'s calls on generated rows (see the module docstring)."""
-    from .export import example_features
-
     result = {}
     for batch_size in batch_sizes:
         prepared = runtime.prepare(example_features(features, batch_size=batch_size, seed=batch_size))
@@ -317,8 +317,6 @@ def verify_export(model: nn.Module, path: str | Path, kind: str, datamodule: Any
                   dense_dtype: str = "float32", served_path: str | Path | None = None) -> dict[str, Any]:
     """Compare the export at ``path`` (served from ``served_path``, default ``path``) with the float32 ``model``,
     write the JSON and Markdown reports beside ``path`` and return the report; see the module docstring."""
-    from .export import ServingModel
-
     verification = Verification.of(verification)
     path, served_path = Path(path), Path(served_path or path)
     reference = ServingModel(model)
@@ -347,8 +345,6 @@ def verify_export(model: nn.Module, path: str | Path, kind: str, datamodule: Any
 def _verify(reference: nn.Module, path: Path, served_path: Path, kind: str, datamodule: Any, verification: Verification,
             table_dtype: str, dense_dtype: str, ignore_label: float | None) -> dict[str, Any]:
     """The report of :func:`verify_export`, written beside ``path``."""
-    from .export import example_features, preprocessing_path
-
     architecture = reference.model
     kinds = architecture.output_kinds()
     task_labels = {t.name: t.label for t in architecture.tasks}
