@@ -71,6 +71,13 @@ _extra_files={"preprocessing_fingerprint": ""})``; C++'s ``torch::jit::load``
 reads extra files too). ``datamodules.serving.open_served(model_path)`` opens
 a model with the file beside it and refuses a pair whose fingerprints differ.
 
+Smaller and verified. ``table_dtype="float16" | "int8"`` (row-wise INT8, dequantized
+at lookup) and ``dense_dtype="float16"``: :mod:`mtl_lightning.quantized`.
+:func:`export_program` writes a ``torch.export`` program, AOTInductor-compiled where a
+compiler is present: :mod:`mtl_lightning.exported_program`. Every export writes a
+verification report beside its model and can fail on thresholds:
+:mod:`mtl_lightning.verification`.
+
 Example::
 
     from mtl_lightning.export import export_onnx, export_torchscript
@@ -85,18 +92,21 @@ or from a checkpoint on the command line (the checkpoint holds the data module's
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from .architectures.base import MultiTaskArchitecture
-from .features import DenseFeature, Feature, SequenceFeature, SparseFeature, feature_from_config
+from .features import Feature
+from .exported_program import compiled_path, write_program
+from .quantized import DENSE_DTYPES, TABLE_DTYPES, check_dtypes, serving_copy
+from .scripted_preprocessing import ScriptedPreprocessing
+from .serving_model import ServingModel, _architecture, example_features, id_limits, preprocessing_path
+from .verification import ExportVerificationError, Verification, report_path, verify_export
 
 
 # where the exported files keep the preprocessing fingerprint (see the module docstring)
@@ -125,97 +135,12 @@ def preprocessing_fingerprint(state: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
-def _architecture(model: nn.Module) -> MultiTaskArchitecture:
-    """The architecture inside a ``MultiTaskLightningModule`` (or the architecture itself)."""
-    inner = getattr(model, "model", model)
-    if not isinstance(inner, MultiTaskArchitecture):
-        raise TypeError(f"expected a MultiTaskArchitecture or a MultiTaskLightningModule, got {type(model).__name__}")
-    return inner
-
-
-def example_features(features: tuple[Feature, ...], batch_size: int = 4, seed: int = 0) -> dict[str, Tensor]:
-    """A random, valid feature batch for the given specs.
-
-    Ids lie in range (below the feature's ``vocab_size`` and, with
-    ``shared_with``, its table's: :func:`id_limits`); sequences are
-    right-padded with id 0 to random lengths (0 to ``max_len``), and the
-    sequences of one ``group`` (aligned positions of the same clicks) share
-    their lengths. A query names another feature of the batch, so it is valid too.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    limits = id_limits(features)
-    group_lengths: dict[str, Tensor] = {}
-    batch: dict[str, Tensor] = {}
-    for f in features:
-        if isinstance(f, SparseFeature):
-            batch[f.name] = torch.randint(0, limits[f.name], (batch_size,), generator=generator)
-        elif isinstance(f, DenseFeature):
-            shape = (batch_size,) if f.dim == 1 else (batch_size, f.dim)
-            batch[f.name] = torch.randn(shape, generator=generator)
-        elif isinstance(f, SequenceFeature):
-            if limits[f.name] < 2:  # a table of one row: padding only
-                batch[f.name] = torch.zeros(batch_size, f.max_len, dtype=torch.long)
-                continue
-            ids = torch.randint(1, limits[f.name], (batch_size, f.max_len), generator=generator)
-            lengths = group_lengths.get(f.group) if f.group is not None else None
-            if lengths is None:
-                lengths = torch.randint(0, f.max_len + 1, (batch_size, 1), generator=generator)
-                if f.group is not None:
-                    group_lengths[f.group] = lengths
-            batch[f.name] = torch.where(torch.arange(f.max_len) < lengths, ids, 0)
-    return batch
-
-
-def id_limits(features: tuple[Feature, ...]) -> dict[str, int]:
-    """Per sparse/sequence feature, the bound its ids must stay under: its ``vocab_size`` and its table's."""
-    by_name = {f.name: f for f in features}
-    limits = {}
-    for f in features:
-        if isinstance(f, (SparseFeature, SequenceFeature)):
-            table = by_name.get(f.shared_with or f.name, f)
-            limits[f.name] = min(int(f.vocab_size), int(getattr(table, "vocab_size", f.vocab_size)))
-    return limits
-
-
-class ServingModel(nn.Module):
-    """The architecture plus the serving transforms: out-of-vocabulary ids -> 0 on the way in, and
-    probabilities for binary tasks (calibrated when the module has a calibration attached), values for
-    regression on the way out."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = _architecture(model)
-        if any(p.device.type != "cpu" for p in self.model.parameters()):
-            self.model = copy.deepcopy(self.model).cpu()  # exports are traced on CPU, whatever trained the model
-        self.feature_names = [f.name for f in self.model.features]
-        # every output of the architecture (tasks, then extra outputs such as ESMM's cvr), as predict_step
-        self.binary = {name: kind == "binary" for name, kind in self.model.output_kinds().items()}
-        self.id_limits = id_limits(self.model.features)
-        calibration = getattr(model, "calibration", None)  # a module's attached calibration (mtl_lightning.calibration)
-        self.calibration = None if calibration is None else copy.deepcopy(calibration).cpu()
-
-    def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        features = dict(features)
-        for name, limit in self.id_limits.items():  # out-of-vocabulary ids -> 0 (see the module docstring)
-            if name in features:  # a missing one is reported by the embedding layer
-                ids = features[name]
-                features[name] = torch.where((ids >= 0) & (ids < limit), ids, torch.zeros_like(ids))
-        outputs = self.model.predictions(self.model(features))  # the outputs and transforms of predict_step
-        return outputs if self.calibration is None else self.calibration(outputs, features)
-
-
 class _PositionalServingModel(ServingModel):
     """ONNX takes positional inputs and gives a tuple of outputs: one per feature / task, in order."""
 
     def forward(self, *columns: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         outputs = super().forward(dict(zip(self.feature_names, columns)))
         return tuple(outputs[name] for name in self.binary)
-
-
-def preprocessing_path(path: str | Path, suffix: str = ".json") -> Path:
-    """Where an export writes its preprocessing: ``model.onnx`` -> ``model.preprocessing.json`` (or ``.pt``)."""
-    path = Path(path)
-    return path.with_name(f"{path.stem}.preprocessing{suffix}")
 
 
 def _preprocessing_file(features: list[Feature], datamodule: Any) -> dict[str, Any]:
@@ -267,211 +192,21 @@ def _add_onnx_fingerprint(path: Path, fingerprint: str) -> None:
     onnx.save(proto, str(path))
 
 
-def _logical_shift(x: Tensor, bits: int) -> Tensor:
-    """``x >> bits`` of the 64 bits of ``x`` as an unsigned integer (torch shifts int64 arithmetically)."""
-    return (x >> bits) & (9223372036854775807 >> (bits - 1))  # the low 64 - bits bits
-
-
-def _pandas_int_hash(x: Tensor) -> Tensor:
-    """``pandas.util.hash_array`` of int64 values (``categorize=False``), as the int64 with the same 64 bits."""
-    x = x ^ _logical_shift(x, 30)
-    x = x * -4658895280553007687  # 0xBF58476D1CE4E5B9 as a signed int64; int64 products wrap like uint64 ones
-    x = x ^ _logical_shift(x, 27)
-    x = x * -7723592293110705685  # 0x94D049BB133111EB
-    return x ^ _logical_shift(x, 31)
-
-
-def _unsigned_mod(x: Tensor, m: int) -> Tensor:
-    """The 64 bits of ``x`` read as an unsigned integer, modulo ``m`` (u = 2 * (u >> 1) + (u & 1))."""
-    return (_logical_shift(x, 1) % m * 2 + (x & 1)) % m
-
-
-def _pad_rows(rows: List[List[int]], max_len: int) -> Tensor:
-    """Ragged integer lists -> ``(B, max_len)`` int64: each list's first ``max_len`` values, right-padded with 0."""
-    flat = torch.jit.annotate(List[int], [])
-    for row in rows:
-        kept = row[:max_len]
-        flat.extend(kept)
-        flat.extend([0] * (max_len - len(kept)))
-    return torch.tensor(flat, dtype=torch.long).view(len(rows), max_len)
-
-
-def _fit_length(ids: Tensor, max_len: int) -> Tensor:
-    """A padded ``(B, L)`` id tensor as ``(B, max_len)``: its first ``max_len`` columns, right-padded with 0."""
-    ids = ids.long()[:, :max_len]
-    if ids.shape[1] < max_len:
-        ids = torch.cat([ids, torch.zeros(ids.shape[0], max_len - ids.shape[1], dtype=torch.long)], dim=1)
-    return ids
-
-
-class ScriptedPreprocessing(nn.Module):
-    """Raw columns -> the model's inputs, as a TorchScript module (what ``datamodules.serving.Preprocessor`` does).
-
-    ``forward(strings, numbers, int_lists=None, string_lists=None) -> Dict[str, Tensor]``:
-
-    * ``strings: Dict[str, List[Optional[str]]]``: the raw string columns of
-      the vocabulary-encoded sparse features (``None`` = null);
-    * ``numbers: Dict[str, Tensor]``: integer categorical columns (``(B,)``
-      int64, encoded by their vocabulary), integer ids given as they are
-      (``(B,)``), dense columns (``(B,)`` or ``(B, dim)``, NaN = missing where
-      ``fill_missing`` filled it in training) and sequences of ids given as a
-      padded ``(B, L)`` int64 tensor (0 = padding, any ``L``);
-    * ``int_lists: Dict[str, List[List[int]]]``: sequences as ragged lists,
-      either of ids (any sequence) or of raw integer values (a list column
-      encoded by a vocabulary or hashing, its own or, with ``vocabulary_of``,
-      another column's);
-    * ``string_lists: Dict[str, List[List[Optional[str]]]]``: raw string
-      lists of the vocabulary-encoded sequence features.
-
-    Every sequence comes out ``(B, max_len)`` as in training: its first
-    ``max_len`` values, right-padded with 0. Vocabularies (shared ones
-    included), hashing of integer columns (pandas' ``hash_array`` mixing, bit
-    for bit), fills, indicators and normalisation are applied as in training;
-    unknown values and ids get id 0 (inside a sequence: padding). A hashed
-    column given as strings raises: string hashing is SipHash, which
-    TorchScript does not have (use ``datamodules.serving.Preprocessor``).
-    """
-
-    def __init__(self, preprocessing: Mapping[str, Any]) -> None:
-        super().__init__()
-        features = [feature_from_config(dict(f)) for f in preprocessing["features"]]
-        encoders = dict(preprocessing.get("encoders", {}))
-        # a column sharing another column's vocabulary ("shared") is encoded with that column's state
-        vocabulary_of = {n: str(e["vocabulary_of"]) if e["kind"] == "shared" else n for n, e in encoders.items()}
-        resolved = {n: encoders[vocabulary_of[n]] for n in encoders}
-        fills = dict(preprocessing.get("fill_missing", {}))
-        indicator_of = {n + "_missing": n for n, f in fills.items() if f["indicator"]}
-        normalization = dict(preprocessing.get("normalization", {}))
-        sequences = {f.name: int(f.max_len) for f in features if isinstance(f, SequenceFeature)}
-        attribute = torch.jit.Attribute  # typed attributes: TorchScript cannot infer the type of an empty dict
-        hashed = {n: int(e["num_buckets"]) for n, e in resolved.items() if e["kind"] == "hashing"}
-        self.buckets = attribute({n: b for n, b in hashed.items() if n not in sequences}, Dict[str, int])
-        self.list_buckets = attribute({n: b for n, b in hashed.items() if n in sequences}, Dict[str, int])
-        vocabularies = {n: e for n, e in resolved.items() if e["kind"] == "vocabulary"}
-        owners = {vocabulary_of[n] for n in vocabularies}
-        self.string_vocab = attribute({o: {v: i + 1 for i, v in enumerate(encoders[o]["values"])} for o in owners
-                                       if encoders[o]["value_type"] == "string"}, Dict[str, Dict[str, int]])
-        self.int_vocab = attribute({o: {int(v): i + 1 for i, v in enumerate(encoders[o]["values"])} for o in owners
-                                    if encoders[o]["value_type"] != "string"}, Dict[str, Dict[int, int]])
-
-        def columns(string: bool, lists: bool) -> Dict[str, str]:  # encoded column -> its vocabulary's key
-            return {n: vocabulary_of[n] for n, e in vocabularies.items()
-                    if (e["value_type"] == "string") == string and (n in sequences) == lists}
-
-        self.string_columns = attribute(columns(True, False), Dict[str, str])
-        self.int_columns = attribute(columns(False, False), Dict[str, str])
-        self.string_list_columns = attribute(columns(True, True), Dict[str, str])
-        self.int_list_columns = attribute(columns(False, True), Dict[str, str])
-        self.max_len = attribute(sequences, Dict[str, int])
-        self.fill_value = attribute({n: float(f["value"]) for n, f in fills.items()}, Dict[str, float])
-        self.indicator_of = attribute(indicator_of, Dict[str, str])
-        self.mean = attribute({n: torch.tensor(z["mean"], dtype=torch.float32) for n, z in normalization.items()},
-                              Dict[str, Tensor])
-        self.std = attribute({n: torch.tensor(z["std"], dtype=torch.float32) for n, z in normalization.items()},
-                             Dict[str, Tensor])
-        self.dense = attribute([f.name for f in features if isinstance(f, DenseFeature) and f.name not in indicator_of],
-                               List[str])
-        self.id_limit = attribute({f.name: int(f.vocab_size) for f in features
-                                   if isinstance(f, SparseFeature) and f.name not in encoders}, Dict[str, int])
-        self.passed = attribute([n for n in sequences if n not in encoders], List[str])
-
-    def forward(self, strings: Dict[str, List[Optional[str]]], numbers: Dict[str, Tensor],
-                int_lists: Optional[Dict[str, List[List[int]]]] = None,
-                string_lists: Optional[Dict[str, List[List[Optional[str]]]]] = None) -> Dict[str, Tensor]:
-        out: Dict[str, Tensor] = {}
-        for name, key in self.string_columns.items():
-            vocab = self.string_vocab[key]
-            ids: List[int] = []
-            for value in strings[name]:
-                if value is None:
-                    ids.append(0)
-                else:
-                    ids.append(vocab.get(value, 0))
-            out[name] = torch.tensor(ids, dtype=torch.long)
-        for name, key in self.int_columns.items():
-            ivocab = self.int_vocab[key]
-            raw: List[int] = numbers[name].tolist()
-            ids = torch.jit.annotate(List[int], [])
-            for value in raw:
-                ids.append(ivocab.get(value, 0))
-            out[name] = torch.tensor(ids, dtype=torch.long)
-        for name, key in self.string_list_columns.items():
-            if string_lists is None or name not in string_lists:
-                raise ValueError("sequence " + name + " holds raw strings: give it in string_lists")
-            vocab = self.string_vocab[key]
-            rows = string_lists[name]
-            length = self.max_len[name]
-            ids = torch.jit.annotate(List[int], [])
-            for row in rows:
-                for value in row[:length]:
-                    if value is None:
-                        ids.append(0)
-                    else:
-                        ids.append(vocab.get(value, 0))
-                ids.extend([0] * (length - len(row[:length])))
-            out[name] = torch.tensor(ids, dtype=torch.long).view(len(rows), length)
-        for name, key in self.int_list_columns.items():
-            if int_lists is None or name not in int_lists:
-                raise ValueError("sequence " + name + " holds raw integer values: give it in int_lists")
-            ivocab = self.int_vocab[key]
-            rows = int_lists[name]
-            length = self.max_len[name]
-            ids = torch.jit.annotate(List[int], [])
-            for row in rows:
-                for value in row[:length]:
-                    ids.append(ivocab.get(value, 0))
-                ids.extend([0] * (length - len(row[:length])))
-            out[name] = torch.tensor(ids, dtype=torch.long).view(len(rows), length)
-        for name, buckets in self.buckets.items():
-            if name in strings:
-                raise ValueError("column " + name + " is hashed from strings (SipHash), which TorchScript cannot do; "
-                                 "use datamodules.serving.Preprocessor")
-            out[name] = 1 + _unsigned_mod(_pandas_int_hash(numbers[name].long()), buckets - 1)
-        for name, buckets in self.list_buckets.items():
-            if int_lists is None or name not in int_lists:
-                raise ValueError("sequence " + name + " is hashed from integers: give it in int_lists (a sequence "
-                                 "hashed from strings needs datamodules.serving.Preprocessor: SipHash)")
-            rows = int_lists[name]
-            length = self.max_len[name]
-            values = _pad_rows(rows, length)
-            lengths = torch.tensor([len(row) for row in rows], dtype=torch.long).view(-1, 1)
-            hashed = 1 + _unsigned_mod(_pandas_int_hash(values), buckets - 1)
-            out[name] = torch.where(torch.arange(length).view(1, -1) < lengths, hashed, torch.zeros_like(hashed))
-        for name, limit in self.id_limit.items():
-            given = numbers[name].long()
-            out[name] = torch.where((given >= 0) & (given < limit), given, torch.zeros_like(given))
-        for name in self.dense:
-            values = numbers[name].to(torch.float32)
-            if name in self.fill_value:
-                missing = torch.isnan(values)
-                values = torch.where(missing, torch.full_like(values, self.fill_value[name]), values)
-                if name + "_missing" in self.indicator_of:
-                    out[name + "_missing"] = missing.to(torch.float32)
-            if bool(torch.isnan(values).any()):
-                raise ValueError("column " + name + " has missing values and no fill_missing in training")
-            if name in self.mean:
-                values = (values - self.mean[name]) / self.std[name]
-            out[name] = values
-        for name in self.passed:
-            if name in numbers:
-                out[name] = _fit_length(numbers[name], self.max_len[name])
-            elif int_lists is not None and name in int_lists:
-                out[name] = _pad_rows(int_lists[name], self.max_len[name])
-            else:
-                raise ValueError("sequence " + name + " is missing: give it padded in numbers or ragged in int_lists")
-        return out
-
-
 def export_onnx(
     model: nn.Module, path: str | Path, example: Mapping[str, Tensor] | None = None, opset_version: int = 17,
-    datamodule: Any = None,
+    datamodule: Any = None, table_dtype: str = "float32", dense_dtype: str = "float32",
+    verification: Verification | Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``model`` (architecture or Lightning module) as ONNX to ``path`` and its preprocessing beside it.
+    """Write ``model`` (architecture or Lightning module) as ONNX to ``path``, its preprocessing and its
+    verification report beside it.
 
     ``datamodule``: the ``ParquetDataModule`` it was trained with (or its ``state_dict()``); see the module docstring.
+    ``table_dtype`` / ``dense_dtype``: see :mod:`mtl_lightning.quantized`; ``verification``: see
+    :mod:`mtl_lightning.verification` (an export above a threshold raises ``ExportVerificationError``).
     """
+    check_dtypes(table_dtype, dense_dtype)
     fingerprint = json.loads(write_preprocessing(model, path, datamodule).read_text())["fingerprint"]
-    serving = _PositionalServingModel(model).eval()
+    serving = serving_copy(_PositionalServingModel(model), table_dtype, dense_dtype)
     example = dict(example) if example is not None else example_features(serving.model.features)
     missing = [n for n in serving.feature_names if n not in example]
     if missing:
@@ -490,25 +225,31 @@ def export_onnx(
             dynamic_axes={name: {0: "batch"} for name in [*serving.feature_names, *serving.binary]},
             opset_version=opset_version,
             dynamo=False,
+            do_constant_folding=dense_dtype == "float32",  # folding would store float16 weights' casts as float32
         )
     _add_onnx_fingerprint(path, fingerprint)
+    verify_export(model, path, "onnx", datamodule, verification, table_dtype, dense_dtype)
     return path
 
 
 def export_torchscript(
-    model: nn.Module, path: str | Path, example: Mapping[str, Tensor] | None = None, datamodule: Any = None
+    model: nn.Module, path: str | Path, example: Mapping[str, Tensor] | None = None, datamodule: Any = None,
+    table_dtype: str = "float32", dense_dtype: str = "float32",
+    verification: Verification | Mapping[str, Any] | None = None,
 ) -> Path:
-    """Trace ``model`` (architecture or Lightning module) and save it as TorchScript to ``path``, its preprocessing beside it.
+    """Trace ``model`` (architecture or Lightning module) and save it as TorchScript to ``path``, its preprocessing
+    and its verification report beside it.
 
     ``datamodule``: the ``ParquetDataModule`` it was trained with (or its ``state_dict()``); see the module docstring.
+    ``table_dtype``, ``dense_dtype``, ``verification``: as for :func:`export_onnx`.
     """
+    check_dtypes(table_dtype, dense_dtype)
     state = json.loads(write_preprocessing(model, path, datamodule).read_text())
     extra_files = {FINGERPRINT_FILE: state["fingerprint"]}
     scripted_path = preprocessing_path(path, ".pt")
     torch.jit.script(ScriptedPreprocessing(state)).save(str(scripted_path), _extra_files=extra_files)
-    serving = ServingModel(model)
     # a frozen copy: the saved module's outputs then do not require gradients (the given model is left as it is)
-    serving = copy.deepcopy(serving).eval().requires_grad_(False)
+    serving = serving_copy(ServingModel(model), table_dtype, dense_dtype)
     example = dict(example) if example is not None else example_features(serving.model.features)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -516,39 +257,75 @@ def export_torchscript(
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(serving, (example,), strict=False, check_trace=False)
     traced.save(str(path), _extra_files=extra_files)
+    verify_export(model, path, "torchscript", datamodule, verification, table_dtype, dense_dtype)
     return path
 
 
+def export_program(
+    model: nn.Module, path: str | Path, example: Mapping[str, Tensor] | None = None, datamodule: Any = None,
+    table_dtype: str = "float32", dense_dtype: str = "float32",
+    verification: Verification | Mapping[str, Any] | None = None, compile: bool = True,
+) -> Path:
+    """``torch.export`` ``model`` to ``path`` (``model.pt2``) and, with ``compile`` and a C++ compiler, AOTInductor
+    it to ``model.aoti.pt2`` (:mod:`mtl_lightning.exported_program`); preprocessing and report beside them (the
+    report measures the package where there is one). Arguments as for :func:`export_onnx`.
+    """
+    check_dtypes(table_dtype, dense_dtype)
+    fingerprint = json.loads(write_preprocessing(model, path, datamodule).read_text())["fingerprint"]
+    example = dict(example) if example is not None else example_features(_architecture(model).features)
+    compiled = write_program(model, path, example, fingerprint, table_dtype, dense_dtype, compile)
+    verify_export(model, path, "program", datamodule, verification, table_dtype, dense_dtype, served_path=compiled)
+    return Path(path)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m mtl_lightning.export CKPT [--onnx PATH] [--torchscript PATH]``."""
+    """``python -m mtl_lightning.export CKPT [--onnx PATH] [--torchscript PATH] [--program PATH] [options]``."""
     import argparse
 
     from .module import MultiTaskLightningModule
 
-    parser = argparse.ArgumentParser(description="Export a MultiTaskLightningModule checkpoint to ONNX / TorchScript.")
+    parser = argparse.ArgumentParser(description="Export a MultiTaskLightningModule checkpoint for serving; each "
+                                                 "export writes its preprocessing and a verification report beside it.")
     parser.add_argument("checkpoint", help="a checkpoint written by training (e.g. by mtl-lightning fit)")
     parser.add_argument("--onnx", help="where to write the ONNX file")
     parser.add_argument("--torchscript", help="where to write the TorchScript file")
+    parser.add_argument("--program", help="where to write the torch.export program (.pt2; AOTInductor: .aoti.pt2)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
+    parser.add_argument("--table-dtype", default="float32", choices=TABLE_DTYPES, help="embedding tables (default float32)")
+    parser.add_argument("--dense-dtype", default="float32", choices=DENSE_DTYPES, help="other weights (default float32)")
+    parser.add_argument("--split", help="Parquet file/folder/glob the report compares on (default: no labelled rows)")
+    parser.add_argument("--max-auc-drop", type=float, help="fail the export when a task's AUC drops by more")
+    parser.add_argument("--max-probability-difference", type=float, help="fail when a probability moves by more")
+    parser.add_argument("--latency-runs", type=int, default=100, help="timed calls per batch size in the report")
+    parser.add_argument("--no-compile", action="store_true", help="write the .pt2 program without AOTInductor")
     args = parser.parse_args(argv)
-    if not (args.onnx or args.torchscript):
-        parser.error("give --onnx and/or --torchscript")
+    if not (args.onnx or args.torchscript or args.program):
+        parser.error("give --onnx, --torchscript and/or --program")
     module = MultiTaskLightningModule.load_from_checkpoint(args.checkpoint, map_location="cpu")
     checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True, mmap=True)
     data_state = checkpoint.get("ParquetDataModule") if isinstance(checkpoint, dict) else None
+    options = dict(datamodule=data_state, table_dtype=args.table_dtype, dense_dtype=args.dense_dtype,
+                   verification=Verification(split=args.split, max_auc_drop=args.max_auc_drop,
+                                             max_probability_difference=args.max_probability_difference,
+                                             latency_runs=args.latency_runs))
     if args.onnx:
-        print(f"ONNX: {export_onnx(module, args.onnx, opset_version=args.opset, datamodule=data_state)}")
-        print(f"preprocessing: {preprocessing_path(args.onnx)}")
+        print(f"ONNX: {export_onnx(module, args.onnx, opset_version=args.opset, **options)}")
+        print(f"preprocessing: {preprocessing_path(args.onnx)}; report: {report_path(args.onnx, '.md')}")
     if args.torchscript:
-        print(f"TorchScript: {export_torchscript(module, args.torchscript, datamodule=data_state)}")
+        print(f"TorchScript: {export_torchscript(module, args.torchscript, **options)}")
         print(f"preprocessing: {preprocessing_path(args.torchscript)}"
               + (f", {preprocessing_path(args.torchscript, '.pt')}"
-                 if preprocessing_path(args.torchscript, ".pt").exists() else ""))
+                 if preprocessing_path(args.torchscript, ".pt").exists() else "")
+              + f"; report: {report_path(args.torchscript, '.md')}")
+    if args.program:
+        print(f"program: {export_program(module, args.program, compile=not args.no_compile, **options)}"
+              + (f", compiled: {compiled_path(args.program)}" if compiled_path(args.program).exists() else ""))
+        print(f"preprocessing: {preprocessing_path(args.program)}; report: {report_path(args.program, '.md')}")
 
 
-__all__ = ["export_onnx", "export_torchscript", "ServingModel", "ScriptedPreprocessing", "example_features", "id_limits",
+__all__ = ["export_onnx", "export_torchscript", "export_program", "ServingModel", "ScriptedPreprocessing", "example_features", "id_limits",
            "preprocessing_path", "write_preprocessing", "preprocessing_fingerprint", "FINGERPRINT_METADATA_KEY",
-           "FINGERPRINT_FILE"]
+           "FINGERPRINT_FILE", "Verification", "ExportVerificationError", "TABLE_DTYPES", "DENSE_DTYPES"]
 
 
 if __name__ == "__main__":

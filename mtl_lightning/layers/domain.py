@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import torch
 from torch import Tensor
 
 from ..features import Feature, SparseFeature
@@ -46,7 +47,10 @@ def domain_ids(owner: str, features: Mapping[str, Tensor], domain_feature: str, 
         raise ValueError(f"{owner}: domain feature {domain_feature!r} must be int ids of shape (B,), got "
                          f"{tuple(ids.shape)} {ids.dtype}")
     ids = ids.long()
-    if ids.numel():
+    if torch.compiler.is_compiling():  # torch.compile / torch.export: no host sync, a device-side assert
+        torch._assert_async(((ids >= 0) & (ids < num_domains)).all(),
+                            f"{owner}: a domain id of {domain_feature!r} is outside [0, {num_domains})")
+    elif ids.numel():
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= num_domains:
             bad = low if low < 0 else high

@@ -1,8 +1,11 @@
-"""ONNX and TorchScript exports give the PyTorch outputs (probabilities / values) within 1e-5, for every architecture."""
+"""ONNX, TorchScript and torch.export exports give the PyTorch outputs (probabilities / values) within 1e-5, for every
+architecture; with float16 / INT8 tables and float16 dense weights, the outputs of the quantized model exactly and the
+float32 model's within tolerances measured over every architecture."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import onnx
@@ -12,9 +15,14 @@ import torch
 
 from datamodules.synthetic import synthetic_features, synthetic_tasks
 from mtl_lightning import MultiTaskLightningModule, SequenceFeature, SparseFeature, Task, registry
-from mtl_lightning.export import ServingModel, example_features, export_onnx, export_torchscript, id_limits, main
+from mtl_lightning.export import (ServingModel, example_features, export_onnx, export_program, export_torchscript,
+                                  id_limits, main)
 from mtl_lightning.layers import FeatureEmbedding
+from mtl_lightning.quantized import serving_copy
+from mtl_lightning.verification import open_runtime, report_path
 from tests.architectures.test_architectures import arguments as model_arguments
+
+NO_LATENCY = {"latency_batch_sizes": ()}  # the parity tests read the reports' differences, never time anything
 
 
 def _spread(model: torch.nn.Module, scale: float = 0.1) -> torch.nn.Module:
@@ -39,10 +47,11 @@ FUNNEL = {
 
 
 def _check_exports(model: torch.nn.Module, tmp_path, binary: str = "click") -> dict[str, torch.Tensor]:
-    """Export ``model`` (traced on the default 4-row example) and check ONNX and TorchScript against PyTorch on
-    another batch (37 rows, other values) within 1e-5; returns PyTorch's outputs on that batch."""
+    """Export ``model`` (traced on the default 4-row example) and check ONNX, TorchScript and the exported program
+    against PyTorch on another batch (37 rows, other values) within 1e-5; returns PyTorch's outputs on that batch."""
     onnx_path = export_onnx(model, tmp_path / "model.onnx")
     script_path = export_torchscript(model, tmp_path / "model.pt")
+    program_path = export_program(model, tmp_path / "model.pt2", compile=False, verification=NO_LATENCY)
     batch = example_features(model.features, batch_size=37, seed=11)
     with torch.no_grad():
         expected = ServingModel(model).eval()(batch)
@@ -66,6 +75,14 @@ def _check_exports(model: torch.nn.Module, tmp_path, binary: str = "click") -> d
         traced = scripted(batch)
     for output in expected:
         torch.testing.assert_close(traced[output], expected[output], rtol=0, atol=1e-5)
+
+    with torch.no_grad():  # the exported program: the model's features, this batch and a single row
+        program = torch.export.load(str(program_path)).module()
+        exported = program({f.name: batch[f.name] for f in model.features})
+        single = program({f.name: batch[f.name][:1] for f in model.features})
+    for output in expected:
+        torch.testing.assert_close(exported[output], expected[output], rtol=0, atol=1e-5)
+        torch.testing.assert_close(single[output], expected[output][:1], rtol=0, atol=1e-5)
     return expected
 
 
@@ -252,3 +269,62 @@ def test_predict_step_and_exports_return_the_same_outputs(tmp_path):
             np.testing.assert_allclose(value, predicted[output].numpy(), rtol=0, atol=1e-5)
     assert "imputation" in modules["shared_bottom"].model.output_names
     assert modules["esmm"].model.output_names == ["ctr", "ctcvr", "cvr"]
+
+
+# Beyond arguments(name, "din_group") (a DIN group reading two aligned sequences, the domain for multi-scenario
+# architectures): a max-pooled sequence reading a sparse feature's block of the fused table, a mean-pooled sequence
+# with its own table and a sparse feature reading that sequence's table, so that every lookup path is quantized.
+EXTRA_FEATURES = [
+    SequenceFeature("recent_cat", 6, max_len=3, embedding_dim=8, pooling="max", shared_with="cat"),
+    SequenceFeature("tags", 12, max_len=4, embedding_dim=8, pooling="mean"),
+    SparseFeature("top_tag", 12, 8, shared_with="tags"),
+]
+# (table dtype, dense dtype) -> the largest absolute difference from the float32 model allowed for (probabilities,
+# regression values). Measured over every architecture (tables perturbed by 0.5, other weights by 0.2, 37 rows):
+# float16 tables + dense at most 2.1e-4 / 1.1e-3, INT8 tables 2.6e-3 / 1.2e-2; the bounds leave 4-5x headroom.
+QUANTIZED = {("float16", "float16"): (1e-3, 5e-3), ("int8", "float32"): (1e-2, 5e-2)}
+
+
+def _spread_tables(model: torch.nn.Module) -> torch.nn.Module:
+    """Tables perturbed by 0.5, other weights by 0.2: outputs differ across rows and depend on the table values."""
+    torch.manual_seed(0)
+    tables = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_((0.5 if id(p) in tables else 0.2) * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("dtypes", list(QUANTIZED), ids=lambda d: f"tables_{d[0]}-dense_{d[1]}")
+@pytest.mark.parametrize("name", registry.names())
+def test_quantized_exports_match_the_quantized_model_and_stay_close_to_float32(name, dtypes, tmp_path):
+    table_dtype, dense_dtype = dtypes
+    kwargs = model_arguments(name, "din_group")
+    kwargs["features"] = [*kwargs["features"], *EXTRA_FEATURES]
+    torch.manual_seed(0)
+    model = _spread_tables(registry.create(name, **kwargs))
+    batch = example_features(model.features, batch_size=37, seed=11)
+    with torch.no_grad():
+        expected = {k: v.numpy() for k, v in ServingModel(model).eval()(batch).items()}
+        quantized = {k: v.numpy() for k, v in serving_copy(ServingModel(model), table_dtype, dense_dtype)(batch).items()}
+    kinds = model.output_kinds()
+    tolerance = {"binary": QUANTIZED[dtypes][0], "regression": QUANTIZED[dtypes][1]}
+    differences = {k: float(np.abs(quantized[k] - expected[k]).max()) for k in kinds}
+    assert max(differences.values()) > 0  # the tables (and weights) really are stored in fewer bits
+    assert max(np.std(expected[k]) for k in kinds) > 1e-3  # outputs differ across rows: the bounds mean something
+
+    names = [f.name for f in model.features]
+    options = dict(table_dtype=table_dtype, dense_dtype=dense_dtype, verification={**NO_LATENCY, "split": [{"features": batch}]})
+    for kind, path in [("onnx", export_onnx(model, tmp_path / "m.onnx", **options)),
+                       ("torchscript", export_torchscript(model, tmp_path / "m.pt", **options)),
+                       ("program", export_program(model, tmp_path / "m.pt2", compile=False, **options))]:
+        served = open_runtime(path, kind, names)(batch)
+        report = json.loads(report_path(path).read_text())
+        assert report["passed"] and report["rows"] == 37 and report["table_dtype"] == table_dtype
+        for output, output_kind in kinds.items():
+            # the export computes exactly the quantized model ...
+            np.testing.assert_allclose(served[output], quantized[output], rtol=0, atol=1e-5, err_msg=f"{kind} {output}")
+            # ... which stays within the measured bound of the float32 model; the report says by how much
+            difference = np.abs(served[output] - expected[output]).max()
+            assert difference <= tolerance[output_kind], (kind, output, difference)
+            assert report["outputs"][output]["max_abs_difference"] == pytest.approx(difference, abs=1e-6)
