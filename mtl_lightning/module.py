@@ -80,7 +80,7 @@ from .optim import build_optimizers, no_weight_decay, optimizer_class
 from .optim import check_rate as _check_rate
 from .sparse_embeddings import check_sparse_strategy, embedding_tables, enable_sparse_embeddings
 from .tasks import Task, check_sampling_rates, check_tasks
-from .training_checks import TrainingChecks
+from .training_checks import TrainingChecks, check_precision
 from .weighting import WeightingStrategy, create_weighting
 
 
@@ -469,25 +469,13 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self._trainer is not None:
-            self._check_trainer(self.trainer)
+            check_precision(self.trainer)
         hand_datamodule_state(self._datamodule(), self._checkpoint_datamodule_states)
         if self.hparams.get("sparse_embeddings") and self._trainer is not None:
             check_sparse_strategy(self.trainer.strategy)
         if self.hparams.get("compile_model") and not getattr(self, "_compiled", False):
             self.model.compile()
             self._compiled = True
-
-    @staticmethod
-    def _check_trainer(trainer: L.Trainer) -> None:
-        """Refuse, before any step, a half ``-true`` precision (see the module docstring)."""
-        if trainer.precision in ("bf16-true", "16-true"):
-            mixed = trainer.precision.replace("-true", "-mixed")
-            raise ValueError(
-                f"Trainer(precision={trainer.precision!r}) casts every parameter and input to half precision, which "
-                "MultiTaskLightningModule does not train with: dense inputs, losses and metrics are computed in "
-                f"float32 (the first layer would see float32 inputs against half weights). Use "
-                f"precision={mixed!r} (autocast over float32 weights, on CPU and GPU) or '32-true'"
-            )
 
     def configure_optimizers(self) -> Any:
         """The optimizer over ``optimized_parameters()`` with weight-decay groups (see ``mtl_lightning.optim``)."""

@@ -23,7 +23,7 @@ summed over every rank at its end, so under DDP every rank decides the same.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -110,4 +110,18 @@ class TrainingChecks:
             rank_zero_warn(message)
 
 
-__all__ = ["TrainingChecks"]
+
+
+def check_precision(trainer: Any) -> None:
+    """Refuse, before any step, a half ``-true`` precision (see the module docstring)."""
+    if trainer.precision in ("bf16-true", "16-true"):
+        mixed = trainer.precision.replace("-true", "-mixed")
+        raise ValueError(
+            f"Trainer(precision={trainer.precision!r}) casts every parameter and input to half precision, which "
+            "MultiTaskLightningModule does not train with: dense inputs, losses and metrics are computed in "
+            f"float32 (the first layer would see float32 inputs against half weights). Use "
+            f"precision={mixed!r} (autocast over float32 weights, on CPU and GPU) or '32-true'"
+        )
+
+
+__all__ = ["TrainingChecks", "check_precision"]

@@ -166,3 +166,11 @@ def test_mtl_lightning_never_imports_datamodules():
     wrong = sorted({f"{a} imports {b} (line {line})" for a, b, line, lazy in edges
                     if a.split(".")[0] == "mtl_lightning" and b.split(".")[0] == "datamodules" and not lazy})
     assert not wrong, "mtl_lightning must not import datamodules (datamodules imports mtl_lightning):\n" + "\n".join(wrong)
+
+
+def test_no_library_file_over_500_lines():
+    """Each library file does one job, small enough to read in one sitting (issue 28): split a file that grows past
+    500 lines by job, keeping its public names importable."""
+    long = {name: n for name, path in module_files().items()
+            if (n := len(path.read_text().splitlines())) > 500}
+    assert not long, f"library files over 500 lines: {long}"
