@@ -30,6 +30,7 @@ trace with ``torch.jit.trace``, export to ONNX and compile with
 from __future__ import annotations
 
 import inspect
+from abc import ABCMeta, abstractmethod
 import math
 from typing import Any, Sequence
 
@@ -73,14 +74,15 @@ def _check_inputs(
         raise ValueError(f"{name}: the sequence has {keys.shape[1]} positions, more than max_len={max_len}")
 
 
-class SequenceEncoder(nn.Module):
+class SequenceEncoder(nn.Module, metaclass=ABCMeta):
     """Base of the sequence encoders: ``forward(keys (B, L, d), mask (B, L), query (B, dq)) -> (B, output_dim)``.
 
     Subclasses set the attributes ``key_dim``, ``query_dim`` and ``output_dim`` (ints).
     """
 
-    def forward(self, keys: Tensor, mask: Tensor, query: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def forward(self, keys: Tensor, mask: Tensor, query: Tensor) -> Tensor:
+        """``(B, L, key_dim), (B, L), (B, query_dim) -> (B, output_dim)``; padded positions get no weight."""
 
 
 class Dice(nn.Module):
