@@ -49,6 +49,7 @@ naming both files; ``Preprocessor.load(path, model=...)`` and
 ``Preprocessor.check_model`` do the same check for a model opened elsewhere::
 
     session, preprocess = open_served("model.onnx")     # or "model.pt": (torch.jit module, Preprocessor)
+                                                        # or "model.pt2" / "model.aoti.pt2": called as model(features)
     outputs = session.run(None, preprocess.numpy(rows))
 
 ``Preprocessor`` validates the whole state before use (see
@@ -62,6 +63,7 @@ problem is a ``ValueError`` naming the file, the key (its JSON path, e.g.
 from __future__ import annotations
 
 import json
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -73,6 +75,7 @@ import torch
 from torch import Tensor
 
 from mtl_lightning.export import FINGERPRINT_FILE, FINGERPRINT_METADATA_KEY, preprocessing_fingerprint, preprocessing_path
+from mtl_lightning.exported_program import CompiledProgram
 from mtl_lightning.features import Feature, SequenceFeature, SparseFeature, feature_from_config, feature_to_config
 
 from .encoders import DenseNormalizer, encoders_from_state, filler_from_state, is_list_type, map_list_values
@@ -243,10 +246,11 @@ def preprocessing_state(features: Sequence[Feature], data_state: Mapping[str, An
 def model_fingerprint(model: Any) -> str | None:
     """The preprocessing fingerprint an exported model carries, or ``None`` (exported without one).
 
-    ``model``: a path to an ONNX file (read from its ``metadata_props``) or a
+    ``model``: a path to an ONNX file (read from its ``metadata_props``), a
     TorchScript file (its extra file ``preprocessing_fingerprint``; the
-    ``model.preprocessing.pt`` of ``export_torchscript`` carries it too), or an
-    ``onnxruntime.InferenceSession``.
+    ``model.preprocessing.pt`` of ``export_torchscript`` carries it too), an
+    exported program ``*.pt2`` (the same extra file) or an AOTInductor package
+    ``*.aoti.pt2`` (its metadata), or an ``onnxruntime.InferenceSession``.
     """
     if hasattr(model, "get_modelmeta"):  # an onnxruntime.InferenceSession
         return model.get_modelmeta().custom_metadata_map.get(FINGERPRINT_METADATA_KEY)
@@ -257,6 +261,8 @@ def model_fingerprint(model: Any) -> str | None:
     path = Path(model)
     if not path.is_file():
         raise ValueError(f"{path}: no such model file")
+    if path.suffix == ".pt2":  # an exported program or AOTInductor package (zip files too)
+        return _load_program(path)[1]
     if zipfile.is_zipfile(path):  # TorchScript archives are zip files
         return _load_torchscript(path)[1]
     import onnx
@@ -273,20 +279,32 @@ def open_served(model_path: str | Path, preprocessing: str | Path | None = None,
     """``(model, preprocessor)``: an exported model and its preprocessing file, checked to belong together.
 
     ``model_path``: an ONNX file (opened as an ``onnxruntime.InferenceSession``
-    with ``providers``, default CPU) or a TorchScript file (``torch.jit.load``,
-    on CPU). ``preprocessing``: the preprocessing file, by default the
-    ``<name>.preprocessing.json`` its export wrote beside it. A pair whose
+    with ``providers``, default CPU), a TorchScript file (``torch.jit.load``,
+    on CPU), an exported program ``*.pt2`` (its ``torch.export`` module) or an
+    AOTInductor package ``*.aoti.pt2`` (a
+    ``mtl_lightning.exported_program.CompiledProgram``); the last two are told
+    apart from TorchScript (also a zip archive) by their suffix, as
+    ``export_program`` names them. ``preprocessing``: the preprocessing file, by
+    default the ``<name>.preprocessing.json`` its export wrote beside it (for
+    ``model.aoti.pt2``, the ``model.preprocessing.json`` of its program). A pair whose
     fingerprints differ, or a model without one, is refused with a
     ``ValueError`` naming both files (see the module docstring).
     """
     model_path = Path(model_path)
     if not model_path.is_file():
         raise ValueError(f"{model_path}: no such model file")
-    preprocessing = Path(preprocessing) if preprocessing is not None else preprocessing_path(model_path)
+    if preprocessing is None:
+        program = model_path.with_name(model_path.name.removesuffix(".aoti.pt2") + ".pt2")
+        preprocessing = preprocessing_path(program if model_path.name.endswith(".aoti.pt2") else model_path)
+    preprocessing = Path(preprocessing)
     if not preprocessing.is_file():
         raise ValueError(f"{preprocessing}: no such preprocessing file (the export of {model_path} writes it beside "
                          "the model; give preprocessing= if it is elsewhere)")
     preprocessor = Preprocessor.load(preprocessing)
+    if model_path.suffix == ".pt2":
+        model, fingerprint = _load_program(model_path)
+        preprocessor._check_fingerprint(fingerprint, str(model_path))
+        return model, preprocessor
     if zipfile.is_zipfile(model_path):
         model, fingerprint = _load_torchscript(model_path)
         preprocessor._check_fingerprint(fingerprint, str(model_path))
@@ -296,6 +314,24 @@ def open_served(model_path: str | Path, preprocessing: str | Path | None = None,
     session = onnxruntime.InferenceSession(str(model_path), providers=list(providers or ["CPUExecutionProvider"]))
     preprocessor._check_fingerprint(model_fingerprint(session), str(model_path))
     return session, preprocessor
+
+
+def _load_program(path: Path) -> tuple[Any, str | None]:
+    """``(callable, its preprocessing fingerprint or None)`` of an exported program (``*.pt2``) or an AOTInductor
+    package (``*.aoti.pt2``), both written by ``mtl_lightning.export.export_program``."""
+    try:
+        if path.name.endswith(".aoti.pt2"):
+            package = CompiledProgram(path)
+            return package, package.get_metadata().get(FINGERPRINT_FILE) or None
+        extra: dict[str, Any] = {FINGERPRINT_FILE: ""}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = torch.export.load(str(path), extra_files=extra).module()
+    except Exception as error:  # torch raises RuntimeError, KeyError, ... for a file that is not a program
+        raise ValueError(f"{path}: not an exported program or AOTInductor package written by export_program "
+                         f"({type(error).__name__}: {error})") from None
+    value = extra[FINGERPRINT_FILE]
+    return module, (value.decode("ascii", "replace") if isinstance(value, bytes) else value) or None
 
 
 def _load_torchscript(path: Path) -> tuple[Any, str | None]:

@@ -102,7 +102,7 @@ import torch
 from torch import Tensor, nn
 
 from .features import Feature
-from .exported_program import compiled_path, write_program
+from .exported_program import FINGERPRINT_FILE, compiled_path, write_program
 from .quantized import DENSE_DTYPES, TABLE_DTYPES, check_dtypes, serving_copy
 from .scripted_preprocessing import ScriptedPreprocessing
 from .serving_model import ServingModel, _architecture, example_features, id_limits, preprocessing_path
@@ -111,7 +111,7 @@ from .verification import ExportVerificationError, Verification, report_path, ve
 
 # where the exported files keep the preprocessing fingerprint (see the module docstring)
 FINGERPRINT_METADATA_KEY = "mtl_lightning.preprocessing_fingerprint"  # ONNX metadata_props
-FINGERPRINT_FILE = "preprocessing_fingerprint"  # TorchScript extra file
+# FINGERPRINT_FILE (imported above): the extra file of the TorchScript and exported-program files
 _FINGERPRINTED = ("features", "encoders", "normalization", "fill_missing")
 
 

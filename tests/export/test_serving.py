@@ -307,6 +307,35 @@ def test_a_model_exported_without_a_fingerprint_is_refused_by_open_served(traine
         open_served(export_onnx(module, tmp_path / "m.onnx"), preprocessing=tmp_path / "absent.json")
 
 
+def test_open_served_opens_an_exported_program_with_its_preprocessing(trained, tmp_path):
+    from datamodules.serving import model_fingerprint, open_served
+    from mtl_lightning.export import export_program
+
+    folder, data, module, _, _ = trained
+    program_path = export_program(module, tmp_path / "model.pt2", datamodule=data, compile=False,
+                                  verification={"latency_batch_sizes": ()})
+    onnx_path = export_onnx(module, tmp_path / "model.onnx", datamodule=data)
+    fingerprint = json.loads(preprocessing_path(program_path).read_text())["fingerprint"]
+    assert model_fingerprint(program_path) == fingerprint == model_fingerprint(onnx_path)
+    served, preprocess = open_served(program_path)
+    rows = pq.read_table(folder / "train.parquet").slice(0, 9)
+    session, onnx_preprocess = open_served(onnx_path)
+    click = session.run(["click"], onnx_preprocess.numpy(rows))[0]
+    np.testing.assert_allclose(served(preprocess(rows))["click"].detach().numpy(), click, rtol=0, atol=1e-5)
+    # another export's preprocessing is refused as for the other formats
+    state = json.loads(preprocessing_path(program_path).read_text())
+    state["normalization"]["age"]["mean"] = [state["normalization"]["age"]["mean"][0] + 1.0]
+    del state["fingerprint"]
+    (tmp_path / "shifted.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=rf"shifted.json does not belong to the model {re.escape(str(program_path))}"):
+        open_served(program_path, preprocessing=tmp_path / "shifted.json")
+    # a .pt2 that is no exported program: a clear error, not a TorchScript or ONNX one
+    (tmp_path / "broken.pt2").write_bytes(b"not a program")
+    (tmp_path / "broken.preprocessing.json").write_text(preprocessing_path(program_path).read_text())
+    with pytest.raises(ValueError, match=r"broken.pt2: not an exported program or AOTInductor package"):
+        open_served(tmp_path / "broken.pt2")
+
+
 # ------------------------------------------------------------------ Preprocessor.load validates the whole state
 def _set(state: dict, key: str, value) -> None:
     """``state[...] = value`` at a dotted path (``normalization.age.std``); ``value=KeyError`` deletes it."""

@@ -11,11 +11,12 @@ import torch
 
 import mtl_lightning.exported_program as exported_program
 import mtl_lightning.quantized as quantized
+from datamodules.serving import model_fingerprint, open_served
 from datamodules.synthetic import synthetic_features, synthetic_tasks
 from mtl_lightning import MultiTaskLightningModule, registry
 from mtl_lightning.export import (ExportVerificationError, ServingModel, example_features, export_onnx, export_program,
                                   export_torchscript, main, preprocessing_path)
-from mtl_lightning.exported_program import compiled_path, cpp_compiler, load_program
+from mtl_lightning.exported_program import CompiledProgram, compiled_path, cpp_compiler, load_program
 from mtl_lightning.verification import Verification, report_path
 
 NO_LATENCY = {"latency_batch_sizes": ()}
@@ -167,6 +168,8 @@ def test_program_compiled_by_aotinductor_serves_any_batch_size(tmp_path):
     assert report["served_file"] == "m.aoti.pt2" and "AOTInductor" in report["runtime"] and report["passed"]
     loaded = load_program(package)
     assert loaded.get_metadata()["preprocessing_fingerprint"] == json.loads(preprocessing_path(path).read_text())["fingerprint"]
+    served, preprocess = open_served(package)  # finds m.preprocessing.json, the file of its program
+    assert isinstance(served, CompiledProgram) and preprocess.fingerprint == model_fingerprint(package)
     for batch_size in (1, 37):
         batch = example_features(model.features, batch_size=batch_size, seed=batch_size)
         # columns sliced out of wider tensors, as a data module's batches hold them: the package reads contiguous
