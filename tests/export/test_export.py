@@ -46,12 +46,14 @@ FUNNEL = {
 }
 
 
-def _check_exports(model: torch.nn.Module, tmp_path, binary: str = "click") -> dict[str, torch.Tensor]:
-    """Export ``model`` (traced on the default 4-row example) and check ONNX, TorchScript and the exported program
-    against PyTorch on another batch (37 rows, other values) within 1e-5; returns PyTorch's outputs on that batch."""
+def _check_exports(model: torch.nn.Module, tmp_path, binary: str = "click", program: bool = True
+                   ) -> dict[str, torch.Tensor]:
+    """Export ``model`` (traced on the default 4-row example) and check ONNX, TorchScript and (``program``) the
+    exported program against PyTorch on another batch (37 rows, other values) within 1e-5; returns PyTorch's outputs
+    on that batch. ``torch.export`` takes seconds per model where the other two take a fraction of one, so every
+    architecture's program is checked once in float32 (with a DIN group, below) and once per quantized dtype."""
     onnx_path = export_onnx(model, tmp_path / "model.onnx")
     script_path = export_torchscript(model, tmp_path / "model.pt")
-    program_path = export_program(model, tmp_path / "model.pt2", compile=False, verification=NO_LATENCY)
     batch = example_features(model.features, batch_size=37, seed=11)
     with torch.no_grad():
         expected = ServingModel(model).eval()(batch)
@@ -76,10 +78,13 @@ def _check_exports(model: torch.nn.Module, tmp_path, binary: str = "click") -> d
     for output in expected:
         torch.testing.assert_close(traced[output], expected[output], rtol=0, atol=1e-5)
 
+    if not program:
+        return expected
+    program_path = export_program(model, tmp_path / "model.pt2", compile=False, verification=NO_LATENCY)
     with torch.no_grad():  # the exported program: the model's features, this batch and a single row
-        program = torch.export.load(str(program_path)).module()
-        exported = program({f.name: batch[f.name] for f in model.features})
-        single = program({f.name: batch[f.name][:1] for f in model.features})
+        served = torch.export.load(str(program_path)).module()
+        exported = served({f.name: batch[f.name] for f in model.features})
+        single = served({f.name: batch[f.name][:1] for f in model.features})
     for output in expected:
         torch.testing.assert_close(exported[output], expected[output], rtol=0, atol=1e-5)
         torch.testing.assert_close(single[output], expected[output][:1], rtol=0, atol=1e-5)
@@ -92,7 +97,7 @@ def test_onnx_and_torchscript_match_pytorch(name, tmp_path):
     if registry.get(name).multi_scenario:
         arguments["domain_feature"] = "city"  # multi-scenario: the synthetic data's city plays the domain
     model = _spread(registry.create(name, features=synthetic_features(embedding_dim=8), **arguments))
-    _check_exports(model, tmp_path)
+    _check_exports(model, tmp_path, program=False)  # the program: test_exports_with_a_din_group_and_with_an_interaction
     if name not in FUNNEL:
         assert {t.name: t.kind for t in model.tasks}["dwell"] == "regression"
 
@@ -117,7 +122,8 @@ def test_exports_with_a_din_group_and_with_an_interaction(name, inputs, tmp_path
     layers = [m for m in model.modules() if isinstance(m, FeatureEmbedding)]
     assert layers and all((len(layer.encoders) == 1) if inputs == "din_group" else layer.interaction is not None
                           for layer in layers)
-    expected = _check_exports(model, tmp_path, binary=model.tasks[0].name)
+    # the program once per architecture, with the DIN group; the interaction's program with MMoE (below)
+    expected = _check_exports(model, tmp_path, binary=model.tasks[0].name, program=inputs == "din_group")
     # the exported graphs read what is tested: another history (same lengths) changes the outputs
     batch = example_features(model.features, batch_size=37, seed=11)
     moved = {**batch, "history": torch.where(batch["history"] > 0, batch["history"] % 39 + 1, 0)}
@@ -141,9 +147,9 @@ ENCODERS = {
 }
 
 
-@pytest.mark.parametrize("variant", [*ENCODERS, "senet", "masknet"])
+@pytest.mark.parametrize("variant", [*ENCODERS, "senet", "masknet", "dcn_v2"])
 def test_every_sequence_encoder_and_interaction_exports(variant, tmp_path):
-    """MMoE with each other encoder (in the same group of two aligned histories) and each other interaction."""
+    """MMoE with each other encoder (in the same group of two aligned histories) and each interaction."""
     kwargs = model_arguments("mmoe", "din_group" if variant in ENCODERS else "plain")
     if variant in ENCODERS:
         kwargs["features"] = [dataclasses.replace(f, **ENCODERS[variant]) if isinstance(f, SequenceFeature) else f
@@ -283,6 +289,10 @@ EXTRA_FEATURES = [
 # regression values). Measured over every architecture (tables perturbed by 0.5, other weights by 0.2, 37 rows):
 # float16 tables + dense at most 2.1e-4 / 1.1e-3, INT8 tables 2.6e-3 / 1.2e-2; the bounds leave 4-5x headroom.
 QUANTIZED = {("float16", "float16"): (1e-3, 5e-3), ("int8", "float32"): (1e-2, 5e-2)}
+# torch.export takes seconds per model (the other formats a fraction of one): every architecture's program is
+# checked with INT8 tables (the gather-and-dequantize lookups) and in float32 (above); float16 tables and weights,
+# which are casts of the same graph, on one single- and one multi-scenario architecture
+PROGRAM_FLOAT16 = {"mmoe", "star"}
 
 
 def _spread_tables(model: torch.nn.Module) -> torch.nn.Module:
@@ -315,9 +325,11 @@ def test_quantized_exports_match_the_quantized_model_and_stay_close_to_float32(n
 
     names = [f.name for f in model.features]
     options = dict(table_dtype=table_dtype, dense_dtype=dense_dtype, verification={**NO_LATENCY, "split": [{"features": batch}]})
-    for kind, path in [("onnx", export_onnx(model, tmp_path / "m.onnx", **options)),
-                       ("torchscript", export_torchscript(model, tmp_path / "m.pt", **options)),
-                       ("program", export_program(model, tmp_path / "m.pt2", compile=False, **options))]:
+    exports = [("onnx", export_onnx(model, tmp_path / "m.onnx", **options)),
+               ("torchscript", export_torchscript(model, tmp_path / "m.pt", **options))]
+    if table_dtype == "int8" or name in PROGRAM_FLOAT16:
+        exports.append(("program", export_program(model, tmp_path / "m.pt2", compile=False, **options)))
+    for kind, path in exports:
         served = open_runtime(path, kind, names)(batch)
         report = json.loads(report_path(path).read_text())
         assert report["passed"] and report["rows"] == 37 and report["table_dtype"] == table_dtype

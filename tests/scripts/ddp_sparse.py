@@ -1,8 +1,8 @@
 """Standalone 2-process CPU DDP run (gloo) for tests/training/test_sparse_embeddings.py; Lightning re-launches this script.
 
-    python tests/scripts/ddp_sparse.py dense|sparse|din-dense|din-sparse TRAIN_PARQUET OUT_DIR
+    python tests/scripts/ddp_sparse.py MODE[,MODE...] TRAIN_PARQUET OUT_DIR    # MODE: dense|sparse|din-dense|din-sparse
 
-Trains MMoE for two steps with ``sparse_embeddings`` off or on (``din-``: the click history read by DIN with
+For each mode in turn, in the same two processes (one launch, one process group), trains MMoE for two steps with ``sparse_embeddings`` off or on (``din-``: the click history read by DIN with
 the candidate item as query instead of mean-pooled) and saves, per
 rank, the item_id table's gradient as the optimizer sees it (after DDP's
 all-reduce) at each step and the final parameters.
@@ -35,8 +35,13 @@ class GrabGradients(L.Callback):
 
 
 def main() -> None:
-    mode, train, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    modes, train, out = sys.argv[1].split(","), sys.argv[2], Path(sys.argv[3])
     torch.set_num_threads(1)
+    for mode in modes:
+        run(mode, train, out)
+
+
+def run(mode: str, train: str, out: Path) -> None:
     torch.manual_seed(0)
     features = synthetic_features()
     if mode.startswith("din-"):
