@@ -48,10 +48,11 @@ class Task:
 
     ``loss`` names the task's loss: ``"bce"`` (binary default), ``"focal"`` or
     ``"jrc"`` for binary tasks, ``"mse"`` (regression default) or ``"huber"``
-    for regression tasks, ``"cross_entropy"`` (the only one) for multi-class tasks; ``loss_options`` is a plain dict of its options
-    (``focal``: ``gamma``, ``alpha``, ``label_smoothing``; ``bce``:
-    ``label_smoothing``; ``jrc``: ``alpha``, ``session``; ``huber``:
-    ``delta``; ``cross_entropy``: ``label_smoothing``). Formulas and defaults: ``mtl_lightning.losses.task_losses``.
+    for regression tasks, ``"cross_entropy"`` (the only one) for multi-class
+    tasks; ``loss_options`` is a plain dict of its options (``focal``:
+    ``gamma``, ``alpha``, ``label_smoothing``; ``bce``: ``label_smoothing``;
+    ``jrc``: ``alpha``, ``session``; ``huber``: ``delta``; ``cross_entropy``:
+    ``label_smoothing``). Formulas and defaults: ``mtl_lightning.losses.task_losses``.
     An unknown loss or option, or an option value out of range, raises
     ``ValueError`` naming the task. Both are plain data, so ``to_config``,
     YAML configs and checkpoints carry them; a task written before they

@@ -27,9 +27,9 @@ data module object that has one); ``"train"`` / ``"val"`` / ``"test"`` names a s
 (no data module, or one without a test split) 512 generated rows are compared, without labels (no AUC).
 
 Thresholds fail the export: with ``max_auc_drop`` (a task's AUC drop above it), ``max_probability_difference``
-(a binary or multi-class output's largest difference above it) or ``max_value_difference`` (a regression output's), an export
-that exceeds one renames its model file to ``<stem>.rejected<suffix>`` (so nothing serves it by its name), keeps
-the report, and raises :class:`ExportVerificationError` naming each failure and the report.
+(a binary or multi-class output's largest difference above it) or ``max_value_difference`` (a regression
+output's), an export that exceeds one renames its model file to ``<stem>.rejected<suffix>`` (so nothing serves it
+by its name), keeps the report, and raises :class:`ExportVerificationError` naming each failure and the report.
 """
 
 from __future__ import annotations
@@ -268,17 +268,14 @@ def _binary_metrics(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, 
 
 def _multiclass_metrics(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
     """Macro one-vs-rest AUC (None with fewer than two classes), log-loss and accuracy of ``(N, K)`` probabilities."""
-    from torchmetrics.functional.classification import multiclass_auroc
+    from .metrics.multiclass import macro_auroc
 
     classes = labels.astype(np.int64)
     if not len(classes):
         return {"auc": None, "log_loss": None, "accuracy": None}
     auc = None
     if len(np.unique(classes)) > 1:
-        with warnings.catch_warnings():  # classes absent from the rows are left out of the mean (and warned about)
-            warnings.simplefilter("ignore")
-            auc = float(multiclass_auroc(torch.from_numpy(probabilities), torch.from_numpy(classes),
-                                         probabilities.shape[1], average="macro", validate_args=False))
+        auc = float(macro_auroc(torch.from_numpy(probabilities), torch.from_numpy(classes)))
     chosen = np.clip(probabilities[np.arange(len(classes)), classes].astype(np.float64), 1e-7, 1.0)
     return {"auc": auc, "log_loss": float(-np.mean(np.log(chosen))),
             "accuracy": float(np.mean(probabilities.argmax(axis=1) == classes))}

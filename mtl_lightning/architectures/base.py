@@ -3,8 +3,9 @@
 An architecture is a plain ``nn.Module``: ``forward(features) -> {task: logits}``
 with one ``(B,)`` tensor per task (binary tasks give logits, regression tasks
 values), and ``(B, K)`` logits for a multi-class task of ``K`` classes (its
-``Task.output_dim``: :meth:`MultiTaskArchitecture.output_width` gives each output's width and
-:meth:`MultiTaskArchitecture._towers` builds towers that wide). It may return further outputs that are not trained as tasks, declared
+``Task.output_dim``: :meth:`MultiTaskArchitecture.output_width` gives each
+output's width, :meth:`MultiTaskArchitecture._towers` builds towers that wide).
+It may return further outputs that are not trained as tasks, declared
 by ``extra_outputs()`` (ESMM's ``cvr``, which only the ``ctcvr`` product
 supervises; ESCM's imputation tower); ``output_names`` lists everything
 ``forward`` returns, tasks first. It declares which parameters all tasks share (``shared_parameters``)

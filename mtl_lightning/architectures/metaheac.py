@@ -17,7 +17,8 @@ the shared experts (so a second task is one more "head" of the same form).
 Choices where the paper is open or where this library draws the line:
 
 * The critics' outputs are mixed as logits (binary; per class for a multi-class task) or values (regression), so
-  the output is a logit as the contract asks; a mixture of probabilities would need the log-space product of HMoE for no gain here.
+  the output is a logit as the contract asks; a mixture of probabilities would need the log-space product of HMoE
+  for no gain here.
 * The paper trains with meta-learning: a local update on each task's support set, then a global update on the
   query sets (MAML-style). That is a training procedure, not a layer; this network is trained like every other
   architecture by ``MultiTaskLightningModule`` (joint training over every scenario's rows, the limit of the global
@@ -65,8 +66,8 @@ class MetaHeac(MultiScenarioArchitecture):
         self.experts = ExpertBank(num_experts, self.embedding.output_dim, expert_hidden, activation, dropout)
         self.expert_gates = nn.ModuleDict({t: Gate(task_dim, num_experts) for t in self.task_names})
         self.critics = nn.ModuleDict({
-            t: nn.ModuleList(MLP(self.experts.output_dim, critic_hidden, output_dim=self.output_width(t), activation=activation,
-                                 dropout=dropout) for _ in range(num_critics))
+            t: nn.ModuleList(MLP(self.experts.output_dim, critic_hidden, output_dim=self.output_width(t),
+                                 activation=activation, dropout=dropout) for _ in range(num_critics))
             for t in self.task_names
         })
         self.critic_gates = nn.ModuleDict({t: Gate(task_dim, num_critics) for t in self.task_names})

@@ -90,9 +90,11 @@ class STAR(MultiScenarioArchitecture):
             width = size
         self.activation = activation_layer(activation)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.outputs = nn.ModuleDict({t: StarLinear(width, self.output_width(t), self.num_domains) for t in self.task_names})
+        self.outputs = nn.ModuleDict({t: StarLinear(width, self.output_width(t), self.num_domains)
+                                      for t in self.task_names})
         self.auxiliary = nn.ModuleDict(
-            {t: MLP(len(self.auxiliary_columns), auxiliary_hidden, output_dim=self.output_width(t), activation=activation)
+            {t: MLP(len(self.auxiliary_columns), auxiliary_hidden, output_dim=self.output_width(t),
+                    activation=activation)
              for t in self.task_names}
         )
 

@@ -2,8 +2,9 @@
 name to its function.
 
 Every function takes the prediction (a logit for binary tasks, the value for regression tasks, ``(B, K)`` logits for
-multi-class tasks), the target with the ignored rows already replaced by 0, the mask of valid rows and the rows' group (session) ids or ``None``, plus the
-task's ``loss_options``, and returns one loss per row (``(B,)``); ``masked_loss`` averages them over the valid rows.
+multi-class tasks), the target with the ignored rows already replaced by 0, the mask of valid rows and the rows'
+group (session) ids or ``None``, plus the task's ``loss_options``, and returns one loss per row (``(B,)``);
+``masked_loss`` averages them over the valid rows.
 
 Binary tasks (``z`` the logit, ``p = sigmoid(z)``, ``y`` the label):
 

@@ -3,8 +3,9 @@
 Binary tasks: AUROC, log-loss, NE, PCOC and ECE (``metrics.calibration``, which
 also has the reliability table); regression tasks: MSE, MAE and XAUC
 (``metrics.regression``); multi-class tasks: accuracy, macro one-vs-rest AUC and
-log-loss (``metrics.multiclass``, also per scenario; no NE, PCOC, ECE or group AUC). Every metric takes the model's raw output (logits for
-binary tasks), so log-loss is computed stably from logits. Rows whose label is
+log-loss (``metrics.multiclass``, also per scenario; no NE, PCOC, ECE or group
+AUC). Every metric takes the model's raw output (logits for binary and
+multi-class tasks), so log-loss is computed stably from logits. Rows whose label is
 ignored are filtered out before ``update``; per-row sample weights weigh
 log-loss, NE, PCOC, ECE, MSE, MAE and accuracy (never AUC, GAUC or XAUC).
 

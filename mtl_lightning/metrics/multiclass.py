@@ -9,10 +9,10 @@ in ``[0, K)``; the evaluation filters ignored rows out first) and optional per-r
   ``MulticlassAccuracy(average="micro")``). A tie between classes picks the lowest class id (``argmax``);
 * ``logloss = sum_i w_i (logsumexp(z_i) - z_iy_i) / W``, the softmax cross-entropy (:class:`MulticlassLogLoss`);
 * ``auc``: the macro one-vs-rest AUC, the mean over the classes ``c`` of the AUC of ``p_ic`` separating the rows of
-  class ``c`` from the others (:class:`MulticlassAUROCFromLogits`, torchmetrics' exact
-  ``MulticlassAUROC(average="macro")`` fed softmax probabilities). A class without rows (or with every row) has no
-  AUC and is left out of the mean; with fewer than two classes among the split's labels it is undefined and not
-  logged. Unweighted, like every AUC here.
+  class ``c`` from the others (:class:`MulticlassAUROCFromLogits`: torchmetrics' exact per-class
+  ``MulticlassAUROC`` fed softmax probabilities). A class without rows (or with every row) has no AUC and is left
+  out of the mean; with fewer than two classes among the split's labels it is undefined and not logged.
+  Unweighted, like every AUC here.
 
 Accuracy and log-loss keep float64 sums summed over the ranks; AUC keeps the rows, gathered over the ranks. So
 the value computed on 2 ranks with uneven shards is the one-process value over all their rows.
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAUROC
+from torchmetrics.utilities import dim_zero_cat
 
 
 def _weights(target: Tensor, weight: Tensor | None) -> Tensor:
@@ -54,7 +55,8 @@ def _check(logits: Tensor, target: Tensor, num_classes: int) -> None:
 class ClassCounts(Metric):
     """Rows seen and how many distinct classes they hold: ``compute()`` is ``tensor([rows, classes])`` (int64).
 
-    Keeps the rows of each class (``(K,)``, summed over the ranks), so every rank decides alike.
+    Keeps the rows (``rows``, as ``metrics.LabelCounts``) and the rows of each class (``(K,)``), summed over the
+    ranks, so every rank decides alike.
     """
 
     is_differentiable = False
@@ -63,13 +65,15 @@ class ClassCounts(Metric):
     def __init__(self, num_classes: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.num_classes = num_classes
+        self.add_state("rows", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("per_class", default=torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, preds: Tensor, target: Tensor) -> None:
+        self.rows += target.numel()
         self.per_class += torch.bincount(target.long().flatten(), minlength=self.num_classes)[: self.num_classes]
 
     def compute(self) -> Tensor:
-        return torch.stack([self.per_class.sum(), (self.per_class > 0).sum()])
+        return torch.stack([self.rows, (self.per_class > 0).sum()])
 
 
 class MulticlassAccuracyFromLogits(Metric):
@@ -119,21 +123,45 @@ class MulticlassLogLoss(Metric):
 
 
 class MulticlassAUROCFromLogits(MulticlassAUROC):
-    """torchmetrics' exact macro one-vs-rest ``MulticlassAUROC`` fed with logits: they become softmax probabilities
-    before every update (torchmetrics decides that per batch, from the values' range). Classes without both
-    positive and negative rows are left out of the mean (torchmetrics' rule; its warning about them is silenced,
-    the rule is documented in the module docstring)."""
+    """Macro one-vs-rest AUC from torchmetrics' exact per-class ``MulticlassAUROC`` fed with logits: they become
+    softmax probabilities before every update (torchmetrics decides that per batch, from the values' range).
+
+    The mean is over the classes that have both positive and negative rows among the (gathered) labels; a class
+    without rows would get an AUC of 0 from torchmetrics and is left out instead (``nan`` when no class is left).
+    """
 
     def __init__(self, num_classes: int, **kwargs: Any) -> None:
-        super().__init__(num_classes=num_classes, average="macro", thresholds=None, validate_args=False, **kwargs)
+        super().__init__(num_classes=num_classes, average="none", thresholds=None, validate_args=False, **kwargs)
 
     def update(self, preds: Tensor, target: Tensor) -> None:  # type: ignore[override]
         super().update(torch.softmax(preds.float(), dim=-1), target.long())
 
     def compute(self) -> Tensor:  # type: ignore[override]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*for one or more classes was `nan`.*")
-            return super().compute()
+        with warnings.catch_warnings():  # about classes without positive rows, left out below
+            warnings.simplefilter("ignore")
+            per_class = super().compute()  # (K,), on the states gathered over the ranks
+        return mean_over_present_classes(per_class, dim_zero_cat(self.target))
+
+
+def mean_over_present_classes(per_class: Tensor, target: Tensor) -> Tensor:
+    """The mean of the per-class one-vs-rest AUCs ``per_class`` (``(K,)``) over the classes with both positive and
+    negative rows in ``target``; ``nan`` when there is none."""
+    target = target.long().flatten()
+    counts = torch.bincount(target, minlength=per_class.numel())[: per_class.numel()]
+    both = (counts > 0) & (counts < target.numel())
+    return per_class[both].mean() if bool(both.any()) else torch.tensor(float("nan"), device=per_class.device)
+
+
+def macro_auroc(probabilities: Tensor, target: Tensor) -> Tensor:
+    """The macro one-vs-rest AUC of ``(N, K)`` probabilities against class ids, as ``auc`` computes it (module
+    docstring): torchmetrics' exact per-class AUROC, averaged over the classes present with another."""
+    from torchmetrics.functional.classification import multiclass_auroc
+
+    with warnings.catch_warnings():  # about classes without positive rows, left out of the mean
+        warnings.simplefilter("ignore")
+        per_class = multiclass_auroc(probabilities.float(), target.long(), probabilities.shape[1], average="none",
+                                     thresholds=None, validate_args=False)
+    return mean_over_present_classes(per_class, target)
 
 
 def macro_auc(probabilities: Tensor, target: Tensor, groups: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -216,4 +244,4 @@ def multiclass_metrics(num_classes: int) -> dict[str, Metric]:
 
 
 __all__ = ["ClassCounts", "MulticlassAccuracyFromLogits", "MulticlassLogLoss", "MulticlassAUROCFromLogits",
-           "ScenarioMulticlass", "macro_auc", "multiclass_metrics"]
+           "ScenarioMulticlass", "macro_auc", "macro_auroc", "mean_over_present_classes", "multiclass_metrics"]

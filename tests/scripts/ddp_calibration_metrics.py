@@ -3,8 +3,8 @@
 Run by ``tests/evaluation/test_calibration_metrics.py`` (Lightning's DDP re-launches this script once per rank).
 Usage: ``python ddp_calibration_metrics.py OUT_DIR``. Rank 0 validates :func:`shards` ``[0]`` (two batches of
 40 and 25 rows), rank 1 ``[1]`` (one batch of 17 rows); each batch has sample weights for ``click`` and the
-3-class ``genre`` task and a ``scenario`` tensor. Writes ``metrics_rank<R>.json`` (what ``validate`` returned) and ``reliability_rank<R>.json``
-(the click task's reliability table).
+3-class ``genre`` task and a ``scenario`` tensor. Writes ``metrics_rank<R>.json`` (what ``validate`` returned)
+and ``reliability_rank<R>.json`` (the click task's reliability table).
 """
 
 from __future__ import annotations
