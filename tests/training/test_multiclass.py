@@ -176,7 +176,16 @@ def test_learns_a_known_three_class_signal_and_predicts_probabilities(paths, qui
     assert restored.tasks == module.tasks and restored.model.tasks[1].num_classes == 3
     batch = next(iter(dm.predict_dataloader()))
     module.eval()
-    torch.testing.assert_close(restored.predict_step(batch, 0)["genre"], module.predict_step(batch, 0)["genre"])
+    before = module.predict_step(batch, 0)
+    torch.testing.assert_close(restored.predict_step(batch, 0)["genre"], before["genre"])
+    # post-hoc calibration is for binary tasks: the multi-class task is left as it is, and refused when named
+    from mtl_lightning.calibration import calibrate
+
+    with pytest.raises(ValueError, match=r"\['genre'\] are not binary tasks"):
+        calibrate(module, dm, tasks=["genre"])
+    calibrate(module, dm)
+    assert list(module.calibration.tasks) == ["click"]
+    torch.testing.assert_close(module.predict_step(batch, 0)["genre"], before["genre"])
 
 
 @pytest.mark.parametrize("streaming", [False, True])
