@@ -197,10 +197,13 @@ def _label_array(column: pa.ChunkedArray, task: Task, path: Path, ignore_label: 
     """A task's labels as float32, null -> NaN (a missing label), checked like a feature.
 
     A binary label must be 0 or 1 (bool and integer columns are accepted), the
-    ignore label, or null/NaN; a regression label must be finite (as float32),
-    the ignore label, or null/NaN. Anything else (``inf``, ``-2``, ``0.5`` for a
-    binary task) is refused with the file, the column, the number of bad rows
-    and an example value: it would otherwise train on silently wrong numbers.
+    ignore label, or null/NaN; a multi-class label must be a class id (an integer
+    in ``[0, num_classes)``, in an integer or float column), the ignore label, or
+    null/NaN; a regression label must be finite (as float32), the ignore label, or
+    null/NaN. Anything else (``inf``, ``-2``, ``0.5`` for a binary task, ``3`` or
+    ``1.5`` for a task of 3 classes) is refused with the file, the column, the
+    number of bad rows and an example value: it would otherwise train on silently
+    wrong numbers.
     """
     if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type) or pa.types.is_boolean(column.type)):
         raise ValueError(f"{path}: label column {task.label!r} of task {task.name!r} has type {column.type}; it must be numeric")
@@ -212,6 +215,9 @@ def _label_array(column: pa.ChunkedArray, task: Task, path: Path, ignore_label: 
     if task.kind == "binary":
         bad = ~missing & (values != 0) & (values != 1)
         allowed = "0 or 1"
+    elif task.kind == "multiclass":
+        bad = ~missing & ((values < 0) | (values >= task.output_dim) | (values != np.floor(values)))
+        allowed = f"a class id 0..{task.output_dim - 1} (num_classes={task.output_dim})"
     else:
         bad = ~missing & ~np.isfinite(values)
         allowed = "a finite number (as float32)"

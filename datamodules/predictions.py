@@ -52,7 +52,11 @@ class ParquetPredictionWriter(BasePredictionWriter):
     Columns: ``row_id`` (when the batch has one), every key column the data
     module carries in ``batch["keys"]`` (``ParquetDataModule(keys=[...])``),
     then one column per task with what ``predict_step`` returned for it
-    (probabilities for binary tasks, values for regression). A file is
+    (probabilities for binary tasks, values for regression). A multi-class
+    task of ``K`` classes is one column too, of type ``fixed_size_list<float>[K]``:
+    each row holds the ``K`` class probabilities, ``column[c]`` the probability of
+    class ``c`` (pandas reads it as one array per row;
+    ``np.stack(frame["genre"])`` is the ``(rows, K)`` matrix). A file is
     rewritten from scratch by every ``trainer.predict`` call; a rank whose
     shard of the predict split is empty (a split smaller than the world size)
     gets one batch of 0 rows from ``ParquetDataModule`` and writes a file of 0 rows.
@@ -90,10 +94,14 @@ class ParquetPredictionWriter(BasePredictionWriter):
             )
         columns: dict[str, Any] = {}
 
-        def add(name: str, value: Tensor) -> None:
+        def add(name: str, value: Tensor, per_row: bool = False) -> None:
             array = value.detach().cpu().numpy()
+            if per_row and array.ndim == 2:  # K numbers per row (a multi-class task's probabilities)
+                columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1])
+                return
             if array.ndim != 1:
-                raise ValueError(f"ParquetPredictionWriter writes one value per row; {name!r} has shape {tuple(value.shape)}")
+                raise ValueError(f"ParquetPredictionWriter writes one value per row (or, for an output, one row of "
+                                 f"K values); {name!r} has shape {tuple(value.shape)}")
             columns[name] = array
 
         if "row_id" in prediction:
@@ -105,7 +113,7 @@ class ParquetPredictionWriter(BasePredictionWriter):
                 add(name, value)
         for name, value in prediction.items():
             if name != "row_id":
-                add(name, value)
+                add(name, value, per_row=True)
         return pa.table(columns)
 
     def write_on_batch_end(

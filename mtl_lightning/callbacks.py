@@ -36,7 +36,7 @@ def metrics_table(metrics: Mapping[str, Any], stage: str = "val") -> str:
             rows.setdefault(parts[1], {})[parts[2]] = float(value)
     if not rows:
         return ""
-    order = ["auc", "gauc", "logloss", "ne", "pcoc", "ece", "mse", "mae", "xauc"]
+    order = ["auc", "accuracy", "gauc", "logloss", "ne", "pcoc", "ece", "mse", "mae", "xauc"]
     columns = [c for c in order if any(c in r for r in rows.values())]
     columns += sorted({c for r in rows.values() for c in r} - set(columns))
     width = max(len("task"), *(len(t) for t in rows))

@@ -6,15 +6,18 @@ what :meth:`SplitEvaluation.compute` returns at the end of the epoch.
 
 Logged: ``<stage>/<task>/auc``, ``logloss``, ``ne``, ``pcoc``, ``ece`` (binary),
 ``<stage>/<task>/mse``, ``mae``, ``xauc`` (regression; formulas in
-``mtl_lightning.metrics.calibration`` and ``metrics.regression``) and ``<stage>/loss``
-(the ``Task.weight``-weighted sum of per-task log-loss/MSE over the whole epoch),
+``mtl_lightning.metrics.calibration`` and ``metrics.regression``), ``<stage>/<task>/accuracy``,
+``auc`` (macro one-vs-rest), ``logloss`` (multiclass, ``metrics.multiclass``) and ``<stage>/loss``
+(the ``Task.weight``-weighted sum of per-task log-loss/MSE over the whole epoch; a multi-class task's
+log-loss is its cross-entropy),
 ``<stage>/<task>/gauc`` (binary, when the batches carry a ``group`` tensor: see
 ``metrics.GroupAUC``).
 
 Per scenario (domain): ``<stage>/<task>/<metric>/domain=<id>`` for ``auc``,
 ``logloss``, ``ne``, ``pcoc`` and ``ece`` of every binary task and every scenario
 id in the split, and ``<stage>/<task>/gauc/domain=<id>`` when the batches also
-carry a ``group``. The scenario ids are the batch's
+carry a ``group``; ``accuracy``, ``auc`` and ``logloss`` of every multi-class task
+(``metrics.multiclass.ScenarioMulticlass``). The scenario ids are the batch's
 ``scenario`` tensor (``ParquetDataModule(scenario=...)``, any architecture) or
 else, for a multi-scenario architecture (``model.multi_scenario``), its domain
 feature ``model.domain_feature``. The rows of every rank are gathered first
@@ -23,7 +26,10 @@ values. A scenario whose valid labels are of one class gets no AUC (warned
 once per task and split).
 
 Sample weights (a batch's ``weights[task]``, ``Task(sample_weight=...)``) weigh
-log-loss, NE, PCOC, ECE, MSE and MAE as they weigh the training loss.
+log-loss, NE, PCOC, ECE, MSE, MAE and accuracy as they weigh the training loss.
+
+Multi-class tasks get no NE, PCOC, ECE, reliability diagram or group AUC: those
+are defined on one probability per row (``metrics.multiclass``).
 
 Funnel consistency (entire-space models: architectures that declare ``click_task``
 and ``ctcvr_task`` outputs, ESMM, ESCM and DCMT, see :func:`funnel_outputs`):
@@ -83,6 +89,11 @@ from .metrics import (
     scenario_auc_metrics, task_metrics,
 )
 from .tasks import Task
+
+LOSS_METRIC = {"binary": "logloss", "multiclass": "logloss", "regression": "mse"}
+"""The metric of each task kind that ``<stage>/loss`` sums (weighted by ``Task.weight``)."""
+HEADLINE_METRIC = {"binary": "auc", "multiclass": "accuracy", "regression": "mse"}
+"""The metric of each task kind the progress bar shows."""
 
 ReduceSum = Callable[[Tensor], Tensor]
 """Sums a tensor over every rank (``trainer.strategy.reduce(t, reduce_op="sum")``); the identity in one process."""
@@ -209,10 +220,8 @@ class SplitEvaluation(nn.Module):
             self._funnel_counts = torch.zeros(2, dtype=torch.float64)
             if rows > 0:
                 logged[f"{stage}/{self.funnel[1]}/exceeds_{self.funnel[0]}"] = torch.tensor(above / rows)
-        terms = [
-            t.weight * computed[t.name]["logloss" if t.kind == "binary" else "mse"]
-            for t in self.tasks if ("logloss" if t.kind == "binary" else "mse") in computed[t.name]
-        ]
+        terms = [t.weight * computed[t.name][LOSS_METRIC[t.kind]] for t in self.tasks
+                 if LOSS_METRIC[t.kind] in computed[t.name]]
         if terms:
             logged[f"{stage}/loss"] = torch.as_tensor(sum(terms))
         for name, skip in skipped.items():
@@ -329,4 +338,5 @@ def log_reliability_figures(loggers: Sequence[object], evaluation: SplitEvaluati
     return tags
 
 
-__all__ = ["SplitEvaluation", "task_labels", "log_reliability_figures", "funnel_outputs"]
+__all__ = ["SplitEvaluation", "task_labels", "log_reliability_figures", "funnel_outputs", "LOSS_METRIC",
+           "HEADLINE_METRIC"]

@@ -4,8 +4,8 @@ The architecture is a plain ``nn.Module`` handed in as ``model``; this module
 adds per-task losses with ignore-label masking, loss weighting, the
 architecture's auxiliary loss, metrics, logging, prediction and the optimizer.
 
-Losses. Task ``k`` trains with its ``Task.loss`` (by default BCE on the logits
-for ``binary``, the squared error for ``regression``; focal, JRC, Huber and
+Losses. Task ``k`` trains with its ``Task.loss`` (by default BCE on the logits for ``binary``,
+the squared error for ``regression``, softmax cross-entropy for ``multiclass``; focal, JRC, Huber and
 label smoothing in ``mtl_lightning.losses.task_losses``), averaged over the rows
 whose label is neither ``ignore_label`` nor NaN. A task with no valid row in a batch adds an
 exact zero that keeps the graph. The training loss is
@@ -35,8 +35,8 @@ architecture has one), on the steps the logger writes and the last of an epoch;
 each evaluation epoch, computed by ``mtl_lightning.evaluation`` (where what is
 skipped as undefined, and why, is written), and a reliability diagram per binary
 task as a TensorBoard image ``<stage>/<task>/reliability``. The progress bar
-shows ``train/loss`` and the latest ``val/<task>/auc`` (binary) or
-``val/<task>/mse`` (regression).
+shows ``train/loss`` and the latest ``val/<task>/auc`` (binary),
+``val/<task>/mse`` (regression) or ``val/<task>/accuracy`` (multiclass).
 
 Warnings about tasks that cannot learn (``mtl_lightning.training_checks``): a
 task with no valid label in the rows of the first training epoch of a fit, a
@@ -72,7 +72,7 @@ from .batch import Batch
 from .calibration import Calibration, apply_calibration, evaluated_outputs, load_calibration, save_calibration
 from .checkpoint import CheckpointLoading
 from .config import build
-from .evaluation import SplitEvaluation, funnel_outputs, log_reliability_figures, task_labels
+from .evaluation import HEADLINE_METRIC, SplitEvaluation, funnel_outputs, log_reliability_figures, task_labels
 from .growth import TableGrowth, check_vocabularies, datamodule_states, grow_checkpoint_tables, hand_datamodule_state
 from .losses import CounterfactualCVR, masked_loss
 from .losses.counterfactual import check_counterfactual
@@ -369,8 +369,8 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
             self._reduce_sum, sanity_checking=trainer is not None and trainer.sanity_checking,
             callback_metrics=trainer.callback_metrics if trainer is not None else None,
         )
-        # the progress bar shows each task's headline metric (AUC for a binary task, MSE for a regression task)
-        headline = {f"{evaluation.stage}/{t.name}/{'auc' if t.kind == 'binary' else 'mse'}" for t in self.tasks}
+        # the progress bar shows each task's headline metric (AUC binary, MSE regression, accuracy multiclass)
+        headline = {f"{evaluation.stage}/{t.name}/{HEADLINE_METRIC[t.kind]}" for t in self.tasks}
         shown = {key: value for key, value in logged.items() if key in headline}
         self.log_dict({key: value for key, value in logged.items() if key not in shown}, sync_dist=False)
         if shown:
@@ -379,7 +379,7 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
             log_reliability_figures(trainer.loggers, evaluation, trainer.global_step)
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        """Probabilities (binary) or values (regression) of every output of the architecture, plus ``row_id``.
+        """Probabilities (binary; multiclass ``(B, K)``) or values (regression) of every output, plus ``row_id``.
 
         The outputs are the architecture's ``output_names`` (its tasks, then its extra outputs such as ESMM's
         ``cvr``, or a DR imputation task the module does not train as a task), computed by

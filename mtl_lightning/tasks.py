@@ -18,7 +18,8 @@ TASK_KINDS = tuple(LOSSES)
 class Task:
     """One task of a multi-task model.
 
-    ``kind`` picks the default loss (``binary``: BCE on logits; ``regression``: MSE),
+    ``kind`` picks the default loss (``binary``: BCE on logits; ``regression``: MSE; ``multiclass``: softmax
+    cross-entropy),
     ``label`` is the label column (defaults to ``name``) and ``weight`` the
     static loss weight used by the default weighting strategy (and by others
     as their starting point, and in ``val/loss``): a finite number >= 0. A
@@ -32,6 +33,12 @@ class Task:
     is then the weighted mean of its rows' losses over its valid rows, and its
     log-loss, NE, PCOC, ECE, MSE and MAE are weighted the same way.
 
+    ``num_classes`` (multi-class tasks, required there and refused for the other kinds): the number of classes
+    ``K >= 2``. A multi-class task's label column holds class ids ``0..K-1`` (the ignore label or null/NaN for
+    a row without one); its architecture output is ``K`` logits per row (``(B, K)``, :attr:`output_dim`), its
+    predictions and exports the ``K`` softmax probabilities. Binary-only settings (``negative_sampling_rate``,
+    the binary losses, calibration) are refused for it.
+
     ``negative_sampling_rate`` (binary tasks, in ``(0, 1]``): the training data
     kept only this fraction of the task's negatives. The model then learns the
     logit of the sampled data; predictions, validation/test metrics and the
@@ -41,14 +48,16 @@ class Task:
 
     ``loss`` names the task's loss: ``"bce"`` (binary default), ``"focal"`` or
     ``"jrc"`` for binary tasks, ``"mse"`` (regression default) or ``"huber"``
-    for regression tasks; ``loss_options`` is a plain dict of its options
-    (``focal``: ``gamma``, ``alpha``, ``label_smoothing``; ``bce``:
-    ``label_smoothing``; ``jrc``: ``alpha``, ``session``; ``huber``:
-    ``delta``). Formulas and defaults: ``mtl_lightning.losses.task_losses``.
+    for regression tasks, ``"cross_entropy"`` (the only one) for multi-class
+    tasks; ``loss_options`` is a plain dict of its options (``focal``:
+    ``gamma``, ``alpha``, ``label_smoothing``; ``bce``: ``label_smoothing``;
+    ``jrc``: ``alpha``, ``session``; ``huber``: ``delta``; ``cross_entropy``:
+    ``label_smoothing``). Formulas and defaults: ``mtl_lightning.losses.task_losses``.
     An unknown loss or option, or an option value out of range, raises
     ``ValueError`` naming the task. Both are plain data, so ``to_config``,
     YAML configs and checkpoints carry them; a task written before they
-    existed loads with its kind's default loss.
+    existed loads with its kind's default loss. ``to_config`` leaves ``num_classes`` out when it is ``None``
+    (binary and regression tasks), so their configs are the ones earlier versions wrote.
     """
 
     name: str
@@ -59,6 +68,7 @@ class Task:
     negative_sampling_rate: float = 1.0
     loss: str | None = None
     loss_options: dict[str, Any] | None = field(default=None, hash=False)
+    num_classes: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -75,6 +85,7 @@ class Task:
             )
         if self.sample_weight is not None and (not isinstance(self.sample_weight, str) or not self.sample_weight):
             raise ValueError(f"Task {self.name!r}: sample_weight must be a column name, got {self.sample_weight!r}")
+        self._check_num_classes()
         rate = self.negative_sampling_rate
         if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 < rate <= 1:
             raise ValueError(f"Task {self.name!r}: negative_sampling_rate must be a number in (0, 1] (the share of "
@@ -94,8 +105,31 @@ class Task:
         check_loss(self.name, self.kind, self.loss, options)
         object.__setattr__(self, "loss_options", dict(options))
 
+    def _check_num_classes(self) -> None:
+        classes = self.num_classes
+        if self.kind != "multiclass":
+            if classes is not None:
+                raise ValueError(f"Task {self.name!r}: num_classes applies to multiclass tasks, not {self.kind} "
+                                 f"(got num_classes={classes!r}); give kind='multiclass' or drop num_classes")
+        elif classes is None:
+            raise ValueError(f"Task {self.name!r}: a multiclass task needs num_classes=K (the number of classes, "
+                             ">= 2; its labels are the class ids 0..K-1)")
+        elif isinstance(classes, bool) or not isinstance(classes, numbers.Integral) or classes < 2:
+            raise ValueError(f"Task {self.name!r}: num_classes must be an integer >= 2, got {classes!r}")
+        else:
+            object.__setattr__(self, "num_classes", int(classes))
+
+    @property
+    def output_dim(self) -> int:
+        """The width of the task's architecture output per row: ``num_classes`` logits for a multi-class task,
+        else 1 (a logit or value, which architectures return squeezed to ``(B,)``)."""
+        return self.num_classes if self.num_classes is not None else 1
+
     def to_config(self) -> dict[str, Any]:
-        return asdict(self)
+        config = asdict(self)
+        if config["num_classes"] is None:
+            del config["num_classes"]
+        return config
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | Task) -> Task:

@@ -7,11 +7,13 @@ float32 PyTorch model (``ServingModel``: ``predict``'s outputs) on the same rows
 ``<model file>.verification.json`` and ``<model file>.verification.md`` (``model.onnx`` ->
 ``model.onnx.verification.json``) holding:
 
-* per output: the largest absolute difference between the two (probabilities for binary outputs, values for
-  regression ones); per task with labels: AUC, log-loss and PCOC (sum of probabilities / sum of labels) of both
-  models and the AUC drop (PyTorch's AUC minus the export's) for binary tasks, the MSE of both for regression
-  ones. Rows whose label is NaN or the module's ``ignore_label`` (``-1`` for an architecture), and for a binary
-  task any label but 0 and 1, are left out of a task's metrics;
+* per output: the largest absolute difference between the two (probabilities for binary outputs and for each
+  class of a multi-class output, values for regression ones); per task with labels: AUC, log-loss and PCOC (sum
+  of probabilities / sum of labels) of both models and the AUC drop (PyTorch's AUC minus the export's) for binary
+  tasks, macro one-vs-rest AUC, log-loss, accuracy and the AUC drop for multi-class tasks, the MSE of both for
+  regression ones. Rows whose label is NaN or the module's ``ignore_label`` (``-1`` for an architecture), for a
+  binary task any label but 0 and 1, for a multi-class task any label but a class id, are left out of a task's
+  metrics;
 * the file's size in bytes, the table and dense dtypes;
 * latency per call, p50 and p99 in milliseconds, for batch sizes 1, 64 and 512 (``latency_batch_sizes``) with
   one thread (``onnxruntime`` with one intra- and inter-op thread, torch with ``torch.set_num_threads(1)``), over
@@ -25,9 +27,9 @@ data module object that has one); ``"train"`` / ``"val"`` / ``"test"`` names a s
 (no data module, or one without a test split) 512 generated rows are compared, without labels (no AUC).
 
 Thresholds fail the export: with ``max_auc_drop`` (a task's AUC drop above it), ``max_probability_difference``
-(a binary output's largest difference above it) or ``max_value_difference`` (a regression output's), an export
-that exceeds one renames its model file to ``<stem>.rejected<suffix>`` (so nothing serves it by its name), keeps
-the report, and raises :class:`ExportVerificationError` naming each failure and the report.
+(a binary or multi-class output's largest difference above it) or ``max_value_difference`` (a regression
+output's), an export that exceeds one renames its model file to ``<stem>.rejected<suffix>`` (so nothing serves it
+by its name), keeps the report, and raises :class:`ExportVerificationError` naming each failure and the report.
 """
 
 from __future__ import annotations
@@ -264,6 +266,21 @@ def _binary_metrics(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, 
     return {"auc": auc, "log_loss": log_loss, "pcoc": pcoc}
 
 
+def _multiclass_metrics(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
+    """Macro one-vs-rest AUC (None with fewer than two classes), log-loss and accuracy of ``(N, K)`` probabilities."""
+    from .metrics.multiclass import macro_auroc
+
+    classes = labels.astype(np.int64)
+    if not len(classes):
+        return {"auc": None, "log_loss": None, "accuracy": None}
+    auc = None
+    if len(np.unique(classes)) > 1:
+        auc = float(macro_auroc(torch.from_numpy(probabilities), torch.from_numpy(classes)))
+    chosen = np.clip(probabilities[np.arange(len(classes)), classes].astype(np.float64), 1e-7, 1.0)
+    return {"auc": auc, "log_loss": float(-np.mean(np.log(chosen))),
+            "accuracy": float(np.mean(probabilities.argmax(axis=1) == classes))}
+
+
 def _finite(value: Any) -> Any:
     """``value`` with every non-finite float replaced by ``None`` (JSON has no NaN)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -283,14 +300,20 @@ def compare(reference: Mapping[str, np.ndarray], exported: Mapping[str, np.ndarr
         entry: dict[str, Any] = {"kind": kind, "max_abs_difference": float(np.max(np.abs(exported[name] - reference[name])))}
         if name in labels:
             y = labels[name]
-            keep = (y == 0) | (y == 1) if kind == "binary" else np.isfinite(y)
+            if kind == "binary":
+                keep = (y == 0) | (y == 1)
+            elif kind == "multiclass":
+                keep = (y >= 0) & (y < reference[name].shape[1]) & (y == np.floor(y))
+            else:
+                keep = np.isfinite(y)
             if ignore_label is not None:
                 keep &= y != ignore_label
             entry["labelled_rows"] = int(keep.sum())
-            if kind == "binary":
-                entry["reference"] = _binary_metrics(reference[name][keep], y[keep])
-                entry["exported"] = _binary_metrics(exported[name][keep], y[keep])
-                if entry["reference"]["auc"] is not None:
+            if kind in ("binary", "multiclass"):
+                metrics = _binary_metrics if kind == "binary" else _multiclass_metrics
+                entry["reference"] = metrics(reference[name][keep], y[keep])
+                entry["exported"] = metrics(exported[name][keep], y[keep])
+                if entry["reference"]["auc"] is not None and entry["exported"]["auc"] is not None:
                     entry["auc_drop"] = entry["reference"]["auc"] - entry["exported"]["auc"]
             else:
                 entry["reference"] = {"mse": float(np.mean((reference[name][keep] - y[keep]) ** 2)) if keep.any() else None}
@@ -305,7 +328,7 @@ def failures(outputs: Mapping[str, Mapping[str, Any]], thresholds: Mapping[str, 
     for name, entry in outputs.items():
         if "max_auc_drop" in thresholds and entry.get("auc_drop") is not None and entry["auc_drop"] > thresholds["max_auc_drop"]:
             found.append(f"{name}: AUC drop {entry['auc_drop']:.6f} > max_auc_drop {thresholds['max_auc_drop']}")
-        key = "max_probability_difference" if entry["kind"] == "binary" else "max_value_difference"
+        key = "max_value_difference" if entry["kind"] == "regression" else "max_probability_difference"
         if key in thresholds and not entry["max_abs_difference"] <= thresholds[key]:
             found.append(f"{name}: largest absolute difference {entry['max_abs_difference']:.6f} > {key} {thresholds[key]}")
     return found
@@ -366,15 +389,15 @@ def _verify(reference: nn.Module, path: Path, served_path: Path, kind: str, data
             expected, served = reference(features), runtime(features)
             for name in kinds:
                 want[name].append(expected[name].numpy())
-                got[name].append(np.asarray(served[name], dtype=np.float32).reshape(-1))
+                got[name].append(np.asarray(served[name], dtype=np.float32).reshape(want[name][-1].shape))
             for task, value in (batch.get("labels") or {}).items():
                 if task in kinds:
                     labels.setdefault(task, []).append(torch.as_tensor(value).float().numpy().reshape(-1))
     joined = {n: np.concatenate(v) for n, v in labels.items()}
     outputs = compare({n: np.concatenate(v) for n, v in want.items()}, {n: np.concatenate(v) for n, v in got.items()},
                       kinds, joined, ignore_label)
-    binary = [e["max_abs_difference"] for e in outputs.values() if e["kind"] == "binary"]
-    regression = [e["max_abs_difference"] for e in outputs.values() if e["kind"] != "binary"]
+    binary = [e["max_abs_difference"] for e in outputs.values() if e["kind"] != "regression"]  # probabilities
+    regression = [e["max_abs_difference"] for e in outputs.values() if e["kind"] == "regression"]
     report: dict[str, Any] = {
         "format": kind, "file": path.name, "served_file": served_path.name, "file_bytes": served_path.stat().st_size,
         "table_dtype": table_dtype, "dense_dtype": dense_dtype, "runtime": runtime.description,

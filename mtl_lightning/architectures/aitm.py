@@ -82,9 +82,10 @@ class AITM(MultiTaskArchitecture):
         interaction: str | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(features, tasks, interaction=interaction)
-        regression = [t.name for t in self.tasks if t.kind != "binary"]
-        if regression:
-            raise ValueError(f"AITM: every task is one step of a conversion funnel, so binary; got regression {regression}")
+        other = {t.name: t.kind for t in self.tasks if t.kind != "binary"}
+        if other:
+            raise ValueError(f"AITM: every task is one step of a conversion funnel whose probabilities it multiplies, "
+                             f"so binary; got {other} (train those tasks with another architecture)")
         if len(bottom_hidden) == 0:
             raise ValueError("AITM: bottom_hidden must list at least one layer size")
         if calibrator_weight < 0:

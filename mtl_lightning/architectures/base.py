@@ -2,7 +2,10 @@
 
 An architecture is a plain ``nn.Module``: ``forward(features) -> {task: logits}``
 with one ``(B,)`` tensor per task (binary tasks give logits, regression tasks
-values). It may return further outputs that are not trained as tasks, declared
+values), and ``(B, K)`` logits for a multi-class task of ``K`` classes (its
+``Task.output_dim``: :meth:`MultiTaskArchitecture.output_width` gives each
+output's width, :meth:`MultiTaskArchitecture._towers` builds towers that wide).
+It may return further outputs that are not trained as tasks, declared
 by ``extra_outputs()`` (ESMM's ``cvr``, which only the ``ctcvr`` product
 supervises; ESCM's imputation tower); ``output_names`` lists everything
 ``forward`` returns, tasks first. It declares which parameters all tasks share (``shared_parameters``)
@@ -91,7 +94,8 @@ class MultiTaskArchitecture(Configurable, nn.Module, metaclass=ABCMeta):
         return [t.name for t in self.tasks]
 
     def extra_outputs(self) -> dict[str, str]:
-        """Outputs of ``forward`` beyond the tasks, ``{name: kind}`` (``binary`` logits or ``regression`` values).
+        """Outputs of ``forward`` beyond the tasks, ``{name: kind}`` (``binary`` logits or ``regression`` values,
+        one per row).
 
         They get no task loss of their own; the training module predicts them
         (``predict_step``) and a loss may read them (the DR imputation output).
@@ -110,21 +114,30 @@ class MultiTaskArchitecture(Configurable, nn.Module, metaclass=ABCMeta):
         kinds.update({name: kind for name, kind in self.extra_outputs().items() if name not in kinds})
         return kinds
 
+    def output_width(self, name: str) -> int:
+        """How many numbers per row the output ``name`` has: ``Task.output_dim`` for a task (``K`` for a
+        multi-class task of ``K`` classes, else 1), 1 for an extra output."""
+        for task in self.tasks:
+            if task.name == name:
+                return task.output_dim
+        return 1
+
     def predictions(self, outputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """What prediction and serving return for ``forward``'s ``outputs``: every output, in ``output_names``
-        order, as float32 probabilities (binary: the sigmoid of the logit) or values (regression).
+        order, as float32 probabilities (binary: the sigmoid of the logit; multiclass: the softmax of the
+        ``(B, K)`` logits over the classes, ``(B, K)``) or values (regression).
 
         ``MultiTaskLightningModule.predict_step`` and the ONNX / TorchScript exports both call this, so they
         always return the same outputs. A task with ``negative_sampling_rate=r < 1`` gives the corrected
         probability ``sigmoid(logit + log r)`` (``tasks.corrected_logits``).
         """
         outputs = corrected_logits(self.tasks, outputs)
-        return {name: torch.sigmoid(outputs[name].float()) if kind == "binary" else outputs[name].float()
-                for name, kind in self.output_kinds().items()}
+        return {name: _prediction(outputs[name].float(), kind) for name, kind in self.output_kinds().items()}
 
     @abstractmethod
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """One ``(B,)`` tensor per name in ``output_names``: logits (binary) or values (regression)."""
+        """One tensor per name in ``output_names``: ``(B,)`` logits (binary) or values (regression), ``(B, K)``
+        logits (multiclass)."""
 
     @abstractmethod
     def shared_parameters(self) -> list[nn.Parameter]:
@@ -160,10 +173,12 @@ class MultiTaskArchitecture(Configurable, nn.Module, metaclass=ABCMeta):
         dropout: float = 0.0,
         names: Iterable[str] | None = None,
     ) -> nn.ModuleDict:
-        """One ``MLP(input_dim, tower_hidden, output_dim=1)`` per task (or per given name)."""
+        """One ``MLP(input_dim, tower_hidden, output_dim=self.output_width(name))`` per task (or per given name):
+        one output, or ``K`` for a multi-class task (``squeeze_logit`` keeps those ``(B, K)``)."""
         return nn.ModuleDict(
             {
-                name: MLP(input_dim, tower_hidden, output_dim=1, activation=activation, dropout=dropout)
+                name: MLP(input_dim, tower_hidden, output_dim=self.output_width(name), activation=activation,
+                          dropout=dropout)
                 for name in (names if names is not None else self.task_names)
             }
         )
@@ -224,8 +239,17 @@ class MultiScenarioArchitecture(MultiTaskArchitecture):
         return domain_ids(type(self).__name__, features, self.domain_feature, self.num_domains)
 
 
+def _prediction(output: Tensor, kind: str) -> Tensor:
+    """A probability (binary: sigmoid; multiclass: softmax over the last dimension) or the value (regression)."""
+    if kind == "binary":
+        return torch.sigmoid(output)
+    if kind == "multiclass":
+        return torch.softmax(output, dim=-1)
+    return output
+
+
 def squeeze_logit(x: Tensor) -> Tensor:
-    """``(B, 1) -> (B,)``."""
+    """``(B, 1) -> (B,)``; a multi-class tower's ``(B, K)`` (``K >= 2``) stays as it is."""
     return x.squeeze(-1)
 
 

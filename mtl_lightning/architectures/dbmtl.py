@@ -114,7 +114,8 @@ class DBMTL(MultiTaskArchitecture):
             relation_in = self.task_mlps[t].output_dim + sum(self.relation_mlps[p].output_dim
                                                              for p in self.dependencies[t])
             self.relation_mlps[t] = MLP(relation_in, relation_hidden, activation=activation, dropout=dropout)
-        self.outputs = nn.ModuleDict({t: nn.Linear(self.relation_mlps[t].output_dim, 1) for t in self.task_names})
+        self.outputs = nn.ModuleDict({t: nn.Linear(self.relation_mlps[t].output_dim, self.output_width(t))
+                                      for t in self.task_names})
 
     def relations(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Each task's relation output ``r_k`` ``(B, R)``, computed parents first."""

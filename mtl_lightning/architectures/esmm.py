@@ -95,9 +95,10 @@ class ESMM(MultiTaskArchitecture):
                 f"{type(self).__name__}: tasks {unknown} are not outputs of the model; its outputs are "
                 f"{list(names)} (rename them with click_task=, conversion_task=, ctcvr_task=)"
             )
-        regression = [t.name for t in self.tasks if t.kind != "binary"]
-        if regression:
-            raise ValueError(f"{type(self).__name__}: every task is a probability, so binary; got regression {regression}")
+        other = {t.name: t.kind for t in self.tasks if t.kind != "binary"}
+        if other:
+            raise ValueError(f"{type(self).__name__}: every task is a probability of the funnel (CTCVR = CTR x CVR), "
+                             f"so binary; got {other} (train those tasks with another architecture)")
         if self.adds_ctcvr_task and ctcvr_task not in self.task_names and {click_task, conversion_task} <= set(
                 self.task_names):
             self.tasks = (*self.tasks, Task(ctcvr_task))  # trained on click · conversion (derive_labels)

@@ -19,8 +19,10 @@ Multi-task: the construction is repeated per task (every task has its own
 per-scenario gates, towers and stacked gates over the shared experts). Binary
 tasks mix probabilities, ``p = sum_s G_s sigmoid(l_s)``, and return
 ``logit(p)`` computed in log space (``log p - log(1 - p)`` with
-``logsumexp``), so no probability is ever rounded to 0 or 1; regression tasks
-mix values.
+``logsumexp``), so no probability is ever rounded to 0 or 1; multi-class
+tasks mix class distributions, ``p_c = sum_s G_s softmax(l_s)_c``, and return
+``log p_c`` (``logsumexp`` of ``log G_s + log_softmax(l_s)_c``), logits whose
+softmax is that mixture; regression tasks mix values.
 
 Choice where the paper is open: the stacked gate of scenario ``d`` starts with
 bias ``own_scenario_bias`` on scenario ``d`` and 0 on the others (weight
@@ -41,7 +43,7 @@ from ..features import Feature
 from ..layers import MLP, ExpertBank, Gate, mix
 from ..registry import register
 from ..tasks import Task
-from .base import MultiScenarioArchitecture, parameters_of
+from .base import MultiScenarioArchitecture, parameters_of, squeeze_logit
 
 
 @register("hmoe")
@@ -71,8 +73,8 @@ class HMoE(MultiScenarioArchitecture):
             {t: nn.ModuleList(Gate(dim, num_experts) for _ in scenarios) for t in self.task_names}
         )
         self.towers = nn.ModuleDict(
-            {t: nn.ModuleList(MLP(self.experts.output_dim, tower_hidden, output_dim=1, activation=activation,
-                                  dropout=dropout) for _ in scenarios) for t in self.task_names}
+            {t: nn.ModuleList(MLP(self.experts.output_dim, tower_hidden, output_dim=self.output_width(t),
+                                  activation=activation, dropout=dropout) for _ in scenarios) for t in self.task_names}
         )
         self.stacked_gates = nn.ModuleDict(
             {t: nn.ModuleList(Gate(dim, self.num_domains) for _ in scenarios) for t in self.task_names}
@@ -84,10 +86,11 @@ class HMoE(MultiScenarioArchitecture):
                     gate.linear.bias[d] = own_scenario_bias
 
     def scenario_predictions(self, x: Tensor, experts: Tensor, task: str) -> Tensor:
-        """Every scenario tower's output for every example: ``(B, S)`` logits (or values)."""
-        return torch.cat(
-            [self.towers[task][s](mix(self.gates[task][s](x), experts)) for s in range(self.num_domains)], dim=-1
-        )
+        """Every scenario tower's output for every example: ``(B, S)`` logits (or values), ``(B, S, K)`` for a
+        multi-class task."""
+        return squeeze_logit(torch.stack(
+            [self.towers[task][s](mix(self.gates[task][s](x), experts)) for s in range(self.num_domains)], dim=1
+        ))
 
     def combination_weights(self, x: Tensor, domain: Tensor, task: str) -> Tensor:
         """The stacked gate of each example's own scenario: ``(B, S)``, rows sum to one."""
@@ -102,11 +105,15 @@ class HMoE(MultiScenarioArchitecture):
         own = F.one_hot(domain, self.num_domains).bool()  # (B, S)
         outputs: dict[str, Tensor] = {}
         for task in self.tasks:
-            predictions = self.scenario_predictions(x, experts, task.name)  # (B, S)
+            predictions = self.scenario_predictions(x, experts, task.name)  # (B, S), multiclass (B, S, K)
             # task-constrained back-propagation: other scenarios' predictions are constants
-            predictions = torch.where(own, predictions, predictions.detach())
+            own_rows = own if predictions.dim() == 2 else own.unsqueeze(-1)
+            predictions = torch.where(own_rows, predictions, predictions.detach())
             weights = self.combination_weights(x, domain, task.name)  # (B, S)
-            if task.kind == "binary":
+            if task.kind == "multiclass":  # log of the mixture of the scenarios' class distributions: (B, K)
+                log_w = torch.log(weights.clamp(min=torch.finfo(weights.dtype).tiny)).unsqueeze(-1)
+                outputs[task.name] = torch.logsumexp(log_w + F.log_softmax(predictions, dim=-1), dim=1)
+            elif task.kind == "binary":
                 log_w = torch.log(weights.clamp(min=torch.finfo(weights.dtype).tiny))
                 log_p = torch.logsumexp(log_w + F.logsigmoid(predictions), dim=-1)
                 log_not_p = torch.logsumexp(log_w + F.logsigmoid(-predictions), dim=-1)

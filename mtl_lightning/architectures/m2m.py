@@ -36,7 +36,7 @@ from ..features import Feature
 from ..layers import MLP, ExpertBank, activation_layer
 from ..registry import register
 from ..tasks import Task
-from .base import MultiScenarioArchitecture, parameters_of
+from .base import MultiScenarioArchitecture, parameters_of, squeeze_logit
 
 
 class MetaUnit(nn.Module):
@@ -107,7 +107,7 @@ class M2M(MultiScenarioArchitecture):
             t: nn.ModuleList(MetaUnit(self.scenario_mlp.output_dim, width, width) for _ in range(tower_layers))
             for t in self.task_names
         })
-        self.outputs = nn.ModuleDict({t: nn.Linear(width, 1) for t in self.task_names})
+        self.outputs = nn.ModuleDict({t: nn.Linear(width, self.output_width(t)) for t in self.task_names})
 
     def scenario_knowledge(self, flat: Tensor) -> Tensor:
         """``s``: the scenario MLP over the scenario features' embeddings (read from the embedded ``flat``), ``(B, S)``."""
@@ -129,7 +129,7 @@ class M2M(MultiScenarioArchitecture):
             h = torch.einsum("bk,bkh->bh", self.attention_weights(experts, s, k), experts)  # R_k: (B, H)
             for layer in self.towers[task]:
                 h = h + layer(h, s)  # residual meta layer
-            outputs[task] = self.outputs[task](h).squeeze(-1)
+            outputs[task] = squeeze_logit(self.outputs[task](h))  # (B,), or (B, K) for a multi-class task
         return outputs
 
     def shared_parameters(self) -> list[nn.Parameter]:

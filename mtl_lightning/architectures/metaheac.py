@@ -16,8 +16,9 @@ the shared experts (so a second task is one more "head" of the same form).
 
 Choices where the paper is open or where this library draws the line:
 
-* The critics' outputs are mixed as logits (binary) or values (regression), so the output is a logit as the
-  contract asks; a mixture of probabilities would need the log-space product of HMoE for no gain here.
+* The critics' outputs are mixed as logits (binary; per class for a multi-class task) or values (regression), so
+  the output is a logit as the contract asks; a mixture of probabilities would need the log-space product of HMoE
+  for no gain here.
 * The paper trains with meta-learning: a local update on each task's support set, then a global update on the
   query sets (MAML-style). That is a training procedure, not a layer; this network is trained like every other
   architecture by ``MultiTaskLightningModule`` (joint training over every scenario's rows, the limit of the global
@@ -36,7 +37,7 @@ from ..features import Feature
 from ..layers import MLP, ExpertBank, Gate, mix
 from ..registry import register
 from ..tasks import Task
-from .base import MultiScenarioArchitecture, parameters_of
+from .base import MultiScenarioArchitecture, parameters_of, squeeze_logit
 
 
 @register("metaheac")
@@ -65,15 +66,15 @@ class MetaHeac(MultiScenarioArchitecture):
         self.experts = ExpertBank(num_experts, self.embedding.output_dim, expert_hidden, activation, dropout)
         self.expert_gates = nn.ModuleDict({t: Gate(task_dim, num_experts) for t in self.task_names})
         self.critics = nn.ModuleDict({
-            t: nn.ModuleList(MLP(self.experts.output_dim, critic_hidden, output_dim=1, activation=activation,
-                                 dropout=dropout) for _ in range(num_critics))
+            t: nn.ModuleList(MLP(self.experts.output_dim, critic_hidden, output_dim=self.output_width(t),
+                                 activation=activation, dropout=dropout) for _ in range(num_critics))
             for t in self.task_names
         })
         self.critic_gates = nn.ModuleDict({t: Gate(task_dim, num_critics) for t in self.task_names})
 
     def critic_outputs(self, representation: Tensor, task: str) -> Tensor:
-        """Every critic's logit (or value) for ``task``: ``(B, C)``."""
-        return torch.cat([critic(representation) for critic in self.critics[task]], dim=-1)
+        """Every critic's logit (or value) for ``task``: ``(B, C)``, or ``(B, C, K)`` for a multi-class task."""
+        return squeeze_logit(torch.stack([critic(representation) for critic in self.critics[task]], dim=1))
 
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         self.domain_ids(features)  # checks the ids
@@ -83,8 +84,9 @@ class MetaHeac(MultiScenarioArchitecture):
         outputs: dict[str, Tensor] = {}
         for task in self.task_names:
             representation = mix(self.expert_gates[task](t), experts)  # (B, H)
-            critics = self.critic_outputs(representation, task)  # (B, C)
-            outputs[task] = (self.critic_gates[task](t) * critics).sum(-1)  # (B,)
+            critics = self.critic_outputs(representation, task)  # (B, C) or (B, C, K)
+            gate = self.critic_gates[task](t)  # (B, C)
+            outputs[task] = (gate.view(*gate.shape, *([1] * (critics.dim() - 2))) * critics).sum(1)  # (B,) / (B, K)
         return outputs
 
     def shared_parameters(self) -> list[nn.Parameter]:

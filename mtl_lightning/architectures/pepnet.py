@@ -38,7 +38,7 @@ from ..features import Feature
 from ..layers import ScaledSigmoidGate, activation_layer, check_feature_names
 from ..registry import register
 from ..tasks import Task
-from .base import MultiScenarioArchitecture, parameters_of
+from .base import MultiScenarioArchitecture, parameters_of, squeeze_logit
 
 
 @register("pepnet")
@@ -73,12 +73,12 @@ class PEPNet(MultiScenarioArchitecture):
         self.epnet = ScaledSigmoidGate(domain_dim + general_dim, gate_hidden, general_dim, gate_scale)
 
         widths = [general_dim, *tower_hidden]  # inputs of each tower linear layer
-        outputs = [*tower_hidden, 1]
         self.ppnet = nn.ModuleList(
             ScaledSigmoidGate(prior_dim + general_dim, gate_hidden, len(self.tasks) * w, gate_scale) for w in widths
         )
         self.towers = nn.ModuleDict(
-            {t: nn.ModuleList(nn.Linear(i, o) for i, o in zip(widths, outputs)) for t in self.task_names}
+            {t: nn.ModuleList(nn.Linear(i, o) for i, o in zip(widths, [*tower_hidden, self.output_width(t)]))
+             for t in self.task_names}
         )
         self.widths = widths
         self.activation = activation_layer(activation)
@@ -110,7 +110,7 @@ class PEPNet(MultiScenarioArchitecture):
                 h = linear(gate[:, k] * h)
                 if layer < len(layers) - 1:
                     h = self.dropout(self.activation(h))
-            outputs[name] = h.squeeze(-1)
+            outputs[name] = squeeze_logit(h)  # (B,), or (B, K) for a multi-class task
         return outputs
 
     def shared_parameters(self) -> list[nn.Parameter]:

@@ -35,7 +35,7 @@ from ..features import Feature
 from ..layers import MLP, PartitionedNorm, activation_layer
 from ..registry import register
 from ..tasks import Task
-from .base import MultiScenarioArchitecture, parameters_of
+from .base import MultiScenarioArchitecture, parameters_of, squeeze_logit
 
 
 class StarLinear(nn.Module):
@@ -90,9 +90,11 @@ class STAR(MultiScenarioArchitecture):
             width = size
         self.activation = activation_layer(activation)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.outputs = nn.ModuleDict({t: StarLinear(width, 1, self.num_domains) for t in self.task_names})
+        self.outputs = nn.ModuleDict({t: StarLinear(width, self.output_width(t), self.num_domains)
+                                      for t in self.task_names})
         self.auxiliary = nn.ModuleDict(
-            {t: MLP(len(self.auxiliary_columns), auxiliary_hidden, output_dim=1, activation=activation)
+            {t: MLP(len(self.auxiliary_columns), auxiliary_hidden, output_dim=self.output_width(t),
+                    activation=activation)
              for t in self.task_names}
         )
 
@@ -104,7 +106,7 @@ class STAR(MultiScenarioArchitecture):
             h = self.dropout(self.activation(layer(h, domain)))  # (B, H_l)
         auxiliary_input = flat.index_select(-1, self.auxiliary_columns)
         return {
-            t: (self.outputs[t](h, domain) + self.auxiliary[t](auxiliary_input)).squeeze(-1) for t in self.task_names
+            t: squeeze_logit(self.outputs[t](h, domain) + self.auxiliary[t](auxiliary_input)) for t in self.task_names
         }
 
     def shared_parameters(self) -> list[nn.Parameter]:

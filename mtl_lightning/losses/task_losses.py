@@ -1,9 +1,10 @@
 """The per-row losses a ``Task(loss=...)`` can name, as pure functions, and the one map from a task's kind and loss
 name to its function.
 
-Every function takes the prediction (a logit for binary tasks, the value for regression tasks), the target with the
-ignored rows already replaced by 0, the mask of valid rows and the rows' group (session) ids or ``None``, plus the
-task's ``loss_options``, and returns one loss per row (``(B,)``); ``masked_loss`` averages them over the valid rows.
+Every function takes the prediction (a logit for binary tasks, the value for regression tasks, ``(B, K)`` logits for
+multi-class tasks), the target with the ignored rows already replaced by 0, the mask of valid rows and the rows'
+group (session) ids or ``None``, plus the task's ``loss_options``, and returns one loss per row (``(B,)``);
+``masked_loss`` averages them over the valid rows.
 
 Binary tasks (``z`` the logit, ``p = sigmoid(z)``, ``y`` the label):
 
@@ -28,6 +29,13 @@ Regression tasks (``r = prediction - y``):
 * ``"mse"`` (default): ``r^2``;
 * ``"huber"``: ``r^2 / 2`` where ``|r| <= delta``, ``delta (|r| - delta / 2)`` elsewhere (option ``delta`` > 0,
   default 1).
+
+Multi-class tasks (``Task(kind="multiclass", num_classes=K)``; the prediction is ``(B, K)`` logits ``z``, the target
+the class id ``y`` in ``[0, K)``, stored as a float like every label):
+
+* ``"cross_entropy"`` (default): the softmax cross-entropy ``-log softmax(z)_y = logsumexp(z) - z_y``; option
+  ``label_smoothing=eps`` (in [0, 1)) trains on the target distribution ``(1 - eps) onehot(y) + eps / K``
+  (PyTorch's ``cross_entropy(label_smoothing=eps)``).
 """
 
 from __future__ import annotations
@@ -137,6 +145,27 @@ def huber_loss(prediction: Tensor, target: Tensor, mask: Tensor, groups: Tensor 
     return F.huber_loss(prediction, target, reduction="none", delta=delta)
 
 
+def cross_entropy_loss(logits: Tensor, target: Tensor, mask: Tensor, groups: Tensor | None = None,
+                       label_smoothing: float = 0.0) -> Tensor:
+    """Per-row softmax cross-entropy of ``(B, K)`` logits against class ids ``target`` (``(B,)``, float or integer).
+
+    The class ids of the valid rows (``mask``) must be integers in ``[0, K)``. Labels read by ``ParquetDataModule``
+    are checked there (naming the file and column); a batch built by hand is checked here when it is on the CPU
+    (``ValueError``). On an accelerator the check would stop the step for a host sync, so it is left to PyTorch's
+    own (a device-side assertion).
+    """
+    if logits.dim() != 2 or logits.shape[0] != target.shape[0]:
+        raise ValueError(f"a multiclass loss takes (B, K) logits and (B,) class ids, got logits of shape "
+                         f"{tuple(logits.shape)} and labels of shape {tuple(target.shape)}")
+    classes = logits.shape[1]
+    if target.device.type == "cpu":
+        bad = mask & ((target < 0) | (target >= classes) | (target != torch.floor(target)))
+        if bool(bad.any()):
+            raise ValueError(f"multiclass labels must be class ids 0..{classes - 1} (or the ignore label), got "
+                             f"{target[bad][:5].tolist()}")
+    return F.cross_entropy(logits, target.long(), reduction="none", label_smoothing=label_smoothing)
+
+
 def smooth_target(target: Tensor, label_smoothing: float) -> Tensor:
     """``y (1 - eps) + eps / 2``."""
     return target if label_smoothing == 0 else target * (1 - label_smoothing) + label_smoothing / 2
@@ -165,11 +194,15 @@ LOSSES: dict[str, dict[str, tuple[RowLoss, dict[str, tuple[str, Callable[[Any], 
         "mse": (mse_loss, {}),
         "huber": (huber_loss, {"delta": ("a number > 0", lambda v: _number(v) and v > 0)}),
     },
+    "multiclass": {
+        "cross_entropy": (cross_entropy_loss, {"label_smoothing": _SMOOTHING}),
+    },
 }
 
 
 def default_loss(kind: str) -> str:
-    """The loss a task of ``kind`` trains with when it names none: ``bce`` (binary), ``mse`` (regression)."""
+    """The loss a task of ``kind`` trains with when it names none: ``bce`` (binary), ``mse`` (regression),
+    ``cross_entropy`` (multiclass)."""
     if kind not in LOSSES:
         raise ValueError(f"unknown task kind {kind!r}; choose from {tuple(LOSSES)}")
     return next(iter(LOSSES[kind]))
@@ -202,5 +235,5 @@ def row_losses(prediction: Tensor, target: Tensor, mask: Tensor, kind: str, loss
     return LOSSES[kind][loss][0](prediction, target, mask, groups, **options)
 
 
-__all__ = ["LOSSES", "bce_loss", "focal_loss", "jrc_loss", "mse_loss", "huber_loss", "smooth_target",
-           "default_loss", "check_loss", "row_losses"]
+__all__ = ["LOSSES", "bce_loss", "focal_loss", "jrc_loss", "mse_loss", "huber_loss", "cross_entropy_loss",
+           "smooth_target", "default_loss", "check_loss", "row_losses"]

@@ -2,16 +2,19 @@
 
 Binary tasks: AUROC, log-loss, NE, PCOC and ECE (``metrics.calibration``, which
 also has the reliability table); regression tasks: MSE, MAE and XAUC
-(``metrics.regression``). Every metric takes the model's raw output (logits for
-binary tasks), so log-loss is computed stably from logits. Rows whose label is
+(``metrics.regression``); multi-class tasks: accuracy, macro one-vs-rest AUC and
+log-loss (``metrics.multiclass``, also per scenario; no NE, PCOC, ECE or group
+AUC). Every metric takes the model's raw output (logits for binary and
+multi-class tasks), so log-loss is computed stably from logits. Rows whose label is
 ignored are filtered out before ``update``; per-row sample weights weigh
-log-loss, NE, PCOC, ECE, MSE and MAE (never AUC, GAUC or XAUC).
+log-loss, NE, PCOC, ECE, MSE, MAE and accuracy (never AUC, GAUC or XAUC).
 
 Undefined values are skipped, not reported as numbers: :func:`compute_task_metrics`
 leaves out every metric of a task that had no row with a valid label in the
 split (AUROC would crash, the means would be 0/0), and AUC of a binary task
 whose valid labels are all of one class (AUROC would return 0.0; NE divides
-by the base rate's entropy, 0 there; PCOC by the positives, when they are 0), and XAUC of a
+by the base rate's entropy, 0 there; PCOC by the positives, when they are 0), AUC of a
+multi-class task whose valid labels hold fewer than two classes, and XAUC of a
 regression task whose valid labels are all equal. The decision
 is made on :class:`LabelCounts`, whose ``compute`` returns the counts summed over
 every rank (``dist_reduce_fx="sum"``), so under DDP every rank skips the same
@@ -45,6 +48,7 @@ from .calibration import (
     PCOC, BinaryLogLoss, ExpectedCalibrationError, NormalizedEntropy, calibration_values, reliability_figure,
     reliability_table,
 )
+from .multiclass import ClassCounts, ScenarioMulticlass, multiclass_metrics
 from .regression import XAUC, WeightedMeanError, xauc
 
 
@@ -227,8 +231,11 @@ class ScenarioAUC(Metric):
 
 
 def scenario_auc_metrics(tasks: Sequence[Task], bins: int = 10) -> torch.nn.ModuleDict:
-    """One ``ScenarioAUC`` per binary task."""
-    return torch.nn.ModuleDict({t.name: ScenarioAUC(bins) for t in tasks if t.kind == "binary"})
+    """One ``ScenarioAUC`` per binary task, one ``metrics.multiclass.ScenarioMulticlass`` per multi-class task."""
+    return torch.nn.ModuleDict({
+        t.name: ScenarioAUC(bins) if t.kind == "binary" else ScenarioMulticlass(t.output_dim)
+        for t in tasks if t.kind in ("binary", "multiclass")
+    })
 
 
 def group_auc_metrics(tasks: Sequence[Task]) -> torch.nn.ModuleDict:
@@ -238,9 +245,10 @@ def group_auc_metrics(tasks: Sequence[Task]) -> torch.nn.ModuleDict:
 
 def task_metrics(tasks: Sequence[Task], bins: int = 10) -> MultitaskWrapper:
     """``MultitaskWrapper`` with, per task, ``auc``/``logloss``/``ne``/``pcoc``/``ece`` (binary, ``ece`` over
-    ``bins`` equal-width bins) or ``mse``/``mae``/``xauc`` (regression).
+    ``bins`` equal-width bins), ``mse``/``mae``/``xauc`` (regression) or ``accuracy``/``auc``/``logloss``
+    (multiclass, ``metrics.multiclass``).
 
-    Each task's collection also holds a :class:`LabelCounts` under :data:`COUNTS`;
+    Each task's collection also holds a :class:`LabelCounts` (multiclass: ``ClassCounts``) under :data:`COUNTS`;
     compute with :func:`compute_task_metrics`, which skips undefined metrics.
     ``update(preds, target, weight=w)`` passes per-row sample weights to the
     metrics that take them (all but ``auc`` and ``xauc``).
@@ -250,9 +258,11 @@ def task_metrics(tasks: Sequence[Task], bins: int = 10) -> MultitaskWrapper:
         if task.kind == "binary":
             metrics = {"auc": BinaryAUROCFromLogits(validate_args=False), "logloss": BinaryLogLoss(),
                        "ne": NormalizedEntropy(), "pcoc": PCOC(), "ece": ExpectedCalibrationError(bins)}
+        elif task.kind == "multiclass":
+            metrics = multiclass_metrics(task.output_dim)
         else:
             metrics = {"mse": WeightedMeanError(2), "mae": WeightedMeanError(1), "xauc": XAUC()}
-        metrics[COUNTS] = LabelCounts()
+        metrics[COUNTS] = ClassCounts(task.output_dim) if task.kind == "multiclass" else LabelCounts()
         collections[task.name] = MetricCollection(metrics, compute_groups=False)
     return MultitaskWrapper(collections)
 
@@ -271,7 +281,8 @@ def compute_task_metrics(
     """Compute the defined metrics of every task: ``({task: {metric: value}}, {task: Skipped})``.
 
     A task with no valid row gets ``{}`` and all its metrics in ``Skipped``; a
-    binary task whose valid labels are all 0 or all 1 gets no ``auc``. Every
+    binary task whose valid labels are all 0 or all 1 gets no ``auc``, nor does a multi-class task whose valid
+    labels are of one class (``ClassCounts`` counts classes where ``LabelCounts`` counts positives). Every
     metric computed is synced over ranks by torchmetrics, and the decision uses
     the synced :class:`LabelCounts`, so all ranks compute the same metrics.
     Does not reset the metrics.
@@ -290,6 +301,9 @@ def compute_task_metrics(
                 undefined, f"has labels of one class only (all {rows} valid labels are {int(positives > 0)}), "
                 f"so {', '.join(m.upper() for m in undefined)} {'is' if len(undefined) == 1 else 'are'} undefined",
                 False)
+        elif task.kind == "multiclass" and positives < 2:  # ClassCounts: (rows, distinct classes)
+            skipped[task.name] = Skipped(("auc",), f"has labels of one class only (all {rows} valid labels), so its "
+                                         "one-vs-rest AUC is undefined", False)
         left_out = skipped[task.name].metrics if task.name in skipped else ()
         computed[task.name] = {name: collection[name].compute() for name in names if name not in left_out}
         # values synced over the ranks, so every rank drops the same: XAUC of equal labels, NE/PCOC whose
@@ -314,5 +328,5 @@ __all__ = [
     "COUNTS", "LabelCounts", "Skipped", "BinaryAUROCFromLogits", "BinaryLogLoss", "NormalizedEntropy", "PCOC",
     "ExpectedCalibrationError", "WeightedMeanError", "XAUC", "xauc", "reliability_table", "reliability_figure",
     "calibration_values", "GroupAUC", "ScenarioAUC", "group_auc", "per_group_auc", "group_auc_metrics", "scenario_auc_metrics",
-    "task_metrics", "compute_task_metrics", "flatten_metrics",
+    "task_metrics", "compute_task_metrics", "flatten_metrics", "ClassCounts", "ScenarioMulticlass",
 ]

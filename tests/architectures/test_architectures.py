@@ -255,7 +255,7 @@ def test_field_view_and_bad_specs():
     with pytest.raises(ValueError, match="pooling"):
         SequenceFeature("s", 5, 3, pooling="median")
     with pytest.raises(ValueError, match="kind"):
-        Task("t", kind="multiclass")
+        Task("t", kind="ranking")
     with pytest.raises(ValueError, match="unique"):
         SharedBottom(FEATURES, [Task("a"), Task("a")])
 

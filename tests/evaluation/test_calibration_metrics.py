@@ -176,7 +176,7 @@ def test_evaluation_values_do_not_depend_on_how_rows_are_batched():
     module = script.module()
     merged = {"features": {k: torch.cat([b["features"][k] for b in batches]) for k in batches[0]["features"]},
               "labels": {k: torch.cat([b["labels"][k] for b in batches]) for k in batches[0]["labels"]},
-              "weights": {"click": torch.cat([b["weights"]["click"] for b in batches])},
+              "weights": {k: torch.cat([b["weights"][k] for b in batches]) for k in batches[0]["weights"]},
               "scenario": torch.cat([b["scenario"] for b in batches])}
     results = []
     for split in (batches, [merged]):
@@ -210,6 +210,8 @@ def test_ddp_uneven_shards_give_the_one_process_values(tmp_path):
     assert set(ranks[0]) == set(expected)
     for name in ("ne", "pcoc", "ece", "logloss", "auc"):
         assert f"val/click/{name}/domain=0" in expected
+    for name in ("accuracy", "auc", "logloss"):  # the multi-class task: sums reduced (weighted), rows gathered
+        assert f"val/genre/{name}" in expected and f"val/genre/{name}/domain=1" in expected
     for key, value in expected.items():
         assert ranks[0][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
     tables = [json.loads((tmp_path / f"reliability_rank{r}.json").read_text()) for r in range(2)]
