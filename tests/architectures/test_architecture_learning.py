@@ -29,8 +29,11 @@ SYNTHETIC = {
     "dbmtl": dict(bottom_hidden=(16,), tower_hidden=(8,), relation_hidden=(8,)),
     "stem": dict(expert_hidden=(16,), tower_hidden=(8,)),
 }
-# the second wave learns the signal in part of an epoch (the full epoch reaches 0.85-0.87 click AUC for each)
-TRAIN_BATCHES = {"adatt": 30, "dselect_k": 30, "mssm": 50, "dbmtl": 30, "stem": 30}
+# Each learns the signal in part of an epoch of 256-row batches at lr 1e-2 (the full epoch reaches 0.85-0.87 click
+# AUC): after 30 batches, validation click AUC over torch seeds 0-3 was 0.805-0.848 for the first wave (snr_trans
+# 0.838-0.848, snr_aver 0.831-0.839, cross_stitch 0.838-0.847, poso_mlp 0.826-0.833, poso_mmoe 0.831-0.848, apg
+# 0.805-0.828); MSSM takes 50
+TRAIN_BATCHES = {"mssm": 50}
 
 
 @pytest.mark.parametrize("name", sorted(SYNTHETIC))
@@ -39,8 +42,8 @@ def test_learns_synthetic_click(synthetic_paths, name, quiet_trainer, synthetic_
     dm = synthetic_datamodule(synthetic_paths, batch_size=256)
     dm.setup("fit")
     model = registry.create(name, features=dm.features, tasks=synthetic_tasks(), **SYNTHETIC[name])
-    trainer = quiet_trainer(max_epochs=1, limit_val_batches=4, limit_train_batches=TRAIN_BATCHES.get(name, 1.0))
-    trainer.fit(MultiTaskLightningModule(model, lr=3e-3 if name not in TRAIN_BATCHES else 1e-2), dm)
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=4, limit_train_batches=TRAIN_BATCHES.get(name, 30))
+    trainer.fit(MultiTaskLightningModule(model, lr=1e-2), dm)
     print(f"{name}: val click AUC {float(trainer.callback_metrics['val/click/auc']):.4f}")
     assert trainer.callback_metrics["val/click/auc"] >= 0.70
     if name.startswith("snr") or name in ("mssm", "dselect_k"):  # L0 penalty / gate entropy: the auxiliary-loss hook
