@@ -28,7 +28,7 @@ and are not computed for a multi-class task.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,13 +37,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAUROC
 from torchmetrics.utilities import dim_zero_cat
 
-
-def _weights(target: Tensor, weight: Tensor | None) -> Tensor:
-    if weight is None:
-        return torch.ones_like(target, dtype=torch.float64)
-    if weight.shape != target.shape:
-        raise ValueError(f"sample weights of shape {tuple(weight.shape)} for labels of shape {tuple(target.shape)}")
-    return weight.detach().double()
+from .calibration import _weights
 
 
 def _check(logits: Tensor, target: Tensor, num_classes: int) -> None:
@@ -76,34 +70,11 @@ class ClassCounts(Metric):
         return torch.stack([self.rows, (self.per_class > 0).sum()])
 
 
-class MulticlassAccuracyFromLogits(Metric):
-    """(Weighted) share of rows whose highest logit is their class (micro accuracy; see the module docstring)."""
+class _WeightedRowMean(Metric):
+    """The (weighted) mean over rows of ``row_values(logits, target)`` (a subclass's static method), as float64 sums
+    reduced over the ranks."""
 
     is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, num_classes: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.num_classes = num_classes
-        self.add_state("correct", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, logits: Tensor, target: Tensor, weight: Tensor | None = None) -> None:
-        _check(logits, target, self.num_classes)
-        w = _weights(target, weight)
-        self.correct += (w * (logits.argmax(dim=-1) == target.long())).sum()
-        self.count += w.sum()
-
-    def compute(self) -> Tensor:
-        return (self.correct / self.count.clamp(min=torch.finfo(torch.float64).tiny)).float()
-
-
-class MulticlassLogLoss(Metric):
-    """(Weighted) mean softmax cross-entropy computed from logits (``logsumexp(z) - z_y``, no clipping)."""
-
-    is_differentiable = False
-    higher_is_better = False
     full_state_update = False
 
     def __init__(self, num_classes: int, **kwargs: Any) -> None:
@@ -112,14 +83,36 @@ class MulticlassLogLoss(Metric):
         self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
+    row_values: Callable[[Tensor, Tensor], Tensor]  # each subclass's static method: what a row contributes
+
     def update(self, logits: Tensor, target: Tensor, weight: Tensor | None = None) -> None:
         _check(logits, target, self.num_classes)
         w = _weights(target, weight)
-        self.total += (w * F.cross_entropy(logits.double(), target.long(), reduction="none")).sum()
+        self.total += (w * self.row_values(logits, target.long())).sum()
         self.count += w.sum()
 
     def compute(self) -> Tensor:
         return (self.total / self.count.clamp(min=torch.finfo(torch.float64).tiny)).float()
+
+
+class MulticlassAccuracyFromLogits(_WeightedRowMean):
+    """(Weighted) share of rows whose highest logit is their class (micro accuracy; see the module docstring)."""
+
+    higher_is_better = True
+
+    @staticmethod
+    def row_values(logits: Tensor, target: Tensor) -> Tensor:
+        return (logits.argmax(dim=-1) == target).double()
+
+
+class MulticlassLogLoss(_WeightedRowMean):
+    """(Weighted) mean softmax cross-entropy computed from logits (``logsumexp(z) - z_y``, no clipping)."""
+
+    higher_is_better = False
+
+    @staticmethod
+    def row_values(logits: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(logits.double(), target, reduction="none")
 
 
 class MulticlassAUROCFromLogits(MulticlassAUROC):
