@@ -15,15 +15,16 @@ log-loss is its cross-entropy),
 
 Per scenario (domain): ``<stage>/<task>/<metric>/domain=<id>`` for ``auc``,
 ``logloss``, ``ne``, ``pcoc`` and ``ece`` of every binary task and every scenario
-id in the split, and ``<stage>/<task>/gauc/domain=<id>`` when the batches also
+id in the split (``metrics.ScenarioAUC``), and ``<stage>/<task>/gauc/domain=<id>`` when the batches also
 carry a ``group``; ``accuracy``, ``auc`` and ``logloss`` of every multi-class task
-(``metrics.multiclass.ScenarioMulticlass``). The scenario ids are the batch's
+(``metrics.multiclass.ScenarioMulticlass``); ``mse``, ``mae`` (weighted) and ``xauc`` (exact) of every
+regression task (``metrics.regression.ScenarioRegression``). The scenario ids are the batch's
 ``scenario`` tensor (``ParquetDataModule(scenario=...)``, any architecture) or
 else, for a multi-scenario architecture (``model.multi_scenario``), its domain
 feature ``model.domain_feature``. The rows of every rank are gathered first
-(``metrics.ScenarioAUC``), so under DDP every rank logs the same scenarios and
-values. A scenario whose valid labels are of one class gets no AUC (warned
-once per task and split).
+(``metrics.scenario.ScenarioRows``), so under DDP every rank logs the same scenarios and
+values, uneven shards included. A scenario whose valid labels are of one class gets no AUC, one whose
+regression labels are all equal no XAUC (warned once per task and split).
 
 Sample weights (a batch's ``weights[task]``, ``Task(sample_weight=...)``) weigh
 log-loss, NE, PCOC, ECE, MSE, MAE and accuracy as they weigh the training loss.
@@ -111,7 +112,7 @@ def _no_reduce(value: Tensor) -> Tensor:
 
 
 class SplitEvaluation(nn.Module):
-    """The metrics of one evaluation split: per-task metrics, group AUC, per-scenario AUC (see the module docstring).
+    """The metrics of one evaluation split: per-task metrics, group AUC, per-scenario metrics (module docstring).
 
     Args:
         stage: the split's name, the prefix of every logged key (``"val"``, ``"test"``).
@@ -210,11 +211,11 @@ class SplitEvaluation(nn.Module):
             one_class = []
             for scenario, values in metric.compute().items():
                 logged.update({f"{stage}/{name}/{m}/domain={scenario}": value for m, value in values.items()})
-                if "auc" not in values:
+                if metric.ranking_metric not in values:
                     one_class.append(scenario)
             _reset(metric)
             if one_class:
-                self._warn_one_class_scenarios(split, name, one_class)
+                self._warn_one_class_scenarios(split, name, one_class, metric.ranking_metric)
         if self.funnel is not None:  # every rank reduces, so every rank logs the same key
             above, rows = reduce_sum(self._funnel_counts.to(device)).tolist()
             self._funnel_counts = torch.zeros(2, dtype=torch.float64)
@@ -262,13 +263,15 @@ class SplitEvaluation(nn.Module):
             message = f"{split} split: task {task!r} {skip.reason}; {keys} {verb} not logged"
         rank_zero_warn(message + ". Training and the other metrics go on (warned once per task and split).")
 
-    def _warn_one_class_scenarios(self, split: str, task: str, scenarios: list[int]) -> None:
+    def _warn_one_class_scenarios(self, split: str, task: str, scenarios: list[int], metric: str) -> None:
+        """``metric`` (``auc``, or a regression task's ``xauc``) is undefined in ``scenarios``."""
         if not self._once(split, task, "one-class scenarios"):
             return
-        keys = ", ".join(f"{self.stage}/{task}/auc/domain={s}" for s in scenarios[:5]) + (
+        keys = ", ".join(f"{self.stage}/{task}/{metric}/domain={s}" for s in scenarios[:5]) + (
             ", ..." if len(scenarios) > 5 else "")
-        rank_zero_warn(f"{split} split: task {task!r} has labels of one class only in scenarios {scenarios[:20]}, "
-                       f"so their AUC is undefined and {keys} not logged; the other scenarios' are "
+        labels = "one label value" if metric == "xauc" else "labels of one class"
+        rank_zero_warn(f"{split} split: task {task!r} has {labels} only in scenarios {scenarios[:20]}, "
+                       f"so their {metric.upper()} is undefined and {keys} not logged; the other scenarios' are "
                        "(warned once per task and split).")
 
     def _warn_non_finite(self, split: str, logged: dict[str, Tensor]) -> None:

@@ -30,7 +30,10 @@ Per-scenario AUC, GAUC, log-loss, NE, PCOC and ECE (``ScenarioAUC``, logged as
 ``<stage>/<task>/auc/domain=<id>``, ``<stage>/<task>/pcoc/domain=<id>`` ... for
 binary tasks) are the same metrics over the rows of one scenario (domain)
 ``id``: the scenario ids come from a multi-scenario architecture's domain
-feature or from the data module's ``scenario=`` column.
+feature or from the data module's ``scenario=`` column. Regression tasks get MSE, MAE and XAUC per scenario
+(``ScenarioRegression``, ``<stage>/<task>/mse/domain=<id>`` ...), multi-class tasks accuracy, AUC and log-loss
+(``ScenarioMulticlass``); all three keep the rows with their scenario ids (``metrics.scenario.ScenarioRows``),
+gathered over the ranks before ``compute``.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ from .calibration import (
     reliability_table,
 )
 from .multiclass import ClassCounts, ScenarioMulticlass, multiclass_metrics
-from .regression import XAUC, WeightedMeanError, xauc
+from .regression import XAUC, ScenarioRegression, WeightedMeanError, xauc
+from .scenario import ScenarioRows
 
 
 class LabelCounts(Metric):
@@ -168,12 +172,12 @@ class GroupAUC(Metric):
         return group_auc(cat(self.preds), cat(self.target), cat(self.groups)).float()
 
 
-class ScenarioAUC(Metric):
+class ScenarioAUC(ScenarioRows):
     """AUC, group AUC and calibration of one binary task in every scenario (domain), over every row seen on every rank.
 
     ``update(preds, target, scenarios, groups=None, weight=None)`` takes logits, 0/1 labels,
     integer scenario ids and, optionally, group (user) ids and sample weights, all ``(N,)``. The
-    rows are kept (gathered over the ranks before ``compute``, like
+    rows are kept (``metrics.scenario.ScenarioRows``: gathered over the ranks before ``compute``, like
     :class:`GroupAUC`), so every rank computes the same numbers for the same
     scenarios. ``compute()`` returns ``{scenario id: {"auc": v, "gauc": v, "logloss": v, "ne": v, "pcoc": v,
     "ece": v}}`` for every scenario seen; ``auc`` and ``ne`` are left out where the scenario's labels
@@ -182,38 +186,15 @@ class ScenarioAUC(Metric):
     of the scenario's rows (``bins`` equal-width bins for ``ece``).
     """
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
+    keeps_groups = True
 
     def __init__(self, bins: int = 10, **kwargs) -> None:
         super().__init__(**kwargs)
         self.bins = bins
-        self.add_state("preds", default=[], dist_reduce_fx="cat")
-        self.add_state("target", default=[], dist_reduce_fx="cat")
-        self.add_state("scenarios", default=[], dist_reduce_fx="cat")
-        self.add_state("groups", default=[], dist_reduce_fx="cat")
-        self.add_state("weights", default=[], dist_reduce_fx="cat")
-
-    def update(self, preds: Tensor, target: Tensor, scenarios: Tensor, groups: Tensor | None = None,
-               weight: Tensor | None = None) -> None:
-        if not (preds.shape == target.shape == scenarios.shape) or (groups is not None and groups.shape != preds.shape):
-            raise ValueError(f"ScenarioAUC needs (N,) preds, target, scenarios (and groups), got {tuple(preds.shape)}, "
-                             f"{tuple(target.shape)}, {tuple(scenarios.shape)}"
-                             + ("" if groups is None else f", {tuple(groups.shape)}"))
-        if scenarios.is_floating_point():
-            raise ValueError(f"ScenarioAUC needs integer scenario ids, got {scenarios.dtype}")
-        self.preds.append(preds.detach().double().flatten())
-        self.target.append(target.detach().double().flatten())
-        self.scenarios.append(scenarios.detach().long().flatten())
-        # without groups an empty tensor, so the gathered groups are shorter than the rows and no GAUC is computed
-        self.groups.append(scenarios.new_zeros(0, dtype=torch.long) if groups is None else groups.detach().long())
-        self.weights.append(torch.ones_like(self.preds[-1]) if weight is None else weight.detach().double().flatten())
 
     def compute(self) -> dict[int, dict[str, Tensor]]:
-        cat = lambda x: torch.cat(x) if isinstance(x, list) else x  # noqa: E731  (a list before sync, a tensor after)
-        preds, target, scenarios, groups, weights = (
-            cat(x) for x in (self.preds, self.target, self.scenarios, self.groups, self.weights))
+        preds, target, scenarios, weights, groups = self.rows()
         # AUC on float32 probabilities, exactly what ``auc`` ranks (BinaryAUROCFromLogits), so one scenario's AUC is
         # the split's; GAUC on the logits, as GroupAUC
         ids, _, auc, defined = per_group_auc(torch.sigmoid(preds.float()), target, scenarios)
@@ -231,11 +212,15 @@ class ScenarioAUC(Metric):
 
 
 def scenario_auc_metrics(tasks: Sequence[Task], bins: int = 10) -> torch.nn.ModuleDict:
-    """One ``ScenarioAUC`` per binary task, one ``metrics.multiclass.ScenarioMulticlass`` per multi-class task."""
-    return torch.nn.ModuleDict({
-        t.name: ScenarioAUC(bins) if t.kind == "binary" else ScenarioMulticlass(t.output_dim)
-        for t in tasks if t.kind in ("binary", "multiclass")
-    })
+    """The per-scenario metrics of every task: a ``ScenarioAUC`` per binary task, a
+    ``metrics.multiclass.ScenarioMulticlass`` per multi-class task, a ``metrics.regression.ScenarioRegression``
+    per regression task."""
+    def metric(task: Task) -> ScenarioRows:
+        if task.kind == "binary":
+            return ScenarioAUC(bins)
+        return ScenarioMulticlass(task.output_dim) if task.kind == "multiclass" else ScenarioRegression()
+
+    return torch.nn.ModuleDict({t.name: metric(t) for t in tasks})
 
 
 def group_auc_metrics(tasks: Sequence[Task]) -> torch.nn.ModuleDict:
@@ -329,4 +314,5 @@ __all__ = [
     "ExpectedCalibrationError", "WeightedMeanError", "XAUC", "xauc", "reliability_table", "reliability_figure",
     "calibration_values", "GroupAUC", "ScenarioAUC", "group_auc", "per_group_auc", "group_auc_metrics", "scenario_auc_metrics",
     "task_metrics", "compute_task_metrics", "flatten_metrics", "ClassCounts", "ScenarioMulticlass",
+    "ScenarioRegression", "ScenarioRows",
 ]

@@ -38,6 +38,7 @@ from torchmetrics.classification import MulticlassAUROC
 from torchmetrics.utilities import dim_zero_cat
 
 from .calibration import _weights
+from .scenario import ScenarioRows
 
 
 def _check(logits: Tensor, target: Tensor, num_classes: int) -> None:
@@ -175,43 +176,30 @@ def macro_auc(probabilities: Tensor, target: Tensor, groups: Tensor) -> tuple[Te
     return ids, torch.nanmean(aucs, dim=1), defined
 
 
-class ScenarioMulticlass(Metric):
+class ScenarioMulticlass(ScenarioRows):
     """Accuracy, macro AUC and log-loss of one multi-class task in every scenario, over the rows of every rank.
 
     ``update(preds, target, scenarios, groups=None, weight=None)`` as ``metrics.ScenarioAUC`` (``preds`` the
-    ``(N, K)`` logits; ``groups`` are ignored: group AUC is a binary metric). ``compute()`` returns
+    ``(N, K)`` logits; ``groups`` are ignored: group AUC is a binary metric); the rows are gathered by
+    ``metrics.scenario.ScenarioRows``. ``compute()`` returns
     ``{scenario id: {"accuracy": v, "auc": v, "logloss": v}}`` for every scenario seen, ``auc`` left out where
     the scenario's labels are of one class.
     """
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
 
     def __init__(self, num_classes: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.num_classes = num_classes
-        self.add_state("preds", default=[], dist_reduce_fx="cat")
-        self.add_state("target", default=[], dist_reduce_fx="cat")
-        self.add_state("scenarios", default=[], dist_reduce_fx="cat")
-        self.add_state("weights", default=[], dist_reduce_fx="cat")
 
-    def update(self, preds: Tensor, target: Tensor, scenarios: Tensor, groups: Tensor | None = None,
-               weight: Tensor | None = None) -> None:
+    def check_preds(self, preds: Tensor, target: Tensor) -> Tensor:
         if preds.numel() == 0 and preds.dim() == 1:  # an empty rank's typed placeholder (evaluation._joined)
             preds = preds.reshape(0, self.num_classes)
         _check(preds, target, self.num_classes)
-        if scenarios.shape != target.shape or scenarios.is_floating_point():
-            raise ValueError(f"ScenarioMulticlass needs (N,) integer scenario ids, got {tuple(scenarios.shape)} "
-                             f"{scenarios.dtype}")
-        self.preds.append(preds.detach().double().flatten())  # (N * K,): the gathered states are flat
-        self.target.append(target.detach().double().flatten())
-        self.scenarios.append(scenarios.detach().long().flatten())
-        self.weights.append(_weights(target, weight).flatten())
+        return preds  # kept flat, (N * K,): the gathered states are flat
 
     def compute(self) -> dict[int, dict[str, Tensor]]:
-        cat = lambda x: torch.cat(x) if isinstance(x, list) else x  # noqa: E731  (a list before sync, a tensor after)
-        preds, target, scenarios, weights = (cat(x) for x in (self.preds, self.target, self.scenarios, self.weights))
+        preds, target, scenarios, weights, _ = self.rows()
         logits = preds.reshape(-1, self.num_classes)
         classes = target.long()
         correct = (logits.argmax(dim=-1) == classes).double()

@@ -123,3 +123,7 @@ def test_ddp_runs_with_a_one_row_val_and_predict_split(tmp_path):
         p, y = predictions[0]["click"], float(row["click"])
         logloss = -(y * np.log(p) + (1 - y) * np.log(1 - p))  # the one row's log-loss is the split's
         assert metrics[0]["val/click/logloss"] == pytest.approx(logloss, abs=1e-5)
+        # the regression task per scenario: the one row's squared error; no XAUC (no pair of rows)
+        assert metrics[0][f"val/dwell/mse/domain={row['city']}"] == pytest.approx(
+            (predictions[0]["dwell"] - row["dwell"]) ** 2, rel=1e-4)
+        assert not [k for k in metrics[0] if k.startswith("val/dwell/xauc")]

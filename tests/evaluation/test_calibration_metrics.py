@@ -212,6 +212,19 @@ def test_ddp_uneven_shards_give_the_one_process_values(tmp_path):
         assert f"val/click/{name}/domain=0" in expected
     for name in ("accuracy", "auc", "logloss"):  # the multi-class task: sums reduced (weighted), rows gathered
         assert f"val/genre/{name}" in expected and f"val/genre/{name}/domain=1" in expected
+    # the regression task per scenario (rows gathered): weighted MSE / MAE and exact XAUC of each scenario's rows
+    with torch.no_grad():
+        v = torch.cat([module.model(b["features"])["dwell"] for b in batches]).double()
+    y, w = (torch.cat([b[part]["dwell"] for b in batches]).double() for part in ("labels", "weights"))
+    scenario = torch.cat([b["scenario"] for b in batches])
+    for s in (0, 1):
+        rows = (scenario == s) & (y != -1)  # -1 is the ignore label
+        assert expected[f"val/dwell/mse/domain={s}"] == pytest.approx(
+            float((w[rows] * (v[rows] - y[rows]) ** 2).sum() / w[rows].sum()), rel=1e-5)
+        assert expected[f"val/dwell/mae/domain={s}"] == pytest.approx(
+            float((w[rows] * (v[rows] - y[rows]).abs()).sum() / w[rows].sum()), rel=1e-5)
+        assert expected[f"val/dwell/xauc/domain={s}"] == pytest.approx(
+            brute_force_xauc(v[rows].numpy(), y[rows].numpy()), abs=1e-6)
     for key, value in expected.items():
         assert ranks[0][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
     tables = [json.loads((tmp_path / f"reliability_rank{r}.json").read_text()) for r in range(2)]

@@ -14,7 +14,8 @@ from torchmetrics.functional.classification import binary_auroc
 
 from mtl_lightning import MultiTaskLightningModule, SparseFeature, DenseFeature, Task
 from mtl_lightning.architectures import HMoE, SharedBottom
-from mtl_lightning.metrics import ScenarioAUC, group_auc
+from mtl_lightning.evaluation import SplitEvaluation
+from mtl_lightning.metrics import ScenarioAUC, ScenarioRegression, group_auc, xauc
 
 
 # (scenario, group, score, label); the expected values are worked out beside each block
@@ -73,7 +74,75 @@ def test_scenario_auc_hand_count_across_batches():
         metric.update(scores, labels[:3], scenarios)
 
 
-# Under DDP: tests/scripts/ddp_stream.py (values over both ranks) and ddp_empty_shard.py (a rank without rows).
+# (scenario, prediction, label, weight) of a regression task; the expected values are worked out in REGRESSION_BY_HAND
+REGRESSION_ROWS = [
+    (0, 1.0, 0.0, 1.0), (0, 2.0, 2.0, 5.0), (0, 4.0, 1.0, 2.0),
+    (3, 0.5, 1.0, 2.0), (3, 0.5, 3.0, 1.0), (3, 2.0, 3.0, 1.0),
+    (7, 1.0, 2.0, 1.0), (7, 4.0, 2.0, 3.0),
+]
+REGRESSION_BY_HAND = {  # (weighted, unweighted)
+    # errors 1, 0, 3 (weights 1, 5, 2); labels 0 < 1 < 2 ordered by the predictions 1, 4, 2: (0,1) and (0,2) right,
+    # (1,2) wrong: XAUC 2/3
+    0: {"mse": ((1 + 0 + 2 * 9) / 8, 10 / 3), "mae": ((1 + 0 + 2 * 3) / 8, 4 / 3), "xauc": (2 / 3, 2 / 3)},
+    # errors 0.5, 2.5, 1 (weights 2, 1, 1); pairs of labels 1 < 3: one tied prediction (1/2), one right (1); the two
+    # labels 3 are no pair: XAUC 1.5 / 2
+    3: {"mse": ((2 * 0.25 + 6.25 + 1) / 4, 7.5 / 3), "mae": ((2 * 0.5 + 2.5 + 1) / 4, 4 / 3), "xauc": (0.75, 0.75)},
+    # errors 1, 2 (weights 1, 3); both labels 2: no pair, so no XAUC
+    7: {"mse": ((1 + 3 * 4) / 4, 5 / 2), "mae": ((1 + 3 * 2) / 4, 3 / 2)},
+}
+
+
+def regression_tensors(seed: int = 0):
+    order = torch.randperm(len(REGRESSION_ROWS), generator=torch.Generator().manual_seed(seed))
+    scenario, prediction, label, weight = zip(*[REGRESSION_ROWS[i] for i in order])
+    return torch.tensor(prediction), torch.tensor(label), torch.tensor(scenario), torch.tensor(weight)
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_scenario_regression_by_hand_across_batches(weighted):
+    predictions, labels, scenarios, weights = regression_tensors()
+    metric = ScenarioRegression()
+    for chunk in torch.arange(len(labels)).split(3):  # scenarios straddle batches
+        metric.update(predictions[chunk], labels[chunk], scenarios[chunk], weight=weights[chunk] if weighted else None)
+    result = metric.compute()
+    assert sorted(result) == [0, 3, 7]
+    for scenario, expected in REGRESSION_BY_HAND.items():
+        assert set(result[scenario]) == set(expected)
+        for name, values in expected.items():
+            assert result[scenario][name].item() == pytest.approx(values[0 if weighted else 1], rel=1e-6), name
+    with pytest.raises(ValueError, match="sample weights of shape"):
+        metric.update(predictions, labels, scenarios, weight=weights[:3])
+    with pytest.raises(ValueError, match="integer scenario ids"):
+        metric.update(predictions, labels, scenarios.float())
+
+
+def test_evaluation_logs_regression_metrics_per_scenario_and_warns_about_equal_labels():
+    """The split's evaluation: sample weights from the batch, ignored labels left out, one scenario = the split."""
+    predictions, labels, scenarios, weights = regression_tensors(seed=1)
+    ignored = torch.tensor([9.0, -1.0])  # an extra row in scenario 0 whose label is the ignore label
+    batch = {"labels": {"dwell": torch.cat([labels, ignored[1:]])}, "weights": {"dwell": torch.cat([weights, ignored[:1]])},
+             "scenario": torch.cat([scenarios, torch.tensor([0])])}
+    evaluation = SplitEvaluation("val", [Task("dwell", kind="regression")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        evaluation.update({"dwell": torch.cat([predictions, torch.tensor([100.0])])}, batch)
+        logged = evaluation.compute()
+    expected = {f"val/dwell/{name}/domain={scenario}": values[0]
+                for scenario, by_name in REGRESSION_BY_HAND.items() for name, values in by_name.items()}
+    assert {k: float(v) for k, v in logged.items() if "domain=" in k} == pytest.approx(expected, rel=1e-6)
+    assert [str(w.message) for w in caught if "XAUC" in str(w.message)] == [
+        "val split: task 'dwell' has one label value only in scenarios [7], so their XAUC is undefined and "
+        "val/dwell/xauc/domain=7 not logged; the other scenarios' are (warned once per task and split)."]
+    batch["scenario"] = torch.zeros_like(batch["scenario"])  # one scenario: the split's values
+    evaluation.update({"dwell": torch.cat([predictions, torch.tensor([100.0])])}, batch)
+    logged = evaluation.compute()
+    for name in ("mse", "mae", "xauc"):
+        assert float(logged[f"val/dwell/{name}/domain=0"]) == pytest.approx(float(logged[f"val/dwell/{name}"]),
+                                                                           rel=1e-6), name
+
+
+# Under DDP: tests/scripts/ddp_stream.py (values over both ranks), ddp_empty_shard.py (a rank without rows) and
+# ddp_calibration_metrics.py (every per-scenario metric on 2 ranks with uneven shards against one process).
 
 
 # ------------------------------------------------------------------------------------------------- the module
@@ -110,7 +179,7 @@ def by_domain(module, batches):
     return logits[keep], labels[keep], domains[keep], groups[keep]
 
 
-def test_multi_scenario_model_logs_auc_and_gauc_per_domain(quiet_trainer):
+def test_multi_scenario_model_logs_auc_gauc_and_regression_per_domain(quiet_trainer):
     torch.manual_seed(0)
     model = HMoE(FEATURES, TASKS, num_experts=2, expert_hidden=(8,), tower_hidden=(4,))
     module = MultiTaskLightningModule(model)
@@ -126,11 +195,12 @@ def test_multi_scenario_model_logs_auc_and_gauc_per_domain(quiet_trainer):
         gauc = group_auc(logits[rows], labels[rows], groups[rows]).item()
         assert logged[f"val/click/gauc/domain={d}"] == pytest.approx(gauc, abs=1e-5)
         assert 0.0 < auc < 1.0 and abs(auc - logged["val/click/auc"]) > 1e-4  # not the overall AUC
-    # domain 3 has one class: no AUC, NE or GAUC, warned; the regression task has no per-domain metric
+    # domain 3 has one click class: no AUC, NE or GAUC, warned; the regression task's metrics are all there
     assert sorted(k for k in logged if "domain=3" in k) == [
-        "val/click/ece/domain=3", "val/click/logloss/domain=3", "val/click/pcoc/domain=3"]
-    assert not [k for k in logged if k.startswith("val/dwell/") and "domain=" in k]
+        "val/click/ece/domain=3", "val/click/logloss/domain=3", "val/click/pcoc/domain=3",
+        "val/dwell/mae/domain=3", "val/dwell/mse/domain=3", "val/dwell/xauc/domain=3"]
     assert any("scenarios [3]" in str(w.message) and "val/click/auc/domain=3" in str(w.message) for w in caught)
+    check_dwell_by_domain(logged, module, batches, (0, 1, 2, 3))
 
     # an epoch whose split lacks domain 1 drops domain 1's values of the epoch before from callback_metrics
     without_1 = [{"features": {k: v[b["features"]["domain"] != 1] for k, v in b["features"].items()},
@@ -140,8 +210,30 @@ def test_multi_scenario_model_logs_auc_and_gauc_per_domain(quiet_trainer):
     trainer = quiet_trainer(max_epochs=2, num_sanity_val_steps=0, callbacks=[Record(seen)])
     trainer.fit(module, DataLoader(batches, batch_size=None), EpochSplits(trainer, batches, without_1))
     assert "val/click/auc/domain=1" in seen[0] and "val/click/auc/domain=0" in seen[0]
-    assert "val/click/auc/domain=1" not in trainer.callback_metrics
-    assert "val/click/auc/domain=0" in trainer.callback_metrics
+    assert {f"val/dwell/{m}/domain={d}" for m in ("mse", "mae", "xauc") for d in range(4)} <= seen[0]
+    for task in ("click", "dwell"):
+        assert f"val/{task}/{HEADLINE[task]}/domain=1" not in trainer.callback_metrics
+        assert f"val/{task}/{HEADLINE[task]}/domain=0" in trainer.callback_metrics
+    # the last epoch's values are those of the trained model on its split
+    check_dwell_by_domain({k: float(v) for k, v in trainer.callback_metrics.items()}, module, without_1, (0, 2, 3))
+
+
+HEADLINE = {"click": "auc", "dwell": "mse"}
+
+
+def check_dwell_by_domain(logged: dict, module, batches: list[dict], domains: tuple[int, ...]) -> None:
+    """``val/dwell/{mse,mae,xauc}/domain=<d>`` are the model's MSE, MAE and exact XAUC over domain ``d``'s rows."""
+    module.eval()
+    with torch.no_grad():
+        values = torch.cat([module.model(b["features"])["dwell"] for b in batches]).double()
+    labels = torch.cat([b["labels"]["dwell"] for b in batches]).double()
+    domain = torch.cat([b["features"]["domain"] for b in batches])
+    for d in domains:
+        v, y = values[domain == d], labels[domain == d]
+        assert logged[f"val/dwell/mse/domain={d}"] == pytest.approx(float(((v - y) ** 2).mean()), rel=1e-5)
+        assert logged[f"val/dwell/mae/domain={d}"] == pytest.approx(float((v - y).abs().mean()), rel=1e-5)
+        assert logged[f"val/dwell/xauc/domain={d}"] == pytest.approx(xauc(v, y), abs=1e-6)
+        assert abs(logged[f"val/dwell/mse/domain={d}"] - logged["val/dwell/mse"]) > 1e-4  # not the split's MSE
 
 
 class EpochSplits:
@@ -177,7 +269,8 @@ def test_any_model_logs_per_scenario_with_a_scenario_tensor_and_only_then(quiet_
     logits, labels, _, groups = by_domain(module, batches)
     scenario = torch.cat([b["scenario"] for b in tagged])[torch.cat([b["labels"]["click"] for b in batches]) != -1]
     assert sorted(k for k in logged if "domain=" in k) == [
-        f"val/click/{m}/domain={s}" for m in ("auc", "ece", "gauc", "logloss", "ne", "pcoc") for s in (0, 1)]
+        f"val/click/{m}/domain={s}" for m in ("auc", "ece", "gauc", "logloss", "ne", "pcoc") for s in (0, 1)] + [
+        f"val/dwell/{m}/domain={s}" for m in ("mae", "mse", "xauc") for s in (0, 1)]
     for s in (0, 1):
         rows = scenario == s
         assert logged[f"val/click/auc/domain={s}"] == pytest.approx(
@@ -186,8 +279,8 @@ def test_any_model_logs_per_scenario_with_a_scenario_tensor_and_only_then(quiet_
     single = [{**b, "scenario": torch.zeros_like(b["features"]["user"])} for b in batches]
     one = quiet_trainer().validate(module, DataLoader(single, batch_size=None), verbose=False)[0]
     assert one["val/click/auc/domain=0"] == pytest.approx(one["val/click/auc"], abs=1e-6)
-    for m in ("gauc", "logloss", "ne", "pcoc", "ece"):
-        assert one[f"val/click/{m}/domain=0"] == pytest.approx(one[f"val/click/{m}"], abs=1e-6), m
+    for key in [f"click/{m}" for m in ("gauc", "logloss", "ne", "pcoc", "ece")] + ["dwell/mse", "dwell/mae", "dwell/xauc"]:
+        assert one[f"val/{key}/domain=0"] == pytest.approx(one[f"val/{key}"], abs=1e-6), key
     # test split too
     tested = quiet_trainer().test(module, DataLoader(tagged, batch_size=None), verbose=False)[0]
     assert tested["test/click/auc/domain=1"] == pytest.approx(logged["val/click/auc/domain=1"], abs=1e-6)

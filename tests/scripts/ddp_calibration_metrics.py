@@ -2,8 +2,8 @@
 
 Run by ``tests/evaluation/test_calibration_metrics.py`` (Lightning's DDP re-launches this script once per rank).
 Usage: ``python ddp_calibration_metrics.py OUT_DIR``. Rank 0 validates :func:`shards` ``[0]`` (two batches of
-40 and 25 rows), rank 1 ``[1]`` (one batch of 17 rows); each batch has sample weights for ``click`` and the
-3-class ``genre`` task and a ``scenario`` tensor. Writes ``metrics_rank<R>.json`` (what ``validate`` returned)
+40 and 25 rows), rank 1 ``[1]`` (one batch of 17 rows); each batch has sample weights for ``click``, the
+regression task ``dwell`` and the 3-class ``genre`` task, and a ``scenario`` tensor. Writes ``metrics_rank<R>.json`` (what ``validate`` returned)
 and ``reliability_rank<R>.json`` (the click task's reliability table).
 """
 
@@ -39,12 +39,14 @@ def batch(seed: int, rows: int) -> dict:
     clicks[:2] = -1.0  # ignored rows
     genre = torch.bucketize(x + 0.5 * torch.randn(rows, generator=g), torch.tensor([-0.5, 0.5])).float()
     genre[2] = -1.0  # an ignored row
-    return {
+    out = {
         "features": {"user_id": torch.randint(0, 20, (rows,), generator=g), "x": x},
         "labels": {"click": clicks, "dwell": torch.round(3 * x + torch.randn(rows, generator=g)), "genre": genre},
         "weights": {"click": torch.rand(rows, generator=g) * 2, "genre": torch.rand(rows, generator=g) * 2},
         "scenario": torch.randint(0, 2, (rows,), generator=g),
     }
+    out["weights"]["dwell"] = torch.rand(rows, generator=g) * 2
+    return out
 
 
 def shards() -> list[list[dict]]:

@@ -24,11 +24,11 @@ from mtl_lightning.callbacks import ParquetPredictionWriter
 
 def run(data: Path, out: Path, streaming: bool) -> None:
     L.seed_everything(0, verbose=False)
-    tasks = [Task("click")]
+    tasks = [Task("click"), Task("dwell", kind="regression")]  # per-scenario rows of both kinds join on the empty rank
     dm = ParquetDataModule(
         train=data / "train", val=data / "one", predict=data / "one", tasks=tasks, batch_size=16,
         streaming=streaming, num_workers=1, embedding_dim=4, keys=["user_id"], group="user_id", scenario="city",
-        exclude=["conversion", "purchase", "dwell", "history"],
+        exclude=["conversion", "purchase", "history"],
     )
     dm.setup("fit")
     module = MultiTaskLightningModule(MMoE(dm.features, tasks, num_experts=2, expert_hidden=(8,), tower_hidden=(4,)))
