@@ -35,16 +35,16 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from torch.utils.data import DataLoader
 
 from mtl_lightning.features import Feature, feature_from_config
 from mtl_lightning.tasks import Task, check_tasks
 
-from .batches import EpochDataLoader, EpochIterable, ParquetBatches
+from .batches import EpochIterable, ParquetBatches
 from .feature_specs import apply_feature_overrides, check_feature_overrides
 from .id_columns import carried_keys, check_id_columns, id_columns, move_id_columns
 from .partitions import PartitionRecord, fit_is_ending, partition_keys
 from .paths import DataFile
+from .placement import BatchLoaders, check_device_resident
 from .preprocessing import Preprocessing, preprocessing_part
 from .serving import preprocessing_state as _preprocessing_file
 from .storage import uri_scheme
@@ -69,7 +69,7 @@ def read_checkpoint(checkpoint: str | Path) -> Any:
         raise ValueError(f"checkpoint {name}: cannot read it ({type(err).__name__}: {err})") from err
 
 
-class MultiTaskDataModule(L.LightningDataModule):
+class MultiTaskDataModule(BatchLoaders, L.LightningDataModule):
     """Splits of tabular data to multi-task batches, whatever their file format; see the module docstring.
 
     ``splits`` maps ``train``/``val``/``test``/``predict`` to what the
@@ -107,6 +107,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         missing_indicator: bool | Sequence[str] = False,
         progress: bool = True,
         feature_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        device_resident: bool | str = "auto",
     ) -> None:
         super().__init__()
         self.paths = {split: splits.get(split) for split in SPLITS}
@@ -131,6 +132,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.exclude = set(exclude)
         self.drop_last = drop_last
         self.pin_memory = pin_memory
+        self.device_resident = check_device_resident(device_resident, False, num_workers)  # see datamodules.placement
         self.read_rows = read_rows
         self.implied_labels = dict(implied_labels or {})
         self.ignore_label = ignore_label
@@ -460,36 +462,6 @@ class MultiTaskDataModule(L.LightningDataModule):
             self._read_stores(SPLIT_STAGE[split])
         train = split == "train"
         return ParquetBatches(
-            self.stores[split], self.batch_size, shuffle=train and self.shuffle, seed=self.seed,
+            self.batch_store(split), self.batch_size, shuffle=train and self.shuffle, seed=self.seed,
             drop_last=train and self.drop_last, pad_to_equal=train, rank=rank, world_size=world_size,
         )
-
-    # ------------------------------------------------------------ loaders
-    def _epoch(self) -> int:
-        """The training epoch the train loader's next pass serves.
-
-        Lightning's own sampler epoch, the number of training epochs already run; unlike
-        ``trainer.current_epoch`` it is right when resuming from a checkpoint written at the end
-        of an epoch (by ModelCheckpoint, before the epoch counts as completed).
-        """
-        return self.trainer.fit_loop.epoch_progress.current.processed
-
-    def _loader(self, split: str) -> DataLoader:
-        # The train loader's position is saved in checkpoints and restored: see datamodules.batches.
-        return EpochDataLoader(
-            self.dataset(split), epoch_fn=self._epoch if self.trainer is not None else None,
-            num_workers=self.num_workers, pin_memory=self.pin_memory,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader | list:
-        # no val split: an empty list tells Lightning to skip validation
-        return self._loader("val") if self.paths["val"] is not None else []
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict")

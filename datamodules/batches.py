@@ -175,6 +175,8 @@ class ParquetBatches(EpochIterable):
     def __iter__(self) -> Iterator[Batch]:
         start, stop, _ = self.shard_bounds()
         order = self.order()
+        if order is not None and self.store.device.type != "cpu":  # drawn on the host, gathered on the device
+            order = order.to(self.store.device)
         worker, workers = _worker()
         skip = self._resume_position()  # batches worker, worker + workers, ... of the rank's block
         for i in range(worker + skip * workers, self._num_batches(), workers):
@@ -183,6 +185,12 @@ class ParquetBatches(EpochIterable):
             batch = self.store.batch(slice(lo, hi) if order is None else order[lo:hi])
             self._yielded += 1
             yield batch
+
+
+def keep_batch(batch: Any) -> Any:
+    """``EpochDataLoader``'s default ``collate_fn``: its datasets yield whole batches, which need no collation (the
+    DataLoader's own default, ``default_convert``, would rebuild every dict of every batch for nothing)."""
+    return batch
 
 
 class EpochDataLoader(StatefulDataLoader):
@@ -199,7 +207,8 @@ class EpochDataLoader(StatefulDataLoader):
     dataset state as of the last batch handed out). ``load_state_dict()``
     keeps it for the next pass, which restores it only if it is the same
     epoch: a checkpoint written at an epoch's end starts the next epoch from
-    its first batch.
+    its first batch. Batches pass through as the dataset yields them
+    (``collate_fn=keep_batch`` unless another is given).
     """
 
     def __init__(
@@ -209,6 +218,7 @@ class EpochDataLoader(StatefulDataLoader):
         # loader again from its attributes, as trainer.predict(dataloaders=dm.val_dataloader()) does
         if batch_size is not None:
             raise ValueError(f"EpochDataLoader takes batch_size=None (its dataset yields whole batches), got {batch_size}")
+        kwargs.setdefault("collate_fn", keep_batch)
         super().__init__(dataset, batch_size=None, **kwargs)
         self.epoch_fn = epoch_fn
         self._passes = 0

@@ -32,6 +32,7 @@ from .files import check_unique, open_file, read_schema
 from .fitting import iter_chunks
 from .inference import infer_features
 from .paths import DataFile, PathSpec, resolve_paths
+from .placement import check_device_resident
 from .storage import RetryPolicy
 from .store import ColumnStore, read_split
 from .streaming import ParquetStream, list_row_groups
@@ -64,7 +65,15 @@ class ParquetDataModule(MultiTaskDataModule):
         exclude: columns that are neither features nor labels of these tasks
             (other labels, keys, truth columns); only used when inferring features.
         drop_last: drop the last incomplete train batch.
-        pin_memory: pin batches in page-locked memory (for GPU training).
+        pin_memory: pin batches in page-locked memory (for GPU training), when they
+            are built on the host (see ``device_resident``).
+        device_resident: where the batches of an in-memory split are built:
+            ``"auto"`` (default) on the training device when it is a GPU, the
+            split takes at most a quarter of its free memory and
+            ``num_workers=0`` (the split's blocks are copied there once; no
+            copy per step), else on the host; ``True`` on the device
+            whatever the size; ``False`` on the host. The batches are the same
+            either way; see ``datamodules.placement``.
         streaming: read every split incrementally (row group by row group)
             through a shuffle buffer instead of loading it; see
             ``datamodules.streaming`` for the order, sharding and memory bound.
@@ -212,6 +221,7 @@ class ParquetDataModule(MultiTaskDataModule):
         missing_indicator: bool | Sequence[str] = False,
         progress: bool = True,
         feature_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        device_resident: bool | str = "auto",
     ) -> None:
         super().__init__(
             {"train": train, "val": val, "test": test, "predict": predict}, tasks=tasks, features=features,
@@ -221,7 +231,7 @@ class ParquetDataModule(MultiTaskDataModule):
             scenario=scenario, implied_labels=implied_labels, ignore_label=ignore_label, labels=labels,
             grow_vocabulary=grow_vocabulary, allow_retraining=allow_retraining, continue_from=continue_from,
             fill_missing=fill_missing, missing_indicator=missing_indicator, progress=progress,
-            feature_overrides=feature_overrides,
+            feature_overrides=feature_overrides, device_resident=device_resident,
         )
         self.storage_options = dict(storage_options or {})
         self.filesystem = filesystem
@@ -232,6 +242,7 @@ class ParquetDataModule(MultiTaskDataModule):
         if shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
         self.streaming = streaming
+        self.device_resident = check_device_resident(device_resident, streaming, num_workers)
         self.shuffle_buffer = shuffle_buffer
         self._remote_files: dict[str, list[DataFile]] = {}  # listed once per split
         self._checked: set[str] = set()  # splits whose footers passed check_splits

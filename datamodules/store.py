@@ -102,6 +102,11 @@ class ColumnStore:
             blocks = {dtype: torch.from_numpy(_zeros(self.num_rows, width, dtype)) for dtype, _, _, width in self._layout}
         self.blocks = dict(blocks)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the blocks are (the host, unless ``datamodules.placement`` copied them to the training device)."""
+        return next(iter(self.blocks.values())).device if self.blocks else torch.device("cpu")
+
     def _slot(self, section: str, name: str) -> Slot:
         for slot in self.slots:
             if slot.section == section and slot.name == name:

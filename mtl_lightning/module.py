@@ -61,6 +61,7 @@ inputs, losses and metrics are computed in float32.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping, Sequence
 
 import lightning as L
@@ -76,15 +77,18 @@ from .evaluation import HEADLINE_METRIC, SplitEvaluation, funnel_outputs, log_re
 from .growth import TableGrowth, check_vocabularies, datamodule_states, grow_checkpoint_tables, hand_datamodule_state
 from .losses import CounterfactualCVR, masked_loss
 from .losses.counterfactual import check_counterfactual
+from .losses.fused import FusedTaskLosses
 from .optim import build_optimizers, no_weight_decay, optimizer_class
 from .optim import check_rate as _check_rate
 from .sparse_embeddings import check_sparse_strategy, embedding_tables, enable_sparse_embeddings
 from .tasks import Task, check_sampling_rates, check_tasks
 from .training_checks import TrainingChecks, check_precision
+from .training_step import logs_this_step, task_losses as step_task_losses
 from .weighting import WeightingStrategy, create_weighting
 
 
 _check_sparse_strategy = check_sparse_strategy  # importable from here as before
+_PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "last_task_losses"})
 
 
 class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
@@ -239,6 +243,17 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         self._checkpoint_datamodule_states: dict[str, Mapping[str, Any]] = {}
         self.calibration: Calibration | None = None  # attached by mtl_lightning.calibration.calibrate
         self.last_task_losses: list[Tensor] = []  # the last training step's per-task losses, in self.tasks order
+        self.task_names = [t.name for t in self.tasks]
+        self.fused_losses = FusedTaskLosses(self.tasks, ignore_label) if FusedTaskLosses.supports(self.tasks) else None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets _current_fx_name around every hook it calls (about 40 times a step), and the step sets
+        # last_task_losses: plain attributes, for which nn.Module.__setattr__'s checks (is it a parameter, a
+        # module, a buffer?) end in object.__setattr__ anyway, at a few microseconds each (training_step.py)
+        if name in _PLAIN_ATTRIBUTES:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     # ------------------------------------------------------------------ losses
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -279,17 +294,14 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         outputs = self.model(batch["features"])
         labels = self.model.derive_labels(batch["labels"])  # e.g. ESMM's CTCVR = click · conversion
-        losses = self.compute_losses(outputs, labels, batch.get("weights"), batch.get("group"))
-        task_losses = [losses[t.name] for t in self.tasks]
+        losses, task_losses, total = step_task_losses(self, outputs, labels, batch)  # see training_step.py
         self.last_task_losses = task_losses  # the step's graph, for callbacks (gradient_conflict.GradientConflict)
-        total = self.weighting(task_losses)  # a list: see weighting/base.py
         aux = self.model.auxiliary_loss(outputs, labels)
         if aux is not None:
             total = total + aux
         imputation = self.imputation_loss(outputs, labels)
         if imputation is not None:
             total = total + imputation
-        self.training_checks.count_labels(labels)
         if self._logs_this_step(batch_idx):
             self.training_checks.check_losses(task_losses, total)
             logged = {f"train/{name}/loss": loss.detach() for name, loss in losses.items()}
@@ -313,32 +325,7 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         self.weighting.before_optimizer_step()
 
     def _logs_this_step(self, batch_idx: int) -> bool:
-        """Whether the training step hands its values to ``log_dict``: on the steps the logger writes
-        (every ``Trainer(log_every_n_steps=...)``) and on the last step of an epoch or of the run (so
-        callbacks monitoring ``train/...`` always find it); never under ``Trainer(barebones=True)``,
-        where Lightning discards every ``self.log``.
-
-        ``self.log`` costs Lightning about a millisecond per key and step on the CPU, and on-step values
-        of the other steps are never written, so on those steps the values are not even gathered (no
-        per-step cost, and no host sync: they become numbers only when written). The step is the
-        Trainer's ``global_step`` (optimizer steps taken so far: the module has one optimizer), the one
-        Lightning's logger connector counts its ``log_every_n_steps`` in.
-        """
-        trainer = self._trainer
-        if trainer is None:
-            return True
-        if trainer.barebones:
-            return False
-        if trainer.fast_dev_run:
-            return True
-        step = trainer.global_step
-        every = trainer.log_every_n_steps  # 0: the logger writes no step
-        if every and (step + 1) % every == 0:
-            return True
-        return bool(
-            trainer.is_last_batch or trainer.should_stop or batch_idx + 1 >= trainer.num_training_batches
-            or (trainer.max_steps > 0 and step + 1 >= trainer.max_steps)
-        )
+        return logs_this_step(self._trainer, batch_idx)  # see training_step.py
 
     def _reduce_sum(self, value: Tensor) -> Tensor:
         """``value`` summed over every rank (itself without a Trainer)."""
@@ -490,3 +477,9 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
             dense_tables=[p for p in self.parameters() if id(p) in tables], lr_scheduler=hp.lr_scheduler,
             lr_scheduler_kwargs=hp.lr_scheduler_kwargs, lr_scheduler_interval=hp.lr_scheduler_interval,
         )
+
+
+# Lightning reads training_step's signature (inspect.getfullargspec, to pass batch_idx) at every step; a cached
+# __signature__ turns that into a lookup: about 20 us a step on the 2-core machine (training_step.py)
+MultiTaskLightningModule.training_step.__signature__ = inspect.signature(  # type: ignore[attr-defined]
+    MultiTaskLightningModule.training_step)

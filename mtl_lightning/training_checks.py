@@ -68,6 +68,15 @@ class TrainingChecks:
         self._valid = valid if self._valid is None else self._valid + valid
         self._rows += stacked.shape[1]
 
+    def add_label_counts(self, valid: Tensor, rows: int) -> None:
+        """Add one batch's numbers of valid labels per task (``(T,)``, task order) of ``rows`` rows, counted by the
+        caller (``losses.fused.FusedTaskLosses`` counts them with the losses), while counting the first epoch."""
+        if not self.counting_labels:
+            return
+        valid = valid.long()
+        self._valid = valid if self._valid is None else self._valid + valid
+        self._rows += rows
+
     def check_losses(self, losses: Sequence[Tensor], total: Tensor) -> None:
         """Add one logged step's task losses (in task order) and total loss."""
         bad = ~torch.isfinite(torch.stack([*(loss.detach().float() for loss in losses), total.detach().float()]))

@@ -76,6 +76,39 @@ def test_mid_epoch_resume_on_the_gpu_is_exact(tmp_path_factory, streaming, quiet
     assert_same_weights(straight, resumed)
 
 
+@pytest.mark.parametrize("setting", [True, "auto"])
+def test_batches_gathered_on_the_gpu_equal_host_batches(setting, synthetic_paths, quiet_trainer, synthetic_datamodule):
+    # device_resident: the split's store is copied to the GPU once and every batch gathered there; the batches the
+    # module sees equal those built on the host (pinned) and copied, in the same order (datamodules.placement)
+    import lightning as L
+
+    seen: dict[str, list] = {}
+    stores: dict[str, str] = {}
+
+    class Record(L.Callback):
+        def __init__(self, key: str) -> None:
+            self.key = key
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            seen.setdefault(self.key, []).append(batch)
+            stores[self.key] = trainer.datamodule.batch_store("train").device.type
+
+    for key, resident in (("device", setting), ("host", False)):
+        torch.manual_seed(0)
+        module = MultiTaskLightningModule(MMoE(synthetic_features(), synthetic_tasks(), num_experts=2,
+                                               expert_hidden=(8,), tower_hidden=()))
+        dm = synthetic_datamodule(synthetic_paths, batch_size=256, device_resident=resident, pin_memory=True)
+        quiet_trainer(max_steps=4, limit_val_batches=0, callbacks=[Record(key)], **GPU).fit(module, dm)
+    assert stores == {"device": "cuda", "host": "cpu"}
+    assert len(seen["device"]) == len(seen["host"]) == 4
+    for ours, theirs in zip(seen["device"], seen["host"]):
+        for section in ("features", "labels"):
+            for name, value in theirs[section].items():
+                assert ours[section][name].device == value.device and value.device.type == "cuda"
+                assert torch.equal(ours[section][name], value), (section, name)
+        assert torch.equal(ours["row_id"], theirs["row_id"])
+
+
 def test_export_of_a_gpu_trained_model_matches(synthetic_paths, tmp_path, quiet_trainer, synthetic_datamodule):
     pytest.importorskip("onnxruntime")
     import onnxruntime
