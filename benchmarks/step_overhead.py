@@ -34,12 +34,14 @@ shuffled with the data module's permutation (seed 0, epoch 0). The loops:
 * ``mtl-lightning host-batches``: ``ParquetDataModule(device_resident=False)``:
   batches built on the host and copied each step (the same as the default on a CPU).
 
-Reported per model and loop: steps/s (wall clock over the timed steps), host ms per
+Reported per model and loop: steps/s (wall clock over the timed steps) and rows/s, host ms per
 step (``time.thread_time`` of the main thread, which other processes' load moves
 much less than wall time; with one torch thread it holds all of a CPU step's
 compute), their ratio to ``raw`` (per round, paired; the table gives the median and
-the range), and aten ops per step (``torch.profiler``, every ``aten::`` op, nested
-ones included, over ``--ops-steps`` steps of a separate, untimed run). The loops take
+the range), aten ops per step (``torch.profiler``, every ``aten::`` op, nested
+ones included) and Python function calls per step (``cProfile``), both counted over
+``--ops-steps`` steps of a separate, untimed run: counts, which no other process's
+load moves. The loops take
 turns in one process, ``--rounds`` times, the order reversed every other round.
 On a GPU, ``--gpu-util`` samples ``nvidia-smi`` during the timed steps. Not a test:
 nothing is asserted.
@@ -48,8 +50,12 @@ nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import dataclasses
 import logging
+import os
+import pstats
 import statistics
 import subprocess
 import sys
@@ -58,7 +64,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -121,6 +127,21 @@ def make_setup(model: str, args: argparse.Namespace, folder: Path) -> Setup:
     return setup
 
 
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """The process's stderr (file descriptor 2) sent to /dev/null: the profiler's C++ side prints a line at every
+    start and stop."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 class Clock:
     """Forward pre-hook: main-thread CPU time and wall time at the start of every training forward; starts and
     stops a ``torch.profiler`` run over chosen steps when asked to count ops."""
@@ -132,7 +153,8 @@ class Clock:
         self.wall: list[float] = []
         self.profile_steps = profile_steps
         self.profiler: Any = None
-        self.ops = 0
+        self.python: Any = None
+        self.ops = self.calls = 0.0
 
     def __call__(self, module: torch.nn.Module, args: Any) -> None:
         if not module.training:
@@ -148,11 +170,17 @@ class Clock:
                 from torch.profiler import ProfilerActivity, profile
 
                 self.profiler = profile(activities=[ProfilerActivity.CPU])
-                self.profiler.__enter__()
+                with quiet_stderr():
+                    self.profiler.__enter__()
+                self.python = cProfile.Profile()
+                self.python.enable()
             elif step == self.warmup + self.profile_steps and self.profiler is not None:
-                self.profiler.__exit__(None, None, None)
+                self.python.disable()
+                with quiet_stderr():
+                    self.profiler.__exit__(None, None, None)
                 events = self.profiler.events()
                 self.ops = sum(e.name.startswith("aten::") for e in events) / self.profile_steps
+                self.calls = pstats.Stats(self.python).total_calls / self.profile_steps  # type: ignore[attr-defined]
                 self.profiler = None
         self.cpu.append(time.thread_time())
         self.wall.append(time.perf_counter())
@@ -168,7 +196,6 @@ class Clock:
 
 def run_raw(setup: Setup, clock: Clock, ceiling: bool) -> None:
     from mtl_lightning.losses import masked_loss
-    from mtl_lightning.losses.fused import FusedTaskLosses
 
     device, tasks = setup.device, setup.tasks
     model = setup.build().to(device).train()
@@ -192,6 +219,7 @@ def run_raw(setup: Setup, clock: Clock, ceiling: bool) -> None:
             optimizer.step()
         return
     from datamodules.placement import resident_store
+    from mtl_lightning.losses.fused import FusedTaskLosses
 
     store = resident_store(setup.store, device)
     index = order.to(device)
@@ -289,7 +317,7 @@ def run(setup: Setup, loop: str, profile_steps: int = 0) -> dict[str, float]:
         run_raw(setup, clock, ceiling=loop == "raw-ceiling")
     else:
         run_lightning(setup, clock, loop)
-    return clock.result() if not profile_steps else {"ops": clock.ops}
+    return clock.result() if not profile_steps else {"ops": clock.ops, "calls": clock.calls}
 
 
 class GpuUtilisation:
@@ -334,8 +362,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    for name in ("lightning.pytorch", "lightning.fabric", "datamodules"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    import lightning.pytorch  # noqa: F401  (its loggers exist from here on)
+
+    import datamodules  # noqa: F401
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("lightning", "datamodules")):
+            logging.getLogger(name).setLevel(logging.ERROR)
     loops = [x.strip() for x in args.loops.split(",") if x.strip()]
     unknown = sorted(set(loops) - set(LOOPS))
     if unknown or "raw" not in loops:
@@ -354,21 +386,25 @@ def main() -> None:
                     if sampler is not None:
                         result["gpu_util"] = sampler.mean(result["window"])  # type: ignore[arg-type]
                     results[loop].append(result)
-            ops = {loop: run(setup, loop, args.ops_steps)["ops"] if args.ops_steps else None for loop in loops}
+            ops = {loop: run(setup, loop, args.ops_steps) if args.ops_steps else None for loop in loops}
             report(setup, results, ops, sampler is not None)
     if sampler is not None:
         sampler.stop()
     print(f"total {time.perf_counter() - started:.0f} s")
 
 
-def report(setup: Setup, results: dict[str, list[dict[str, float]]], ops: dict[str, float | None],
+def counted(count: dict[str, float] | None, key: str) -> str:
+    return "-" if count is None else f"{count[key]:,.0f}"
+
+
+def report(setup: Setup, results: dict[str, list[dict[str, float]]], ops: dict[str, dict[str, float] | None],
            gpu: bool) -> None:
     raw = results["raw"]
     print(f"\n{setup.model} MMoE, batch {setup.batch_size}, {setup.steps} timed steps after {setup.warmup} per run; "
           "medians over rounds (min-max); ratios paired per round, to raw")
-    head = "| loop | steps/s | ratio to raw | host ms/step | raw/this host ms | aten ops/step |"
+    head = "| loop | steps/s | rows/s | ratio to raw | host ms/step | raw/this host ms | aten ops/step | Python calls/step |"
     print(head + (" GPU util % |" if gpu else ""))
-    print("|---|---:|---:|---:|---:|---:|" + ("---:|" if gpu else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else ""))
     for loop, runs in results.items():
         speed = [r["steps_per_s"] for r in runs]
         host = [r["host_ms"] for r in runs]
@@ -376,10 +412,11 @@ def report(setup: Setup, results: dict[str, list[dict[str, float]]], ops: dict[s
         host_ratio = [b["host_ms"] / r["host_ms"] for r, b in zip(runs, raw)]
         count = ops[loop]
         row = (f"| {loop} | {statistics.median(speed):,.1f} ({min(speed):,.1f}-{max(speed):,.1f}) "
+               f"| {statistics.median(speed) * setup.batch_size:,.0f} "
                f"| {statistics.median(speed_ratio):.3f} ({min(speed_ratio):.2f}-{max(speed_ratio):.2f}) "
                f"| {statistics.median(host):.2f} ({min(host):.2f}-{max(host):.2f}) "
                f"| {statistics.median(host_ratio):.3f} ({min(host_ratio):.2f}-{max(host_ratio):.2f}) "
-               f"| {'-' if count is None else f'{count:,.0f}'} |")
+               f"| {counted(count, 'ops')} | {counted(count, 'calls')} |")
         if gpu:
             utils = [r["gpu_util"] for r in runs if r.get("gpu_util") is not None]
             row += f" {statistics.median(utils):.0f} |" if utils else " - |"

@@ -83,7 +83,7 @@ from .optim import check_rate as _check_rate
 from .sparse_embeddings import check_sparse_strategy, embedding_tables, enable_sparse_embeddings
 from .tasks import Task, check_sampling_rates, check_tasks
 from .training_checks import TrainingChecks, check_precision
-from .training_step import logs_this_step, task_losses as step_task_losses
+from .training_step import log_step, logs_this_step, task_losses as step_task_losses
 from .weighting import WeightingStrategy, create_weighting
 
 
@@ -303,16 +303,7 @@ class MultiTaskLightningModule(CheckpointLoading, L.LightningModule):
         if imputation is not None:
             total = total + imputation
         if self._logs_this_step(batch_idx):
-            self.training_checks.check_losses(task_losses, total)
-            logged = {f"train/{name}/loss": loss.detach() for name, loss in losses.items()}
-            logged.update({f"train/{t.name}/weight": w for t, w in zip(self.tasks, self.weighting.last_weights.detach())})
-            if aux is not None:
-                logged["train/aux_loss"] = aux.detach()
-            if imputation is not None:
-                logged["train/imputation_loss"] = imputation.detach()
-            rows = len(next(iter(outputs.values())))
-            self.log_dict(logged, on_step=True, on_epoch=False, batch_size=rows)
-            self.log("train/loss", total.detach(), on_step=True, on_epoch=False, batch_size=rows, prog_bar=True)
+            log_step(self, losses, task_losses, total, aux, imputation, rows=len(next(iter(outputs.values()))))
         return total
 
     def on_train_epoch_start(self) -> None:

@@ -13,13 +13,16 @@ nothing per step that can be done once or not at all (docs/performance.md,
   per-task gradients) goes through ``compute_losses`` task by task;
 * values are handed to ``self.log`` only on the steps the logger writes
   (:func:`logs_this_step`), so no other step turns anything into a Python
-  number (no host synchronisation).
+  number (no host synchronisation), and as host tensors (:func:`log_step`), so
+  that Lightning's progress-bar bookkeeping at later steps does not wait for
+  the device either.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+import torch
 from torch import Tensor
 
 from .batch import Batch
@@ -43,6 +46,29 @@ def task_losses(module: Any, outputs: Mapping[str, Tensor], labels: Mapping[str,
     per_task = [losses[name] for name in module.task_names]
     module.training_checks.count_labels(labels)
     return losses, per_task, module.weighting(per_task)  # a list: see weighting/base.py
+
+
+def log_step(module: Any, losses: Mapping[str, Tensor], task_losses: Sequence[Tensor], total: Tensor,
+             aux: Tensor | None, imputation: Tensor | None, rows: int) -> None:
+    """Hand a logged step's values to ``module.log``: ``train/<task>/loss``, ``train/<task>/weight``,
+    ``train/aux_loss`` and ``train/imputation_loss`` (when there are), and ``train/loss`` (progress bar).
+
+    The values reach Lightning as host tensors, copied from the device in one transfer: the logger turns them into
+    numbers on this step anyway, and Lightning turns the progress bar's value into a number again at every later step
+    of the epoch (``_ResultCollection.metrics``), which for a device tensor would wait for the device at every step.
+    """
+    module.training_checks.check_losses(task_losses, total)
+    logged = {f"train/{name}/loss": loss for name, loss in losses.items()}
+    logged.update({f"train/{t.name}/weight": w for t, w in zip(module.tasks, module.weighting.last_weights)})
+    if aux is not None:
+        logged["train/aux_loss"] = aux
+    if imputation is not None:
+        logged["train/imputation_loss"] = imputation
+    logged["train/loss"] = total
+    values = dict(zip(logged, torch.stack([v.detach().float().reshape(()) for v in logged.values()]).cpu().unbind()))
+    shown = values.pop("train/loss")
+    module.log_dict(values, on_step=True, on_epoch=False, batch_size=rows)
+    module.log("train/loss", shown, on_step=True, on_epoch=False, batch_size=rows, prog_bar=True)
 
 
 def logs_this_step(trainer: Any, batch_idx: int) -> bool:
@@ -73,4 +99,4 @@ def logs_this_step(trainer: Any, batch_idx: int) -> bool:
     )
 
 
-__all__ = ["task_losses", "logs_this_step"]
+__all__ = ["task_losses", "log_step", "logs_this_step"]

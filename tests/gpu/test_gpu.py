@@ -109,6 +109,33 @@ def test_batches_gathered_on_the_gpu_equal_host_batches(setting, synthetic_paths
         assert torch.equal(ours["row_id"], theirs["row_id"])
 
 
+def test_training_steps_that_log_nothing_never_wait_for_the_gpu(synthetic_paths, quiet_trainer, synthetic_datamodule):
+    # the step's losses, weighting and label counts stay on the device (no .item(), no copy to the host); the values
+    # of the steps the logger writes reach Lightning as host tensors, so that its progress-bar bookkeeping at every
+    # later step does not wait for the GPU either (mtl_lightning.training_step)
+    torch.manual_seed(0)
+    module = MultiTaskLightningModule(MMoE(synthetic_features(), synthetic_tasks(), num_experts=2, expert_hidden=(8,),
+                                           tower_hidden=()))
+    step, watched = module.training_step, []
+
+    def training_step(batch, batch_idx):
+        if module._logs_this_step(batch_idx):
+            return step(batch, batch_idx)
+        torch.cuda.set_sync_debug_mode("error")  # any synchronising CUDA call raises
+        try:
+            return step(batch, batch_idx)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            watched.append(batch_idx)
+
+    module.training_step = training_step
+    trainer = quiet_trainer(max_steps=12, limit_val_batches=0, log_every_n_steps=5, **GPU)
+    trainer.fit(module, synthetic_datamodule(synthetic_paths, batch_size=256))
+    assert len(watched) == 9  # 12 steps, of which 5, 10 and the last log
+    assert trainer.callback_metrics["train/loss"].device.type == "cpu"
+    assert trainer.callback_metrics["train/click/loss"].device.type == "cpu"
+
+
 def test_export_of_a_gpu_trained_model_matches(synthetic_paths, tmp_path, quiet_trainer, synthetic_datamodule):
     pytest.importorskip("onnxruntime")
     import onnxruntime
