@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check: tests/gpu/test_gpu.py, the rest of the suite, then the throughput benchmark on the GPU in bf16 (about 9 to 10 minutes).
+# GPU check: tests/gpu/test_gpu.py, the rest of the suite, the throughput benchmark on the GPU in bf16, then the
+# step-overhead benchmark (host work per step, rows/s and GPU utilisation; about 13 to 14 minutes in all).
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root, or from anywhere
 #
@@ -7,7 +8,9 @@
 # no make, no virtualenv, no network. torchdata and jsonargparse are pure Python: where they are missing, put a copy of
 # them on PYTHONPATH (it is kept). Writes its outputs under benchmarks/.cache/gpu_check/:
 # versions.txt, gpu_tests.txt, tests.txt (tests-0..3.txt: the shards), throughput.txt (the table: rows/s,
-# peak RSS, GPU utilisation per system), throughput.json (every measurement) and nvidia-smi.txt.
+# peak RSS, GPU utilisation per system), throughput.json (every measurement), step_overhead.txt (raw loop, its CUDA-graph
+# ceiling and Trainer + ParquetDataModule + module at batch 2048, the benchmark MMoE at batch 16384: steps/s, rows/s,
+# host ms per step, GPU utilisation) and nvidia-smi.txt.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # absolute: tests start scripts in other folders
@@ -59,5 +62,24 @@ timeout 200 python3 benchmarks/throughput.py --accelerator gpu --precision bf16-
     2>&1 | tee "$OUT/throughput.txt"
 bench_rc=${PIPESTATUS[0]}
 
-echo "tests exit code: $tests_rc, benchmark exit code: $bench_rc; outputs in $OUT/"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+echo "== step overhead, gpu bf16-mixed (at most 320 s) =="
+# Host work per step on the GPU (docs/performance.md, "Step overhead"): the raw fused-Adam loop, its fair ceiling
+# (batches gathered on the GPU before timing, fused losses, the whole step as one CUDA graph), Trainer +
+# ParquetDataModule + MultiTaskLightningModule at their defaults (the split kept on the GPU: device_resident="auto")
+# and with host batches (pinned, copied every step); tiny and benchmark MMoE at batch 2048, 2 rounds; then the
+# benchmark MMoE at batch 16384 (the goal: 1M rows/s), GPU utilisation sampled by nvidia-smi.
+{
+    timeout 200 python3 benchmarks/step_overhead.py --accelerator gpu --precision bf16-mixed --gpu-util \
+        --threads 4 --rounds 2 --batch-size 2048 --steps 100 --models tiny,bench
+    rc1=$?
+    timeout 120 python3 benchmarks/step_overhead.py --accelerator gpu --precision bf16-mixed --gpu-util \
+        --threads 4 --rounds 2 --batch-size 16384 --steps 30 --models bench \
+        --loops "raw,raw-ceiling,mtl-lightning,mtl-lightning host-batches"
+    rc2=$?
+    [ "$rc1" -eq 0 ] && [ "$rc2" -eq 0 ]
+} 2>&1 | tee "$OUT/step_overhead.txt"
+overhead_rc=${PIPESTATUS[0]}
+
+echo "tests exit code: $tests_rc, benchmark exit codes: throughput $bench_rc, step overhead $overhead_rc;" \
+    "outputs in $OUT/"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$overhead_rc" -eq 0 ]

@@ -76,7 +76,7 @@ LOOPS = ["raw", "raw-ceiling", "lightning-minimal", "mtl-lightning", "mtl-lightn
          "mtl-lightning host-batches"]
 SHAPES = {  # model: (embedding dim, MMoE arguments, batch size, default timed steps)
     "tiny": (4, dict(num_experts=4, expert_hidden=(16,), tower_hidden=(8,)), 512, 200),
-    "bench": (16, dict(num_experts=4, expert_hidden=(256, 128), tower_hidden=(64,)), 2048, 12),
+    "bench": (16, dict(num_experts=4, expert_hidden=(256, 128), tower_hidden=(64,)), 2048, 20),
 }
 
 
@@ -350,7 +350,7 @@ def main() -> None:
     parser.add_argument("--models", default="tiny,bench", help="comma-separated: tiny, bench")
     parser.add_argument("--loops", default=",".join(LOOPS), help=f"comma-separated, from {LOOPS}")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per run (default 200 tiny, 12 bench)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per run (default 200 tiny, 20 bench)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=None, help="default 512 (tiny) or 2048 (bench)")
     parser.add_argument("--ops-steps", type=int, default=3, help="steps the profiler counts ops over (0: no count)")
