@@ -203,7 +203,8 @@ def run_raw(setup: Setup, clock: Clock, ceiling: bool) -> None:
         model.register_forward_pre_hook(clock)
     graph = ceiling and device.type == "cuda" and setup.cuda_graph
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True, **({"capturable": True} if graph else {}))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=setup.precision == "bf16-mixed")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=setup.precision == "bf16-mixed",
+                              cache_enabled=False if graph else None)  # a captured graph must not reuse cached casts
     order = torch.randperm(setup.store.num_rows, generator=torch.Generator().manual_seed(0))  # the data module's
     steps, size = setup.total_steps, setup.batch_size
     if not ceiling:

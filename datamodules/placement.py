@@ -122,17 +122,19 @@ class BatchLoaders:
         return self.trainer.fit_loop.epoch_progress.current.processed  # type: ignore[attr-defined]
 
     def batch_store(self, split: str) -> ColumnStore:
-        """The store a split's batches are gathered from: the in-memory store, or its copy on the training device."""
+        """The store a split's batches are gathered from: the in-memory store, or its copy on the training device
+        (made once per store and device; a store read again is copied again)."""
         store = self.stores[split]  # type: ignore[attr-defined]
         device = training_device(self)
+        cache: dict[str, tuple[ColumnStore, torch.device, ColumnStore]] = self.__dict__.setdefault("_device_stores", {})
+        cached = cache.get(split)
+        if cached is not None and cached[0] is store and cached[1] == device:
+            return cached[2]  # decided once: the copy itself takes free memory that "auto" would count again
         if not wants_device(self.device_resident, store, device,  # type: ignore[attr-defined]
                             bool(getattr(self, "streaming", False)), self.num_workers):  # type: ignore[attr-defined]
             return store
-        cache: dict[str, tuple[ColumnStore, torch.device, ColumnStore]] = self.__dict__.setdefault("_device_stores", {})
-        cached = cache.get(split)
-        if cached is None or cached[0] is not store or cached[1] != device:  # a store read again: copied again
-            cached = cache[split] = (store, device, resident_store(store, device))  # type: ignore[arg-type]
-        return cached[2]
+        cache[split] = (store, device, resident_store(store, device))  # type: ignore[arg-type]
+        return cache[split][2]
 
     def _loader(self, split: str) -> DataLoader:
         # The train loader's position is saved in checkpoints and restored: see datamodules.batches.
