@@ -24,6 +24,22 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.
 _SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def exports_measure_no_latency(monkeypatch):
+    """An export's verification report times 300 calls by default (``Verification.latency_batch_sizes``: batches of
+    1, 64 and 512), seconds per export; tests never time anything, so an export in a test measures no latency
+    unless the test names ``latency_batch_sizes`` (or passes a ``Verification``, as the command line does)."""
+    from mtl_lightning.verification import Verification
+
+    def of(cls, value):
+        if value is None or (isinstance(value, dict) and "latency_batch_sizes" not in value):
+            value = {**(value or {}), "latency_batch_sizes": ()}
+        return of_given(value)
+
+    of_given = Verification.of
+    monkeypatch.setattr(Verification, "of", classmethod(of))
+
+
 @pytest.fixture(scope="session")
 def synthetic_paths(tmp_path_factory) -> dict[str, Path]:
     """20k/5k/5k rows of the synthetic dataset (written once per session, per xdist worker)."""
