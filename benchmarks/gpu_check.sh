@@ -2,7 +2,12 @@
 # GPU check: tests/gpu/test_gpu.py, the rest of the suite, the throughput benchmark on the GPU in bf16, then the
 # step-overhead benchmark (host work per step, rows/s and GPU utilisation; about 13 to 14 minutes in all).
 #
-#   bash benchmarks/gpu_check.sh            # from the repository root, or from anywhere
+#   bash benchmarks/gpu_check.sh            # from the repository root, or from anywhere: every part
+#   bash benchmarks/gpu_check.sh gpu-tests suite          # some parts: gpu-tests (<= 150 s), suite (<= 200 s),
+#   bash benchmarks/gpu_check.sh throughput overhead      #   throughput (<= 200 s), overhead (<= 320 s)
+#
+# All four parts take up to 14.5 minutes, more than one command may run on a lent device machine (10 minutes):
+# run them as the two calls above.
 #
 # Needs only a python3 with torch (CUDA), lightning, torchmetrics, pandas, pyarrow and pytest:
 # no make, no virtualenv, no network. torchdata and jsonargparse are pure Python: where they are missing, put a copy of
@@ -13,6 +18,14 @@
 # host ms per step, GPU utilisation) and nvidia-smi.txt.
 set -u
 cd "$(dirname "$0")/.."
+PARTS="${*:-gpu-tests suite throughput overhead}"
+for part in $PARTS; do
+    case "$part" in gpu-tests|suite|throughput|overhead) ;;
+        *) echo "unknown part '$part': the parts are gpu-tests, suite, throughput, overhead" >&2; exit 2 ;;
+    esac
+done
+want() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+gpu_rc=0; tests_rc=0; bench_rc=0; overhead_rc=0
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # absolute: tests start scripts in other folders
 OUT=benchmarks/.cache/gpu_check
 mkdir -p "$OUT"
@@ -25,11 +38,14 @@ python3 -m pip list 2>/dev/null | grep -iE "^(torch|lightning|torchmetrics|torch
     > "$OUT/versions.txt" || true
 cat "$OUT/versions.txt"
 
+if want gpu-tests; then
 echo "== GPU tests: tests/gpu/test_gpu.py (at most 150 s) =="
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu.py > "$OUT/gpu_tests.txt" 2>&1
 gpu_rc=$?
 tail -n 8 "$OUT/gpu_tests.txt"
+fi
 
+if want suite; then
 echo "== the rest of the suite, 4 processes side by side (at most 200 s) =="
 # The suite takes about 13 minutes on 2 cores; the GPU machine has more, so its files run in 4 shards.
 files=$(ls tests/*/test_*.py | grep -v test_gpu.py)
@@ -51,8 +67,10 @@ for shard in 0 1 2 3; do
     [ "$rc" -eq 124 ] && echo "shard $shard: stopped after 200 s (see $OUT/tests-$shard.txt)"
 done
 cat "$OUT"/tests-?.txt > "$OUT/tests.txt"
+fi
 [ "$gpu_rc" -ne 0 ] && tests_rc=$gpu_rc
 
+if want throughput; then
 echo "== throughput, gpu bf16-mixed (at most 200 s) =="
 # MMoE only, 2 repetitions of 60 timed steps: raw loop, raw loop with SparseAdam, frozen tables,
 # Trainer + ParquetDataModule dense and with sparse_embeddings=True, and TorchRecStrategy where TorchRec is
@@ -61,7 +79,9 @@ timeout 200 python3 benchmarks/throughput.py --accelerator gpu --precision bf16-
     --repeats 2 --steps 60 --threads 4 --no-auc --timeout 120 --json "$OUT/throughput.json" \
     2>&1 | tee "$OUT/throughput.txt"
 bench_rc=${PIPESTATUS[0]}
+fi
 
+if want overhead; then
 echo "== step overhead, gpu bf16-mixed (at most 320 s) =="
 # Host work per step on the GPU (docs/performance.md, "Step overhead"): the raw fused-Adam loop, its fair ceiling
 # (batches gathered on the GPU before timing, fused losses, the whole step as one CUDA graph), Trainer +
@@ -79,7 +99,8 @@ echo "== step overhead, gpu bf16-mixed (at most 320 s) =="
     [ "$rc1" -eq 0 ] && [ "$rc2" -eq 0 ]
 } 2>&1 | tee "$OUT/step_overhead.txt"
 overhead_rc=${PIPESTATUS[0]}
+fi
 
-echo "tests exit code: $tests_rc, benchmark exit codes: throughput $bench_rc, step overhead $overhead_rc;" \
+echo "parts run: $PARTS; tests exit code: $tests_rc, benchmark exit codes: throughput $bench_rc, step overhead $overhead_rc;" \
     "outputs in $OUT/"
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$overhead_rc" -eq 0 ]
