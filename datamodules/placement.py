@@ -6,7 +6,8 @@ to the device, column by column, in Lightning's ``transfer_batch_to_device``.
 When the split fits on the device, :func:`resident_store` keeps a copy of the
 store's blocks there once, and every batch is gathered on the device: no
 per-step host-to-device copy, no pinned staging, and the host only launches a
-few gathers. The batches are the same tensors, on the device (tested equal),
+few gathers. The batches are the same tensors, on the device (``tests/gpu/test_gpu.py`` checks them equal on a
+GPU; written without one, it has not run yet),
 in the same order (the row permutation is drawn on the host from the same seed,
 then moved), so resuming, DDP sharding and the results are unchanged.
 
