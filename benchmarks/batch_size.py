@@ -1,6 +1,7 @@
 """Validation quality against batch size and learning-rate rule: the guidance for larger batches on a GPU.
 
-    .venv/bin/python benchmarks/batch_size.py                  # the docs' run (docs/performance.md)
+    .venv/bin/python benchmarks/batch_size.py                  # the docs' run (docs/performance.md), ~7 minutes
+    .venv/bin/python benchmarks/batch_size.py --rows 500000 --epochs 2   # the docs' second run
     .venv/bin/python benchmarks/batch_size.py --batch-sizes 256,1024,4096,16384 --jobs 2
     .venv/bin/python benchmarks/batch_size.py --rows 20000 --epochs 1 --batch-sizes 1024,4096 --seeds 0   # a smoke run
 
@@ -171,8 +172,8 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=200_000, help="training rows (bench_data; cached)")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=1_000_000, help="training rows (bench_data; cached)")
+    parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-sizes", default="1024,4096,16384", help="comma-separated")
     parser.add_argument("--rules", default=",".join(RULES), help=f"comma-separated, from {RULES}")
     parser.add_argument("--seeds", default="0,1", help="comma-separated")
