@@ -41,6 +41,25 @@ def exports_measure_no_latency(monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def perturbed_mmoe() -> Callable[..., torch.nn.Module]:
+    """A factory: ``perturbed_mmoe(embedding_dim=8)`` is a small MMoE on the synthetic features and tasks (2 experts
+    of 16, towers of 8) whose weights, tables included, are moved by 0.3 standard normal noise (seed 0), in eval
+    mode: outputs away from 0.5 and different across rows, as the export tests need."""
+    from mtl_lightning import registry
+
+    def make(embedding_dim: int = 8) -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = registry.create("mmoe", features=synthetic_features(embedding_dim=embedding_dim),
+                                tasks=synthetic_tasks(), num_experts=2, expert_hidden=(16,), tower_hidden=(8,))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        return model.eval()
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def synthetic_paths(tmp_path_factory) -> dict[str, Path]:
     """20k/5k/5k rows of the synthetic dataset (written once per session, per xdist worker)."""
     return write_synthetic(tmp_path_factory.mktemp("synthetic"), (20_000, 5_000, 5_000))

@@ -12,8 +12,7 @@ import pytest
 import torch
 from onnx import TensorProto, numpy_helper
 
-from datamodules.synthetic import synthetic_features, synthetic_tasks
-from mtl_lightning import MultiTaskLightningModule, registry
+from mtl_lightning import MultiTaskLightningModule
 from mtl_lightning.export import (FINGERPRINT_METADATA_KEY, ServingModel, example_features, export_onnx,
                                   export_torchscript, id_limits, preprocessing_path)
 from mtl_lightning.layers import FeatureEmbedding
@@ -22,14 +21,6 @@ from mtl_lightning.quantized import QuantizedFeatureEmbedding, dequantize_rows, 
 NO_LATENCY = {"latency_batch_sizes": ()}
 
 
-def _model(embedding_dim: int = 8) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = registry.create("mmoe", features=synthetic_features(embedding_dim=embedding_dim), tasks=synthetic_tasks(),
-                            num_experts=2, expert_hidden=(16,), tower_hidden=(8,))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return model.eval()
 
 
 def test_int8_rows_by_hand():
@@ -59,8 +50,8 @@ def test_int8_error_is_at_most_half_a_step_per_row():
     assert error.max() > 0.25 * scale.float().max()  # the bound is not vacuous
 
 
-def test_serving_copy_stores_fewer_bits_and_leaves_the_model_alone():
-    model = _model()
+def test_serving_copy_stores_fewer_bits_and_leaves_the_model_alone(perturbed_mmoe):
+    model = perturbed_mmoe()
     copied = serving_copy(ServingModel(model), "int8", "float16")
     layer = copied.model.embedding
     assert isinstance(layer, QuantizedFeatureEmbedding)
@@ -84,8 +75,8 @@ def test_serving_copy_stores_fewer_bits_and_leaves_the_model_alone():
         export_onnx(model, "never-written.onnx", dense_dtype="bfloat16")
 
 
-def test_int8_onnx_stores_uint8_tables_float16_row_parameters_and_float16_weights(tmp_path):
-    model = _model()
+def test_int8_onnx_stores_uint8_tables_float16_row_parameters_and_float16_weights(perturbed_mmoe, tmp_path):
+    model = perturbed_mmoe()
     path = export_onnx(model, tmp_path / "m.onnx", table_dtype="int8", dense_dtype="float16", verification=NO_LATENCY)
     initializers = {tuple(i.dims): i.data_type for i in onnx.load(str(path)).graph.initializer}
     assert initializers[(1550, 8)] == TensorProto.UINT8  # the fused table: 1 byte a value
@@ -109,8 +100,8 @@ def _initializer_bytes(path) -> dict[str, int]:
     return totals
 
 
-def test_int8_torchscript_stores_uint8_tables(tmp_path):
-    model = _model()
+def test_int8_torchscript_stores_uint8_tables(perturbed_mmoe, tmp_path):
+    model = perturbed_mmoe()
     path = export_torchscript(model, tmp_path / "m.pt", table_dtype="int8", verification=NO_LATENCY)
     state = torch.jit.load(str(path)).state_dict()
     assert state["model.embedding.fused.dim8.data"].dtype == torch.uint8
@@ -119,8 +110,8 @@ def test_int8_torchscript_stores_uint8_tables(tmp_path):
 
 
 @pytest.mark.parametrize("table_dtype", ["float16", "int8"])
-def test_out_of_vocabulary_ids_and_fingerprint_carry_over(table_dtype, tmp_path):
-    model = _model()
+def test_out_of_vocabulary_ids_and_fingerprint_carry_over(perturbed_mmoe, table_dtype, tmp_path):
+    model = perturbed_mmoe()
     path = export_onnx(model, tmp_path / "m.onnx", table_dtype=table_dtype, verification=NO_LATENCY)
     fingerprint = json.loads(preprocessing_path(path).read_text())["fingerprint"]
     assert {p.key: p.value for p in onnx.load(str(path)).metadata_props}[FINGERPRINT_METADATA_KEY] == fingerprint
@@ -148,12 +139,12 @@ def test_out_of_vocabulary_ids_and_fingerprint_carry_over(table_dtype, tmp_path)
             assert not np.array_equal(got[0][:4], session.run(None, {k: v.numpy() for k, v in batch.items()})[0][:4])
 
 
-def test_a_calibrated_module_exports_quantized_with_its_calibration_in_float32(tmp_path):
+def test_a_calibrated_module_exports_quantized_with_its_calibration_in_float32(perturbed_mmoe, tmp_path):
     from mtl_lightning.calibration import calibrate
     from mtl_lightning.export import export_program
     from mtl_lightning.verification import open_runtime
 
-    model = _model()
+    model = perturbed_mmoe()
     module = MultiTaskLightningModule(model).eval()
     features = example_features(model.features, batch_size=400, seed=0)
     with torch.no_grad():

@@ -22,14 +22,6 @@ from mtl_lightning.verification import Verification, report_path
 NO_LATENCY = {"latency_batch_sizes": ()}
 
 
-def _module(embedding_dim: int = 16) -> MultiTaskLightningModule:
-    torch.manual_seed(0)
-    model = registry.create("mmoe", features=synthetic_features(embedding_dim=embedding_dim), tasks=synthetic_tasks(),
-                            num_experts=2, expert_hidden=(16,), tower_hidden=(8,))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return MultiTaskLightningModule(model).eval()
 
 
 def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -39,8 +31,8 @@ def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(greater / (len(positive) * len(negative)))
 
 
-def test_report_on_the_data_modules_test_split(tmp_path, synthetic_paths, synthetic_datamodule):
-    module, dm = _module(), synthetic_datamodule(synthetic_paths)
+def test_report_on_the_data_modules_test_split(perturbed_mmoe, tmp_path, synthetic_paths, synthetic_datamodule):
+    module, dm = MultiTaskLightningModule(perturbed_mmoe(16)).eval(), synthetic_datamodule(synthetic_paths)
     path = export_onnx(module, tmp_path / "m.onnx", datamodule=dm, table_dtype="int8",
                        verification={"latency_batch_sizes": (1, 64, 512), "latency_runs": 3})
     report = json.loads(report_path(path).read_text())
@@ -90,8 +82,8 @@ def _broken_quantize_rows(weight: torch.Tensor):
     return 255 - codes, scale, offset
 
 
-def test_a_broken_export_fails_its_thresholds_and_is_renamed(tmp_path, monkeypatch):
-    module = _module()
+def test_a_broken_export_fails_its_thresholds_and_is_renamed(perturbed_mmoe, tmp_path, monkeypatch):
+    module = MultiTaskLightningModule(perturbed_mmoe(16)).eval()
     batch = example_features(module.model.features, batch_size=400, seed=1)
     with torch.no_grad():
         reference = ServingModel(module)(batch)
@@ -116,8 +108,8 @@ def test_a_broken_export_fails_its_thresholds_and_is_renamed(tmp_path, monkeypat
         export_torchscript(module, tmp_path / "m.pt", table_dtype="int8", verification=thresholds)
 
 
-def test_verification_options_are_checked(tmp_path):
-    module = _module()
+def test_verification_options_are_checked(perturbed_mmoe, tmp_path):
+    module = MultiTaskLightningModule(perturbed_mmoe(16)).eval()
     with pytest.raises(ValueError, match="max_auc_drop needs labelled rows, but no labelled split"):
         export_onnx(module, tmp_path / "m.onnx", verification={"max_auc_drop": 0.01})
     with pytest.raises(ValueError, match="split 'test' names a data module split, but no data module object"):
@@ -135,8 +127,8 @@ def test_verification_options_are_checked(tmp_path):
     assert report["passed"] and report["max_probability_difference"] < 1e-5 and "auc_drop" not in report["outputs"]["click"]
 
 
-def test_program_without_a_compiler_is_written_and_says_so(tmp_path, monkeypatch):
-    module = _module(embedding_dim=4)
+def test_program_without_a_compiler_is_written_and_says_so(perturbed_mmoe, tmp_path, monkeypatch):
+    module = MultiTaskLightningModule(perturbed_mmoe(4)).eval()
     monkeypatch.setattr(exported_program, "cpp_compiler", lambda: None)
     with pytest.warns(UserWarning, match=r"AOTInductor compile skipped: no C\+\+ compiler found .* holds the exported "
                                          r"program, served with torch\.export\.load"):
@@ -185,8 +177,8 @@ def test_program_compiled_by_aotinductor_serves_any_batch_size(tmp_path):
             torch.testing.assert_close(served[task], quantized_model[task], rtol=0, atol=1e-5)
 
 
-def test_command_line_exports_quantized_files_with_reports(tmp_path, synthetic_paths):
-    module = _module()
+def test_command_line_exports_quantized_files_with_reports(perturbed_mmoe, tmp_path, synthetic_paths):
+    module = MultiTaskLightningModule(perturbed_mmoe(16)).eval()
     ckpt = tmp_path / "m.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
                 "pytorch-lightning_version": "2.6.0"}, ckpt)
